@@ -1,0 +1,385 @@
+"""Training configs: one typed model per stage, loaded from `.conf`, YAML or JSON.
+
+The `.conf` files of the original workflow are Python dict literals (`None`, `True`,
+trailing commas, `#` comments). They are parsed with `ast.literal_eval`, never `eval`.
+Every problem is reported as one `ConfigError` naming the file and the key path.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+STAGES = ("sft", "rm", "ppo")
+OPTIMIZERS = ("AdamW", "Adam", "SGD", "RMSprop")
+LR_SCHEDULERS = ("linear", "cosine", "constant")
+PROMPT_FORMATS = ("instruction", "chat", "raw")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the user: file, key path, what was expected."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors.
+
+    Lax typing on purpose: YAML reads `1e-5` as a string, and users write `epochs: 3.0`.
+    Values that cannot be converted (`batch_size: two`) are still errors.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---- resources ------------------------------------------------------------------------------------
+
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$")
+_QUANTITY_FACTORS = {
+    None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
+}
+
+
+def memory_bytes(value: int | str) -> int:
+    """Bytes from an int or a Kubernetes quantity such as `4Gi` or `512M`."""
+    if isinstance(value, int):
+        return value
+    match = _QUANTITY.match(value)
+    if not match:
+        raise ValueError(f"expected bytes as an integer or a quantity like '4Gi', got {value!r}")
+    return int(float(match.group(1)) * _QUANTITY_FACTORS[match.group(2)])
+
+
+class ResourcesPerWorker(Section):
+    """What one Ray Train worker reserves; on Kubernetes, what each worker pod requests."""
+
+    CPU: PositiveFloat = Field(1.0, description="CPU cores per worker.")
+    GPU: NonNegativeFloat = Field(0.0, description="GPUs per worker; > 0 trains on CUDA.")
+    memory: int | str | None = Field(
+        None, description="Memory per worker: bytes, or a Kubernetes quantity like '4Gi'."
+    )
+
+    @field_validator("memory")
+    @classmethod
+    def _memory_parses(cls, value: int | str | None) -> int | str | None:
+        if value is not None and memory_bytes(value) <= 0:
+            raise ValueError("must be positive")
+        return value
+
+    def ray_resources(self) -> dict[str, float]:
+        """The `resources_per_worker` dict that Ray's ScalingConfig takes."""
+        resources = {"CPU": self.CPU}
+        if self.GPU:
+            resources["GPU"] = self.GPU
+        if self.memory is not None:
+            resources["memory"] = float(memory_bytes(self.memory))
+        return resources
+
+
+# ---- sections shared by the stages ---------------------------------------------------------------
+
+
+class TrainingBase(Section):
+    """Optimisation and Ray Train settings every stage shares."""
+
+    optimizer: Literal[OPTIMIZERS] = Field("AdamW", description="Optimizer, by name.")
+    learning_rate: PositiveFloat = Field(1e-5, description="Peak learning rate.")
+    lr_scheduler: Literal[LR_SCHEDULERS] = Field("linear", description="Decay after warmup.")
+    weight_decay: NonNegativeFloat = Field(
+        0.0, description="Decoupled weight decay; never applied to biases and norm weights."
+    )
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.0, description="Share of the steps spent warming up (exclusive with warmup_steps)."
+    )
+    warmup_steps: NonNegativeInt = Field(0, description="Warmup steps (exclusive with warmup_ratio).")
+    gradient_accumulation_steps: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
+    max_grad_norm: PositiveFloat | None = Field(1.0, description="Gradient clipping; None disables.")
+    num_training_workers: PositiveInt = Field(1, description="Ray Train workers (DDP ranks).")
+    resources_per_worker: ResourcesPerWorker = Field(
+        default_factory=ResourcesPerWorker, description="Resources each worker reserves."
+    )
+    seed: NonNegativeInt = Field(42, description="Seed for data order, splits and initialisation.")
+    logging_steps: PositiveInt = Field(10, description="Log training metrics every N optimizer steps.")
+    save_steps: PositiveInt | None = Field(
+        None, description="Ray Train checkpoint every N steps; None = at the end of each epoch."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast dtype.")
+    max_failures: NonNegativeInt = Field(
+        1, description="Times Ray Train restarts crashed workers from the last checkpoint."
+    )
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> TrainingBase:
+        if self.warmup_ratio and self.warmup_steps:
+            raise ValueError("set warmup_ratio or warmup_steps, not both")
+        return self
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.resources_per_worker.GPU > 0
+
+
+class StageConfig(Section):
+    """Root of a stage config: General / Dataset / Training."""
+
+    stage: str = ""  # filled in by the loader; not read from the file
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"stage"})
+
+
+# ---- SFT ----------------------------------------------------------------------------------------
+
+
+class ModelGeneral(Section):
+    base_model: str = Field(description="Hub name or local path of the model to start from.")
+    output_dir: str = Field(description="Ray Train checkpoints (for resume), metrics.jsonl, TensorBoard.")
+    checkpoint_dir: str = Field(description="Where the final Hugging Face model is written.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
+
+
+class TextDataset(Section):
+    train_file: str = Field(description="JSON array or JSONL file: local path or URL.")
+    validation_file: str | None = Field(None, description="Validation data; None = split train_file.")
+    validation_split_percentage: Annotated[int, Field(ge=0, le=50)] = Field(
+        5, description="Share of train_file held out when there is no validation_file."
+    )
+    max_length: PositiveInt = Field(512, description="Tokens per sequence (prompt + response).")
+    prompt_format: Literal[PROMPT_FORMATS] = Field(
+        "instruction", description="instruction template, the tokenizer's chat template, or raw text."
+    )
+    preprocessing_num_workers: PositiveInt | None = Field(None, description="Processes for tokenizing.")
+
+
+class SupervisedTraining(TrainingBase):
+    batch_size: PositiveInt = Field(4, description="Sequences per worker per micro-batch.")
+    epochs: PositiveInt = Field(1, description="Passes over the training data.")
+    max_train_steps: PositiveInt | None = Field(None, description="Stop after N optimizer steps.")
+
+
+class SFTConfig(StageConfig):
+    General: ModelGeneral
+    Dataset: TextDataset
+    Training: SupervisedTraining = Field(default_factory=SupervisedTraining)
+
+
+# ---- reward model ---------------------------------------------------------------------------------
+
+
+class RMConfig(StageConfig):
+    General: ModelGeneral
+    Dataset: TextDataset
+    Training: SupervisedTraining = Field(default_factory=SupervisedTraining)
+
+
+# ---- PPO ----------------------------------------------------------------------------------------
+
+
+class PPOGeneral(Section):
+    model_name: str = Field(description="Base policy (hub name or path); used as is if model_pretrain is None.")
+    model_pretrain: str | None = Field(None, description="SFT checkpoint_dir to start the policy from.")
+    rm_name: str = Field(description="Base reward model; used as is if rm_pretrain is None.")
+    rm_pretrain: str | None = Field(None, description="Reward-model checkpoint_dir to score with.")
+    output_dir: str = Field(description="Ray Train checkpoints (for resume), metrics.jsonl, TensorBoard.")
+    checkpoint_dir: str = Field(description="Where the final policy is written.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
+
+
+class PromptDataset(Section):
+    train_file: str = Field(description='JSON array or JSONL of {"prompt"} records: local path or URL.')
+    validation_file: str | None = Field(None, description="Held-out prompts for evaluation.")
+    validation_split_percentage: Annotated[int, Field(ge=0, le=50)] = Field(
+        10, description="Share of train_file held out when there is no validation_file."
+    )
+    max_prompt_length: PositiveInt = Field(128, description="Prompts are left-truncated to this length.")
+    prompt_format: Literal[PROMPT_FORMATS] = Field("instruction", description="As for SFT.")
+
+
+class PPOTraining(TrainingBase):
+    experience_batch_size: PositiveInt = Field(8, description="Prompts per worker per rollout.")
+    mini_batch_size: PositiveInt | None = Field(
+        None, description="Sequences per PPO update step; None = experience_batch_size (one minibatch)."
+    )
+    epochs: PositiveInt | None = Field(1, description="Passes over the prompts (unless training_iteration).")
+    training_iteration: PositiveInt | None = Field(None, description="PPO iterations; overrides epochs.")
+    ppo_epochs: PositiveInt = Field(4, description="Optimisation passes over each rollout.")
+    learning_rate: PositiveFloat = Field(1e-5, description="Policy learning rate.")
+    critic_learning_rate: PositiveFloat | None = Field(None, description="Critic LR; None = learning_rate.")
+    kl_coeff: NonNegativeFloat = Field(0.05, description="Weight of the per-token KL penalty.")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="KL estimate in the reward.")
+    target_kl: PositiveFloat | None = Field(None, description="Adaptive KL controller target; None = fixed.")
+    kl_horizon: PositiveInt = Field(10000, description="Adaptive KL controller horizon (samples).")
+    gamma: Annotated[float, Field(ge=0, le=1)] = Field(1.0, description="Discount.")
+    lam: Annotated[float, Field(ge=0, le=1)] = Field(0.95, description="GAE lambda.")
+    cliprange: PositiveFloat = Field(0.2, description="Policy ratio clip.")
+    cliprange_value: PositiveFloat = Field(0.2, description="Value clip around the rollout values.")
+    vf_coef: PositiveFloat = Field(0.1, description="Weight of the value loss.")
+    max_new_tokens: PositiveInt = Field(32, description="Response length cap.")
+    temperature: PositiveFloat = Field(1.0, description="Sampling temperature.")
+    top_k: NonNegativeInt = Field(0, description="Top-k sampling; 0 disables.")
+    top_p: Annotated[float, Field(gt=0, le=1)] = Field(1.0, description="Nucleus sampling.")
+    normalize_score: bool = Field(True, description="Normalise scores with the RM's recorded mean/std.")
+    score_clip: PositiveFloat | None = Field(5.0, description="Clip (normalised) scores to ±score_clip.")
+    missing_eos_penalty: NonNegativeFloat = Field(1.0, description="Subtracted from the score without EOS.")
+    whiten_rewards: bool = Field(False, description="Whiten per-token rewards before GAE.")
+    eval_steps: PositiveInt = Field(5, description="Score held-out prompts every N iterations.")
+
+    @model_validator(mode="after")
+    def _length_known(self) -> PPOTraining:
+        if self.epochs is None and self.training_iteration is None:
+            raise ValueError("set epochs or training_iteration")
+        if self.mini_batch_size and self.experience_batch_size % self.mini_batch_size:
+            raise ValueError(
+                f"mini_batch_size ({self.mini_batch_size}) must divide "
+                f"experience_batch_size ({self.experience_batch_size})"
+            )
+        return self
+
+
+class PPOConfig(StageConfig):
+    General: PPOGeneral
+    Dataset: PromptDataset
+    Training: PPOTraining = Field(default_factory=PPOTraining)
+
+
+CONFIG_TYPES: dict[str, type[StageConfig]] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig}
+
+
+# ---- reading files -------------------------------------------------------------------------------
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The raw dict in a `.conf` (Python literal), `.yaml`/`.yml` or `.json` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text()
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        elif suffix == ".conf":
+            data = ast.literal_eval(text)
+        else:
+            raise ConfigError(f"{path}: unknown config format {suffix!r}; expected .conf, .yaml, .yml or .json")
+    except (SyntaxError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        line = getattr(err, "lineno", None)
+        where = f"{path}:{line}" if line else str(path)
+        detail = err.msg if isinstance(err, SyntaxError) else str(err)
+        raise ConfigError(f"{where}: not a valid {suffix} config: {detail}") from None
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: not a valid {suffix} config: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with General/Dataset/Training, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`Training.epochs=1` -> (["Training", "epochs"], 1); the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY.PATH=VALUE, e.g. Training.epochs=1")
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: {key} is not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def _model_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at `loc` (for did-you-mean suggestions)."""
+    model: type[BaseModel] | None = root
+    for part in loc[:-1]:
+        if model is None or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return model
+
+
+def _describe(error: dict[str, Any], root: type[BaseModel]) -> str:
+    loc = tuple(str(part) for part in error["loc"] if not str(part).startswith("function-after"))
+    path = ".".join(loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        owner = _model_at(root, loc)
+        known = list(owner.model_fields) if owner else []
+        known = [k for k in known if k != "stage"]
+        hint = difflib.get_close_matches(loc[-1], known, n=1)
+        suggestion = f"; did you mean {'.'.join((*loc[:-1], hint[0]))!r}?" if hint else ""
+        return f"{path}: unknown key{suggestion} (known: {', '.join(known)})"
+    if error["type"] == "missing":
+        return f"{path}: required key is missing"
+    given = error.get("input")
+    shown = f" (got {given!r})" if not isinstance(given, dict) else ""
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{path}: {message}{shown}"
+
+
+def _is_url(location: str) -> bool:
+    return "://" in location
+
+
+def check_paths(config: StageConfig, source: str) -> None:
+    """Local data files must exist; model paths that look local must exist."""
+    dataset = config.Dataset
+    for key in ("train_file", "validation_file"):
+        location = getattr(dataset, key)
+        if location and not _is_url(location) and not Path(location).is_file():
+            raise ConfigError(f"{source}: Dataset.{key}: file not found: {location}")
+    general = config.General
+    for key in ("base_model", "model_name", "rm_name", "model_pretrain", "rm_pretrain"):
+        location = getattr(general, key, None)
+        looks_local = location and (location.startswith(("/", "./", "../", "~")) or Path(location).exists())
+        if looks_local and not Path(location).expanduser().exists():
+            raise ConfigError(f"{source}: General.{key}: no such model directory: {location}")
+
+
+def validate_config(
+    data: dict[str, Any], stage: str, source: str = "<config>", paths: bool = True
+) -> StageConfig:
+    """Validate a raw dict as the config of `stage`; one `ConfigError` for every problem found."""
+    if stage not in CONFIG_TYPES:
+        raise ConfigError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    config_type = CONFIG_TYPES[stage]
+    try:
+        config = config_type.model_validate({**data, "stage": stage})
+    except ValidationError as err:
+        problems = [_describe(e, config_type) for e in err.errors()]
+        noun = "problem" if len(problems) == 1 else "problems"
+        body = "\n  ".join(problems)
+        raise ConfigError(f"{source}: {len(problems)} {noun} in the {stage} config:\n  {body}") from None
+    if paths:
+        check_paths(config, source)
+    return config
+
+
+def load_config(
+    path: str | Path, stage: str, overrides: list[str] | tuple[str, ...] = (), check_paths: bool = True
+) -> StageConfig:
+    """Read, override and validate a stage config file."""
+    data = apply_overrides(read_config_file(path), overrides)
+    return validate_config(data, stage, source=str(path), paths=check_paths)

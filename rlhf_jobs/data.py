@@ -1,0 +1,150 @@
+"""Reading and validating the record files of every stage.
+
+Files are a JSON array or JSON Lines, local or at any URL fsspec opens (http(s), s3, gs, hf,
+...). Every record is checked before anything trains; a problem is reported as `file:line`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import fsspec
+
+
+class DataError(ValueError):
+    """A data problem, phrased for the user as `file:line: what is wrong`."""
+
+
+@dataclass(frozen=True)
+class RecordSchema:
+    """Which string fields a stage's records have: all of `required`, one of each `one_of` group."""
+
+    name: str
+    required: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+    one_of: tuple[tuple[str, ...], ...] = ()
+    numeric: tuple[str, ...] = ()
+    check: Callable[[dict[str, Any]], str | None] | None = None
+
+    def problem(self, record: Any) -> str | None:
+        if not isinstance(record, dict):
+            return f"expected a JSON object, got {type(record).__name__}"
+        missing = [key for key in self.required if key not in record]
+        for group in self.one_of:
+            if not any(key in record for key in group):
+                missing.append(" or ".join(group))
+        if missing:
+            return f"missing field {', '.join(repr(m) for m in missing)} (expected {self.describe()})"
+        for key in (*self.required, *self.optional, *(k for g in self.one_of for k in g)):
+            value = record.get(key)
+            if key in self.numeric:
+                if value is not None and not isinstance(value, int | float):
+                    return f"field {key!r} must be a number, got {type(value).__name__}"
+            elif value is not None and not isinstance(value, str):
+                return f"field {key!r} must be a string, got {type(value).__name__}"
+        for key in self.required:
+            if key not in self.numeric and not record[key].strip() and key != "context":
+                return f"field {key!r} is empty"
+        return self.check(record) if self.check else None
+
+    def fields(self) -> tuple[str, ...]:
+        return (*self.required, *(k for g in self.one_of for k in g), *self.optional)
+
+    def project(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The record with exactly this schema's fields (absent ones None), so columns line up."""
+        return {key: record.get(key) for key in self.fields()}
+
+    def describe(self) -> str:
+        fields = [*self.required, *(" | ".join(g) for g in self.one_of)]
+        return "{" + ", ".join(f'"{f}"' for f in fields) + "}"
+
+
+def _different_pair(record: dict[str, Any]) -> str | None:
+    if record["chosen"].strip() == record["rejected"].strip():
+        return "'chosen' and 'rejected' are identical: the pair teaches nothing"
+    return None
+
+
+SFT_SCHEMA = RecordSchema("sft", required=("instruction", "response"), optional=("context",))
+RM_SCHEMA = RecordSchema(
+    "rm",
+    required=("chosen", "rejected"),
+    one_of=(("instruction", "prompt"),),
+    optional=("context", "margin"),
+    numeric=("margin",),
+    check=_different_pair,
+)
+PPO_SCHEMA = RecordSchema("ppo", required=(), one_of=(("prompt", "instruction"),), optional=("context",))
+
+
+def _read_text(location: str) -> str:
+    try:
+        with fsspec.open(location, "rt", encoding="utf-8") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise DataError(f"{location}: file not found") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{location}: not UTF-8 text ({err.reason})") from None
+    except Exception as err:  # network and filesystem errors differ per protocol
+        raise DataError(f"{location}: cannot read: {err}") from None
+
+
+def _parse(location: str, text: str) -> list[tuple[int, Any]]:
+    """(line number, record) pairs from a JSON array or JSON Lines text."""
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{location}:{err.lineno}: broken JSON array: {err.msg}") from None
+        # Line numbers of objects in an array: find where each top-level element starts.
+        decoder, lines, position = json.JSONDecoder(), [], text.index("[") + 1
+        for _ in records:
+            while text[position] in " \t\r\n,":
+                position += 1
+            lines.append(text.count("\n", 0, position) + 1)
+            _, position = decoder.raw_decode(text, position)
+        return list(zip(lines, records, strict=True))
+    pairs = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            pairs.append((number, json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{location}:{number}: broken JSON line: {err.msg}") from None
+    return pairs
+
+
+def read_records(location: str, schema: RecordSchema) -> list[dict[str, Any]]:
+    """All records of a file, validated; the first bad one raises `DataError` with its line."""
+    pairs = _parse(location, _read_text(location))
+    if not pairs:
+        raise DataError(f"{location}: no records (expected {schema.describe()} per line)")
+    for number, record in pairs:
+        problem = schema.problem(record)
+        if problem:
+            raise DataError(f"{location}:{number}: {problem}")
+    return [schema.project(record) for _, record in pairs]
+
+
+def load_splits(
+    train_file: str,
+    validation_file: str | None,
+    validation_split_percentage: int,
+    schema: RecordSchema,
+    seed: int,
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Train and validation `datasets.Dataset`s; a seeded split when there is no validation file."""
+    train = datasets.Dataset.from_list(read_records(train_file, schema))
+    if validation_file:
+        return train, datasets.Dataset.from_list(read_records(validation_file, schema))
+    if validation_split_percentage == 0:
+        return train, None
+    if len(train) < 2:
+        raise DataError(f"{train_file}: {len(train)} record(s) is too few to hold out a validation split")
+    split = train.train_test_split(test_size=validation_split_percentage / 100, seed=seed, shuffle=True)
+    return split["train"], split["test"]

@@ -1,0 +1,130 @@
+"""Supervised fine-tuning: next-token loss on the response tokens only.
+
+Each record becomes `prompt + response + EOS`. Labels are the token ids where the token
+starts inside the response, and -100 for the prompt and the padding, so the model learns
+to answer, not to repeat the template. The boundary comes from character offsets, never
+from searching for template tokens (which can also occur inside the prompt).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from rlhf_jobs import supervised
+from rlhf_jobs.config import SFTConfig, StageConfig
+from rlhf_jobs.data import SFT_SCHEMA, DataError, load_splits
+from rlhf_jobs.models import load_causal_lm, load_tokenizer
+from rlhf_jobs.prompts import record_prompt
+from rlhf_jobs.ray_train import Worker, all_reduce_sum
+
+IGNORE_INDEX = -100
+
+
+def tokenize_sft(record: dict[str, Any], tokenizer: Any, style: str, max_length: int) -> dict[str, list[int]]:
+    """input_ids and labels of one record; labels are -100 on the prompt."""
+    prompt = record_prompt(record, style, tokenizer)
+    text = prompt + record["response"].strip()
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = [*encoded["input_ids"], tokenizer.eos_token_id]
+    starts = [start for start, _ in encoded["offset_mapping"]]
+    labels = [tok if start >= len(prompt) else IGNORE_INDEX for tok, start in zip(input_ids, starts, strict=False)]
+    labels.append(tokenizer.eos_token_id)
+    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
+
+
+def pad_batch(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad input_ids (pad id) and labels (-100); attention mask marks real tokens."""
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        length = len(example["input_ids"])
+        input_ids[row, :length] = torch.tensor(example["input_ids"])
+        labels[row, :length] = torch.tensor(example["labels"])
+        attention_mask[row, :length] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token losses, number of label tokens): next-token cross-entropy on labels != -100."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shifted_logits = logits[:, :-1].float()
+    shifted_labels = batch["labels"][:, 1:]
+    loss_sum = torch.nn.functional.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.size(-1)), shifted_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="sum",
+    )
+    return loss_sum, (shifted_labels != IGNORE_INDEX).sum()
+
+
+def tokenize_split(records: Any, tokenizer: Any, config: SFTConfig, name: str) -> list[dict[str, list[int]]]:
+    dataset = config.Dataset
+    tokenized = records.map(
+        lambda r: tokenize_sft(r, tokenizer, dataset.prompt_format, dataset.max_length),
+        remove_columns=records.column_names, num_proc=dataset.preprocessing_num_workers,
+        desc=f"tokenizing {name}",
+    )
+    examples = [e for e in tokenized if any(label != IGNORE_INDEX for label in e["labels"])]
+    if not examples:
+        raise DataError(
+            f"{name}: every record's prompt fills Dataset.max_length={dataset.max_length}; "
+            "no response token is left to train on"
+        )
+    return examples
+
+
+class SFTTask:
+    stage = "sft"
+
+    def prepare(self, config: StageConfig) -> dict[str, Any]:
+        general, dataset = config.General, config.Dataset
+        tokenizer = load_tokenizer(general.base_model, general.trust_remote_code)
+        train, evaluation = load_splits(
+            dataset.train_file, dataset.validation_file, dataset.validation_split_percentage,
+            SFT_SCHEMA, config.Training.seed,
+        )
+        return {
+            "train": tokenize_split(train, tokenizer, config, dataset.train_file),
+            "eval": tokenize_split(evaluation, tokenizer, config, dataset.validation_file or "validation split")
+            if evaluation is not None else None,
+        }
+
+    def build(self, config: StageConfig, worker: Worker) -> tuple[Any, Any]:
+        general = config.General
+        self.tokenizer = load_tokenizer(general.base_model, general.trust_remote_code)
+        model = load_causal_lm(general.base_model, self.tokenizer, general.trust_remote_code)
+        return model, self.tokenizer
+
+    def collate(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        return pad_batch(examples, self.tokenizer.pad_token_id)
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        loss_sum, tokens = response_loss(model, batch)
+        return loss_sum / tokens.clamp(min=1), int(tokens)
+
+    def evaluate(self, model: torch.nn.Module, loader: Any, worker: Worker) -> dict[str, float]:
+        loss_sum, tokens = 0.0, 0
+        for batch in loader:
+            batch_loss, batch_tokens = response_loss(model, supervised.to_device(batch, worker.device))
+            loss_sum, tokens = loss_sum + batch_loss.item(), tokens + int(batch_tokens)
+        loss_sum, tokens = all_reduce_sum([loss_sum, tokens], worker.device)
+        eval_loss = loss_sum / max(tokens, 1)
+        return {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))}
+
+    def items_name(self) -> str:
+        return "tokens"
+
+    def marker_extras(self, eval_metrics: dict[str, float]) -> dict[str, Any]:
+        return {}
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    supervised.train_supervised(loop_config, SFTTask())
+
+
+def train(config: StageConfig) -> Any:
+    return supervised.run(config, SFTTask(), train_loop)
