@@ -1,0 +1,147 @@
+"""Reward model: a one-output sequence classifier trained on preference pairs.
+
+Each pair becomes `prompt + chosen` and `prompt + rejected` (the same prompt format as SFT
+and PPO, so the model scores what the policy will write). Both go through the model in one
+right-padded batch; the score is read at the last real token. The loss is the Bradley-Terry
+`-logsigmoid(r_chosen - r_rejected - margin)`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_jobs import supervised
+from rlhf_jobs.config import StageConfig
+from rlhf_jobs.data import RM_SCHEMA, load_splits
+from rlhf_jobs.models import load_reward_model, load_tokenizer
+from rlhf_jobs.prompts import record_prompt
+from rlhf_jobs.ray_train import Worker, all_reduce_sum
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of -log σ(r_chosen - r_rejected - margin) over the pairs."""
+    difference = chosen - rejected - (margin if margin is not None else 0.0)
+    return -F.logsigmoid(difference).mean()
+
+
+def tokenize_pair(record: dict[str, Any], tokenizer: Any, style: str, max_length: int) -> dict[str, Any]:
+    """Token ids of prompt+chosen and prompt+rejected, keeping the tail when too long."""
+    prompt = record_prompt(record, style, tokenizer)
+
+    def ids(response: str) -> list[int]:
+        return tokenizer(prompt + response.strip(), add_special_tokens=False)["input_ids"][-max_length:]
+
+    return {
+        "chosen_ids": ids(record["chosen"]),
+        "rejected_ids": ids(record["rejected"]),
+        "margin": float(record.get("margin") or 0.0),
+    }
+
+
+def pad_right(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        attention_mask[row, : len(sequence)] = 1
+    return input_ids, attention_mask
+
+
+def score(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One scalar per sequence. The classifier reads its output at the rightmost non-pad token,
+    which is the last real token here: sequences carry no EOS (the pad token) of their own."""
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+
+
+class RewardTask:
+    stage = "rm"
+
+    def prepare(self, config: StageConfig) -> dict[str, Any]:
+        general, dataset = config.General, config.Dataset
+        tokenizer = load_tokenizer(general.base_model, general.trust_remote_code)
+        train, evaluation = load_splits(
+            dataset.train_file, dataset.validation_file, dataset.validation_split_percentage,
+            RM_SCHEMA, config.Training.seed,
+        )
+
+        def tokenize(records: Any, name: str) -> list[dict[str, Any]]:
+            tokenized = records.map(
+                lambda r: tokenize_pair(r, tokenizer, dataset.prompt_format, dataset.max_length),
+                remove_columns=records.column_names, num_proc=dataset.preprocessing_num_workers,
+                desc=f"tokenizing {name}",
+            )
+            return list(tokenized)
+
+        return {
+            "train": tokenize(train, dataset.train_file),
+            "eval": tokenize(evaluation, "validation") if evaluation is not None else None,
+        }
+
+    def build(self, config: StageConfig, worker: Worker) -> tuple[Any, Any]:
+        general = config.General
+        self.tokenizer = load_tokenizer(general.base_model, general.trust_remote_code)
+        model = load_reward_model(general.base_model, self.tokenizer, general.trust_remote_code)
+        return model, self.tokenizer
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Chosen sequences first, then rejected ones, in one padded batch."""
+        sequences = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+        input_ids, attention_mask = pad_right(sequences, self.tokenizer.pad_token_id)
+        margin = torch.tensor([e["margin"] for e in examples], dtype=torch.float)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin}
+
+    def scores(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        rewards = score(model, batch["input_ids"], batch["attention_mask"])
+        pairs = batch["margin"].size(0)
+        return rewards[:pairs], rewards[pairs:]
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        chosen, rejected = self.scores(model, batch)
+        return pairwise_loss(chosen, rejected, batch["margin"]), chosen.size(0)
+
+    def evaluate(self, model: torch.nn.Module, loader: Any, worker: Worker) -> dict[str, float]:
+        pairs = correct = margin_sum = loss_sum = reward_sum = reward_squares = 0.0
+        for batch in loader:
+            batch = supervised.to_device(batch, worker.device)
+            chosen, rejected = self.scores(model, batch)
+            loss_sum += pairwise_loss(chosen, rejected, batch["margin"]).item() * chosen.size(0)
+            pairs += chosen.size(0)
+            correct += (chosen > rejected).sum().item()
+            margin_sum += (chosen - rejected).sum().item()
+            rewards = torch.cat([chosen, rejected])
+            reward_sum += rewards.sum().item()
+            reward_squares += rewards.pow(2).sum().item()
+        pairs, correct, margin_sum, loss_sum, reward_sum, reward_squares = all_reduce_sum(
+            [pairs, correct, margin_sum, loss_sum, reward_sum, reward_squares], worker.device
+        )
+        count = max(2 * pairs, 1)
+        mean = reward_sum / count
+        return {
+            "eval_loss": loss_sum / max(pairs, 1),
+            "eval_accuracy": correct / max(pairs, 1),
+            "eval_margin": margin_sum / max(pairs, 1),
+            "eval_reward_mean": mean,
+            "eval_reward_std": math.sqrt(max(reward_squares / count - mean**2, 0.0)),
+        }
+
+    def items_name(self) -> str:
+        return "pairs"
+
+    def marker_extras(self, eval_metrics: dict[str, float]) -> dict[str, Any]:
+        """The validation reward mean/std, which PPO uses to normalise scores."""
+        if "eval_reward_mean" not in eval_metrics:
+            return {}
+        return {"reward_stats": {"mean": eval_metrics["eval_reward_mean"], "std": eval_metrics["eval_reward_std"]}}
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    supervised.train_supervised(loop_config, RewardTask())
+
+
+def train(config: StageConfig) -> Any:
+    return supervised.run(config, RewardTask(), train_loop)
