@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -133,6 +135,10 @@ def setup_worker(loop_config: dict[str, Any]) -> tuple[StageConfig, Worker]:
     import ray.train.torch
 
     config = validate_config(loop_config["config"], loop_config["stage"], source="<worker>", paths=False)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines drown the progress
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     context = ray.train.get_context()
     training = config.Training
     if not training.use_gpu:
@@ -244,8 +250,11 @@ class MetricsLogger:
 
 
 def progress(worker: Worker, stage: str, text: str) -> None:
+    """A line on rank 0's real stdout (Ray Train V2 echoes `print` twice through its logger)."""
     if worker.is_main:
-        print(f"[{stage}] {text}", flush=True)
+        stream = sys.__stdout__ or sys.stdout
+        stream.write(f"[{stage}] {text}\n")
+        stream.flush()
 
 
 def batches(loader: Any, skip: int) -> Iterator[Any]:
