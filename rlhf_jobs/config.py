@@ -328,7 +328,8 @@ def _describe(error: dict[str, Any], root: type[BaseModel]) -> str:
         owner = _model_at(root, loc)
         known = list(owner.model_fields) if owner else []
         known = [k for k in known if k != "stage"]
-        hint = difflib.get_close_matches(loc[-1], known, n=1)
+        same_but_case = [k for k in known if k.lower() == loc[-1].lower()]
+        hint = same_but_case or difflib.get_close_matches(loc[-1], known, n=1)
         suggestion = f"; did you mean {'.'.join((*loc[:-1], hint[0]))!r}?" if hint else ""
         return f"{path}: unknown key{suggestion} (known: {', '.join(known)})"
     if error["type"] == "missing":

@@ -1,0 +1,171 @@
+"""Config loading: the original .conf format, YAML, JSON, overrides, and one clear error per problem."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf_jobs.config import (
+    ConfigError,
+    ResourcesPerWorker,
+    load_config,
+    memory_bytes,
+    validate_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sft_dict(tmp_path: Path) -> dict:
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"instruction": "a", "context": "", "response": "b"}\n')
+    return {
+        "General": {"base_model": "gpt2", "output_dir": str(tmp_path / "out"), "checkpoint_dir": str(tmp_path / "ck")},
+        "Dataset": {"train_file": str(data), "validation_file": None, "validation_split_percentage": 5},
+        "Training": {"optimizer": "AdamW", "batch_size": 2, "epochs": 1, "learning_rate": 1e-5,
+                     "num_training_workers": 2, "resources_per_worker": {"CPU": 1}},
+    }
+
+
+def test_original_conf_format_parses_without_eval(tmp_path: Path) -> None:
+    conf = tmp_path / "finetune.conf"
+    conf.write_text(
+        "# I am python, not json\n"
+        "{\n"
+        '    "General": {"base_model": "gpt2", "output_dir": "/tmp/o", "checkpoint_dir": "/tmp/c",},\n'
+        f'    "Dataset": {{"train_file": "{REPO}/configs/finetune.conf", "validation_file": None,}},\n'
+        '    "Training": {"optimizer": "AdamW", "batch_size": 2, "epochs": 3, "learning_rate": 1e-5,\n'
+        '                 "lr_scheduler": "linear", "weight_decay": 0.0, "num_training_workers": 2,\n'
+        '                 "resources_per_worker": {"CPU": 32,},},\n'
+        "}\n"
+    )
+    config = load_config(conf, "sft")
+    assert config.Training.epochs == 3
+    assert config.Training.resources_per_worker.ray_resources() == {"CPU": 32.0}
+    assert config.Dataset.validation_file is None
+
+
+def test_conf_with_code_is_refused(tmp_path: Path) -> None:
+    conf = tmp_path / "evil.conf"
+    conf.write_text('{"General": __import__("os").system("echo pwned")}')
+    with pytest.raises(ConfigError, match=r"evil\.conf.*not a valid \.conf config"):
+        load_config(conf, "sft")
+
+
+def test_bundled_conf_files_validate() -> None:
+    for stage, name in (("sft", "finetune.conf"), ("rm", "reward.conf")):
+        config = load_config(REPO / "configs" / name, stage, check_paths=False)
+        assert config.Training.num_training_workers == 2
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_yaml_and_json(tmp_path: Path, suffix: str) -> None:
+    data = sft_dict(tmp_path)
+    path = tmp_path / f"c{suffix}"
+    path.write_text(yaml.safe_dump(data) if suffix == ".yaml" else json.dumps(data))
+    assert load_config(path, "sft").Training.batch_size == 2
+
+
+def test_yaml_exponent_without_dot_is_a_float(tmp_path: Path) -> None:
+    data = sft_dict(tmp_path)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data).replace("1.0e-05", "1e-5"))
+    assert "1e-5" in path.read_text()
+    assert load_config(path, "sft").Training.learning_rate == pytest.approx(1e-5)
+
+
+def test_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(sft_dict(tmp_path)))
+    config = load_config(path, "sft", ["Training.epochs=4", "Training.resources_per_worker.GPU=1"])
+    assert config.Training.epochs == 4
+    assert config.Training.use_gpu
+
+
+def test_bad_override_syntax(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(sft_dict(tmp_path)))
+    with pytest.raises(ConfigError, match="expected KEY.PATH=VALUE"):
+        load_config(path, "sft", ["Training.epochs"])
+
+
+def error_of(tmp_path: Path, mutate, stage: str = "sft") -> str:
+    data = sft_dict(tmp_path)
+    mutate(data)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, stage)
+    message = str(info.value)
+    assert str(path) in message
+    return message
+
+
+def test_unknown_key_suggests_the_near_miss(tmp_path: Path) -> None:
+    message = error_of(tmp_path, lambda d: d["Training"].update(learning_rat=1e-4))
+    assert "Training.learning_rat: unknown key; did you mean 'Training.learning_rate'?" in message
+
+
+def test_wrong_type_names_the_key(tmp_path: Path) -> None:
+    message = error_of(tmp_path, lambda d: d["Training"].update(batch_size="two"))
+    assert "Training.batch_size" in message and "'two'" in message
+
+
+def test_impossible_values(tmp_path: Path) -> None:
+    assert "Training.num_training_workers" in error_of(tmp_path, lambda d: d["Training"].update(num_training_workers=0))
+    assert "Dataset.validation_split_percentage" in error_of(
+        tmp_path, lambda d: d["Dataset"].update(validation_split_percentage=90)
+    )
+    assert "Training.optimizer" in error_of(tmp_path, lambda d: d["Training"].update(optimizer="Adamw"))
+
+
+def test_several_problems_reported_together(tmp_path: Path) -> None:
+    def mutate(d: dict) -> None:
+        d["Training"].update(epochs=-1, lr_scheduler="step")
+        del d["General"]["base_model"]
+
+    message = error_of(tmp_path, mutate)
+    assert "3 problems" in message
+    assert "General.base_model: required key is missing" in message
+
+
+def test_missing_data_file(tmp_path: Path) -> None:
+    message = error_of(tmp_path, lambda d: d["Dataset"].update(train_file=str(tmp_path / "nope.jsonl")))
+    assert "Dataset.train_file: file not found" in message
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "none.yaml", "sft")
+
+
+def test_resources_case_typo_suggests(tmp_path: Path) -> None:
+    message = error_of(tmp_path, lambda d: d["Training"].update(resources_per_worker={"cpu": 1}))
+    assert "Training.resources_per_worker.cpu" in message and "did you mean" in message
+
+
+def test_warmup_exclusive(tmp_path: Path) -> None:
+    message = error_of(tmp_path, lambda d: d["Training"].update(warmup_ratio=0.1, warmup_steps=5))
+    assert "warmup_ratio or warmup_steps" in message
+
+
+def test_memory_quantities() -> None:
+    assert memory_bytes("4Gi") == 4 * 2**30
+    assert memory_bytes("512M") == 512 * 10**6
+    assert memory_bytes(1024) == 1024
+    assert ResourcesPerWorker(CPU=2, memory="1Gi").ray_resources() == {"CPU": 2.0, "memory": float(2**30)}
+    with pytest.raises(ValueError):
+        memory_bytes("lots")
+
+
+def test_ppo_config_shape() -> None:
+    config = validate_config(
+        {"General": {"model_name": "gpt2", "rm_name": "gpt2", "output_dir": "/o", "checkpoint_dir": "/c"},
+         "Dataset": {"train_file": "p.jsonl"},
+         "Training": {"experience_batch_size": 4, "kl_coeff": 0.1}},
+        "ppo", paths=False,
+    )
+    assert config.General.model_pretrain is None and config.Training.kl_coeff == 0.1
