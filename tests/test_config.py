@@ -88,7 +88,7 @@ def test_overrides(tmp_path: Path) -> None:
 def test_bad_override_syntax(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(sft_dict(tmp_path)))
-    with pytest.raises(ConfigError, match="expected KEY.PATH=VALUE"):
+    with pytest.raises(ConfigError, match=r"expected KEY\.PATH=VALUE"):
         load_config(path, "sft", ["Training.epochs"])
 
 

@@ -15,8 +15,9 @@ def write(path: Path, text: str) -> str:
 
 
 def test_jsonl_and_array_give_the_same_records(tmp_path: Path) -> None:
-    jsonl = write(tmp_path / "a.jsonl", '{"instruction": "i", "response": "r"}\n\n{"instruction": "j", "context": "c", "response": "s"}\n')
-    array = write(tmp_path / "a.json", '[\n {"instruction": "i", "response": "r"},\n {"instruction": "j", "context": "c", "response": "s"}\n]')
+    first, second = '{"instruction": "i", "response": "r"}', '{"instruction": "j", "context": "c", "response": "s"}'
+    jsonl = write(tmp_path / "a.jsonl", f"{first}\n\n{second}\n")
+    array = write(tmp_path / "a.json", f"[\n {first},\n {second}\n]")
     assert read_records(jsonl, SFT_SCHEMA) == read_records(array, SFT_SCHEMA)
     assert read_records(jsonl, SFT_SCHEMA)[0] == {"instruction": "i", "response": "r", "context": None}
 
@@ -34,7 +35,8 @@ def test_broken_line(tmp_path: Path) -> None:
 
 
 def test_array_line_numbers(tmp_path: Path) -> None:
-    path = write(tmp_path / "d.json", '[\n  {"instruction": "i", "response": "r"},\n\n  {"instruction": "i", "response": 3}\n]\n')
+    text = '[\n  {"instruction": "i", "response": "r"},\n\n  {"instruction": "i", "response": 3}\n]\n'
+    path = write(tmp_path / "d.json", text)
     with pytest.raises(DataError, match=r"d\.json:4: field 'response' must be a string"):
         read_records(path, SFT_SCHEMA)
 
