@@ -37,7 +37,7 @@ venv: $(BIN)/rlhf-jobs ## Create .venv with the package and dev tools (CPU torch
 
 .PHONY: demo
 demo: venv ## Run SFT -> RM -> PPO locally on a tiny model (in-process Ray) into runs/demo
-	$(BIN)/rlhf-jobs pipeline --backend local --workdir $(DEMO_DIR)
+	$(BIN)/rlhf-jobs pipeline --backend local --workdir $(DEMO_DIR) --tiny-model
 
 .PHONY: test
 test: venv ## Run the test suite (docker/kind tests skip where there is no engine/cluster)

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from rlhf_jobs.config import STAGES
-
-TRAINER_MODULES = {"sft": "rlhf_jobs.sft", "rm": "rlhf_jobs.rm", "ppo": "rlhf_jobs.ppo"}
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -25,12 +22,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def train_stage(stage: str, config_path: str, overrides: Sequence[str] = ()) -> None:
     """Validate everything the stage reads, then train it on Ray."""
-    from rlhf_jobs.checkpoints import check_overwritable
+    from rlhf_jobs import trainers
     from rlhf_jobs.config import load_config
 
-    config = load_config(config_path, stage, list(overrides))
-    check_overwritable(config.General.checkpoint_dir)
-    importlib.import_module(TRAINER_MODULES[stage]).train(config)
+    trainers.train(load_config(config_path, stage, list(overrides)))
 
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +62,52 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--output", required=True)
     convert.add_argument("--format", default="auto", help="source format (default: detect)")
 
+    pipeline = commands.add_parser("pipeline", help="run SFT -> RM -> PPO, locally or on KubeRay")
+    pipeline.add_argument("--backend", choices=("local", "kuberay"), default="local")
+    pipeline.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset (default: all)")
+    pipeline.add_argument("--from-stage", choices=STAGES, help="run this stage and the ones after it again")
+    _add_set(pipeline)
+    local = pipeline.add_argument_group("local backend")
+    local.add_argument("--workdir", default="runs/pipeline", help="all outputs go here (default: runs/pipeline)")
+    local.add_argument("--config-dir", default="configs/local", help="sft/rm/ppo configs (default: configs/local)")
+    local.add_argument("--base-model", help="start SFT/RM/PPO from this model instead of the configs' one")
+    local.add_argument("--tiny-model", action="store_true",
+                       help="build the tiny model into WORKDIR/tiny-model (once) and use it as --base-model")
+    cluster = pipeline.add_argument_group("kuberay backend")
+    cluster.add_argument("--namespace", default="rlhf", help="Kubernetes namespace (default: rlhf)")
+    cluster.add_argument("--run", default="default", help="pipeline run name; checkpoints go to <pvc>/<run>/")
+    cluster.add_argument("--values", action="append", default=[], help="extra Helm values file (repeatable)")
+    cluster.add_argument("--chart", default=None, help="path of the Helm chart (default: the repo's helm/)")
+    cluster.add_argument("--timeout", type=float, default=6 * 3600, help="whole-pipeline timeout in seconds")
+    cluster.add_argument("--dry-run", action="store_true", help="print the manifests of every stage and exit")
+
     return parser
+
+
+def run_local_pipeline(args: argparse.Namespace) -> int:
+    from rlhf_jobs.backends.local import LocalBackend
+    from rlhf_jobs.pipeline import PipelineOptions, parse_stages, run_pipeline
+    from rlhf_jobs.report import plot_curves, summary_table
+
+    backend = LocalBackend(args.workdir)
+    base_model = args.base_model
+    if args.tiny_model:
+        from rlhf_jobs.tiny_model import build_tiny_model
+
+        base_model = str(backend.workdir / "tiny-model")
+        if not (backend.workdir / "tiny-model" / "config.json").is_file():
+            print(f"building the tiny model in {base_model}", flush=True)
+            build_tiny_model(base_model)
+    options = PipelineOptions(
+        stages=parse_stages(args.stages), config_dir=args.config_dir, overrides=args.overrides,
+        base_model=base_model, from_stage=args.from_stage,
+    )
+    record = run_pipeline(backend, options)
+    output_dirs = {stage: backend.stage_paths(stage)[0] for stage in STAGES}
+    print("\n" + summary_table(record, output_dirs))
+    print(f"\ntraining curves: {plot_curves(output_dirs, backend.workdir / 'curves.png')}")
+    print(f"final models: {', '.join(backend.stage_paths(s)[1] for s in record['stages'])}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,6 +128,12 @@ def run(args: argparse.Namespace) -> int:
 
         count = convert(args.kind, args.input, args.output, args.format)
         print(f"{count} {args.kind} records written to {args.output}")
+    elif args.command == "pipeline":
+        if args.backend == "local":
+            return run_local_pipeline(args)
+        from rlhf_jobs.backends import kuberay
+
+        return kuberay.run_pipeline_command(args)
     return 0
 
 

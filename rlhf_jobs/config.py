@@ -344,19 +344,28 @@ def _is_url(location: str) -> bool:
     return "://" in location
 
 
-def check_paths(config: StageConfig, source: str) -> None:
-    """Local data files must exist; model paths that look local must exist."""
+def check_data_paths(config: StageConfig, source: str) -> None:
+    """Local data files must exist (URLs are checked when read)."""
     dataset = config.Dataset
     for key in ("train_file", "validation_file"):
         location = getattr(dataset, key)
         if location and not _is_url(location) and not Path(location).is_file():
             raise ConfigError(f"{source}: Dataset.{key}: file not found: {location}")
+
+
+def check_model_paths(config: StageConfig, source: str) -> None:
+    """Model paths that look local must exist (anything else is taken for a hub name)."""
     general = config.General
     for key in ("base_model", "model_name", "rm_name", "model_pretrain", "rm_pretrain"):
         location = getattr(general, key, None)
         looks_local = location and (location.startswith(("/", "./", "../", "~")) or Path(location).exists())
         if looks_local and not Path(location).expanduser().exists():
             raise ConfigError(f"{source}: General.{key}: no such model directory: {location}")
+
+
+def check_paths(config: StageConfig, source: str) -> None:
+    check_data_paths(config, source)
+    check_model_paths(config, source)
 
 
 def validate_config(

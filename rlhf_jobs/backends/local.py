@@ -1,0 +1,45 @@
+"""Local backend: every stage on an in-process Ray, all files under one work directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from rlhf_jobs.config import validate_config
+
+RECORD_FILE = "pipeline.json"
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, workdir: str | Path) -> None:
+        self.workdir = Path(workdir).resolve()
+
+    def stage_paths(self, stage: str) -> tuple[str, str]:
+        return str(self.workdir / f"{stage}-output"), str(self.workdir / stage)
+
+    def load_record(self) -> dict[str, Any]:
+        path = self.workdir / RECORD_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def save_record(self, record: dict[str, Any]) -> None:
+        """Write-then-rename, so an interrupt never leaves a torn record."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        temporary = self.workdir / f".{RECORD_FILE}.tmp"
+        temporary.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(temporary, self.workdir / RECORD_FILE)
+
+    def reset_stage(self, stage: str) -> None:
+        output_dir = Path(self.stage_paths(stage)[0])
+        if output_dir.exists():
+            print(f"   removing {output_dir}: its Ray checkpoints belong to an older config", flush=True)
+            shutil.rmtree(output_dir)
+
+    def run_stage(self, stage: str, config: dict[str, Any]) -> None:
+        from rlhf_jobs import trainers
+
+        trainers.train(validate_config(config, stage, source=f"{self.workdir / RECORD_FILE} ({stage})"))
