@@ -1,0 +1,149 @@
+"""The pipeline: config chaining, the record, skip/resume/--from-stage, and a real local run."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from rlhf_jobs.backends.local import LocalBackend
+from rlhf_jobs.config import ConfigError
+from rlhf_jobs.data import DataError
+from rlhf_jobs.pipeline import PipelineOptions, plan, run_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class RecordingBackend(LocalBackend):
+    """The local backend with training replaced by a log of what would have run (for planning logic)."""
+
+    def __init__(self, workdir: Path, fail: str | None = None) -> None:
+        super().__init__(workdir)
+        self.ran: list[str] = []
+        self.configs: dict[str, dict[str, Any]] = {}
+        self.fail = fail
+
+    def run_stage(self, stage: str, config: dict[str, Any]) -> None:
+        self.ran.append(stage)
+        self.configs[stage] = config
+        if stage == self.fail:
+            raise RuntimeError(f"{stage} crashed")
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "configs"
+    directory.mkdir()
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "sft.jsonl").write_text('{"instruction": "a", "response": "b"}\n{"instruction": "c", "response": "d"}\n')
+    (data / "rm.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n' * 2)
+    (data / "ppo.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    common = {"num_training_workers": 1, "resources_per_worker": {"CPU": 1}}
+    configs = {
+        "sft": {"General": {"base_model": "gpt2", "output_dir": "o/sft", "checkpoint_dir": "ck/sft"},
+                "Dataset": {"train_file": str(data / "sft.jsonl")}, "Training": common},
+        "rm": {"General": {"base_model": "ck/sft", "output_dir": "o/rm", "checkpoint_dir": "ck/rm"},
+               "Dataset": {"train_file": str(data / "rm.jsonl")}, "Training": common},
+        "ppo": {"General": {"model_name": "gpt2", "rm_name": "gpt2", "model_pretrain": "ck/sft",
+                            "rm_pretrain": "ck/rm", "output_dir": "o/ppo", "checkpoint_dir": "ck/ppo"},
+                "Dataset": {"train_file": str(data / "ppo.jsonl")}, "Training": common},
+    }
+    for stage, config in configs.items():
+        (directory / f"{stage}.yaml").write_text(yaml.safe_dump(config))
+    return directory
+
+
+def test_stages_are_chained_under_the_workdir(tmp_path: Path, config_dir: Path) -> None:
+    backend = RecordingBackend(tmp_path / "run")
+    run_pipeline(backend, PipelineOptions(config_dir=config_dir, base_model="tiny"))
+    work = str((tmp_path / "run").resolve())
+    assert backend.ran == ["sft", "rm", "ppo"]
+    assert backend.configs["sft"]["General"] == {
+        "base_model": "tiny", "output_dir": f"{work}/sft-output", "checkpoint_dir": f"{work}/sft"}
+    assert backend.configs["rm"]["General"]["base_model"] == f"{work}/sft"
+    ppo = backend.configs["ppo"]["General"]
+    assert (ppo["model_pretrain"], ppo["rm_pretrain"]) == (f"{work}/sft", f"{work}/rm")
+    assert (ppo["model_name"], ppo["rm_name"]) == ("tiny", "tiny")
+
+
+def test_rerun_skips_finished_stages_and_reruns_changed_ones(tmp_path: Path, config_dir: Path) -> None:
+    options = PipelineOptions(config_dir=config_dir)
+    run_pipeline(RecordingBackend(tmp_path / "run"), options)
+    again = RecordingBackend(tmp_path / "run")
+    run_pipeline(again, options)
+    assert again.ran == []
+
+    changed = RecordingBackend(tmp_path / "run")
+    run_pipeline(changed, PipelineOptions(config_dir=config_dir, overrides=["rm.Training.epochs=2"]))
+    assert changed.ran == ["rm", "ppo"], "a changed stage re-runs, and so does every stage built on it"
+
+    forced = RecordingBackend(tmp_path / "run")
+    run_pipeline(forced, PipelineOptions(config_dir=config_dir, overrides=["rm.Training.epochs=2"], from_stage="ppo"))
+    assert forced.ran == ["ppo"]
+
+
+def test_failed_stage_is_resumed_not_restarted(tmp_path: Path, config_dir: Path) -> None:
+    options = PipelineOptions(config_dir=config_dir)
+    with pytest.raises(RuntimeError, match="rm crashed"):
+        run_pipeline(RecordingBackend(tmp_path / "run", fail="rm"), options)
+    record = json.loads((tmp_path / "run" / "pipeline.json").read_text())
+    assert record["stages"]["sft"]["status"] == "succeeded"
+    assert record["stages"]["rm"]["status"] == "failed" and "rm crashed" in record["stages"]["rm"]["error"]
+    steps = {p.stage: p.action for p in plan(RecordingBackend(tmp_path / "run"), options)}
+    assert steps == {"sft": "skip", "rm": "resume", "ppo": "run"}
+
+
+def test_bad_data_of_a_later_stage_fails_before_anything_runs(tmp_path: Path, config_dir: Path) -> None:
+    ppo_data = yaml.safe_load((config_dir / "ppo.yaml").read_text())["Dataset"]["train_file"]
+    Path(ppo_data).write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    backend = RecordingBackend(tmp_path / "run")
+    with pytest.raises(DataError, match=r"ppo\.jsonl:2: missing field 'prompt or instruction'"):
+        run_pipeline(backend, PipelineOptions(config_dir=config_dir))
+    assert backend.ran == [] and not (tmp_path / "run").exists()
+
+
+def test_bad_override_names_the_stage_config(tmp_path: Path, config_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"(?s)rm\.yaml.*Training\.epochz: unknown key; did you mean 'Training\.epochs'"):
+        run_pipeline(RecordingBackend(tmp_path / "run"), PipelineOptions(config_dir=config_dir,
+                                                                          overrides=["rm.Training.epochz=2"]))
+
+
+@pytest.mark.slow
+def test_interrupted_ppo_resumes_without_redoing_sft_or_rm(tmp_path: Path) -> None:
+    """Kill the real pipeline during PPO, re-run it: SFT and RM are skipped, PPO continues."""
+    workdir = tmp_path / "demo"
+    command = [sys.executable, "-m", "rlhf_jobs.cli", "pipeline", "--backend", "local", "--workdir", str(workdir),
+               "--tiny-model", "--set", "ppo.Training.save_steps=1"]
+    log = (tmp_path / "first.log").open("w")
+    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    ppo_metrics = workdir / "ppo-output" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        lines = ppo_metrics.read_text().splitlines() if ppo_metrics.exists() else []
+        if sum('"split": "train"' in line for line in lines) >= 2:
+            break
+        time.sleep(1)
+    assert process.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=120)
+    record = json.loads((workdir / "pipeline.json").read_text())
+    assert record["stages"]["ppo"]["status"] in ("interrupted", "running")
+    done_before = max(json.loads(line)["step"] for line in ppo_metrics.read_text().splitlines())
+
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "== sft: skip" in second.stdout and "== rm: skip" in second.stdout
+    assert "== ppo: resume" in second.stdout
+    assert "resuming" in second.stdout + second.stderr
+    steps = [json.loads(line)["step"] for line in ppo_metrics.read_text().splitlines()]
+    resumed = steps[steps.index(done_before) + 1:]
+    assert resumed and min(s for s in resumed) >= done_before - 1, "PPO restarted from scratch"
+    assert (workdir / "curves.png").stat().st_size > 10_000
