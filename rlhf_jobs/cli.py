@@ -12,12 +12,14 @@ from rlhf_jobs.config import STAGES
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input: printed as one line, exit code 2, no traceback."""
+    from rlhf_jobs.backends.helm import HelmError
+    from rlhf_jobs.backends.kuberay import PreflightError
     from rlhf_jobs.checkpoints import CheckpointError
     from rlhf_jobs.config import ConfigError
     from rlhf_jobs.data import DataError
     from rlhf_jobs.ray_train import ResourceError
 
-    return ConfigError, DataError, CheckpointError, ResourceError
+    return ConfigError, DataError, CheckpointError, ResourceError, HelmError, PreflightError
 
 
 def train_stage(stage: str, config_path: str, overrides: Sequence[str] = ()) -> None:
@@ -81,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--timeout", type=float, default=6 * 3600, help="whole-pipeline timeout in seconds")
     cluster.add_argument("--dry-run", action="store_true", help="print the manifests of every stage and exit")
 
+    status = commands.add_parser("status", help="show a KubeRay pipeline run's record")
+    status.add_argument("--namespace", default="rlhf")
+    status.add_argument("--run", default="default")
+
+    delete = commands.add_parser("delete", help="uninstall a KubeRay pipeline run's releases (keeps the PVC)")
+    delete.add_argument("--namespace", default="rlhf")
+    delete.add_argument("--run", default="default")
+    delete.add_argument("--chart", default=None)
+
     return parser
 
 
@@ -134,6 +145,10 @@ def run(args: argparse.Namespace) -> int:
         from rlhf_jobs.backends import kuberay
 
         return kuberay.run_pipeline_command(args)
+    elif args.command in ("status", "delete"):
+        from rlhf_jobs.backends import kuberay
+
+        return (kuberay.status_command if args.command == "status" else kuberay.delete_command)(args)
     return 0
 
 

@@ -44,6 +44,9 @@ class Backend(Protocol):
     def stage_paths(self, stage: str) -> tuple[str, str]:
         """(output_dir, checkpoint_dir) of `stage` as the trainer will see them."""
 
+    def stage_configs(self, options: PipelineOptions) -> dict[str, dict[str, Any]]:
+        """Every stage's resolved, validated training config (what the trainer will read)."""
+
     def load_record(self) -> dict[str, Any]: ...
 
     def save_record(self, record: dict[str, Any]) -> None: ...
@@ -154,7 +157,7 @@ def _config_file(config_dir: Path, stage: str) -> Path:
 
 def plan(backend: Backend, options: PipelineOptions) -> list[StagePlan]:
     """What each requested stage will do, and why."""
-    configs = resolve_configs(backend, options)
+    configs = backend.stage_configs(options)
     record = backend.load_record().get("stages", {})
     plans, upstream_hashes, forced = [], [], False
     for stage in STAGES:
@@ -192,7 +195,8 @@ def run_pipeline(backend: Backend, options: PipelineOptions) -> dict[str, Any]:
         if step.action == "run":
             backend.reset_stage(step.stage)
         entry = record["stages"].setdefault(step.stage, {})
-        entry.update(status="running", config_hash=step.config_hash, started_at=time.time(), config=step.config)
+        entry.update(status="running", config_hash=step.config_hash, started_at=time.time(), config=step.config,
+                     checkpoint=step.config["General"]["checkpoint_dir"])
         entry.pop("seconds", None)
         backend.save_record(record)
         start = time.perf_counter()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_jobs.config import validate_config
+from rlhf_jobs.pipeline import PipelineOptions, resolve_configs
 
 RECORD_FILE = "pipeline.json"
 
@@ -21,6 +22,9 @@ class LocalBackend:
 
     def stage_paths(self, stage: str) -> tuple[str, str]:
         return str(self.workdir / f"{stage}-output"), str(self.workdir / stage)
+
+    def stage_configs(self, options: PipelineOptions) -> dict[str, dict[str, Any]]:
+        return resolve_configs(self, options)
 
     def load_record(self) -> dict[str, Any]:
         path = self.workdir / RECORD_FILE

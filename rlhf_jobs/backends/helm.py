@@ -1,0 +1,77 @@
+"""The Helm CLI, driven from Python: the chart in `helm/` is the single source of truth."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CHART = Path(__file__).resolve().parents[2] / "helm"
+
+
+class HelmError(RuntimeError):
+    """helm is missing, or a helm command failed (its stderr is the message)."""
+
+
+def release_name(stage: str, run: str) -> str:
+    """`rlhf-<stage>` for the default run, `rlhf-<run>-<stage>` otherwise (the chart reads the suffix)."""
+    return f"rlhf-{stage}" if run == "default" else f"rlhf-{run}-{stage}"
+
+
+def config_sets(stage: str, overrides: Sequence[str]) -> list[str]:
+    """Pipeline overrides (`[stage.]Section.key=VALUE`, VALUE as YAML) as `--set-json` for the chart."""
+    from rlhf_jobs.config import parse_override
+    from rlhf_jobs.pipeline import split_overrides
+
+    sets = []
+    for text in split_overrides(overrides, stage):
+        keys, value = parse_override(text)
+        sets.append(f"configs.{stage}.{'.'.join(keys)}={json.dumps(value)}")
+    return sets
+
+
+class Helm:
+    def __init__(self, chart: str | Path | None = None, binary: str = "helm") -> None:
+        self.chart = str(chart or DEFAULT_CHART)
+        self.binary = binary
+
+    def _run(self, args: Sequence[str]) -> str:
+        if shutil.which(self.binary) is None:
+            raise HelmError(f"{self.binary} not found on PATH; install Helm 3.8+ (https://helm.sh/docs/intro/install/)")
+        result = subprocess.run([self.binary, *args], capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise HelmError(f"helm {args[0]} failed: {result.stderr.strip() or result.stdout.strip()}")
+        return result.stdout
+
+    def _value_args(self, run: str, values: Sequence[str], sets: Sequence[str]) -> list[str]:
+        args = ["--set-string", f"run={run}"]
+        for path in values:
+            args += ["--values", path]
+        for item in sets:
+            args += ["--set-json", item]
+        return args
+
+    def template(self, release: str, namespace: str, run: str, values: Sequence[str] = (),
+                 sets: Sequence[str] = ()) -> list[dict[str, Any]]:
+        out = self._run(["template", release, self.chart, "--namespace", namespace,
+                         *self._value_args(run, values, sets)])
+        return [doc for doc in yaml.safe_load_all(out) if doc]
+
+    def upgrade_install(self, release: str, namespace: str, run: str, values: Sequence[str] = (),
+                        sets: Sequence[str] = ()) -> None:
+        self._run(["upgrade", "--install", release, self.chart, "--namespace", namespace,
+                   *self._value_args(run, values, sets)])
+
+    def uninstall(self, release: str, namespace: str) -> bool:
+        try:
+            self._run(["uninstall", release, "--namespace", namespace])
+        except HelmError as err:
+            if "not found" in str(err):
+                return False
+            raise
+        return True
