@@ -1,0 +1,327 @@
+"""The KubeRay submitter against recorded RayJob status sequences, with a fake Kubernetes API.
+
+The fake stands at the client boundary: it implements the few methods of the `kubernetes`
+client objects the submitter calls, and raises the client's own `ApiException`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes.client.exceptions import ApiException
+
+from rlhf_jobs.backends.helm import config_sets, release_name
+from rlhf_jobs.backends.kuberay import (
+    Clients,
+    KubeRayBackend,
+    PreflightError,
+    StageFailed,
+    WatchSettings,
+    run_pipeline_command,
+    watch_rayjob,
+    with_retries,
+)
+from rlhf_jobs.pipeline import PipelineOptions, run_pipeline
+
+NS = "rlhf"
+
+
+def status(deployment: str = "", job: str = "", **extra: str) -> dict[str, Any]:
+    return {"jobDeploymentStatus": deployment, "jobStatus": job, "rayClusterName": "c-1", **extra}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeCustom:
+    """RayJobs whose `get` replays a status sequence; the last entry repeats.
+
+    An entry may be an ApiException (raised once) or "DELETED" (the object is gone).
+    """
+
+    def __init__(self) -> None:
+        self.sequences: dict[str, list[Any]] = {}
+        self.deleted: list[str] = []
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        assert (group, version, plural) == ("ray.io", "v1", "rayjobs")
+        sequence = self.sequences.get(name)
+        if not sequence:
+            raise ApiException(status=404, reason="Not Found")
+        entry = sequence.pop(0) if len(sequence) > 1 else sequence[0]
+        if isinstance(entry, ApiException):
+            raise entry
+        if entry == "DELETED":
+            self.sequences.pop(name)
+            raise ApiException(status=404, reason="Not Found")
+        return {"metadata": {"name": name}, "status": entry}
+
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name, propagation_policy=None):
+        self.deleted.append(name)
+        self.sequences.pop(name, None)
+
+
+class FakeCore:
+    def __init__(self, namespaces=(NS,)) -> None:
+        self.namespaces = set(namespaces)
+        self.config_maps: dict[str, dict] = {}
+        self.created: list[str] = []
+
+    def read_namespace(self, name):
+        if name not in self.namespaces:
+            raise ApiException(status=404, reason="Not Found")
+        return {"metadata": {"name": name}}
+
+    def read_namespaced_config_map(self, name, namespace):
+        if name not in self.config_maps:
+            raise ApiException(status=404, reason="Not Found")
+        return self.config_maps[name]
+
+    def replace_namespaced_config_map(self, name, namespace, body):
+        if name not in self.config_maps:
+            raise ApiException(status=404, reason="Not Found")
+        self.config_maps[name] = body
+
+    def create_namespaced_config_map(self, namespace, body):
+        self.created.append(body["metadata"]["name"])
+        self.config_maps[body["metadata"]["name"]] = body
+
+    def list_namespaced_pod(self, namespace, label_selector):
+        role = "submitter" if label_selector.startswith("job-name") else "head"
+        return {"items": [{"metadata": {"name": f"{role}-pod"}}]}
+
+    def read_namespaced_pod_log(self, name, namespace, tail_lines):
+        return f"log of {name}: Traceback ... CUDA out of memory\n"
+
+
+class FakeApiext:
+    def __init__(self, installed: bool = True) -> None:
+        self.installed = installed
+
+    def read_custom_resource_definition(self, name):
+        if not self.installed:
+            raise ApiException(status=404, reason="Not Found")
+        return {"metadata": {"name": name}}
+
+
+class FakeAuthz:
+    def __init__(self, denied: set[tuple[str, str]] = frozenset()) -> None:
+        self.denied = denied
+
+    def create_self_subject_access_review(self, review):
+        attributes = review.spec.resource_attributes
+        resource = attributes.resource + (f"/{attributes.subresource}" if attributes.subresource else "")
+        allowed = (attributes.verb, resource) not in self.denied
+        return argparse.Namespace(status=argparse.Namespace(allowed=allowed))
+
+
+class FakeHelm:
+    """Renders a minimal RayJob + ConfigMap per stage; `upgrade_install` makes the RayJob appear."""
+
+    def __init__(self, custom: FakeCustom, runs: dict[str, list[list[Any]]]) -> None:
+        self.custom, self.runs, self.installs = custom, runs, []
+
+    def template(self, release, namespace, run, values=(), sets=()):
+        stage = release.rsplit("-", 1)[1]
+        general = {"output_dir": f"/mnt/rlhf/{run}/work/{stage}", "checkpoint_dir": f"/mnt/rlhf/{run}/{stage}"}
+        if stage == "ppo":
+            general.update(model_name="m", rm_name="m", model_pretrain=f"/mnt/rlhf/{run}/sft",
+                           rm_pretrain=f"/mnt/rlhf/{run}/rm")
+        else:
+            general["base_model"] = "m"
+        config = {"General": general, "Dataset": {"train_file": f"/data/{stage}.jsonl"}, "Training": {}}
+        for item in sets:  # --set-json configs.<stage>.Section.key=value
+            path, value = item.split("=", 1)
+            section, key = path.split(".")[2:]
+            config[section][key] = json.loads(value)
+        return [
+            {"kind": "ConfigMap", "metadata": {"name": f"{release}-config"},
+             "data": {"config.yaml": yaml.safe_dump(config)}},
+            {"kind": "RayJob", "metadata": {"name": release}},
+        ]
+
+    def upgrade_install(self, release, namespace, run, values=(), sets=()):
+        self.installs.append(release)
+        stage = release.rsplit("-", 1)[1]
+        self.custom.sequences[release] = list(self.runs[stage].pop(0))
+
+
+def make_backend(runs: dict[str, list[list[Any]]], core: FakeCore | None = None, **clients: Any):
+    clock = Clock()
+    custom = FakeCustom()
+    fake = Clients(custom=custom, core=core or FakeCore(), apiext=clients.get("apiext", FakeApiext()),
+                   authz=clients.get("authz", FakeAuthz()))
+    helm = FakeHelm(custom, runs)
+    backend = KubeRayBackend(fake, helm, NS, "default", watch=WatchSettings(poll_seconds=5, initializing_timeout=600),
+                             sleep=clock.sleep, clock=clock)
+    return backend, helm, fake, clock
+
+
+def watch(sequence: list[Any], **settings: Any) -> dict[str, Any]:
+    clock, custom = Clock(), FakeCustom()
+    custom.sequences["job"] = sequence
+    clients = Clients(custom=custom, core=FakeCore(), apiext=FakeApiext(), authz=FakeAuthz())
+    return watch_rayjob(clients, NS, "job", "sft", WatchSettings(**settings), clock=clock, sleep=clock.sleep,
+                        out=lambda line: None)
+
+
+SUCCESS = [status(), status("Initializing"), status("Running", "PENDING"), status("Running", "RUNNING"),
+           status("Complete", "SUCCEEDED")]
+
+
+def test_success_needs_complete_and_succeeded() -> None:
+    # jobStatus can say SUCCEEDED while the deployment is still running: keep watching.
+    result = watch([status("Running", "RUNNING"), status("Running", "SUCCEEDED"), status("Complete", "SUCCEEDED")])
+    assert result["jobDeploymentStatus"] == "Complete"
+    assert watch(list(SUCCESS))["jobStatus"] == "SUCCEEDED"
+
+
+def test_failure_carries_reason_and_message() -> None:
+    failed = status("Failed", "FAILED", reason="AppFailed", message="Job entrypoint command failed with exit code 1")
+    with pytest.raises(StageFailed, match=r"reason=AppFailed.*exit code 1"):
+        watch([status("Running", "RUNNING"), failed])
+    with pytest.raises(StageFailed, match="ValidationFailed"):
+        watch([status("ValidationFailed", reason="ValidationFailed", message="invalid RayJob spec")])
+    with pytest.raises(StageFailed, match="jobStatus=STOPPED"):
+        watch([status("Running", "RUNNING"), status("Complete", "STOPPED")])
+
+
+def test_deadline_exceeded_is_a_failure() -> None:
+    with pytest.raises(StageFailed, match="DeadlineExceeded"):
+        watch([status("Running", "RUNNING"), status("Failed", "", reason="DeadlineExceeded",
+                                                      message="activeDeadlineSeconds reached")])
+
+
+def test_stuck_in_initializing() -> None:
+    with pytest.raises(StageFailed, match=r"stuck in Initializing for 10m0\ds.*kubectl -n rlhf get pods"):
+        watch([status("Initializing")], initializing_timeout=600)
+
+
+def test_deleted_mid_run() -> None:
+    with pytest.raises(StageFailed, match="was deleted while it ran"):
+        watch([status("Running", "RUNNING"), "DELETED"])
+
+
+def test_never_appears() -> None:
+    custom = FakeCustom()
+    clock = Clock()
+    clients = Clients(custom=custom, core=FakeCore(), apiext=FakeApiext(), authz=FakeAuthz())
+    with pytest.raises(StageFailed, match="did not appear"):
+        watch_rayjob(clients, NS, "job", "sft", WatchSettings(appear_timeout=60), clock=clock, sleep=clock.sleep,
+                     out=lambda line: None)
+
+
+def test_transient_api_errors_are_retried() -> None:
+    flaky = [ApiException(status=503), ApiException(status=429), ApiException(status=0), *SUCCESS]
+    assert watch(flaky)["jobStatus"] == "SUCCEEDED"
+
+
+def test_forbidden_is_not_retried() -> None:
+    with pytest.raises(ApiException) as info:
+        watch([ApiException(status=403, reason="Forbidden"), *SUCCESS])
+    assert info.value.status == 403
+
+
+def test_retries_give_up_after_the_last_attempt() -> None:
+    calls = []
+
+    def always_down() -> None:
+        calls.append(1)
+        raise ApiException(status=500)
+
+    with pytest.raises(ApiException):
+        with_retries(always_down, sleep=lambda s: None, attempts=4)
+    assert len(calls) == 4
+
+
+def test_pipeline_timeout() -> None:
+    with pytest.raises(StageFailed, match="pipeline timeout"):
+        watch([status("Running", "RUNNING")], deadline=300)
+
+
+def test_three_stages_chain_and_a_rerun_skips_them() -> None:
+    backend, helm, fake, _ = make_backend({s: [list(SUCCESS)] for s in ("sft", "rm", "ppo")})
+    run_pipeline(backend, PipelineOptions(check_paths=False))
+    assert helm.installs == ["rlhf-sft", "rlhf-rm", "rlhf-ppo"]
+    record = json.loads(fake.core.config_maps["rlhf-default-pipeline"]["data"]["record.json"])
+    assert {s: e["status"] for s, e in record["stages"].items()} == dict.fromkeys(("sft", "rm", "ppo"), "succeeded")
+    assert record["stages"]["rm"]["checkpoint"] == "/mnt/rlhf/default/rm"
+    assert record["stages"]["ppo"]["config"]["General"]["model_pretrain"] == "/mnt/rlhf/default/sft"
+
+    helm.installs.clear()
+    run_pipeline(backend, PipelineOptions(check_paths=False))
+    assert helm.installs == []
+
+
+def test_failure_stops_the_chain_with_logs_and_the_rerun_resumes_there() -> None:
+    failed = status("Failed", "FAILED", reason="AppFailed", message="entrypoint exited 1")
+    runs = {"sft": [list(SUCCESS)], "rm": [[status("Running", "RUNNING"), failed], list(SUCCESS)],
+            "ppo": [list(SUCCESS)]}
+    backend, helm, fake, _ = make_backend(runs)
+    with pytest.raises(StageFailed) as info:
+        run_pipeline(backend, PipelineOptions(check_paths=False))
+    message = str(info.value)
+    assert "reason=AppFailed" in message and "entrypoint exited 1" in message
+    assert "submitter pod submitter-pod" in message and "head pod head-pod" in message
+    assert helm.installs == ["rlhf-sft", "rlhf-rm"]
+
+    helm.installs.clear()
+    run_pipeline(backend, PipelineOptions(check_paths=False))
+    assert fake.custom.deleted == ["rlhf-rm"], "the failed RayJob is deleted so KubeRay runs a fresh one"
+    assert helm.installs == ["rlhf-rm", "rlhf-ppo"]
+
+
+def test_rerun_reattaches_to_a_running_rayjob() -> None:
+    backend, helm, fake, _ = make_backend({"sft": [list(SUCCESS)], "rm": [], "ppo": []})
+    fake.custom.sequences["rlhf-sft"] = [status("Running", "RUNNING"), status("Complete", "SUCCEEDED")]
+    run_pipeline(backend, PipelineOptions(stages=["sft"], check_paths=False))
+    assert helm.installs == [], "a running RayJob (e.g. after Ctrl-C) is watched, not reinstalled"
+
+
+def test_config_overrides_reach_the_chart_and_change_the_hash() -> None:
+    assert config_sets("rm", ["rm.Training.epochs=2", "sft.Training.epochs=9", "Training.seed=1"]) == [
+        "configs.rm.Training.epochs=2", "configs.rm.Training.seed=1"]
+    backend, helm, _, _ = make_backend({s: [list(SUCCESS), list(SUCCESS)] for s in ("sft", "rm", "ppo")})
+    run_pipeline(backend, PipelineOptions(check_paths=False))
+    helm.installs.clear()
+    run_pipeline(backend, PipelineOptions(check_paths=False, overrides=["rm.Training.epochs=2"]))
+    assert helm.installs == ["rlhf-rm", "rlhf-ppo"]
+
+
+def test_preflight_reports_every_problem_before_creating_anything() -> None:
+    backend, helm, fake, _ = make_backend(
+        {}, core=FakeCore(namespaces=()), apiext=FakeApiext(installed=False),
+        authz=FakeAuthz(denied={("create", "rayjobs"), ("get", "pods/log")}))
+    with pytest.raises(PreflightError) as info:
+        backend.preflight()
+    message = str(info.value)
+    assert "namespace 'rlhf' not found" in message
+    assert "rayjobs.ray.io is not installed" in message and "kuberay-operator" in message
+    assert "not allowed to create rayjobs.ray.io" in message and "not allowed to get pods/log" in message
+    assert "not allowed to list pods" not in message
+    assert helm.installs == [] and fake.core.created == []
+
+
+def test_cli_reports_preflight_failure_and_exits_nonzero(capsys) -> None:
+    backend, _, _, _ = make_backend({}, apiext=FakeApiext(installed=False))
+    args = argparse.Namespace(chart=None, stages="sft,rm,ppo", overrides=[], from_stage=None, dry_run=False,
+                              namespace=NS, run="default", values=[], timeout=60)
+    assert run_pipeline_command(args, clients=backend.clients) == 1
+    assert "KubeRay CRD rayjobs.ray.io is not installed" in capsys.readouterr().err
+
+
+def test_release_names() -> None:
+    assert release_name("ppo", "default") == "rlhf-ppo"
+    assert release_name("rm", "exp1") == "rlhf-exp1-rm"
