@@ -59,3 +59,57 @@ bench: venv ## Benchmarks against TRL (installs the bench extra: trl==1.12.0)
 .PHONY: clean
 clean: ## Remove runs/ and caches (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache
+
+##@ Kubernetes (KubeRay)
+
+KIND ?= kind
+HELM ?= helm
+KUBECTL ?= kubectl
+HELM_VALUES ?=
+HELM_ARGS = --namespace $(NAMESPACE) --set-string run=$(RUN) --set image.repository=$(IMAGE_REPO) \
+	--set-string image.tag=$(IMAGE_TAG) $(foreach f,$(HELM_VALUES),--values $(f))
+
+.PHONY: kind-up
+kind-up: ## Create a kind cluster, install the KubeRay operator and load our image
+	@$(KIND) get clusters 2>/dev/null | grep -qx $(KIND_CLUSTER) || \
+		$(KIND) create cluster --name $(KIND_CLUSTER) --config k8s/kind-config.yaml
+	$(HELM) repo add kuberay https://ray-project.github.io/kuberay-helm/ --force-update
+	$(HELM) upgrade --install kuberay-operator kuberay/kuberay-operator --version $(KUBERAY_VERSION) \
+		--namespace kuberay-system --create-namespace --wait --kube-context kind-$(KIND_CLUSTER)
+	$(KIND) load docker-image $(IMAGE_REPO):$(IMAGE_TAG) --name $(KIND_CLUSTER)
+	$(KUBECTL) --context kind-$(KIND_CLUSTER) apply -f k8s/namespace.yaml
+
+.PHONY: kind-down
+kind-down: ## Delete the kind cluster
+	$(KIND) delete cluster --name $(KIND_CLUSTER)
+
+define deploy_stage
+	$(HELM) upgrade --install rlhf-$(1) ./helm $(HELM_ARGS)
+	@echo "watch it: kubectl -n $(NAMESPACE) get rayjob -l rlhf-jobs.io/stage=$(1) -w"
+endef
+
+.PHONY: deploy-sft
+deploy-sft: ## Install the SFT stage's RayJob with Helm (release rlhf-sft)
+	$(call deploy_stage,sft)
+
+.PHONY: deploy-rm
+deploy-rm: ## Install the reward-model stage's RayJob (release rlhf-rm; after SFT succeeded)
+	$(call deploy_stage,rm)
+
+.PHONY: deploy-ppo
+deploy-ppo: ## Install the PPO stage's RayJob (release rlhf-ppo; reads the SFT and RM checkpoints)
+	$(call deploy_stage,ppo)
+
+.PHONY: pipeline
+pipeline: venv ## Run SFT -> RM -> PPO on the cluster with the submitter (resumes where it stopped)
+	$(BIN)/rlhf-jobs pipeline --backend kuberay --namespace $(NAMESPACE) --run $(RUN) \
+		$(foreach f,$(HELM_VALUES),--values $(f))
+
+.PHONY: pipeline-dry-run
+pipeline-dry-run: venv ## Print the manifests the pipeline would apply (no cluster needed)
+	$(BIN)/rlhf-jobs pipeline --backend kuberay --namespace $(NAMESPACE) --run $(RUN) --dry-run \
+		$(foreach f,$(HELM_VALUES),--values $(f))
+
+.PHONY: test-kind
+test-kind: venv ## Integration tests on a kind cluster (needs Docker, kind, helm, kubectl, registry access)
+	KIND_CLUSTER=$(KIND_CLUSTER) IMAGE_REPO=$(IMAGE_REPO) IMAGE_TAG=$(IMAGE_TAG) $(BIN)/pytest -m kind -v

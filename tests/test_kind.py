@@ -1,0 +1,105 @@
+"""Kind-cluster integration: the three stages as real RayJobs, chained through the PVC.
+
+Run with `make test-kind` (or `pytest -m kind`) where Docker, kind, helm and kubectl exist and
+images can be pulled (kindest/node, the KubeRay operator). It creates or reuses the kind
+cluster $KIND_CLUSTER, installs the operator and loads our image ($IMAGE_REPO:$IMAGE_TAG, built
+with `make images`), then runs the submitter with helm/ci/kind-values.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.kind
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = os.environ.get("KIND_CLUSTER", "rlhf-jobs")
+IMAGE = f"{os.environ.get('IMAGE_REPO', 'rlhf-jobs')}:{os.environ.get('IMAGE_TAG', '0.1.0')}"
+NAMESPACE = os.environ.get("NAMESPACE", "rlhf")
+CONTEXT = f"kind-{CLUSTER}"
+
+
+def _missing_prerequisite() -> str | None:
+    for tool in ("docker", "kind", "helm", "kubectl"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not on PATH (kind tests need Docker, kind, helm and kubectl: see README 'Kubernetes')"
+    if subprocess.run(["docker", "info"], capture_output=True, check=False).returncode != 0:
+        return "no Docker engine answers `docker info`"
+    if subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True, check=False).returncode != 0:
+        return f"image {IMAGE} is not built (make images)"
+    return None
+
+
+def sh(*args: str, check: bool = True, timeout: float = 1200) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def cluster() -> str:
+    reason = _missing_prerequisite()
+    if reason:
+        pytest.skip(reason)
+    # kind-up creates or reuses the cluster, installs the pinned operator and loads the image.
+    sh("make", "-C", str(REPO), "kind-up", f"KIND_CLUSTER={CLUSTER}", f"IMAGE_REPO={IMAGE.split(':')[0]}",
+       f"IMAGE_TAG={IMAGE.split(':')[1]}")
+    return CONTEXT
+
+
+def submitter(run: str, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KUBECONFIG": os.environ.get("KUBECONFIG", str(Path.home() / ".kube" / "config"))}
+    sh("kubectl", "config", "use-context", CONTEXT)
+    return subprocess.run(
+        [sys.executable, "-m", "rlhf_jobs.cli", "pipeline", "--backend", "kuberay", "--namespace", NAMESPACE,
+         "--run", run, "--values", str(REPO / "helm" / "ci" / "kind-values.yaml"),
+         "--set", "Training.num_training_workers=1", *extra],
+        capture_output=True, text=True, timeout=3600, env=env, check=False,
+    )
+
+
+def read_on_pvc(run: str, path: str) -> str:
+    """Read a file from the run's checkpoint PVC through a short-lived pod running our image."""
+    pod = f"rlhf-read-{uuid.uuid4().hex[:6]}"
+    claim = f"rlhf-{run}-checkpoints"
+    overrides = {"spec": {
+        "securityContext": {"runAsUser": 1000, "fsGroup": 1000},
+        "volumes": [{"name": "ckpt", "persistentVolumeClaim": {"claimName": claim}}],
+        "containers": [{"name": "read", "image": IMAGE, "imagePullPolicy": "IfNotPresent",
+                        "command": ["cat", f"/mnt/rlhf/{run}/{path}"],
+                        "volumeMounts": [{"name": "ckpt", "mountPath": "/mnt/rlhf"}]}]}}
+    result = sh("kubectl", "--context", CONTEXT, "-n", NAMESPACE, "run", pod, "--rm", "-i", "--restart=Never",
+                f"--image={IMAGE}", f"--overrides={json.dumps(overrides)}", "--quiet")
+    return result.stdout
+
+
+def test_three_stages_succeed_chain_and_rerun_skips(cluster: str) -> None:
+    run = f"kind{uuid.uuid4().hex[:6]}"
+    first = submitter(run)
+    assert first.returncode == 0, first.stdout[-5000:] + first.stderr[-5000:]
+    for stage in ("sft", "rm", "ppo"):
+        assert f"== {stage}: run" in first.stdout
+        job = sh("kubectl", "--context", CONTEXT, "-n", NAMESPACE, "get", "rayjob", "-l",
+                 f"rlhf-jobs.io/run={run},rlhf-jobs.io/stage={stage}", "-o", "json")
+        status = json.loads(job.stdout)["items"][0]["status"]
+        assert (status["jobDeploymentStatus"], status["jobStatus"]) == ("Complete", "SUCCEEDED")
+        marker = json.loads(read_on_pvc(run, f"{stage}/rlhf_stage.json"))
+        assert marker["stage"] == stage
+    ppo = json.loads(read_on_pvc(run, "ppo/rlhf_stage.json"))["config"]["General"]
+    assert ppo["model_pretrain"] == f"/mnt/rlhf/{run}/sft" and ppo["rm_pretrain"] == f"/mnt/rlhf/{run}/rm"
+
+    again = submitter(run)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert all(f"== {stage}: skip" in again.stdout for stage in ("sft", "rm", "ppo"))
+    status = sh(sys.executable, "-m", "rlhf_jobs.cli", "status", "--namespace", NAMESPACE, "--run", run)
+    assert status.stdout.count("succeeded") == 3
+    sh(sys.executable, "-m", "rlhf_jobs.cli", "delete", "--namespace", NAMESPACE, "--run", run)
