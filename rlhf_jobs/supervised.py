@@ -46,13 +46,15 @@ class SupervisedTask(Protocol):
         """Stage facts for `rlhf_stage.json` that later stages read (e.g. reward statistics)."""
 
 
-def _loader(examples: list[Any], task: SupervisedTask, batch_size: int, worker: Worker, shuffle: bool,
-            seed: int) -> DataLoader:
-    sampler = DistributedSampler(
-        examples, num_replicas=worker.world_size, rank=worker.rank, shuffle=shuffle, seed=seed,
-        drop_last=False,
-    )
+def train_loader(examples: list[Any], task: SupervisedTask, batch_size: int, worker: Worker, seed: int) -> DataLoader:
+    """A reshuffled (per epoch, via set_epoch) shard of the training examples for this worker."""
+    sampler = DistributedSampler(examples, num_replicas=worker.world_size, rank=worker.rank, shuffle=True, seed=seed)
     return DataLoader(examples, batch_size=batch_size, sampler=sampler, collate_fn=task.collate)
+
+
+def eval_loader(examples: list[Any], task: SupervisedTask, batch_size: int, worker: Worker) -> DataLoader:
+    """Every evaluation example exactly once across workers (DistributedSampler would pad with repeats)."""
+    return DataLoader(examples[worker.rank :: worker.world_size], batch_size=batch_size, collate_fn=task.collate)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -78,13 +80,10 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> None:
         model.config.use_cache = False
     model = ray.train.torch.prepare_model(model)
 
-    train_loader = _loader(train_examples, task, training.batch_size, worker, True, training.seed)
-    eval_loader = (
-        _loader(eval_examples, task, training.batch_size, worker, False, training.seed)
-        if eval_examples else None
-    )
+    loader = train_loader(train_examples, task, training.batch_size, worker, training.seed)
+    evaluation_loader = eval_loader(eval_examples, task, training.batch_size, worker) if eval_examples else None
     accumulation = training.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(len(train_loader) / accumulation)
+    steps_per_epoch = math.ceil(len(loader) / accumulation)
     total_steps = steps_per_epoch * training.epochs
     if training.max_train_steps:
         total_steps = min(total_steps, training.max_train_steps)
@@ -106,11 +105,11 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> None:
     eval_metrics: dict[str, float] = {}
 
     def evaluate(at_step: int) -> dict[str, float]:
-        if eval_loader is None:
+        if evaluation_loader is None:
             return {}
         model.eval()
         with torch.no_grad(), ray_train.autocast(training, worker.device):
-            metrics = task.evaluate(model, eval_loader, worker)
+            metrics = task.evaluate(model, evaluation_loader, worker)
         model.train()
         logger.log(at_step, metrics, split="eval")
         shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
@@ -134,10 +133,10 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> None:
         f"{steps_per_epoch} steps/epoch, {total_steps} steps",
     )
     while epoch < training.epochs and step < total_steps:
-        train_loader.sampler.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
         micro = 0
-        for micro, batch in enumerate(ray_train.batches(train_loader, batches_done), start=batches_done + 1):
-            last_micro = micro % accumulation == 0 or micro == len(train_loader)
+        for micro, batch in enumerate(ray_train.batches(loader, batches_done), start=batches_done + 1):
+            last_micro = micro % accumulation == 0 or micro == len(loader)
             batch = to_device(batch, worker.device)
             # DDP all-reduces gradients only on the micro-batch that ends an accumulation.
             sync = model.no_sync() if not last_micro and hasattr(model, "no_sync") else contextlib.nullcontext()
@@ -171,7 +170,7 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> None:
                 elapsed = time.perf_counter() - window_start
                 metrics = {
                     "loss": loss_sum / max(count, 1), "learning_rate": scheduler.get_last_lr()[0],
-                    "epoch": epoch + micro / len(train_loader),
+                    "epoch": epoch + micro / len(loader),
                     f"{task.items_name()}_per_second": items_sum / max(elapsed, 1e-9),
                 }
                 logger.log(step, metrics)
@@ -187,7 +186,7 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> None:
             if training.save_steps and step % training.save_steps == 0:
                 ray_train.report_checkpoint(worker, {"step": step}, snapshot)
         # The epoch ended, or training did: evaluate and checkpoint at the boundary.
-        if batches_done >= len(train_loader):
+        if batches_done >= len(loader):
             epoch, batches_done = epoch + 1, 0
         eval_metrics = evaluate(step)
         ray_train.report_checkpoint(worker, {"step": step, **eval_metrics}, snapshot)
