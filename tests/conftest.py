@@ -30,8 +30,19 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def write_config(path: Path, config: dict) -> Path:
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    """YAML, or for a `.conf` path the original workflow's Python-literal style."""
+    path.write_text(to_conf(config) if path.suffix == ".conf" else yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def to_conf(value: object, indent: int = 0) -> str:
+    """A dict as the original `.conf` files wrote it: `None`, trailing commas, a comment line."""
+    pad = "    " * (indent + 1)
+    if isinstance(value, dict):
+        body = "".join(f"{pad}{key!r}: {to_conf(item, indent + 1)},\n" for key, item in value.items())
+        text = "{\n" + body + "    " * indent + "}"
+        return ("# I am python, not json\n" + text + "\n") if indent == 0 else text
+    return repr(value)
 
 
 def local_config(name: str, **replacements: str) -> dict:
@@ -54,7 +65,8 @@ def sft_checkpoint(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -
 
     work = tmp_path_factory.mktemp("sft")
     config = local_config("sft", base_model=tiny_model, output_dir=work / "output", checkpoint_dir=work / "model")
-    train_stage("sft", str(write_config(work / "sft.yaml", config)))
+    # Written in the original .conf format on purpose: it must train unchanged.
+    train_stage("sft", str(write_config(work / "sft.conf", config)))
     return work / "model"
 
 
