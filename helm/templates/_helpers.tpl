@@ -1,0 +1,328 @@
+{{/*
+Chart name, for the app.kubernetes.io/name label.
+*/}}
+{{- define "rlhf-jobs.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fullname: the RayJob's name and the prefix of the other objects' names.
+The release name (rlhf-sft, exp1-ppo) already says what runs, so it is used as is.
+KubeRay rejects RayJob names longer than 47 characters (it appends 6 to name the RayCluster,
+and derives pod names from that), so truncate to 47.
+*/}}
+{{- define "rlhf-jobs.fullname" -}}
+{{- default .Release.Name .Values.fullnameOverride | trunc 47 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Chart label value.
+*/}}
+{{- define "rlhf-jobs.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The stage: .Values.stage, else the release name's suffix (-sft, -rm, -ppo), else fail.
+*/}}
+{{- define "rlhf-jobs.stage" -}}
+{{- if .Values.stage }}
+{{- .Values.stage }}
+{{- else }}
+{{- $suffix := regexFind "-(sft|rm|ppo)$" .Release.Name }}
+{{- if not $suffix }}
+{{- fail (printf "cannot tell the stage: `stage` is not set and the release name %q does not end in -sft, -rm or -ppo. Set --set stage=sft|rm|ppo, or name the release after the stage (e.g. helm install rlhf-sft ./helm)." .Release.Name) }}
+{{- end }}
+{{- trimPrefix "-" $suffix }}
+{{- end }}
+{{- end }}
+
+{{/*
+Selector labels (stable across upgrades).
+*/}}
+{{- define "rlhf-jobs.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "rlhf-jobs.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Labels on every object and pod: app.kubernetes.io/*, helm.sh/chart, and the run/stage labels
+that the submitter finds a run's objects by.
+*/}}
+{{- define "rlhf-jobs.labels" -}}
+{{ include "rlhf-jobs.selectorLabels" . }}
+app.kubernetes.io/version: {{ default .Chart.AppVersion .Values.image.tag | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: rlhf-jobs
+helm.sh/chart: {{ include "rlhf-jobs.chart" . }}
+rlhf-jobs.io/stage: {{ include "rlhf-jobs.stage" . }}
+rlhf-jobs.io/run: {{ .Values.run | quote }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The image reference.
+*/}}
+{{- define "rlhf-jobs.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/*
+ServiceAccount name.
+*/}}
+{{- define "rlhf-jobs.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "rlhf-jobs.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+ConfigMap name.
+*/}}
+{{- define "rlhf-jobs.configMapName" -}}
+{{- printf "%s-config" (include "rlhf-jobs.fullname" .) }}
+{{- end }}
+
+{{/*
+Claim name of the checkpoint PVC: existingClaim, else storage.name, else rlhf-<run>-checkpoints
+(the same in the three stages' releases of a run).
+*/}}
+{{- define "rlhf-jobs.claimName" -}}
+{{- if .Values.storage.existingClaim }}
+{{- .Values.storage.existingClaim }}
+{{- else }}
+{{- default (printf "rlhf-%s-checkpoints" .Values.run) .Values.storage.name | trunc 253 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{/*
+"true" when this release creates the PVC: never with existingClaim; `auto` = only in the sft stage.
+*/}}
+{{- define "rlhf-jobs.createPVC" -}}
+{{- $create := .Values.storage.create }}
+{{- if .Values.storage.existingClaim }}
+{{- else if eq (toString $create) "auto" }}
+{{- if eq (include "rlhf-jobs.stage" .) "sft" }}true{{ end }}
+{{- else if eq (toString $create) "true" }}true
+{{- end }}
+{{- end }}
+
+{{/*
+Directory of this run on the volume.
+*/}}
+{{- define "rlhf-jobs.runDir" -}}
+{{- printf "%s/%s" (trimSuffix "/" .Values.storage.mountPath) .Values.run }}
+{{- end }}
+
+{{/*
+The stage's training config (YAML), with the chart's path defaults filled in.
+*/}}
+{{- define "rlhf-jobs.trainingConfig" -}}
+{{- $stage := include "rlhf-jobs.stage" . }}
+{{- $config := deepCopy (index .Values.configs $stage | default dict) }}
+{{- $general := deepCopy (get $config "General" | default dict) }}
+{{- $runDir := include "rlhf-jobs.runDir" . }}
+{{- if not (get $general "checkpoint_dir") }}
+{{- $_ := set $general "checkpoint_dir" (printf "%s/%s" $runDir $stage) }}
+{{- end }}
+{{- if not (get $general "output_dir") }}
+{{- $_ := set $general "output_dir" (printf "%s/work/%s" $runDir $stage) }}
+{{- end }}
+{{- if eq $stage "ppo" }}
+{{- range $key, $from := dict "model_pretrain" "sft" "rm_pretrain" "rm" }}
+{{- if not (get $general $key) }}
+{{- if $.Values.chainStages }}
+{{- $_ := set $general $key (printf "%s/%s" $runDir $from) }}
+{{- else }}
+{{- $_ := set $general $key nil }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $_ := set $config "General" $general }}
+{{- toYaml $config }}
+{{- end }}
+
+{{/*
+sha256 of the ConfigMap's config.yaml (the rendered config plus its final newline), so that
+`sha256(configmap.data["config.yaml"])` equals the rlhf-jobs.io/config-hash annotation.
+*/}}
+{{- define "rlhf-jobs.configHash" -}}
+{{- printf "%s\n" (include "rlhf-jobs.trainingConfig" .) | sha256sum }}
+{{- end }}
+
+{{/*
+The stage's Training section and resources_per_worker (dicts).
+*/}}
+{{- define "rlhf-jobs.resourcesPerWorker" -}}
+{{- $stage := include "rlhf-jobs.stage" . }}
+{{- $training := get (index .Values.configs $stage | default dict) "Training" | default dict }}
+{{- toYaml (get $training "resources_per_worker" | default (dict "CPU" 1)) }}
+{{- end }}
+
+{{- define "rlhf-jobs.numWorkers" -}}
+{{- $stage := include "rlhf-jobs.stage" . }}
+{{- $training := get (index .Values.configs $stage | default dict) "Training" | default dict }}
+{{- get $training "num_training_workers" | default 1 | int }}
+{{- end }}
+
+{{/*
+A number as a Kubernetes quantity / flag string: 1 -> "1", 0.5 -> "0.5", 2147483648 -> "2147483648".
+Strings (quantities like "4Gi") and booleans pass through.
+*/}}
+{{- define "rlhf-jobs.quantity" -}}
+{{- if or (kindIs "string" .) (kindIs "bool" .) }}
+{{- toString . }}
+{{- else if eq (float64 .) (float64 (int64 .)) }}
+{{- int64 . }}
+{{- else }}
+{{- toString . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Worker container resources from resources_per_worker: CPU -> cpu, GPU -> nvidia.com/gpu, memory -> memory.
+Requests = limits, so worker pods get exactly what Ray Train reserves (Guaranteed QoS when memory is set).
+GPUs are whole devices in Kubernetes: a fractional GPU is rounded up.
+*/}}
+{{- define "rlhf-jobs.workerResources" -}}
+{{- $rpw := include "rlhf-jobs.resourcesPerWorker" . | fromYaml }}
+{{- $list := dict }}
+{{- $_ := set $list "cpu" (include "rlhf-jobs.quantity" (get $rpw "CPU" | default 1)) }}
+{{- if get $rpw "memory" }}
+{{- $_ := set $list "memory" (include "rlhf-jobs.quantity" (get $rpw "memory")) }}
+{{- end }}
+{{- if gt (get $rpw "GPU" | default 0 | float64) 0.0 }}
+{{- $_ := set $list "nvidia.com/gpu" (toString (ceil (get $rpw "GPU") | int)) }}
+{{- end -}}
+requests:
+  {{- toYaml $list | nindent 2 }}
+limits:
+  {{- toYaml $list | nindent 2 }}
+{{- end }}
+
+{{/*
+Worker rayStartParams: num-cpus / num-gpus as Ray sees them (whole numbers, rounded up), then the user's.
+*/}}
+{{- define "rlhf-jobs.workerRayStartParams" -}}
+{{- $rpw := include "rlhf-jobs.resourcesPerWorker" . | fromYaml }}
+{{- $params := dict "num-cpus" (toString (ceil (get $rpw "CPU" | default 1) | int)) }}
+{{- $_ := set $params "num-gpus" (toString (ceil (get $rpw "GPU" | default 0) | int)) }}
+{{- range $key, $value := .Values.worker.rayStartParams }}
+{{- $_ := set $params $key (include "rlhf-jobs.quantity" $value) }}
+{{- end }}
+{{- toYaml $params }}
+{{- end }}
+
+{{/*
+Head rayStartParams: the dashboard on all interfaces; no CPUs/GPUs for Ray tasks unless head.allowTraining.
+*/}}
+{{- define "rlhf-jobs.headRayStartParams" -}}
+{{- $params := dict "dashboard-host" "0.0.0.0" }}
+{{- if not .Values.head.allowTraining }}
+{{- $_ := set $params "num-cpus" "0" }}
+{{- $_ := set $params "num-gpus" "0" }}
+{{- end }}
+{{- range $key, $value := .Values.head.rayStartParams }}
+{{- $_ := set $params $key (include "rlhf-jobs.quantity" $value) }}
+{{- end }}
+{{- toYaml $params }}
+{{- end }}
+
+{{/*
+Volumes shared by the head, worker and submitter pods: the checkpoint PVC, the config, /dev/shm.
+*/}}
+{{- define "rlhf-jobs.volumes" -}}
+- name: checkpoints
+  persistentVolumeClaim:
+    claimName: {{ include "rlhf-jobs.claimName" . }}
+- name: config
+  configMap:
+    name: {{ include "rlhf-jobs.configMapName" . }}
+{{- if .Values.shm.enabled }}
+- name: dshm
+  emptyDir:
+    medium: Memory
+    {{- with .Values.shm.sizeLimit }}
+    sizeLimit: {{ . }}
+    {{- end }}
+{{- end }}
+{{- with .Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "rlhf-jobs.volumeMounts" -}}
+- name: checkpoints
+  mountPath: {{ .Values.storage.mountPath }}
+- name: config
+  mountPath: /etc/rlhf-jobs
+  readOnly: true
+{{- if .Values.shm.enabled }}
+- name: dshm
+  mountPath: /dev/shm
+{{- end }}
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Environment of the Ray containers; `--set env[0].value=1` gives a number, Kubernetes wants a string.
+*/}}
+{{- define "rlhf-jobs.env" -}}
+- name: RLHF_JOBS_STAGE
+  value: {{ include "rlhf-jobs.stage" . | quote }}
+- name: RLHF_JOBS_RUN
+  value: {{ .Values.run | quote }}
+- name: RLHF_JOBS_RUN_DIR
+  value: {{ include "rlhf-jobs.runDir" . | quote }}
+{{- $env := list }}
+{{- range .Values.env }}
+{{- $var := deepCopy . }}
+{{- if hasKey $var "value" }}
+{{- $_ := set $var "value" (include "rlhf-jobs.quantity" $var.value) }}
+{{- end }}
+{{- $env = append $env $var }}
+{{- end }}
+{{- with $env }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Pod spec fields every pod shares. Argument: (dict "root" $ "group" .Values.head).
+*/}}
+{{- define "rlhf-jobs.podCommon" -}}
+{{- $root := .root }}
+{{- $group := .group -}}
+serviceAccountName: {{ include "rlhf-jobs.serviceAccountName" $root }}
+automountServiceAccountToken: {{ $root.Values.serviceAccount.automountServiceAccountToken }}
+{{- with $root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $root.Values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with $root.Values.podSecurityContext }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with merge (deepCopy ($group.nodeSelector | default dict)) ($root.Values.nodeSelector | default dict) }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with concat ($root.Values.tolerations | default list) ($group.tolerations | default list) }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with ($group.affinity | default $root.Values.affinity) }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,583 @@
+"""The Helm chart (helm/): lint, render every stage and every ci/ scenario, validate what it renders
+against the KubeRay v1.7.0 RayJob CRD and the Kubernetes schemas, and check that bad values fail
+with clear messages.
+
+Needs `helm` on PATH (install: ../shared/tools/install-helm-kubectl). The KubeRay CRDs are read from
+$RLHF_KUBERAY_CRD_DIR (default ../shared/kuberay).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from chart_helpers import (
+    CHART,
+    CI_VALUES,
+    CRD_DIR_ENV,
+    HELM,
+    MAX_RAYJOB_NAME,
+    RAYJOB_CRD_FILE,
+    REPO,
+    STAGES,
+    by_kind,
+    core_errors,
+    crd_dir,
+    crd_errors,
+    dumps,
+    helm,
+    one,
+    pod_templates,
+    rayjob_metadata_errors,
+    render,
+    render_error,
+)
+
+pytestmark = [
+    pytest.mark.helm,
+    pytest.mark.skipif(HELM is None, reason="helm is not on PATH (install it: ../shared/tools/install-helm-kubectl)"),
+]
+
+CONFIG_PATH = "/etc/rlhf-jobs/config.yaml"
+CHART_META = yaml.safe_load((CHART / "Chart.yaml").read_text())
+DEFAULTS = yaml.safe_load((CHART / "values.yaml").read_text())
+SCENARIOS = [None, *CI_VALUES]
+SCENARIO_IDS = ["defaults", *(path.name.removesuffix("-values.yaml") for path in CI_VALUES)]
+
+
+def values_of(scenario: Path | None) -> dict:
+    """The chart values of a scenario, as Helm merges them (enough for the keys the tests read)."""
+    merged = yaml.safe_load((CHART / "values.yaml").read_text())
+    if scenario is not None:
+        _merge(merged, yaml.safe_load(scenario.read_text()) or {})
+    return merged
+
+
+def _merge(base: dict, override: dict) -> None:
+    for key, value in override.items():
+        if value is None:
+            base.pop(key, None)
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def rendered(stage: str, scenario: Path | None, release: str | None = None, sets: tuple[str, ...] = ()):
+    return render(release or f"rlhf-{stage}", (scenario,) if scenario else (), sets)
+
+
+def stage_config(objects: list[dict]) -> dict:
+    return yaml.safe_load(one(objects, "ConfigMap")["data"]["config.yaml"])
+
+
+def expected_resources(per_worker: dict) -> dict:
+    """resources_per_worker -> container requests/limits (the chart's mapping)."""
+    expected = {"cpu": _quantity(per_worker["CPU"])}
+    if per_worker.get("memory") is not None:
+        expected["memory"] = _quantity(per_worker["memory"])
+    if per_worker.get("GPU"):
+        expected["nvidia.com/gpu"] = str(math.ceil(per_worker["GPU"]))
+    return expected
+
+
+def _quantity(value: int | float | str) -> str:
+    if isinstance(value, str):
+        return value
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+@pytest.fixture(scope="module")
+def crd_file() -> Path:
+    path = crd_dir() / RAYJOB_CRD_FILE
+    if not path.is_file():
+        if os.environ.get(CRD_DIR_ENV):
+            pytest.fail(f"{CRD_DIR_ENV}={os.environ[CRD_DIR_ENV]}: no {RAYJOB_CRD_FILE} there")
+        pytest.skip(f"KubeRay CRDs not found at {path.parent}; set {CRD_DIR_ENV} to a directory with {RAYJOB_CRD_FILE}")
+    return path
+
+
+# ---- lint ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=SCENARIO_IDS)
+@pytest.mark.parametrize("stage", STAGES)
+def test_helm_lint(stage: str, scenario: Path | None) -> None:
+    args = ["lint", "--strict", str(CHART), "--set", f"stage={stage}"]
+    if scenario:
+        args += ["-f", str(scenario)]
+    out = helm(*args)
+    assert "0 chart(s) failed" in out
+
+
+def test_values_documented() -> None:
+    """Every top-level key of values.yaml has a `# --` comment (helm-docs), on it or on each of its children."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    undocumented = []
+    for number, line in enumerate(lines):
+        if not line or line.startswith((" ", "#", "-")) or ":" not in line:
+            continue
+        key = line.split(":")[0]
+        commented = number > 0 and any(
+            previous.startswith("# --") for previous in _comment_block(lines, number)
+        )
+        if not commented and not _children_documented(lines, number):
+            undocumented.append(key)
+    assert not undocumented, f"values.yaml keys without a `# --` comment: {undocumented}"
+
+
+def _comment_block(lines: list[str], number: int) -> list[str]:
+    block = []
+    index = number - 1
+    while index >= 0 and lines[index].lstrip().startswith("#"):
+        block.append(lines[index].lstrip())
+        index -= 1
+    return block
+
+
+def _children_documented(lines: list[str], number: int) -> bool:
+    children = []
+    for index in range(number + 1, len(lines)):
+        line = lines[index]
+        if line and not line.startswith(" ") and not line.startswith("#"):
+            break
+        if line.startswith("  ") and not line.startswith("   ") and not line.lstrip().startswith(("#", "-")):
+            children.append(index)
+    return bool(children) and all(
+        any(comment.startswith("# --") for comment in _comment_block(lines, index)) for index in children
+    )
+
+
+# ---- what every stage and scenario renders --------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=SCENARIO_IDS)
+@pytest.mark.parametrize("stage", STAGES)
+def test_rayjob_valid_against_kuberay_crd(stage: str, scenario: Path | None, crd_file: Path) -> None:
+    objects = rendered(stage, scenario)
+    rayjob = one(objects, "RayJob")
+    assert rayjob["apiVersion"] == "ray.io/v1"
+    errors = crd_errors(rayjob) + rayjob_metadata_errors(rayjob)
+    assert not errors, f"RayJob invalid against {crd_file}:\n" + "\n".join(errors)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=SCENARIO_IDS)
+@pytest.mark.parametrize("stage", STAGES)
+def test_core_objects_valid(stage: str, scenario: Path | None) -> None:
+    objects = rendered(stage, scenario)
+    kinds = by_kind(objects)
+    assert set(kinds) <= {"RayJob", "ConfigMap", "PersistentVolumeClaim", "ServiceAccount"}, set(kinds)
+    for obj in objects:
+        if obj["kind"] != "RayJob":
+            errors = core_errors(obj)
+            assert not errors, f"{obj['kind']} {obj['metadata']['name']}:\n" + "\n".join(errors)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=SCENARIO_IDS)
+@pytest.mark.parametrize("stage", STAGES)
+def test_workers_request_exactly_resources_per_worker(stage: str, scenario: Path | None) -> None:
+    objects = rendered(stage, scenario)
+    config = stage_config(objects)
+    training = config["Training"]
+    per_worker = training["resources_per_worker"]
+    # The config that runs is the one the scenario asked for.
+    values = values_of(scenario)
+    assert per_worker == values["configs"][stage]["Training"]["resources_per_worker"]
+
+    cluster = one(objects, "RayJob")["spec"]["rayClusterSpec"]
+    (group,) = cluster["workerGroupSpecs"]
+    workers = training["num_training_workers"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == workers
+    (container,) = group["template"]["spec"]["containers"]
+    expected = expected_resources(per_worker)
+    assert container["resources"] == {"requests": expected, "limits": expected}
+    # Ray sees whole CPUs/GPUs, consistent with the pod's.
+    assert group["rayStartParams"]["num-cpus"] == str(math.ceil(per_worker["CPU"]))
+    assert group["rayStartParams"]["num-gpus"] == str(math.ceil(per_worker.get("GPU", 0)))
+    # The head does no training work.
+    head_params = cluster["headGroupSpec"]["rayStartParams"]
+    assert head_params["num-cpus"] == "0"
+    assert head_params["num-gpus"] == "0"
+    assert cluster["rayVersion"] == "2.60.0"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=SCENARIO_IDS)
+@pytest.mark.parametrize("stage", STAGES)
+def test_entrypoint_config_and_mounts(stage: str, scenario: Path | None) -> None:
+    objects = rendered(stage, scenario)
+    values = values_of(scenario)
+    mount = values["storage"]["mountPath"]
+    run = values["run"]
+    rayjob = one(objects, "RayJob")
+    configmap = one(objects, "ConfigMap")
+    assert rayjob["spec"]["entrypoint"] == f"rlhf-jobs train {stage} --config_path {CONFIG_PATH}"
+    assert rayjob["spec"]["submissionMode"] == "K8sJobMode"
+
+    claim = values["storage"]["existingClaim"] or f"rlhf-{run}-checkpoints"
+    templates = pod_templates(rayjob)
+    assert set(templates) == {"head", "worker", "submitter"}
+    for group, template in templates.items():
+        spec = template["spec"]
+        volumes = {volume["name"]: volume for volume in spec["volumes"]}
+        assert volumes["checkpoints"]["persistentVolumeClaim"]["claimName"] == claim, group
+        assert volumes["config"]["configMap"]["name"] == configmap["metadata"]["name"], group
+        (container,) = spec["containers"]
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["checkpoints"]["mountPath"] == mount, group
+        assert mounts["config"]["mountPath"] == str(Path(CONFIG_PATH).parent), group
+        assert container["image"] == f"{values['image']['repository']}:{CHART_META['appVersion']}", group
+        assert container["imagePullPolicy"] == values["image"]["pullPolicy"], group
+        # Secure defaults; the volume is writable by the image's uid 1000.
+        assert spec["securityContext"]["runAsNonRoot"] is True, group
+        assert spec["securityContext"]["fsGroup"] == 1000, group
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, group
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False, group
+        assert container["securityContext"]["capabilities"]["drop"] == ["ALL"], group
+        if group != "submitter":
+            assert volumes["dshm"]["emptyDir"]["medium"] == "Memory", group
+            assert mounts["dshm"]["mountPath"] == "/dev/shm", group
+    assert templates["submitter"]["spec"]["restartPolicy"] == "Never"
+
+    config = stage_config(objects)
+    general = config["General"]
+    assert general["checkpoint_dir"] == f"{mount}/{run}/{stage}"
+    assert general["output_dir"] == f"{mount}/{run}/work/{stage}"
+    if stage == "ppo":
+        assert general["model_pretrain"] == f"{mount}/{run}/sft"
+        assert general["rm_pretrain"] == f"{mount}/{run}/rm"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=SCENARIO_IDS)
+@pytest.mark.parametrize("stage", STAGES)
+def test_labels_names_and_config_hash(stage: str, scenario: Path | None) -> None:
+    release = f"rlhf-{stage}"
+    objects = rendered(stage, scenario)
+    run = values_of(scenario)["run"]
+    expected = {
+        "app.kubernetes.io/name": CHART_META["name"],
+        "app.kubernetes.io/instance": release,
+        "app.kubernetes.io/managed-by": "Helm",
+        "app.kubernetes.io/version": CHART_META["appVersion"],
+        "helm.sh/chart": f"{CHART_META['name']}-{CHART_META['version']}",
+        "rlhf-jobs.io/stage": stage,
+        "rlhf-jobs.io/run": run,
+    }
+    rayjob = one(objects, "RayJob")
+    labelled = [obj["metadata"] for obj in objects] + [
+        template["metadata"] for template in pod_templates(rayjob).values()
+    ]
+    for metadata in labelled:
+        labels = metadata["labels"]
+        assert {key: labels.get(key) for key in expected} == expected, dumps(metadata)
+
+    assert rayjob["metadata"]["name"] == release
+    assert len(rayjob["metadata"]["name"]) <= MAX_RAYJOB_NAME
+    configmap = one(objects, "ConfigMap")
+    digest = hashlib.sha256(configmap["data"]["config.yaml"].encode()).hexdigest()
+    assert rayjob["metadata"]["annotations"]["rlhf-jobs.io/config-hash"] == digest
+    assert configmap["metadata"]["annotations"]["rlhf-jobs.io/config-hash"] == digest
+
+
+def test_config_hash_follows_the_config() -> None:
+    base = one(render("rlhf-sft"), "RayJob")["metadata"]["annotations"]["rlhf-jobs.io/config-hash"]
+    changed = one(render("rlhf-sft", sets=("configs.sft.Training.epochs=1",)), "RayJob")
+    other_run = one(render("rlhf-sft", sets=("run=exp2",)), "RayJob")
+    assert changed["metadata"]["annotations"]["rlhf-jobs.io/config-hash"] != base
+    assert other_run["metadata"]["annotations"]["rlhf-jobs.io/config-hash"] != base  # paths differ
+
+
+def test_long_release_name_truncated_to_kuberay_limit(crd_file: Path) -> None:
+    release = "rlhf-" + "a" * 41 + "-exp-rm"  # 53 characters, Helm's limit; the 47th is a "-"
+    assert len(release) == 53
+    rayjob = one(render(release), "RayJob")
+    name = rayjob["metadata"]["name"]
+    assert len(name) <= MAX_RAYJOB_NAME
+    assert name == release[:46]
+    assert not rayjob_metadata_errors(rayjob)
+    assert rayjob["metadata"]["labels"]["rlhf-jobs.io/stage"] == "rm"
+
+
+# ---- stage selection ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("release", "sets", "stage"),
+    [
+        ("rlhf-sft", (), "sft"),
+        ("exp1-rm", (), "rm"),
+        ("team-a-exp1-ppo", (), "ppo"),
+        ("trainer", ("stage=rm",), "rm"),
+        ("rlhf-sft", ("stage=ppo",), "ppo"),  # an explicit stage wins over the name
+    ],
+)
+def test_stage_from_value_or_release_name(release: str, sets: tuple[str, ...], stage: str) -> None:
+    objects = render(release, sets=sets)
+    rayjob = one(objects, "RayJob")
+    assert rayjob["spec"]["entrypoint"].startswith(f"rlhf-jobs train {stage} ")
+    assert rayjob["metadata"]["labels"]["rlhf-jobs.io/stage"] == stage
+    assert set(stage_config(objects)) == {"General", "Dataset", "Training"}
+    assert stage_config(objects)["General"]["checkpoint_dir"].endswith(f"/{stage}")
+
+
+@pytest.mark.parametrize("release", ["trainer", "rlhf-sft-x", "rlhf-dpo"])
+def test_stage_unknown_fails_clearly(release: str) -> None:
+    message = render_error(release)
+    assert f'the release name "{release}" does not end in -sft, -rm or -ppo' in message
+    assert "--set stage=sft|rm|ppo" in message
+
+
+# ---- the shared PVC -------------------------------------------------------------------------------
+
+
+def test_pvc_created_by_sft_release_and_shared_by_rm_and_ppo() -> None:
+    claims = {}
+    for stage in STAGES:
+        objects = render(f"rlhf-{stage}", sets=("run=exp7",))
+        claims[stage] = one(objects, "RayJob")["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"][
+            "volumes"
+        ][0]["persistentVolumeClaim"]["claimName"]
+        pvcs = by_kind(objects).get("PersistentVolumeClaim", [])
+        if stage == "sft":
+            (pvc,) = pvcs
+            assert pvc["metadata"]["name"] == "rlhf-exp7-checkpoints"
+            assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+            assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+            assert pvc["spec"]["resources"]["requests"]["storage"] == DEFAULTS["storage"]["size"]
+            assert "storageClassName" not in pvc["spec"]  # the cluster's default class
+        else:
+            assert pvcs == [], f"the {stage} release must not own the run's PVC"
+    assert set(claims.values()) == {"rlhf-exp7-checkpoints"}
+
+
+@pytest.mark.parametrize(
+    ("sets", "created"),
+    [
+        (("stage=rm", "storage.create=true"), True),
+        (("stage=sft", "storage.create=false"), False),
+        (("stage=sft", "storage.existingClaim=mine"), False),
+        (("stage=sft", "storage.create=true", "storage.existingClaim=mine"), False),
+    ],
+)
+def test_pvc_create_modes(sets: tuple[str, ...], created: bool) -> None:
+    objects = render("trainer", sets=sets)
+    assert bool(by_kind(objects).get("PersistentVolumeClaim")) is created
+
+
+def test_existing_claim_scenario_creates_nothing() -> None:
+    scenario = CHART / "ci" / "existing-pvc-values.yaml"
+    for stage in STAGES:
+        objects = rendered(stage, scenario)
+        assert "PersistentVolumeClaim" not in by_kind(objects)
+        assert one(objects, "ServiceAccount")["metadata"]["name"] == f"rlhf-{stage}"
+
+
+def test_storage_class_values() -> None:
+    pvc = one(render("rlhf-sft", sets=("storage.storageClassName=fast",)), "PersistentVolumeClaim")
+    assert pvc["spec"]["storageClassName"] == "fast"
+    pvc = one(render("rlhf-sft", sets=("storage.storageClassName=-",)), "PersistentVolumeClaim")
+    assert pvc["spec"]["storageClassName"] == ""
+
+
+# ---- GPU, scheduling and job settings -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_gpu_scenario(stage: str) -> None:
+    objects = rendered(stage, CHART / "ci" / "gpu-values.yaml")
+    assert stage_config(objects)["Training"]["resources_per_worker"] == {"CPU": 8, "GPU": 1}
+    cluster = one(objects, "RayJob")["spec"]["rayClusterSpec"]
+    (group,) = cluster["workerGroupSpecs"]
+    spec = group["template"]["spec"]
+    (container,) = spec["containers"]
+    assert container["resources"]["limits"] == {"cpu": "8", "nvidia.com/gpu": "1"}
+    assert container["resources"]["requests"] == {"cpu": "8", "nvidia.com/gpu": "1"}
+    assert group["rayStartParams"]["num-gpus"] == "1"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-gpus"] == "0"
+    assert "tolerations" not in head["template"]["spec"]
+    assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["limits"]
+
+
+def test_fractional_cpu_and_byte_memory() -> None:
+    objects = render("rlhf-sft", sets=(
+        "configs.sft.Training.resources_per_worker.CPU=0.5",
+        "configs.sft.Training.resources_per_worker.memory=2147483648",
+    ))
+    (group,) = one(objects, "RayJob")["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    resources = group["template"]["spec"]["containers"][0]["resources"]
+    assert resources["requests"] == {"cpu": "0.5", "memory": "2147483648"}
+    assert group["rayStartParams"]["num-cpus"] == "1"
+    assert "nvidia.com/gpu" not in resources["limits"]
+    objects = render("rlhf-sft", sets=("configs.sft.Training.resources_per_worker.GPU=0.5",))
+    (group,) = one(objects, "RayJob")["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert group["rayStartParams"]["num-gpus"] == "1"
+
+
+def test_scheduling_values_merge(crd_file: Path) -> None:
+    objects = render("rlhf-sft", sets=(
+        "nodeSelector.pool=train", "worker.nodeSelector.zone=a",
+        "tolerations[0].key=shared,tolerations[0].operator=Exists",
+        "worker.tolerations[0].key=only-workers,worker.tolerations[0].operator=Exists",
+        "priorityClassName=batch-low", "imagePullSecrets[0].name=regcred",
+        "head.allowTraining=true", "head.rayStartParams.object-store-memory=100000000",
+        "env[0].name=HF_HUB_OFFLINE,env[0].value=1", "envFrom[0].secretRef.name=hf-token",
+    ))
+    templates = pod_templates(one(objects, "RayJob"))
+    worker, head = templates["worker"]["spec"], templates["head"]["spec"]
+    assert worker["nodeSelector"] == {"pool": "train", "zone": "a"}
+    assert head["nodeSelector"] == {"pool": "train"}
+    assert [t["key"] for t in worker["tolerations"]] == ["shared", "only-workers"]
+    assert [t["key"] for t in head["tolerations"]] == ["shared"]
+    for spec in (worker, head, templates["submitter"]["spec"]):
+        assert spec["priorityClassName"] == "batch-low"
+        assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+    cluster = one(objects, "RayJob")["spec"]["rayClusterSpec"]
+    params = cluster["headGroupSpec"]["rayStartParams"]
+    assert "num-cpus" not in params and params["object-store-memory"] == "100000000"
+    env = {e["name"]: e for e in head["containers"][0]["env"]}
+    assert env["HF_HUB_OFFLINE"]["value"] == "1"
+    assert head["containers"][0]["envFrom"] == [{"secretRef": {"name": "hf-token"}}]
+    assert not crd_errors(one(objects, "RayJob"))
+
+
+def test_job_settings(crd_file: Path) -> None:
+    rayjob = one(render("rlhf-sft", sets=(
+        "job.activeDeadlineSeconds=7200", "job.backoffLimit=2", "job.suspend=true",
+        "job.ttlSecondsAfterFinished=60", "job.extraArgs={--seed,7}", "submitter.backoffLimit=5",
+        "job.labels.kueue\\.x-k8s\\.io/queue-name=team-a",
+    )), "RayJob")
+    spec = rayjob["spec"]
+    assert spec["activeDeadlineSeconds"] == 7200
+    assert spec["backoffLimit"] == 2
+    assert spec["suspend"] is True
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec["ttlSecondsAfterFinished"] == 60
+    assert spec["submitterConfig"] == {"backoffLimit": 5}
+    assert spec["entrypoint"] == f"rlhf-jobs train sft --config_path {CONFIG_PATH} '--seed' '7'"
+    assert rayjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert not crd_errors(rayjob)
+
+
+def test_no_cluster_shutdown_drops_ttl() -> None:
+    spec = one(render("rlhf-sft", sets=("job.shutdownAfterJobFinishes=false",)), "RayJob")["spec"]
+    assert spec["shutdownAfterJobFinishes"] is False
+    assert "ttlSecondsAfterFinished" not in spec  # KubeRay rejects a TTL without shutdown
+
+
+@pytest.mark.parametrize("mode", ["SidecarMode", "HTTPMode"])
+def test_other_submission_modes_have_no_submitter_pod(mode: str, crd_file: Path) -> None:
+    rayjob = one(render("rlhf-rm", sets=(f"job.submissionMode={mode}",)), "RayJob")
+    assert rayjob["spec"]["submissionMode"] == mode
+    assert "submitterPodTemplate" not in rayjob["spec"]  # KubeRay rejects it in SidecarMode
+    assert "submitterConfig" not in rayjob["spec"]
+    assert not crd_errors(rayjob)
+
+
+def test_chain_stages_off_leaves_ppo_pretrain_null() -> None:
+    general = stage_config(render("rlhf-ppo", sets=("chainStages=false",)))["General"]
+    assert general["model_pretrain"] is None
+    assert general["rm_pretrain"] is None
+    general = stage_config(render("rlhf-ppo", sets=("configs.ppo.General.model_pretrain=/models/sft",)))["General"]
+    assert general["model_pretrain"] == "/models/sft"
+    assert general["rm_pretrain"].endswith("/default/rm")
+
+
+def test_notes_tell_how_to_watch_and_read_logs() -> None:
+    out = helm("install", "rlhf-sft", str(CHART), "--dry-run=client", "--namespace", "ml")
+    notes = out.split("NOTES:", 1)[1]
+    assert "kubectl get rayjob rlhf-sft -n ml -w" in notes
+    assert "kubectl logs -n ml -f job/rlhf-sft" in notes
+    assert "helm install rlhf-rm ./helm -n ml --set run=default" in notes
+
+
+# ---- bad values -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (("stage=dpo",), "at '/stage': value must be one of '', 'sft', 'rm', 'ppo'"),
+        (("configs.sft.Training.num_training_workers=-1",),
+         "at '/configs/sft/Training/num_training_workers': minimum: got -1, want 1"),
+        (("configs.sft.Training.num_training_workers=two",),
+         "at '/configs/sft/Training/num_training_workers': got string, want integer"),
+        (("configs.rm.Training.resources_per_worker.CPU=0",),
+         "at '/configs/rm/Training/resources_per_worker/CPU': exclusiveMinimum"),
+        (("configs.ppo.Training.resources_per_worker.memory=lots",),
+         "at '/configs/ppo/Training/resources_per_worker/memory'"),
+        (("configs.sft.Training.resources_per_worker.TPU=1",),
+         "at '/configs/sft/Training/resources_per_worker': additional properties 'TPU' not allowed"),
+        (("image.pullPolicy=Sometimes",),
+         "at '/image/pullPolicy': value must be one of 'IfNotPresent', 'Always', 'Never'"),
+        (("replicas=3",), "additional properties 'replicas' not allowed"),
+        (("storage.accessModes[0]=RWX",), "at '/storage/accessModes/0': value must be one of 'ReadWriteOnce'"),
+        (("storage.create=maybe",), "at '/storage/create': value must be one of true, false, 'auto'"),
+        (("run=Exp_1",), "at '/run': 'Exp_1' does not match pattern"),
+        (("job.submissionMode=Batch",), "at '/job/submissionMode': value must be one of 'K8sJobMode'"),
+        (("job.activeDeadlineSeconds=0",), "at '/job/activeDeadlineSeconds': minimum: got 0, want 1"),
+        (("job.backoffLimit=-1",), "at '/job/backoffLimit': minimum: got -1, want 0"),
+        (("shm.enabled=yes",), "at '/shm/enabled': got string, want boolean"),
+    ],
+    ids=lambda value: value[0] if isinstance(value, tuple) else None,
+)
+def test_bad_values_rejected_by_schema(sets: tuple[str, ...], message: str) -> None:
+    error = render_error("rlhf-sft", sets=sets)
+    assert "values don't meet the specifications of the schema" in error
+    assert message in error, error
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (("job.suspend=true", "job.shutdownAfterJobFinishes=false"),
+         "job.suspend: true needs job.shutdownAfterJobFinishes: true"),
+        (("job.submissionMode=InteractiveMode", "job.backoffLimit=1"),
+         "job.backoffLimit must be 0 with job.submissionMode: InteractiveMode"),
+    ],
+)
+def test_bad_combinations_fail(sets: tuple[str, ...], message: str) -> None:
+    assert message in render_error("rlhf-sft", sets=sets)
+
+
+# ---- the chart's training configs and the trainers' rules ----------------------------------------
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=SCENARIO_IDS)
+@pytest.mark.parametrize("stage", STAGES)
+def test_rendered_config_passes_the_trainer_validator(stage: str, scenario: Path | None, tmp_path: Path) -> None:
+    config_module = pytest.importorskip("rlhf_jobs.config")
+    path = tmp_path / "config.yaml"
+    path.write_text(one(rendered(stage, scenario), "ConfigMap")["data"]["config.yaml"])
+    config = config_module.load_config(path, stage, check_paths=False)
+    rendered_training = yaml.safe_load(path.read_text())["Training"]
+    assert config.Training.num_training_workers == rendered_training["num_training_workers"]
+
+
+def test_trainer_rejects_what_the_chart_cannot_know(tmp_path: Path) -> None:
+    """The chart schema checks what the chart uses; the rest (e.g. unknown trainer keys) is the trainers'.
+    Both run before anything is scheduled: a bad key fails `rlhf-jobs check-config` on the rendered file."""
+    config_module = pytest.importorskip("rlhf_jobs.config")
+    path = tmp_path / "config.yaml"
+    objects = render("rlhf-sft", sets=("configs.sft.Training.epoch=3",))
+    path.write_text(one(objects, "ConfigMap")["data"]["config.yaml"])
+    expected = r"Training\.epoch: unknown key; did you mean 'Training\.epochs'"
+    with pytest.raises(config_module.ConfigError, match=expected):
+        config_module.load_config(path, "sft", check_paths=False)
+
+
+def test_default_data_paths_exist_in_the_repo() -> None:
+    """The defaults point at files the image copies from the repository (examples/data)."""
+    prefix = "/home/ray/rlhf-jobs/"
+    if not any((REPO / "examples" / "data").glob("*.jsonl")):
+        pytest.skip("examples/data has no sample data yet")
+    for stage in STAGES:
+        location = DEFAULTS["configs"][stage]["Dataset"]["train_file"]
+        assert location.startswith(prefix)
+        assert (REPO / location.removeprefix(prefix)).is_file(), location
