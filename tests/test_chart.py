@@ -581,3 +581,22 @@ def test_default_data_paths_exist_in_the_repo() -> None:
         location = DEFAULTS["configs"][stage]["Dataset"]["train_file"]
         assert location.startswith(prefix)
         assert (REPO / location.removeprefix(prefix)).is_file(), location
+
+
+def test_crd_validation_catches_mistakes(crd_file: Path) -> None:
+    """The CRD check is not vacuous: wrong types and unknown fields (pruned or refused by the API server) fail."""
+    rayjob = one(render("rlhf-sft"), "RayJob")
+    bad = yaml.safe_load(yaml.safe_dump(rayjob))
+    bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = "2"
+    bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resourcez"] = {}
+    bad["spec"]["shutdownAfterJobFinish"] = True
+    errors = "\n".join(crd_errors(bad))
+    assert "rayClusterSpec.workerGroupSpecs.0.replicas: '2' is not of type 'integer'" in errors
+    assert "'resourcez' was unexpected" in errors
+    assert "'shutdownAfterJobFinish' was unexpected" in errors
+    bad_pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "Bad_Name"},
+               "spec": {"accessModes": ["RWX"], "resources": {"requests": {"storage": "lots"}}}}
+    errors = "\n".join(core_errors(bad_pvc))
+    assert "metadata.name: 'Bad_Name' does not match" in errors
+    assert "spec.accessModes.0: 'RWX' is not one of" in errors
+    assert "spec.resources.requests.storage: 'lots' does not match" in errors
