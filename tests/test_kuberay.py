@@ -325,3 +325,25 @@ def test_cli_reports_preflight_failure_and_exits_nonzero(capsys) -> None:
 def test_release_names() -> None:
     assert release_name("ppo", "default") == "rlhf-ppo"
     assert release_name("rm", "exp1") == "rlhf-exp1-rm"
+
+
+@pytest.mark.helm
+def test_dry_run_renders_every_stage_from_the_real_chart_without_a_cluster(capsys) -> None:
+    import shutil
+
+    from rlhf_jobs.cli import main
+
+    if shutil.which("helm") is None:
+        pytest.skip("helm is not on PATH (../shared/tools/install-helm-kubectl installs it)")
+    assert main(["pipeline", "--backend", "kuberay", "--dry-run", "--run", "exp1",
+                 "--set", "ppo.Training.kl_coeff=0.2"]) == 0
+    documents = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+    rayjobs = {d["metadata"]["labels"]["rlhf-jobs.io/stage"]: d for d in documents if d["kind"] == "RayJob"}
+    assert set(rayjobs) == {"sft", "rm", "ppo"}
+    assert rayjobs["ppo"]["metadata"]["name"] == "rlhf-exp1-ppo"
+    configs = {d["metadata"]["labels"]["rlhf-jobs.io/stage"]: yaml.safe_load(d["data"]["config.yaml"])
+               for d in documents if d["kind"] == "ConfigMap"}
+    assert configs["ppo"]["General"]["model_pretrain"] == "/mnt/rlhf/exp1/sft"
+    assert configs["ppo"]["General"]["rm_pretrain"] == "/mnt/rlhf/exp1/rm"
+    assert configs["ppo"]["Training"]["kl_coeff"] == 0.2
+    assert [d["kind"] for d in documents].count("PersistentVolumeClaim") == 1
