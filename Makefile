@@ -100,6 +100,14 @@ deploy-rm: ## Install the reward-model stage's RayJob (release rlhf-rm; after SF
 deploy-ppo: ## Install the PPO stage's RayJob (release rlhf-ppo; reads the SFT and RM checkpoints)
 	$(call deploy_stage,ppo)
 
+.PHONY: lint-chart
+lint-chart: ## helm lint --strict the chart for each stage
+	for s in sft rm ppo; do $(HELM) lint --strict ./helm --set stage=$$s || exit 1; done
+
+.PHONY: test-chart
+test-chart: venv ## Chart tests: render every stage, validate against the KubeRay CRDs, reject bad values
+	$(BIN)/pytest -m helm tests/test_chart.py
+
 .PHONY: pipeline
 pipeline: venv ## Run SFT -> RM -> PPO on the cluster with the submitter (resumes where it stopped)
 	$(BIN)/rlhf-jobs pipeline --backend kuberay --namespace $(NAMESPACE) --run $(RUN) \
