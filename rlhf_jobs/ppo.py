@@ -1,0 +1,580 @@
+"""PPO: optimise the SFT policy against the reward model, on Ray Train. Read it top to bottom.
+
+Every worker holds four models: the **policy** (trainable, DDP), a frozen **reference** copy of
+the initial policy, the **critic** (trainable, DDP: the reward model's backbone with its score
+head applied at every position, so values start out as reward-model scores) and the frozen
+**reward model**. Frozen models are in eval mode under `torch.no_grad`; dropout is off in all four
+(PPO's ratio must compare the same function at rollout and at update time).
+
+One iteration:
+
+1. **Rollout.** Each worker takes the next `experience_batch_size` prompts of its shard
+   (`rank::world_size` of a per-epoch seeded shuffle, so every prompt is used every epoch),
+   left-padded and left-truncated to `max_prompt_length`, and samples responses in one batched
+   `generate` with the KV cache. Tokens after the first EOS are padding (the EOS itself is part of
+   the response). One forward over prompt + response gives the log-probs of the response tokens
+   under the policy and the reference (temperature-scaled logits, the same in rollout and update)
+   and the critic's value of each response token. The reward model scores the decoded
+   `prompt_text + response_text`, re-tokenised with its own tokenizer.
+2. **Rewards.** Per token: `-kl_coeff × KL` (k1 `logp - ref_logp`, or k3 `(r - 1) - log r` with
+   `r = exp(ref_logp - logp)`); the score (normalised with the reward model's recorded mean/std,
+   clipped to ±`score_clip`, minus `missing_eos_penalty` without EOS) is added at the last response
+   token.
+3. **Advantages.** GAE(`gamma`, `lam`) over the response tokens (the value after the last one is
+   0); returns = advantages + values; advantages whitened with the mean/variance of ALL workers.
+4. **Update.** `ppo_epochs` passes over shuffled minibatches of `mini_batch_size`: per-token ratio
+   `exp(logp_new - logp_old)`, clipped surrogate loss and clipped value loss, both masked means
+   over response tokens. One backward of `policy_loss + vf_coef × value_loss` fills the gradients
+   of the two separate models, each clipped to `max_grad_norm` and stepped by its own optimizer
+   (`learning_rate` / `critic_learning_rate`). Prompt and padding tokens never contribute.
+5. **KL control** (optional, `target_kl`): Ziegler et al.'s adaptive coefficient.
+
+Metrics go to `metrics.jsonl` and TensorBoard every iteration; the held-out prompts are scored
+(`eval_score_mean`, split "eval") at the start, every `eval_steps` iterations and at the end. Ray
+Train checkpoints (policy, critic, optimizers, schedulers, KL coefficient, iteration, data
+position) every `save_steps` (default `eval_steps`) iterations and at the end; a rerun with the
+same `output_dir` resumes. The final policy + tokenizer are written to `checkpoint_dir`
+(atomically, with the `rlhf_stage.json` marker) and the critic to `checkpoint_dir/critic`.
+
+Fixes against the original workflow's PPO:
+
+- it sampled one prompt forever: here every prompt of the shard is used, epoch after epoch;
+- its advantages had the wrong sign and no GAE: here GAE, with `advantage × ratio` maximised;
+- its critic never learned: here it has an optimizer, a clipped value loss and returns as targets;
+- its KL term compared log-probs of a different generation: here policy and reference log-probs
+  come from the same sampled tokens;
+- its ratio was averaged per sequence: here it is per token, masked to response tokens;
+- it generated batch-1 without a KV cache in one process: here batched `generate(use_cache=True)`
+  on every Ray Train worker (see bench/bench_generation.py);
+- it wrote no exportable model: here `save_pretrained` policy + tokenizer, marker and critic.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from rlhf_jobs import ray_train
+from rlhf_jobs.checkpoints import require_stage, write_atomically
+from rlhf_jobs.config import StageConfig
+from rlhf_jobs.data import PPO_SCHEMA, DataError, load_splits
+from rlhf_jobs.models import load_causal_lm, load_reward_model, load_tokenizer, unwrap
+from rlhf_jobs.prompts import record_prompt
+from rlhf_jobs.ray_train import Worker, all_reduce_sum
+
+STAGE = "ppo"
+
+
+# ---- masked statistics ------------------------------------------------------------------------------
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    return (values * mask).sum() if dim is None else (values * mask).sum(dim)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `values` where `mask` is 1 (over everything, or along `dim`)."""
+    return masked_sum(values, mask, dim) / (mask.sum() if dim is None else mask.sum(dim)).clamp(min=1)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Population variance of the masked values."""
+    mean = masked_mean(values, mask)
+    return masked_mean((values - mean) ** 2, mask)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  stats: tuple[float, float] | None = None) -> torch.Tensor:
+    """(values - mean) / std over the masked entries (mean kept if not shift_mean); 0 outside the mask.
+
+    `stats` = (mean, var) computed elsewhere, e.g. over all workers by `global_mean_var`.
+    """
+    mean, var = stats if stats is not None else (masked_mean(values, mask), masked_var(values, mask))
+    whitened = (values - mean) * torch.rsqrt(torch.as_tensor(var, dtype=values.dtype) + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def global_mean_var(values: torch.Tensor, mask: torch.Tensor, device: torch.device) -> tuple[float, float]:
+    """Mean and variance of the masked values of ALL workers (all_reduce of sum, sum of squares, count)."""
+    total, squares, count = all_reduce_sum(
+        [masked_sum(values, mask).item(), masked_sum(values**2, mask).item(), mask.sum().item()], device
+    )
+    mean = total / max(count, 1)
+    return mean, max(squares / max(count, 1) - mean**2, 0.0)
+
+
+# ---- the pieces of the algorithm ---------------------------------------------------------------------
+
+
+def response_mask(response: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """1 for response tokens up to and including the first EOS, 0 after it."""
+    is_eos = (response == eos_token_id).long()
+    eos_before = is_eos.cumsum(dim=1) - is_eos
+    return (eos_before == 0).long()
+
+
+def response_logprobs(logits: torch.Tensor, response: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probs of `response` from the full-sequence logits of prompt + response.
+
+    The token at position P + t is predicted by the logits at P + t - 1, so the response slice is
+    `logits[:, P - 1 : -1]`. Logits are divided by the sampling temperature, in rollout and update alike.
+    """
+    width = response.size(1)
+    logits = logits[:, -width - 1 : -1].float() / temperature
+    return torch.gather(logits.log_softmax(-1), 2, response.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution at each position."""
+    log_probs = logits.float().log_softmax(-1)
+    return -(log_probs.exp() * log_probs).sum(-1)
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL(policy || reference) estimate from sampled tokens: k1 = log(p/q), k3 = (r - 1) - log r, r = q/p."""
+    if estimator == "k1":
+        return logp - ref_logp
+    if estimator == "k3":
+        log_ratio = ref_logp - logp
+        return log_ratio.exp() - 1 - log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected k1 or k3")
+
+
+def compute_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
+                    kl_coeff: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rewards, non-score rewards): -kl_coeff × KL per response token, plus the score at the last one."""
+    non_score = -kl_coeff * kl * mask
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards = non_score.clone()
+    rewards[torch.arange(rewards.size(0)), last] += score
+    return rewards, non_score
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) by generalised advantage estimation over the response tokens.
+
+    δ_t = r_t + γ V_{t+1} - V_t and A_t = δ_t + γλ A_{t+1}, with V and A zero past the last
+    response token (the episode ends there). Returns = advantages + values.
+    """
+    values, rewards = values * mask, rewards * mask
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        next_value = values[:, t]
+        advantages[:, t] = next_advantage
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate: masked mean of max(-A·ratio, -A·clip(ratio, 1 ± ε)), per token."""
+    log_ratio = logp - old_logp
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clip_fraction": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
+        }
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               cliprange_value: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """0.5 × masked mean of max((V - R)², (clip(V, V_old ± ε) - R)²)."""
+    clipped_values = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped_error, clipped_error), mask)
+    with torch.no_grad():
+        stats = {"value_clip_fraction": masked_mean((clipped_error > unclipped_error).float(), mask)}
+    return loss, stats
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019): kl_coeff *= 1 + clip(KL / target - 1, ±0.2) × n_steps / horizon."""
+
+    def __init__(self, kl_coeff: float, target: float | None, horizon: int) -> None:
+        self.value, self.target, self.horizon = kl_coeff, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        if self.target is None:
+            return
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = state["value"]
+
+
+# ---- models ----------------------------------------------------------------------------------------------
+
+
+class Critic(torch.nn.Module):
+    """A value per position: a sequence classifier's backbone, its score head applied at every token."""
+
+    def __init__(self, classifier: torch.nn.Module) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.classifier.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
+        return self.classifier.score(hidden).squeeze(-1).float()
+
+
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def sequence_inputs(query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor,
+                    mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Left-padded prompt + right-padded response, with positions counted from the first real token
+    (as `generate` counts them for left-padded prompts)."""
+    attention_mask = torch.cat([query_mask, mask], dim=1)
+    return {
+        "input_ids": torch.cat([query, response], dim=1),
+        "attention_mask": attention_mask,
+        "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0),
+    }
+
+
+# ---- driver: data -------------------------------------------------------------------------------------------
+
+
+def tokenize_prompts(records: Any, tokenizer: Any, style: str, max_prompt_length: int) -> list[dict[str, Any]]:
+    """Prompt ids, left-truncated to max_prompt_length, and the text of exactly those ids (what the RM sees)."""
+    examples = []
+    for record in records:
+        ids = tokenizer(record_prompt(record, style, tokenizer), add_special_tokens=False)["input_ids"]
+        ids = ids[-max_prompt_length:]
+        examples.append({"input_ids": ids, "text": tokenizer.decode(ids)})
+    return examples
+
+
+def prepare(config: StageConfig) -> dict[str, Any]:
+    """On the driver: check the SFT/RM checkpoints, read and tokenise prompts, read the RM's score stats."""
+    general, dataset = config.General, config.Dataset
+    if general.model_pretrain:
+        require_stage(general.model_pretrain, "sft", "General.model_pretrain")
+    reward_stats = None
+    if general.rm_pretrain:
+        reward_stats = require_stage(general.rm_pretrain, "rm", "General.rm_pretrain").get("reward_stats")
+    tokenizer = load_tokenizer(general.model_pretrain or general.model_name, general.trust_remote_code)
+    train, evaluation = load_splits(
+        dataset.train_file, dataset.validation_file, dataset.validation_split_percentage,
+        PPO_SCHEMA, config.Training.seed,
+    )
+    if len(train) < config.Training.num_training_workers:
+        raise DataError(
+            f"{dataset.train_file}: {len(train)} prompt(s) for {config.Training.num_training_workers} workers"
+        )
+    return {
+        "train": tokenize_prompts(train, tokenizer, dataset.prompt_format, dataset.max_prompt_length),
+        "eval": tokenize_prompts(evaluation, tokenizer, dataset.prompt_format, dataset.max_prompt_length)
+        if evaluation is not None else None,
+        "reward_stats": reward_stats,
+    }
+
+
+def shard_order(n_prompts: int, worker: Worker, seed: int, epoch: int) -> list[int]:
+    """This worker's prompt indices for `epoch`: rank::world_size of a seeded shuffle, padded so shards are equal."""
+    order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    shard_size = math.ceil(n_prompts / worker.world_size)
+    order += order[: shard_size * worker.world_size - n_prompts]
+    return order[worker.rank :: worker.world_size]
+
+
+def prompt_batch(examples: list[dict[str, Any]], worker: Worker, seed: int, position: int,
+                 size: int) -> list[dict[str, Any]]:
+    """The `size` prompts after the first `position` of this worker's endless stream (epoch after epoch)."""
+    shard_size = math.ceil(len(examples) / worker.world_size)
+    batch = []
+    for index in range(position, position + size):
+        epoch, offset = divmod(index, shard_size)
+        batch.append(examples[shard_order(len(examples), worker, seed, epoch)[offset]])
+    return batch
+
+
+def pad_left(sequences: list[list[int]], pad_token_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, width - len(sequence) :] = torch.tensor(sequence)
+        attention_mask[row, width - len(sequence) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+# ---- worker: the training loop -----------------------------------------------------------------------------
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    import ray.train.torch
+
+    # -- hyperparameters and data
+    config, worker = ray_train.setup_worker(loop_config)
+    general, training = config.General, config.Training
+    train_prompts, eval_prompts = loop_config["data"]["train"], loop_config["data"]["eval"]
+    reward_stats = loop_config["data"]["reward_stats"] if training.normalize_score else None
+    batch_size = training.experience_batch_size
+    mini_batch_size = training.mini_batch_size or batch_size
+    prompts_per_worker = math.ceil(len(train_prompts) / worker.world_size)
+    iterations = training.training_iteration or training.epochs * math.ceil(prompts_per_worker / batch_size)
+    updates_per_iteration = training.ppo_epochs * (batch_size // mini_batch_size)
+    save_steps = training.save_steps or training.eval_steps
+
+    # -- models
+    policy_path = general.model_pretrain or general.model_name
+    rm_path = general.rm_pretrain or general.rm_name
+    trust = general.trust_remote_code
+    tokenizer = load_tokenizer(policy_path, trust, padding_side="left")
+    rm_tokenizer = load_tokenizer(rm_path, trust, padding_side="right")
+    rm_tokenizer.truncation_side = "left"
+    policy = load_causal_lm(policy_path, tokenizer, trust, dropout=False)
+    reference = frozen(load_causal_lm(policy_path, tokenizer, trust, dropout=False)).to(worker.device)
+    reward_model = frozen(load_reward_model(rm_path, rm_tokenizer, trust, dropout=False)).to(worker.device)
+    # The critic reads the policy's tokens: it starts from the RM when they share a vocabulary,
+    # else from the policy's backbone with a fresh value head.
+    same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
+    critic_base = load_reward_model(rm_path if same_vocab else policy_path, tokenizer, trust, dropout=False)
+    critic = Critic(critic_base)
+    policy = ray.train.torch.prepare_model(policy)
+    critic = ray.train.torch.prepare_model(critic)
+    generation = dict(
+        do_sample=True, temperature=training.temperature, top_k=training.top_k or None, top_p=training.top_p,
+        max_new_tokens=training.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, use_cache=True,
+    )
+
+    # -- optimizers, KL controller, resume
+    policy_optimizer = ray_train.build_optimizer(policy, training)
+    critic_optimizer = ray_train.build_optimizer(critic, training, training.critic_learning_rate)
+    total_updates = iterations * updates_per_iteration
+    policy_scheduler = ray_train.build_scheduler(policy_optimizer, training, total_updates)
+    critic_scheduler = ray_train.build_scheduler(critic_optimizer, training, total_updates)
+    kl_control = AdaptiveKLController(training.kl_coeff, training.target_kl, training.kl_horizon)
+    iteration, data_position = 0, 0
+    state = ray_train.load_train_state()
+    if state:
+        unwrap(policy).load_state_dict(state["policy"])
+        unwrap(critic).load_state_dict(state["critic"])
+        policy_optimizer.load_state_dict(state["policy_optimizer"])
+        critic_optimizer.load_state_dict(state["critic_optimizer"])
+        policy_scheduler.load_state_dict(state["policy_scheduler"])
+        critic_scheduler.load_state_dict(state["critic_scheduler"])
+        kl_control.load_state_dict(state["kl_control"])
+        iteration, data_position = state["iteration"], state["data_position"]
+        ray_train.progress(worker, STAGE, f"resuming at iteration {iteration}/{iterations}")
+
+    def snapshot() -> dict[str, Any]:
+        return {
+            "policy": unwrap(policy).state_dict(), "critic": unwrap(critic).state_dict(),
+            "policy_optimizer": policy_optimizer.state_dict(), "critic_optimizer": critic_optimizer.state_dict(),
+            "policy_scheduler": policy_scheduler.state_dict(), "critic_scheduler": critic_scheduler.state_dict(),
+            "kl_control": kl_control.state_dict(), "iteration": iteration, "data_position": data_position,
+        }
+
+    logger = ray_train.MetricsLogger(general.output_dir, STAGE, worker.is_main)
+
+    # -- rollout helpers
+    @torch.no_grad()
+    def generate(prompts: list[dict[str, Any]], **overrides: Any) -> tuple[torch.Tensor, ...]:
+        """(query, query_mask, response, mask): sampled responses, padding after the first EOS."""
+        query, query_mask = pad_left([p["input_ids"] for p in prompts], tokenizer.pad_token_id, worker.device)
+        model = unwrap(policy)
+        model.eval()
+        with ray_train.autocast(training, worker.device):
+            output = model.generate(input_ids=query, attention_mask=query_mask, **{**generation, **overrides})
+        model.train()
+        response = output[:, query.size(1) :]
+        mask = response_mask(response, tokenizer.eos_token_id)
+        response = response.masked_fill(mask == 0, tokenizer.pad_token_id)
+        return query, query_mask, response, mask
+
+    @torch.no_grad()
+    def score(prompts: list[dict[str, Any]], response: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The reward model's score of prompt text + response text (EOS dropped), in its own tokens."""
+        texts = [
+            prompt["text"] + tokenizer.decode(tokens[: int(length)].tolist(), skip_special_tokens=True)
+            for prompt, tokens, length in zip(prompts, response, mask.sum(1), strict=True)
+        ]
+        max_length = getattr(reward_model.config, "max_position_embeddings", None) or 1024
+        encoded = rm_tokenizer(texts, add_special_tokens=False, padding=True, truncation=True,
+                               max_length=max_length, return_tensors="pt").to(worker.device)
+        with ray_train.autocast(training, worker.device):
+            return reward_model(**encoded).logits.squeeze(-1).float()
+
+    def shaped_score(raw: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
+        shaped = raw
+        if reward_stats:
+            shaped = (shaped - reward_stats["mean"]) / max(reward_stats["std"], 1e-6)
+        if training.score_clip:
+            shaped = shaped.clamp(-training.score_clip, training.score_clip)
+        return shaped - training.missing_eos_penalty * (~has_eos).float()
+
+    def evaluate(at_iteration: int) -> dict[str, float]:
+        """Mean RM score of sampled responses to this worker's share of the held-out prompts (fixed seed)."""
+        if not eval_prompts:
+            return {}
+        shard = eval_prompts[worker.rank :: worker.world_size]
+        total = squares = count = length = 0.0
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(training.seed + 7919 * (worker.rank + 1))
+            for start in range(0, len(shard), batch_size):
+                prompts = shard[start : start + batch_size]
+                _, _, response, mask = generate(prompts)
+                raw = score(prompts, response, mask)
+                total, squares = total + raw.sum().item(), squares + raw.pow(2).sum().item()
+                count, length = count + len(prompts), length + mask.sum().item()
+        total, squares, count, length = all_reduce_sum([total, squares, count, length], worker.device)
+        mean = total / max(count, 1)
+        metrics = {
+            "eval_score_mean": mean, "eval_score_std": math.sqrt(max(squares / max(count, 1) - mean**2, 0.0)),
+            "eval_response_length": length / max(count, 1),
+        }
+        logger.log(at_iteration, metrics, split="eval")
+        ray_train.progress(worker, STAGE, f"eval at iteration {at_iteration}: score {mean:.4f}")
+        return metrics
+
+    ray_train.progress(
+        worker, STAGE,
+        f"{len(train_prompts)} prompts, {worker.world_size} worker(s) × {batch_size} per rollout, "
+        f"{iterations} iterations",
+    )
+    eval_metrics = evaluate(iteration) if state is None else {}
+    while iteration < iterations:
+        # Seeded per iteration and rank: responses differ across workers, and a resumed run samples the same.
+        torch.manual_seed(training.seed + 100_003 * iteration + worker.rank)
+
+        # -- 1. rollout
+        start = time.perf_counter()
+        prompts = prompt_batch(train_prompts, worker, training.seed, data_position, batch_size)
+        query, query_mask, response, mask = generate(prompts)
+        inputs = sequence_inputs(query, query_mask, response, mask)
+        maskf = mask.float()
+        with torch.no_grad(), ray_train.autocast(training, worker.device):
+            logits = unwrap(policy)(**inputs).logits
+            old_logp = response_logprobs(logits, response, training.temperature)
+            entropy = masked_mean(entropy_from_logits(logits[:, -response.size(1) - 1 : -1] / training.temperature),
+                                  maskf)
+            ref_logp = response_logprobs(reference(**inputs).logits, response, training.temperature)
+            old_values = unwrap(critic)(**inputs)[:, -response.size(1) - 1 : -1] * maskf
+            raw_score = score(prompts, response, mask)
+        has_eos = ((response == tokenizer.eos_token_id) & (mask == 1)).any(1)
+        time_rollout = time.perf_counter() - start
+
+        # -- 2. rewards and 3. advantages
+        kl = kl_estimate(old_logp, ref_logp, training.kl_estimator) * maskf
+        rewards, non_score = compute_rewards(shaped_score(raw_score, has_eos), kl, maskf, kl_control.value)
+        if training.whiten_rewards:
+            rewards = masked_whiten(rewards, maskf, shift_mean=False,
+                                    stats=global_mean_var(rewards, maskf, worker.device))
+        advantages, returns = compute_gae(rewards, old_values, maskf, training.gamma, training.lam)
+        advantages = masked_whiten(advantages, maskf, stats=global_mean_var(advantages, maskf, worker.device))
+
+        # -- 4. update
+        start = time.perf_counter()
+        sums = dict.fromkeys(("policy_loss", "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl"), 0.0)
+        for _ in range(training.ppo_epochs):
+            for rows in torch.randperm(batch_size).split(mini_batch_size):
+                mb = {key: value[rows] for key, value in inputs.items()}
+                mb_response, mb_mask = response[rows], maskf[rows]
+                with ray_train.autocast(training, worker.device):
+                    logp = response_logprobs(policy(**mb).logits, mb_response, training.temperature)
+                    values = critic(**mb)[:, -response.size(1) - 1 : -1]
+                pg_loss, pg_stats = policy_loss(logp, old_logp[rows], advantages[rows], mb_mask, training.cliprange)
+                vf_loss, vf_stats = value_loss(values, old_values[rows], returns[rows], mb_mask,
+                                               training.cliprange_value)
+                (pg_loss + training.vf_coef * vf_loss).backward()
+                for model, optimizer, scheduler in ((policy, policy_optimizer, policy_scheduler),
+                                                    (critic, critic_optimizer, critic_scheduler)):
+                    if training.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), training.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for name, value in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg_stats, **vf_stats}.items():
+                    sums[name] += value.item() / updates_per_iteration
+        time_update = time.perf_counter() - start
+        iteration, data_position = iteration + 1, data_position + batch_size
+
+        # -- 5. KL control and metrics (over all workers)
+        _, returns_var = global_mean_var(returns, maskf, worker.device)
+        _, residual_var = global_mean_var(returns - old_values, maskf, worker.device)
+        reduced = all_reduce_sum([
+            raw_score.sum().item(), raw_score.pow(2).sum().item(), kl.sum().item(), non_score.sum().item(),
+            entropy.item(), maskf.sum().item(), has_eos.float().sum().item(), float(batch_size),
+            *sums.values(),
+        ], worker.device)
+        score_sum, score_squares, kl_sum, non_score_sum, entropy_sum, tokens, eos_count, sequences = reduced[:8]
+        averaged = {name: value / worker.world_size for name, value in zip(sums, reduced[8:], strict=True)}
+        score_mean = score_sum / sequences
+        metrics = {
+            "score_mean": score_mean,
+            "score_std": math.sqrt(max(score_squares / sequences - score_mean**2, 0.0)),
+            "kl": kl_sum / sequences, "non_score_reward": non_score_sum / sequences,
+            "entropy": entropy_sum / worker.world_size, **averaged,
+            "explained_variance": 1.0 - residual_var / returns_var if returns_var > 0 else 0.0,
+            "response_length": tokens / sequences, "eos_fraction": eos_count / sequences,
+            "kl_coeff": kl_control.value, "learning_rate": policy_scheduler.get_last_lr()[0],
+            "time_rollout": time_rollout, "time_update": time_update,
+            "tokens_per_second": tokens / max(time_rollout, 1e-9),
+            "epoch": data_position / prompts_per_worker,
+        }
+        kl_control.update(metrics["kl"], int(sequences))
+        logger.log(iteration, metrics)
+        ray_train.progress(
+            worker, STAGE,
+            f"iteration {iteration}/{iterations} score {score_mean:.3f} kl {metrics['kl']:.3f} "
+            f"entropy {metrics['entropy']:.2f} pg {metrics['policy_loss']:.3f} vf {metrics['value_loss']:.3f} "
+            f"clip {metrics['clip_fraction']:.2f} len {metrics['response_length']:.1f} "
+            f"rollout {time_rollout:.1f}s update {time_update:.1f}s {metrics['tokens_per_second']:.0f} tok/s",
+        )
+        if iteration % training.eval_steps == 0 or iteration == iterations:
+            eval_metrics = evaluate(iteration)
+        if iteration % save_steps == 0 or iteration == iterations:
+            ray_train.report_checkpoint(worker, {"iteration": iteration, **metrics, **eval_metrics}, snapshot)
+
+    if not eval_metrics:
+        eval_metrics = evaluate(iteration)
+    logger.close()
+
+    # -- the final policy (+ tokenizer), the critic beside it
+    if worker.is_main:
+        final_policy, final_critic = unwrap(policy), unwrap(critic).classifier
+        marker = {"stage": STAGE, "config": config.to_dict(), "iteration": iteration, "metrics": eval_metrics}
+
+        def write(directory: Any) -> None:
+            tokenizer.padding_side = "right"
+            final_policy.save_pretrained(directory)
+            tokenizer.save_pretrained(directory)
+            final_critic.save_pretrained(directory / "critic")
+            tokenizer.save_pretrained(directory / "critic")
+
+        path = write_atomically(general.checkpoint_dir, write, marker)
+        ray_train.progress(worker, STAGE, f"final policy written to {path} (critic in {path / 'critic'})")
+
+
+def train(config: StageConfig) -> Any:
+    """Driver: validate checkpoints and data (errors surface before Ray starts), then train."""
+    return ray_train.run_trainer(config, train_loop, data=prepare(config))
