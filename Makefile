@@ -121,3 +121,4 @@ pipeline-dry-run: venv ## Print the manifests the pipeline would apply (no clust
 .PHONY: test-kind
 test-kind: venv ## Integration tests on a kind cluster (needs Docker, kind, helm, kubectl, registry access)
 	KIND_CLUSTER=$(KIND_CLUSTER) IMAGE_REPO=$(IMAGE_REPO) IMAGE_TAG=$(IMAGE_TAG) $(BIN)/pytest -m kind -v
+include images/images.mk

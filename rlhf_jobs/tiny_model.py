@@ -15,7 +15,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from rlhf_jobs.prompts import INPUT_KEY, INSTRUCTION_KEY, INTRO, RESPONSE_KEY
 
 EOS = "<|endoftext|>"
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / "examples" / "data"
+# The repo's sample data: beside the package in a checkout or editable install, else under the working directory.
+SAMPLE_DIRS = (Path(__file__).resolve().parents[1] / "examples" / "data", Path("examples") / "data")
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -23,10 +24,11 @@ CHAT_TEMPLATE = (
 
 
 def sample_files() -> list[Path]:
-    files = sorted(SAMPLE_DIR.glob("*.jsonl"))
-    if not files:
-        raise FileNotFoundError(f"no sample data in {SAMPLE_DIR}; pass --data FILE")
-    return files
+    for directory in SAMPLE_DIRS:
+        files = sorted(directory.glob("*.jsonl"))
+        if files:
+            return files
+    raise FileNotFoundError(f"no sample data in {' or '.join(map(str, SAMPLE_DIRS))}; pass --data FILE ...")
 
 
 def _texts(files: list[Path]) -> Iterator[str]:
