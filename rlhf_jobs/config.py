@@ -216,6 +216,12 @@ class PPOTraining(TrainingBase):
     training_iteration: PositiveInt | None = Field(None, description="PPO iterations; overrides epochs.")
     ppo_epochs: PositiveInt = Field(4, description="Optimisation passes over each rollout.")
     learning_rate: PositiveFloat = Field(1e-5, description="Policy learning rate.")
+    lr_scheduler: Literal[LR_SCHEDULERS] = Field(
+        "constant", description="Schedule over the PPO updates (constant: the usual choice for PPO)."
+    )
+    save_steps: PositiveInt | None = Field(
+        None, description="Ray Train checkpoint every N iterations; None = every eval_steps iterations."
+    )
     critic_learning_rate: PositiveFloat | None = Field(None, description="Critic LR; None = learning_rate.")
     kl_coeff: NonNegativeFloat = Field(0.05, description="Weight of the per-token KL penalty.")
     kl_estimator: Literal["k1", "k3"] = Field("k1", description="KL estimate in the reward.")
