@@ -59,7 +59,8 @@ def init_ray(training: TrainingBase) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
-    ray.init(include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    # The dashboard process also serves the state API that Ray Train's placement-group cleaner polls.
+    ray.init(include_dashboard=True, log_to_driver=True, configure_logging=True, logging_level="WARNING")
     check_local_resources(training, ray.cluster_resources())
 
 
@@ -135,7 +136,7 @@ def setup_worker(loop_config: dict[str, Any]) -> tuple[StageConfig, Worker]:
     import ray.train.torch
 
     config = validate_config(loop_config["config"], loop_config["stage"], source="<worker>", paths=False)
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines drown the progress
+    _quiet_report_logs()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -146,6 +147,19 @@ def setup_worker(loop_config: dict[str, Any]) -> tuple[StageConfig, Worker]:
     seed_everything(training.seed)
     worker = Worker(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device())
     return config, worker
+
+
+def _quiet_report_logs() -> None:
+    """Ray Train V2 logs every `report` and checkpoint at INFO, which drowns the progress lines.
+
+    The report line comes from a logger named after its source file, hence the path lookup.
+    """
+    import importlib.util
+
+    logging.getLogger("ray.train.v2._internal.execution.storage").setLevel(logging.WARNING)
+    spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    if spec and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
 
 
 def seed_everything(seed: int) -> None:
