@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ray Train turns Ctrl-C during training into SystemExit
         print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
 

@@ -203,8 +203,10 @@ def run_pipeline(backend: Backend, options: PipelineOptions) -> dict[str, Any]:
         try:
             backend.run_stage(step.stage, step.config)
         except BaseException as err:
-            interrupted = isinstance(err, KeyboardInterrupt)
-            entry.update(status="interrupted" if interrupted else "failed", error=str(err)[-2000:])
+            # Ray Train turns Ctrl-C during fit() into an abort that ends in SystemExit.
+            interrupted = isinstance(err, KeyboardInterrupt | SystemExit)
+            entry.update(status="interrupted" if interrupted else "failed",
+                         error=f"{type(err).__name__}: {err}"[-2000:])
             backend.save_record(record)
             raise
         entry.update(status="succeeded", seconds=round(time.perf_counter() - start, 1), finished_at=time.time())

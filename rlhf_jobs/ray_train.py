@@ -111,7 +111,10 @@ def run_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    return trainer.fit()
+    result = trainer.fit()
+    if result.error:  # an aborted run can return instead of raising
+        raise result.error
+    return result
 
 
 # ---- worker side ---------------------------------------------------------------------------------
