@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from rlhf_jobs import supervised
 from rlhf_jobs.config import StageConfig
-from rlhf_jobs.data import RM_SCHEMA, load_splits
+from rlhf_jobs.data import RM_SCHEMA
 from rlhf_jobs.models import load_reward_model, load_tokenizer
 from rlhf_jobs.prompts import record_prompt
 from rlhf_jobs.ray_train import Worker, all_reduce_sum
@@ -62,25 +62,7 @@ class RewardTask:
     stage = "rm"
 
     def prepare(self, config: StageConfig) -> dict[str, Any]:
-        general, dataset = config.General, config.Dataset
-        tokenizer = load_tokenizer(general.base_model, general.trust_remote_code)
-        train, evaluation = load_splits(
-            dataset.train_file, dataset.validation_file, dataset.validation_split_percentage,
-            RM_SCHEMA, config.Training.seed,
-        )
-
-        def tokenize(records: Any, name: str) -> list[dict[str, Any]]:
-            tokenized = records.map(
-                lambda r: tokenize_pair(r, tokenizer, dataset.prompt_format, dataset.max_length),
-                remove_columns=records.column_names, num_proc=dataset.preprocessing_num_workers,
-                desc=f"tokenizing {name}",
-            )
-            return list(tokenized)
-
-        return {
-            "train": tokenize(train, dataset.train_file),
-            "eval": tokenize(evaluation, "validation") if evaluation is not None else None,
-        }
+        return supervised.prepare_examples(config, RM_SCHEMA, tokenize_pair)
 
     def build(self, config: StageConfig, worker: Worker) -> tuple[Any, Any]:
         general = config.General

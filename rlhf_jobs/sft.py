@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from rlhf_jobs import supervised
-from rlhf_jobs.config import SFTConfig, StageConfig
-from rlhf_jobs.data import SFT_SCHEMA, DataError, load_splits
+from rlhf_jobs.config import StageConfig
+from rlhf_jobs.data import SFT_SCHEMA, DataError
 from rlhf_jobs.models import load_causal_lm, load_tokenizer
 from rlhf_jobs.prompts import record_prompt
 from rlhf_jobs.ray_train import Worker, all_reduce_sum
@@ -61,37 +61,26 @@ def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tup
     return loss_sum, (shifted_labels != IGNORE_INDEX).sum()
 
 
-def tokenize_split(records: Any, tokenizer: Any, config: SFTConfig, name: str) -> list[dict[str, list[int]]]:
-    dataset = config.Dataset
-    tokenized = records.map(
-        lambda r: tokenize_sft(r, tokenizer, dataset.prompt_format, dataset.max_length),
-        remove_columns=records.column_names, num_proc=dataset.preprocessing_num_workers,
-        desc=f"tokenizing {name}",
-    )
-    examples = [e for e in tokenized if any(label != IGNORE_INDEX for label in e["labels"])]
-    if not examples:
+def drop_unlabelled(examples: list[dict[str, list[int]]], name: str, max_length: int) -> list[dict[str, list[int]]]:
+    """Examples whose prompt filled max_length teach nothing; all of them being so is an error."""
+    kept = [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"])]
+    if not kept:
         raise DataError(
-            f"{name}: every record's prompt fills Dataset.max_length={dataset.max_length}; "
+            f"{name}: every record's prompt fills Dataset.max_length={max_length}; "
             "no response token is left to train on"
         )
-    return examples
+    return kept
 
 
 class SFTTask:
     stage = "sft"
 
     def prepare(self, config: StageConfig) -> dict[str, Any]:
-        general, dataset = config.General, config.Dataset
-        tokenizer = load_tokenizer(general.base_model, general.trust_remote_code)
-        train, evaluation = load_splits(
-            dataset.train_file, dataset.validation_file, dataset.validation_split_percentage,
-            SFT_SCHEMA, config.Training.seed,
-        )
-        return {
-            "train": tokenize_split(train, tokenizer, config, dataset.train_file),
-            "eval": tokenize_split(evaluation, tokenizer, config, dataset.validation_file or "validation split")
-            if evaluation is not None else None,
-        }
+        dataset = config.Dataset
+        data = supervised.prepare_examples(config, SFT_SCHEMA, tokenize_sft)
+        names = {"train": dataset.train_file, "eval": dataset.validation_file or "validation split"}
+        return {split: drop_unlabelled(examples, names[split], dataset.max_length) if examples is not None else None
+                for split, examples in data.items()}
 
     def build(self, config: StageConfig, worker: Worker) -> tuple[Any, Any]:
         general = config.General

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -19,7 +20,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from rlhf_jobs import ray_train
 from rlhf_jobs.checkpoints import write_atomically
 from rlhf_jobs.config import StageConfig
-from rlhf_jobs.models import unwrap
+from rlhf_jobs.data import RecordSchema, load_splits
+from rlhf_jobs.models import load_tokenizer, unwrap
 from rlhf_jobs.ray_train import Worker
 
 
@@ -59,6 +61,32 @@ def eval_loader(examples: list[Any], task: SupervisedTask, batch_size: int, work
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {key: value.to(device) for key, value in batch.items()}
+
+
+def prepare_examples(
+    config: StageConfig, schema: RecordSchema, tokenize: Callable[[dict[str, Any], Any, str, int], dict[str, Any]]
+) -> dict[str, list[dict[str, Any]] | None]:
+    """Driver side of SFT and the RM: validated splits, each record tokenised by `tokenize`.
+
+    `tokenize(record, tokenizer, prompt_format, max_length)` builds one example.
+    """
+    general, dataset = config.General, config.Dataset
+    tokenizer = load_tokenizer(general.base_model, general.trust_remote_code)
+    train, evaluation = load_splits(dataset.train_file, dataset.validation_file,
+                                    dataset.validation_split_percentage, schema, config.Training.seed)
+
+    def tokenize_all(records: Any, name: str) -> list[dict[str, Any]]:
+        return list(records.map(
+            lambda record: tokenize(record, tokenizer, dataset.prompt_format, dataset.max_length),
+            remove_columns=records.column_names, num_proc=dataset.preprocessing_num_workers,
+            desc=f"tokenizing {name}",
+        ))
+
+    return {
+        "train": tokenize_all(train, dataset.train_file),
+        "eval": tokenize_all(evaluation, dataset.validation_file or "validation split")
+        if evaluation is not None else None,
+    }
 
 
 def run(config: StageConfig, task: SupervisedTask, train_loop: Any) -> Any:
