@@ -150,16 +150,21 @@ class ModelGeneral(Section):
     trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
 
 
-class TextDataset(Section):
+class DataFiles(Section):
+    """Where a stage's records are, how validation is held out, how prompts are formatted."""
+
     train_file: str = Field(description="JSON array or JSONL file: local path or URL.")
     validation_file: str | None = Field(None, description="Validation data; None = split train_file.")
     validation_split_percentage: Annotated[int, Field(ge=0, le=50)] = Field(
         5, description="Share of train_file held out when there is no validation_file."
     )
-    max_length: PositiveInt = Field(512, description="Tokens per sequence (prompt + response).")
     prompt_format: Literal[PROMPT_FORMATS] = Field(
         "instruction", description="instruction template, the tokenizer's chat template, or raw text."
     )
+
+
+class TextDataset(DataFiles):
+    max_length: PositiveInt = Field(512, description="Tokens per sequence (prompt + response).")
     preprocessing_num_workers: PositiveInt | None = Field(None, description="Processes for tokenizing.")
 
 
@@ -197,14 +202,11 @@ class PPOGeneral(Section):
     trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
 
 
-class PromptDataset(Section):
-    train_file: str = Field(description='JSON array or JSONL of {"prompt"} records: local path or URL.')
-    validation_file: str | None = Field(None, description="Held-out prompts for evaluation.")
+class PromptDataset(DataFiles):
     validation_split_percentage: Annotated[int, Field(ge=0, le=50)] = Field(
-        10, description="Share of train_file held out when there is no validation_file."
+        10, description="Share of the prompts held out to measure the reward on unseen prompts."
     )
     max_prompt_length: PositiveInt = Field(128, description="Prompts are left-truncated to this length.")
-    prompt_format: Literal[PROMPT_FORMATS] = Field("instruction", description="As for SFT.")
 
 
 class PPOTraining(TrainingBase):
