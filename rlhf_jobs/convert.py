@@ -37,7 +37,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlhf_jobs.data import DataError, _parse, _read_text
+from rlhf_jobs.data import DataError, read_numbered
 
 KINDS = ("sft", "rm", "ppo")
 SOURCE_FORMATS: dict[str, tuple[str, ...]] = {
@@ -60,14 +60,6 @@ class Conversion:
     source_format: str
     records: list[dict[str, Any]]
     skipped: Counter[str] = field(default_factory=Counter)
-
-
-def read_numbered(location: str) -> list[tuple[int, Any]]:
-    """(line, record) pairs of a JSON array or JSON Lines file; an empty file is a `DataError`."""
-    pairs = _parse(location, _read_text(location))
-    if not pairs:
-        raise DataError(f"{location}: no records")
-    return pairs
 
 
 def write_jsonl(path: str, records: Iterable[dict[str, Any]]) -> int:

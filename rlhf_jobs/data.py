@@ -119,11 +119,17 @@ def _parse(location: str, text: str) -> list[tuple[int, Any]]:
     return pairs
 
 
-def read_records(location: str, schema: RecordSchema) -> list[dict[str, Any]]:
-    """All records of a file, validated; the first bad one raises `DataError` with its line."""
+def read_numbered(location: str, expected: str = "") -> list[tuple[int, Any]]:
+    """(line, record) pairs of a JSON array or JSON Lines file; an empty file is a `DataError`."""
     pairs = _parse(location, _read_text(location))
     if not pairs:
-        raise DataError(f"{location}: no records (expected {schema.describe()} per line)")
+        raise DataError(f"{location}: no records" + (f" (expected {expected} per line)" if expected else ""))
+    return pairs
+
+
+def read_records(location: str, schema: RecordSchema) -> list[dict[str, Any]]:
+    """All records of a file, validated; the first bad one raises `DataError` with its line."""
+    pairs = read_numbered(location, schema.describe())
     for number, record in pairs:
         problem = schema.problem(record)
         if problem:
