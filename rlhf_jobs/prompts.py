@@ -49,6 +49,16 @@ def format_prompt(instruction: str, context: str | None, style: str, tokenizer: 
     raise ValueError(f"unknown prompt format {style!r}; expected instruction, chat or raw")
 
 
+def join_response(prompt: str, response: str) -> str:
+    """prompt + response, with one space between them when the prompt ends mid-line.
+
+    Raw HH prompts end in "Assistant:" and a policy writes " Hello" after them; the templates end
+    in a newline and need nothing.
+    """
+    response = response.strip()
+    return prompt + response if not prompt or prompt[-1].isspace() else f"{prompt} {response}"
+
+
 def record_prompt(record: dict[str, Any], style: str, tokenizer: Any = None) -> str:
     """The prompt of any stage's record: `instruction` (+ `context`) or `prompt`."""
     instruction = record.get("instruction") or record.get("prompt") or ""

@@ -18,7 +18,7 @@ from rlhf_jobs import supervised
 from rlhf_jobs.config import StageConfig
 from rlhf_jobs.data import RM_SCHEMA
 from rlhf_jobs.models import load_reward_model, load_tokenizer
-from rlhf_jobs.prompts import record_prompt
+from rlhf_jobs.prompts import join_response, record_prompt
 from rlhf_jobs.ray_train import Worker, all_reduce_sum
 
 
@@ -33,7 +33,7 @@ def tokenize_pair(record: dict[str, Any], tokenizer: Any, style: str, max_length
     prompt = record_prompt(record, style, tokenizer)
 
     def ids(response: str) -> list[int]:
-        return tokenizer(prompt + response.strip(), add_special_tokens=False)["input_ids"][-max_length:]
+        return tokenizer(join_response(prompt, response), add_special_tokens=False)["input_ids"][-max_length:]
 
     return {
         "chosen_ids": ids(record["chosen"]),

@@ -17,7 +17,7 @@ from rlhf_jobs import supervised
 from rlhf_jobs.config import StageConfig
 from rlhf_jobs.data import SFT_SCHEMA, DataError
 from rlhf_jobs.models import load_causal_lm, load_tokenizer
-from rlhf_jobs.prompts import record_prompt
+from rlhf_jobs.prompts import join_response, record_prompt
 from rlhf_jobs.ray_train import Worker, all_reduce_sum
 
 IGNORE_INDEX = -100
@@ -26,7 +26,7 @@ IGNORE_INDEX = -100
 def tokenize_sft(record: dict[str, Any], tokenizer: Any, style: str, max_length: int) -> dict[str, list[int]]:
     """input_ids and labels of one record; labels are -100 on the prompt."""
     prompt = record_prompt(record, style, tokenizer)
-    text = prompt + record["response"].strip()
+    text = join_response(prompt, record["response"])
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = [*encoded["input_ids"], tokenizer.eos_token_id]
     starts = [start for start, _ in encoded["offset_mapping"]]

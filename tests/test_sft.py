@@ -136,3 +136,11 @@ def test_rerun_resumes_from_the_last_checkpoint(tiny_model: Path, tmp_path: Path
     assert train_steps and min(train_steps) > 4, "a resumed run must not redo steps 1-4"
     assert max(train_steps) == 8
     assert json.loads((tmp_path / "model" / "rlhf_stage.json").read_text())["step"] == 8
+
+
+def test_raw_hh_prompts_get_a_space_before_the_response(tokenizer) -> None:
+    record = {"instruction": "\n\nHuman: Hi there\n\nAssistant:", "response": "Hello!"}
+    example = tokenize_sft(record, tokenizer, "raw", max_length=128)
+    labelled = [t for t in example["labels"] if t != IGNORE_INDEX]
+    assert tokenizer.decode(example["input_ids"][:-1]).endswith("Assistant: Hello!")
+    assert tokenizer.decode(labelled[:-1]).strip() == "Hello!"
