@@ -17,9 +17,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from rlhf_jobs.checkpoints import CheckpointError
     from rlhf_jobs.config import ConfigError
     from rlhf_jobs.data import DataError
+    from rlhf_jobs.models import ModelError
     from rlhf_jobs.ray_train import ResourceError
 
-    return ConfigError, DataError, CheckpointError, ResourceError, HelmError, PreflightError
+    return ConfigError, DataError, CheckpointError, ResourceError, HelmError, PreflightError, ModelError
 
 
 def train_stage(stage: str, config_path: str, overrides: Sequence[str] = ()) -> None:

@@ -14,9 +14,17 @@ from transformers import (
 )
 
 
+class ModelError(ValueError):
+    """A model or tokenizer that cannot be loaded (no such directory, hub unreachable, gated...)."""
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False, padding_side: str = "right") -> Any:
     """A tokenizer with a pad token (EOS when the model has none), padding on `padding_side`."""
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"cannot load the tokenizer of {name!r}: {first_line}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side

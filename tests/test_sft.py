@@ -144,3 +144,12 @@ def test_raw_hh_prompts_get_a_space_before_the_response(tokenizer) -> None:
     labelled = [t for t in example["labels"] if t != IGNORE_INDEX]
     assert tokenizer.decode(example["input_ids"][:-1]).endswith("Assistant: Hello!")
     assert tokenizer.decode(labelled[:-1]).strip() == "Hello!"
+
+
+def test_unloadable_base_model_is_one_clear_error(tmp_path: Path, capsys) -> None:
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    config = local_config("sft", base_model=empty, output_dir=tmp_path / "out", checkpoint_dir=tmp_path / "model")
+    assert main(["train", "sft", "--config_path", str(write_config(tmp_path / "c.yaml", config))]) == 2
+    assert f"cannot load the tokenizer of '{empty}'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
