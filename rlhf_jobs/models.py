@@ -22,7 +22,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, padding_side: str
     """A tokenizer with a pad token (EOS when the model has none), padding on `padding_side`."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # unreachable hub, missing or incomplete directory
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"cannot load the tokenizer of {name!r}: {first_line}") from None
     if tokenizer.pad_token is None:
