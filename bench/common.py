@@ -1,0 +1,87 @@
+"""What both sides of the benchmark share: the tiny model, the data, the settings, the windows.
+
+Throughput is measured the same way for us and for TRL: the training run is cut into windows of
+`LOGGING_STEPS` optimizer steps (PPO: one iteration); a window's rate is what it processed divided
+by its wall time; the first window (warm-up) is dropped and the median of the others is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "examples" / "data"
+SFT_FILE, RM_FILE, PPO_FILE = "sample_finetune_data.jsonl", "sample_rm_data.jsonl", "sample_ppo_data.jsonl"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One set of hyperparameters, given to both sides."""
+
+    sft_steps: int = 60
+    rm_steps: int = 60
+    ppo_iterations: int = 8
+    batch_size: int = 8  # SFT sequences / RM pairs per step
+    max_length: int = 256
+    logging_steps: int = 5
+    sft_learning_rate: float = 3e-3
+    rm_learning_rate: float = 1e-3
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    # PPO: 16 prompts per rollout, 2 minibatches of 8, 4 PPO epochs -> 8 optimizer steps per iteration
+    ppo_batch_size: int = 16
+    ppo_mini_batch_size: int = 8
+    ppo_epochs: int = 4
+    max_new_tokens: int = 24
+    max_prompt_length: int = 96
+    ppo_learning_rate: float = 1e-4
+    kl_coeff: float = 0.1
+    threads: int = 1  # torch threads per process/worker (ours: resources_per_worker.CPU)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_repeated(source: Path, target: Path, records_needed: int) -> Path:
+    """`source` repeated until it holds `records_needed` records, so the run is one epoch.
+
+    One epoch means our loop's per-epoch evaluation/checkpoint falls after the timed steps.
+    """
+    records = read_jsonl(source)
+    copies = -(-records_needed // len(records))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("w", encoding="utf-8") as handle:
+        for _ in range(copies):
+            for record in records:
+                handle.write(json.dumps(record) + "\n")
+    return target
+
+
+def windowed_rate(step_ends: list[float], start: float, items: list[float], window: int) -> float:
+    """Median items/s over windows of `window` steps, leaving out the first (warm-up).
+
+    `step_ends[i]` is when step i finished, `items[i]` what it processed, `start` when step 0 began.
+    """
+    rates = []
+    previous = start
+    for end in range(window, len(step_ends) + 1, window):
+        elapsed = step_ends[end - 1] - previous
+        rates.append(sum(items[end - window : end]) / max(elapsed, 1e-9))
+        previous = step_ends[end - 1]
+    return median(rates[1:] or rates)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def metrics_records(output_dir: Path, split: str = "train") -> list[dict[str, Any]]:
+    path = output_dir / "metrics.jsonl"
+    return [r for r in read_jsonl(path) if r.get("split") == split] if path.exists() else []

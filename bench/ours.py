@@ -1,0 +1,102 @@
+"""Our side: stage configs from the shared settings, run through the real trainers, figures from metrics.jsonl."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from common import Settings, median, metrics_records
+
+from rlhf_jobs.config import StageConfig, validate_config
+
+
+def _training(settings: Settings, workers: int) -> dict[str, Any]:
+    return {
+        "optimizer": "AdamW", "weight_decay": settings.weight_decay, "max_grad_norm": settings.max_grad_norm,
+        "seed": settings.seed, "num_training_workers": workers,
+        "resources_per_worker": {"CPU": settings.threads},
+    }
+
+
+def _general(model: Path, run_dir: Path) -> dict[str, str]:
+    shutil.rmtree(run_dir, ignore_errors=True)  # a leftover output_dir would make the trainer resume
+    return {"base_model": str(model), "output_dir": str(run_dir / "output"), "checkpoint_dir": str(run_dir / "model")}
+
+
+def sft_config(settings: Settings, model: Path, train_file: Path, run_dir: Path, workers: int) -> StageConfig:
+    data = {
+        "General": _general(model, run_dir),
+        "Dataset": {"train_file": str(train_file), "validation_split_percentage": 0,
+                    "max_length": settings.max_length},
+        "Training": {
+            **_training(settings, workers), "batch_size": settings.batch_size, "epochs": 1,
+            "max_train_steps": settings.sft_steps, "learning_rate": settings.sft_learning_rate,
+            "lr_scheduler": "cosine", "warmup_ratio": settings.warmup_ratio,
+            "logging_steps": settings.logging_steps,
+        },
+    }
+    return validate_config(data, "sft", source="<bench>")
+
+
+def rm_config(settings: Settings, model: Path, train_file: Path, run_dir: Path, workers: int) -> StageConfig:
+    data = {
+        "General": _general(model, run_dir),
+        "Dataset": {"train_file": str(train_file), "validation_split_percentage": 0,
+                    "max_length": settings.max_length},
+        "Training": {
+            **_training(settings, workers), "batch_size": settings.batch_size, "epochs": 1,
+            "max_train_steps": settings.rm_steps, "learning_rate": settings.rm_learning_rate,
+            "lr_scheduler": "cosine", "warmup_ratio": settings.warmup_ratio,
+            "logging_steps": settings.logging_steps,
+        },
+    }
+    return validate_config(data, "rm", source="<bench>")
+
+
+def ppo_config(settings: Settings, model: Path, train_file: Path, run_dir: Path, workers: int) -> StageConfig:
+    shutil.rmtree(run_dir, ignore_errors=True)
+    data = {
+        "General": {"model_name": str(model), "rm_name": str(model), "output_dir": str(run_dir / "output"),
+                    "checkpoint_dir": str(run_dir / "model")},
+        "Dataset": {"train_file": str(train_file), "validation_split_percentage": 0,
+                    "max_prompt_length": settings.max_prompt_length},
+        "Training": {
+            **_training(settings, workers), "experience_batch_size": settings.ppo_batch_size,
+            "mini_batch_size": settings.ppo_mini_batch_size, "ppo_epochs": settings.ppo_epochs,
+            "training_iteration": settings.ppo_iterations, "learning_rate": settings.ppo_learning_rate,
+            "lr_scheduler": "constant", "kl_coeff": settings.kl_coeff, "kl_estimator": "k1",
+            "max_new_tokens": settings.max_new_tokens, "temperature": 1.0, "score_clip": None,
+            "missing_eos_penalty": 1.0, "eval_steps": settings.ppo_iterations,  # checkpoint/eval after the timed part
+        },
+    }
+    return validate_config(data, "ppo", source="<bench>")
+
+
+def train(config: StageConfig) -> float:
+    """Run the stage through `rlhf_jobs.trainers.train` (Ray Train workers); wall seconds."""
+    from rlhf_jobs import trainers
+
+    start = time.perf_counter()
+    trainers.train(config)
+    return time.perf_counter() - start
+
+
+def supervised_rate(config: StageConfig, items: str) -> float:
+    """Median `{items}_per_second` of the logging windows after the first (written by supervised.py)."""
+    records = metrics_records(Path(config.General.output_dir))
+    rates = [r[f"{items}_per_second"] for r in records]
+    return median(rates[1:] or rates)
+
+
+def ppo_figures(config: StageConfig) -> dict[str, float]:
+    """Median seconds per iteration (between consecutive metrics records) and rollout tokens/s, first left out."""
+    records = metrics_records(Path(config.General.output_dir))
+    times = [r["time"] for r in records]
+    return {
+        "seconds_per_iteration": median([b - a for a, b in itertools.pairwise(times)]),
+        "tokens_per_second": median([r["tokens_per_second"] for r in records[1:]]),
+        "response_length": median([r["response_length"] for r in records]),
+    }

@@ -1,0 +1,179 @@
+"""TRL's side: SFTTrainer (completion-only), RewardTrainer and the experimental PPOTrainer, on CPU, fp32.
+
+Same model, records, prompt text, batch size, max length, steps, optimizer (AdamW), learning rate and
+schedule as ours; reporting integrations, evaluation and saving off. Each trainer records when
+every optimizer step (PPO: iteration) ends and what it processed, measured as on our side.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import Settings, median, read_jsonl, windowed_rate
+
+from rlhf_jobs.models import load_causal_lm, load_reward_model, load_tokenizer
+from rlhf_jobs.prompts import join_response, record_prompt
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
+def _step_clock() -> Any:
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        """Wall-clock time at the start of training and at the end of each optimizer step."""
+
+        def __init__(self) -> None:
+            self.start, self.ends = 0.0, []
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.ends.append(time.perf_counter())
+
+    return StepClock()
+
+
+def _common_args(settings: Settings, output_dir: Path, steps: int, learning_rate: float) -> dict[str, Any]:
+    return {
+        "output_dir": str(output_dir), "per_device_train_batch_size": settings.batch_size,
+        "max_steps": steps, "learning_rate": learning_rate, "lr_scheduler_type": "cosine",
+        "warmup_steps": settings.warmup_ratio,  # below 1: a ratio, rounded up as ours
+        "weight_decay": settings.weight_decay,
+        "max_grad_norm": settings.max_grad_norm, "optim": "adamw_torch", "seed": settings.seed,
+        "logging_steps": settings.logging_steps, "report_to": "none", "save_strategy": "no",
+        "eval_strategy": "no", "use_cpu": True, "bf16": False, "fp16": False, "gradient_checkpointing": False,
+        "dataloader_num_workers": 0, "disable_tqdm": True, "max_length": settings.max_length,
+    }
+
+
+def sft(settings: Settings, model_dir: Path, train_file: Path, output_dir: Path) -> float:
+    """Label tokens/s of SFTTrainer with completion-only loss on prompt/completion records."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    torch.manual_seed(settings.seed)
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_causal_lm(str(model_dir), tokenizer)
+    records = read_jsonl(train_file)
+    dataset = Dataset.from_list([
+        {"prompt": record_prompt(r, "instruction"), "completion": r["response"].strip() + tokenizer.eos_token}
+        for r in records
+    ])
+    clock, counts = _step_clock(), []
+
+    class CountingSFTTrainer(SFTTrainer):
+        def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            counts.append(int((inputs["labels"][:, 1:] != -100).sum()))  # the tokens the loss is taken on
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    args = SFTConfig(**_common_args(settings, output_dir, settings.sft_steps, settings.sft_learning_rate),
+                     completion_only_loss=True, packing=False, dataset_num_proc=None)
+    trainer = CountingSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                 callbacks=[clock])
+    trainer.train()
+    return windowed_rate(clock.ends, clock.start, [float(c) for c in counts], settings.logging_steps)
+
+
+def rm(settings: Settings, model_dir: Path, train_file: Path, output_dir: Path) -> float:
+    """Pairs/s of RewardTrainer on prompt/chosen/rejected records."""
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    torch.manual_seed(settings.seed)
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_reward_model(str(model_dir), tokenizer)
+    records = read_jsonl(train_file)
+    dataset = Dataset.from_list([
+        {"chosen": join_response(record_prompt(r, "instruction"), r["chosen"]),
+         "rejected": join_response(record_prompt(r, "instruction"), r["rejected"])}
+        for r in records
+    ])
+    clock, counts = _step_clock(), []
+
+    class CountingRewardTrainer(RewardTrainer):
+        def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            counts.append(inputs["input_ids"].size(0) // 2)  # chosen and rejected in one batch
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    args = RewardConfig(**_common_args(settings, output_dir, settings.rm_steps, settings.rm_learning_rate))
+    trainer = CountingRewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                    callbacks=[clock])
+    trainer.train()
+    return windowed_rate(clock.ends, clock.start, [float(c) for c in counts], settings.logging_steps)
+
+
+def ppo(settings: Settings, model_dir: Path, train_file: Path, output_dir: Path) -> dict[str, float]:
+    """Seconds per iteration and rollout tokens/s of trl.experimental.ppo.PPOTrainer.
+
+    Rollout = from the start of generation to the first PPO minibatch (generation, reference and
+    value forwards, reward), as our `time_rollout`; tokens = response tokens up to and including
+    the first EOS, as ours.
+    """
+    from datasets import Dataset
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from trl.experimental.ppo import ppo_trainer as module
+
+    from rlhf_jobs.ppo import response_mask, tokenize_prompts
+
+    torch.manual_seed(settings.seed)
+    tokenizer = load_tokenizer(str(model_dir), padding_side="left")
+    policy = load_causal_lm(str(model_dir), tokenizer)
+    reference = load_causal_lm(str(model_dir), tokenizer)
+    reward_model = load_reward_model(str(model_dir), tokenizer)
+    value_model = load_reward_model(str(model_dir), tokenizer)
+    prompts = tokenize_prompts(read_jsonl(train_file), tokenizer, "instruction", settings.max_prompt_length)
+    dataset = Dataset.from_dict({"input_ids": [p["input_ids"] for p in prompts]})
+
+    rollouts: list[dict[str, float]] = []
+    original_generation = module.batch_generation
+
+    def timed_generation(model: Any, queries: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        query_responses, logits = original_generation(model, queries, *args, **kwargs)
+        response = query_responses[:, queries.size(1) :]
+        tokens = response_mask(response, tokenizer.eos_token_id).sum().item()
+        rollouts.append({"start": start, "tokens": tokens, "end": 0.0})
+        return query_responses, logits
+
+    args = PPOConfig(
+        output_dir=str(output_dir), per_device_train_batch_size=settings.ppo_batch_size,
+        gradient_accumulation_steps=1, num_mini_batches=settings.ppo_batch_size // settings.ppo_mini_batch_size,
+        num_ppo_epochs=settings.ppo_epochs, total_episodes=settings.ppo_iterations * settings.ppo_batch_size,
+        local_rollout_forward_batch_size=settings.ppo_batch_size, response_length=settings.max_new_tokens,
+        temperature=1.0, kl_coef=settings.kl_coeff, kl_estimator="k1", cliprange=0.2, cliprange_value=0.2,
+        vf_coef=0.1, gamma=1.0, lam=0.95, missing_eos_penalty=1.0, stop_token="eos", whiten_rewards=False,
+        learning_rate=settings.ppo_learning_rate, lr_scheduler_type="constant", optim="adamw_torch",
+        weight_decay=settings.weight_decay, seed=settings.seed, logging_steps=1, report_to="none",
+        save_strategy="no", eval_strategy="no", num_sample_generations=0, use_cpu=True, bf16=False, fp16=False,
+        disable_tqdm=True,
+    )
+    clock = _step_clock()
+    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=reference,
+                         reward_model=reward_model, value_model=value_model, train_dataset=dataset,
+                         callbacks=[clock])
+    accumulate = trainer.accelerator.accumulate
+
+    def first_update_marks_rollout_end(*args: Any, **kwargs: Any) -> Any:
+        if rollouts and not rollouts[-1]["end"]:
+            rollouts[-1]["end"] = time.perf_counter()
+        return accumulate(*args, **kwargs)
+
+    trainer.accelerator.accumulate = first_update_marks_rollout_end
+    module.batch_generation = timed_generation
+    try:
+        trainer.train()
+    finally:
+        module.batch_generation = original_generation
+    ends = clock.ends
+    return {
+        "seconds_per_iteration": median([b - a for a, b in itertools.pairwise(ends)]),
+        "tokens_per_second": median([r["tokens"] / max(r["end"] - r["start"], 1e-9) for r in rollouts[1:]]),
+        "response_length": median([r["tokens"] / settings.ppo_batch_size for r in rollouts]),
+    }
