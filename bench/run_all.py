@@ -14,6 +14,7 @@ be shared. See bench/README.md for the definitions.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -35,8 +36,34 @@ STAGES = ("sft", "rm", "ppo", "ray")
 
 # Why we are slower where we are, and what would close it: measured (see bench/README.md), not guessed.
 SLOWER_NOTES = {
-    "ppo": "",
-    "ray": "",
+    "SFT": (
+        "not expected: both run the same GPT-2 forward/backward with dropout on; TRL's SFTTrainer also "
+        "computes the entropy and token accuracy of every batch, which ours does not."
+    ),
+    "Reward model": (
+        "TRL's RewardTrainer switches the model's dropout off by default (`disable_dropout=True`); ours "
+        "keeps GPT-2's dropout (p=0.1 on embeddings, attention and residuals) in the reward model. "
+        "The row with TRL's dropout on, i.e. the same computation, shows the whole gap is that (measured "
+        "also with our loop in Ray Train's local mode, without Ray: the same pairs/s as on a Ray worker). "
+        "To close it: load the reward model with `dropout=False` (`rlhf_jobs.models.load_reward_model` "
+        "has the switch; PPO already uses it), which also makes the RM deterministic, as TRL's default is."
+    ),
+    "PPO": (
+        "see the figures; per iteration our rollout does one more policy forward than TRL (TRL takes "
+        "the old log-probs from `generate`'s scores) and re-tokenises the text for the reward model."
+    ),
+    "Ray Train": (
+        "the fixed cost is start-up and tear-down, not the steps: `ray.init` (GCS, raylet, dashboard "
+        "processes), then the Train controller and the worker actor start as new processes that import "
+        "torch, transformers and ray.train (about 3.5-4 s each import on this machine, measured apart), "
+        "build the placement group and load the model; at the end the checkpoint is persisted to "
+        "`output_dir` and the worker group torn down. The steady-state line compares the same loop on a "
+        "worker and in-process. What closes it: one Ray session for all stages (the local pipeline "
+        "already runs SFT, RM and PPO in one process, so only the first stage pays `ray.init`), and for "
+        "a 1-worker run on a laptop Ray Train V2's local mode (`ScalingConfig(num_workers=0)`, our loop "
+        "runs there unchanged) at the price of resume-from-`output_dir` and failure restarts, which "
+        "local mode does not do."
+    ),
 }
 
 
@@ -51,14 +78,14 @@ def machine() -> dict[str, str]:
             "cpu": f"{os.cpu_count()} × {cpu}", "python": platform.python_version(), **versions}
 
 
-def alternate(repeats: int, ours_run: Callable[[], Any], trl_run: Callable[[], Any]) -> tuple[list[Any], list[Any]]:
-    """ours, TRL, TRL, ours, ours, TRL, ...: neither side always runs first."""
-    ours_results, trl_results = [], []
+def alternate(repeats: int, *runs: Callable[[], Any]) -> list[list[Any]]:
+    """Each run once per repeat, the order reversed every other repeat: no side always goes first."""
+    results: list[list[Any]] = [[] for _ in runs]
     for repeat in range(repeats):
-        pair = [(ours_results, ours_run), (trl_results, trl_run)]
-        for results, run in pair if repeat % 2 == 0 else reversed(pair):
-            results.append(run())
-    return ours_results, trl_results
+        order = list(range(len(runs)))
+        for index in order if repeat % 2 == 0 else reversed(order):
+            results[index].append(runs[index]())
+    return results
 
 
 def bench_supervised(stage: str, settings: Settings, model: Path, train_file: Path, work: Path,
@@ -73,16 +100,20 @@ def bench_supervised(stage: str, settings: Settings, model: Path, train_file: Pa
         ours.train(config)
         return ours.supervised_rate(config, items)
 
-    ours_1, trl = alternate(repeats, lambda: ours_run(1), lambda: trl_run(settings, model, train_file,
-                                                                          work / f"{stage}-trl"))
+    runs = [lambda: ours_run(1), lambda: trl_run(settings, model, train_file, work / f"{stage}-trl")]
+    if stage == "rm":  # TRL switches the reward model's dropout off by default; ours keeps it
+        runs.append(lambda: trl_side.rm(settings, model, train_file, work / "rm-trl", disable_dropout=False))
+    ours_1, trl, *trl_dropout = alternate(repeats, *runs)
     ours_2 = [ours_run(2) for _ in range(repeats)]
     name = "SFT training" if stage == "sft" else "Reward model"
     unit = "label tokens/s" if stage == "sft" else "pairs/s"
-    return [
-        row(f"{name} ({unit}, higher is better)", median(ours_1), median(trl), ours_1, trl, higher_is_better=True),
-        row(f"{name}, ours on 2 workers × 1 CPU ({unit})", median(ours_2), median(trl), ours_2, trl,
-            higher_is_better=True),
-    ]
+    rows = [row(f"{name} ({unit}, higher is better)", median(ours_1), median(trl), ours_1, trl, higher_is_better=True)]
+    if trl_dropout:
+        rows.append(row(f"{name}, TRL with dropout on as ours (disable_dropout=False) ({unit})", median(ours_1),
+                        median(trl_dropout[0]), ours_1, trl_dropout[0], higher_is_better=True))
+    rows.append(row(f"{name}, ours on 2 workers × 1 CPU ({unit})", median(ours_2), median(trl), ours_2, trl,
+                    higher_is_better=True))
+    return rows
 
 
 def bench_ppo(settings: Settings, model: Path, work: Path, repeats: int) -> list[dict[str, Any]]:
@@ -183,8 +214,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def write_results(path: Path, rows: list[dict[str, Any]], info: dict[str, str], settings: Settings,
                   repeats: int, command: str, seconds: float) -> None:
-    notes = [f"- **{stage}**: {text}" for stage, text in SLOWER_NOTES.items()
-             if text and any(r.get("slower") and r["name"].lower().startswith(stage) for r in rows)]
+    notes = [f"- **{prefix}**: {text}" for prefix, text in SLOWER_NOTES.items()
+             if any(r.get("slower") and r["name"].startswith(prefix) for r in rows)]
     text = f"""# Benchmark: rlhf-jobs vs TRL
 
 Latest figures from `{command}` ({seconds / 60:.0f} min). Reproduce with `make bench`, or
@@ -216,7 +247,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench")
     parser.add_argument("--output", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    parser.add_argument("--from-json", type=Path, help="rewrite --output from a results.json of an earlier run")
     args = parser.parse_args()
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        write_results(args.output, saved["rows"], saved["info"], Settings(**saved["settings"]), saved["repeats"],
+                      saved["command"], saved["seconds"])
+        print(table(saved["rows"]))
+        return
     stages = [s for s in args.stages.split(",") if s]
     unknown = set(stages) - set(STAGES)
     if unknown:
@@ -248,9 +286,12 @@ def main() -> None:
     if "ray" in stages:
         rows += bench_ray(settings, model, sft_file, work, args.repeats)
 
-    command = "python bench/run_all.py " + " ".join(sys.argv[1:])
-    write_results(args.output, rows, machine(), settings, args.repeats, command.strip(),
-                  time.perf_counter() - started)
+    command = ("python bench/run_all.py " + " ".join(sys.argv[1:])).strip()
+    seconds, info = time.perf_counter() - started, machine()
+    saved = {"rows": rows, "info": info, "settings": dataclasses.asdict(settings), "repeats": args.repeats,
+             "command": command, "seconds": seconds}
+    (work / "results.json").write_text(json.dumps(saved, indent=1))
+    write_results(args.output, rows, info, settings, args.repeats, command, seconds)
     print("\n" + table(rows))
     print(f"\nwritten to {args.output}")
 

@@ -81,8 +81,11 @@ def sft(settings: Settings, model_dir: Path, train_file: Path, output_dir: Path)
     return windowed_rate(clock.ends, clock.start, [float(c) for c in counts], settings.logging_steps)
 
 
-def rm(settings: Settings, model_dir: Path, train_file: Path, output_dir: Path) -> float:
-    """Pairs/s of RewardTrainer on prompt/chosen/rejected records."""
+def rm(settings: Settings, model_dir: Path, train_file: Path, output_dir: Path, disable_dropout: bool = True) -> float:
+    """Pairs/s of RewardTrainer on prompt/chosen/rejected records.
+
+    TRL turns the model's dropout off by default (`disable_dropout=True`); our reward model keeps it.
+    """
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
@@ -102,7 +105,8 @@ def rm(settings: Settings, model_dir: Path, train_file: Path, output_dir: Path) 
             counts.append(inputs["input_ids"].size(0) // 2)  # chosen and rejected in one batch
             return super().compute_loss(model, inputs, *args, **kwargs)
 
-    args = RewardConfig(**_common_args(settings, output_dir, settings.rm_steps, settings.rm_learning_rate))
+    args = RewardConfig(**_common_args(settings, output_dir, settings.rm_steps, settings.rm_learning_rate),
+                        disable_dropout=disable_dropout)
     trainer = CountingRewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                     callbacks=[clock])
     trainer.train()
