@@ -51,10 +51,22 @@ test-fast: venv ## Run the tests that need no Ray run, Docker or cluster
 lint: venv ## ruff
 	$(BIN)/ruff check rlhf_jobs tests bench
 
+BENCH_VENV ?= .venv-bench
+
+# TRL lives in its own venv so the main one never depends on it; torch pinned (a plain `torch` is a CUDA build).
+$(BENCH_VENV)/bin/python: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/pip install --quiet -e '.[bench]' torch==2.13.0
+	@touch $@
+
 .PHONY: bench
-bench: venv ## Benchmarks against TRL (installs the bench extra: trl==1.12.0)
-	$(BIN)/pip install --quiet -e '.[bench]'
-	$(BIN)/python bench/run_all.py
+bench: $(BENCH_VENV)/bin/python ## Benchmarks against TRL 1.12 in .venv-bench (about 15 min); writes bench/RESULTS.md
+	$(BENCH_VENV)/bin/python bench/run_all.py
+
+.PHONY: bench-generation
+bench-generation: venv ## Generation time per token with and without the KV cache
+	$(BIN)/python bench/bench_generation.py
 
 .PHONY: clean
 clean: ## Remove runs/ and caches (keeps .venv)
