@@ -37,32 +37,40 @@ STAGES = ("sft", "rm", "ppo", "ray")
 # Why we are slower where we are, and what would close it: measured (see bench/README.md), not guessed.
 SLOWER_NOTES = {
     "SFT": (
-        "not expected: both run the same GPT-2 forward/backward with dropout on; TRL's SFTTrainer also "
-        "computes the entropy and token accuracy of every batch, which ours does not."
+        "TRL 1.12's SFTTrainer defaults to `loss_type=\"chunked_nll\"`: it runs the LM head (128 × 2048 "
+        "here, as large as a transformer block) only at the positions that have a label, about a quarter "
+        "of the padded tokens in this data; ours computes the logits at every position, prompt and padding "
+        "included. The row with TRL's `loss_type=\"nll\"` (the same computation as ours) shows ours ahead "
+        "there. Measured in one process (Ray Train local mode, same batches, alternating): ours ~2.9-3.0k, "
+        "ours with the LM head on label positions only ~3.7-3.9k, TRL ~3.1k label tokens/s "
+        "(`bench/profile_sft_step.py` times the three losses per step). What closes it: in "
+        "`rlhf_jobs.sft.response_loss`, gather the backbone's hidden states at `labels != -100` and apply "
+        "the LM head there (inside the module that DDP wraps, so gradients still synchronise). "
+        "`use_cache=False` in the training forward is worth a further ~3%."
     ),
     "Reward model": (
         "TRL's RewardTrainer switches the model's dropout off by default (`disable_dropout=True`); ours "
-        "keeps GPT-2's dropout (p=0.1 on embeddings, attention and residuals) in the reward model. "
-        "The row with TRL's dropout on, i.e. the same computation, shows the whole gap is that (measured "
-        "also with our loop in Ray Train's local mode, without Ray: the same pairs/s as on a Ray worker). "
-        "To close it: load the reward model with `dropout=False` (`rlhf_jobs.models.load_reward_model` "
-        "has the switch; PPO already uses it), which also makes the RM deterministic, as TRL's default is."
+        "keeps GPT-2's dropout (p=0.1 on embeddings, attention and residuals) in the reward model, and "
+        "on 1 CPU thread drawing the dropout masks (`aten::bernoulli_`) is ~11% of a step's CPU time "
+        "(torch.profiler). The row with TRL's dropout on, the same computation, shows the whole gap is "
+        "that; our loop in Ray Train's local mode (no Ray) gives the same pairs/s as on a Ray worker. "
+        "What closes it: load the reward model with `dropout=False` (`rlhf_jobs.models.load_reward_model` "
+        "has the switch; PPO already uses it)."
     ),
     "PPO": (
-        "see the figures; per iteration our rollout does one more policy forward than TRL (TRL takes "
-        "the old log-probs from `generate`'s scores) and re-tokenises the text for the reward model."
+        "per iteration our rollout does one more policy forward than TRL (TRL takes the old log-probs from "
+        "`generate`'s scores) and re-tokenises the text for the reward model."
     ),
     "Ray Train": (
-        "the fixed cost is start-up and tear-down, not the steps: `ray.init` (GCS, raylet, dashboard "
-        "processes), then the Train controller and the worker actor start as new processes that import "
-        "torch, transformers and ray.train (about 3.5-4 s each import on this machine, measured apart), "
-        "build the placement group and load the model; at the end the checkpoint is persisted to "
-        "`output_dir` and the worker group torn down. The steady-state line compares the same loop on a "
-        "worker and in-process. What closes it: one Ray session for all stages (the local pipeline "
-        "already runs SFT, RM and PPO in one process, so only the first stage pays `ray.init`), and for "
-        "a 1-worker run on a laptop Ray Train V2's local mode (`ScalingConfig(num_workers=0)`, our loop "
-        "runs there unchanged) at the price of resume-from-`output_dir` and failure restarts, which "
-        "local mode does not do."
+        "the fixed cost is start-up and tear-down, not the steps (the steady-state line is the same loop "
+        "on a worker and in-process): `ray.init` starts GCS, raylet and dashboard processes; then the "
+        "Train controller and the worker actor start as new processes that import torch, transformers and "
+        "ray.train (3.4-4 s for that import alone on this machine), reserve a placement group and load "
+        "the model; at the end the checkpoint is persisted to `output_dir` and the worker group torn down. "
+        "What closes it: one Ray session for all stages (the local pipeline runs SFT, RM and PPO in one "
+        "driver, so only the first stage pays `ray.init`), and for a 1-worker run on a laptop Ray Train V2's "
+        "local mode (`ScalingConfig(num_workers=0)`: our loop runs there unchanged), at the price of "
+        "resume from `output_dir` and failure restarts, which local mode does not do."
     ),
 }
 
@@ -101,16 +109,20 @@ def bench_supervised(stage: str, settings: Settings, model: Path, train_file: Pa
         return ours.supervised_rate(config, items)
 
     runs = [lambda: ours_run(1), lambda: trl_run(settings, model, train_file, work / f"{stage}-trl")]
+    if stage == "sft":  # TRL's default chunked_nll runs the LM head on label positions only; ours on all
+        runs.append(lambda: trl_side.sft(settings, model, train_file, work / "sft-trl", loss_type="nll"))
     if stage == "rm":  # TRL switches the reward model's dropout off by default; ours keeps it
         runs.append(lambda: trl_side.rm(settings, model, train_file, work / "rm-trl", disable_dropout=False))
-    ours_1, trl, *trl_dropout = alternate(repeats, *runs)
+    ours_1, trl, *trl_same = alternate(repeats, *runs)
     ours_2 = [ours_run(2) for _ in range(repeats)]
     name = "SFT training" if stage == "sft" else "Reward model"
     unit = "label tokens/s" if stage == "sft" else "pairs/s"
     rows = [row(f"{name} ({unit}, higher is better)", median(ours_1), median(trl), ours_1, trl, higher_is_better=True)]
-    if trl_dropout:
-        rows.append(row(f"{name}, TRL with dropout on as ours (disable_dropout=False) ({unit})", median(ours_1),
-                        median(trl_dropout[0]), ours_1, trl_dropout[0], higher_is_better=True))
+    if trl_same:
+        same = ("TRL with loss_type='nll' (logits at every position, as ours)" if stage == "sft"
+                else "TRL with dropout on, as ours (disable_dropout=False)")
+        rows.append(row(f"{name}, {same} ({unit})", median(ours_1), median(trl_same[0]), ours_1, trl_same[0],
+                        higher_is_better=True))
     rows.append(row(f"{name}, ours on 2 workers × 1 CPU ({unit})", median(ours_2), median(trl), ours_2, trl,
                     higher_is_better=True))
     return rows

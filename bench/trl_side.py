@@ -53,8 +53,12 @@ def _common_args(settings: Settings, output_dir: Path, steps: int, learning_rate
     }
 
 
-def sft(settings: Settings, model_dir: Path, train_file: Path, output_dir: Path) -> float:
-    """Label tokens/s of SFTTrainer with completion-only loss on prompt/completion records."""
+def sft(settings: Settings, model_dir: Path, train_file: Path, output_dir: Path, loss_type: str | None = None) -> float:
+    """Label tokens/s of SFTTrainer with completion-only loss on prompt/completion records.
+
+    TRL's default `loss_type` is "chunked_nll": the LM head runs on the label positions only. "nll"
+    computes the logits of every position, as ours does.
+    """
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -74,7 +78,8 @@ def sft(settings: Settings, model_dir: Path, train_file: Path, output_dir: Path)
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     args = SFTConfig(**_common_args(settings, output_dir, settings.sft_steps, settings.sft_learning_rate),
-                     completion_only_loss=True, packing=False, dataset_num_proc=None)
+                     completion_only_loss=True, packing=False, dataset_num_proc=None,
+                     **({"loss_type": loss_type} if loss_type else {}))
     trainer = CountingSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                  callbacks=[clock])
     trainer.train()
