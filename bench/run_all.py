@@ -38,7 +38,7 @@ STAGES = ("sft", "rm", "ppo", "ray")
 SLOWER_NOTES = {
     "SFT": (
         "TRL 1.12's SFTTrainer defaults to `loss_type=\"chunked_nll\"`: it runs the LM head (128 × 2048 "
-        "here, as large as a transformer block) only at the positions that have a label, about a quarter "
+        "weights here, more than one transformer block's 197k) only at the positions that have a label, a quarter "
         "of the padded tokens in this data; ours computes the logits at every position, prompt and padding "
         "included. The row with TRL's `loss_type=\"nll\"` (the same computation as ours) shows ours ahead "
         "there. Measured in one process (Ray Train local mode, same batches, alternating): ours ~2.9-3.0k, "
@@ -46,16 +46,14 @@ SLOWER_NOTES = {
         "(`bench/profile_sft_step.py` times the three losses per step). What closes it: in "
         "`rlhf_jobs.sft.response_loss`, gather the backbone's hidden states at `labels != -100` and apply "
         "the LM head there (inside the module that DDP wraps, so gradients still synchronise). "
-        "`use_cache=False` in the training forward is worth a further ~3%."
+        "`use_cache=False` in the training forward alone measured 0-3%, within the noise."
     ),
     "Reward model": (
-        "TRL's RewardTrainer switches the model's dropout off by default (`disable_dropout=True`); ours "
-        "keeps GPT-2's dropout (p=0.1 on embeddings, attention and residuals) in the reward model, and "
-        "on 1 CPU thread drawing the dropout masks (`aten::bernoulli_`) is ~11% of a step's CPU time "
-        "(torch.profiler). The row with TRL's dropout on, the same computation, shows the whole gap is "
-        "that; our loop in Ray Train's local mode (no Ray) gives the same pairs/s as on a Ray worker. "
-        "What closes it: load the reward model with `dropout=False` (`rlhf_jobs.models.load_reward_model` "
-        "has the switch; PPO already uses it)."
+        "both sides train the reward model with dropout off (TRL's `disable_dropout=True` default; ours "
+        "since 4ba7123). With dropout on, drawing the masks (`aten::bernoulli_`) was ~11% of a step's CPU "
+        "time on 1 thread and ours ran at 0.74 × TRL; `trl_side.rm(..., disable_dropout=False)` "
+        "reproduces that side. If this row shows ours slower, profile the step as bench/profile_sft_step.py "
+        "does for SFT."
     ),
     "PPO": (
         "per iteration our rollout does one more policy forward than TRL (TRL takes the old log-probs from "
@@ -111,16 +109,13 @@ def bench_supervised(stage: str, settings: Settings, model: Path, train_file: Pa
     runs = [lambda: ours_run(1), lambda: trl_run(settings, model, train_file, work / f"{stage}-trl")]
     if stage == "sft":  # TRL's default chunked_nll runs the LM head on label positions only; ours on all
         runs.append(lambda: trl_side.sft(settings, model, train_file, work / "sft-trl", loss_type="nll"))
-    if stage == "rm":  # TRL switches the reward model's dropout off by default; ours keeps it
-        runs.append(lambda: trl_side.rm(settings, model, train_file, work / "rm-trl", disable_dropout=False))
     ours_1, trl, *trl_same = alternate(repeats, *runs)
     ours_2 = [ours_run(2) for _ in range(repeats)]
     name = "SFT training" if stage == "sft" else "Reward model"
     unit = "label tokens/s" if stage == "sft" else "pairs/s"
     rows = [row(f"{name} ({unit}, higher is better)", median(ours_1), median(trl), ours_1, trl, higher_is_better=True)]
     if trl_same:
-        same = ("TRL with loss_type='nll' (logits at every position, as ours)" if stage == "sft"
-                else "TRL with dropout on, as ours (disable_dropout=False)")
+        same = "TRL with loss_type='nll' (logits at every position, as ours)"
         rows.append(row(f"{name}, {same} ({unit})", median(ours_1), median(trl_same[0]), ours_1, trl_same[0],
                         higher_is_better=True))
     rows.append(row(f"{name}, ours on 2 workers × 1 CPU ({unit})", median(ours_2), median(trl), ours_2, trl,
@@ -190,7 +185,7 @@ def bench_ray(settings: Settings, model: Path, train_file: Path, work: Path, rep
     rows = []
     for key, label, higher in (
         ("wall_seconds", f"SFT {settings.sft_steps} steps, wall incl. start-up (s)", False),
-        ("ray_init_seconds", "of which ray.init (s)", False),
+        ("ray_init_seconds", "of which ray.init (local mode: importing ray.train) (s)", False),
         ("first_window_seconds", f"start to end of the first {settings.logging_steps} steps (s)", False),
         ("after_last_step_seconds", "last step to fit() returning (s)", False),
         ("tokens_per_second", "steady state (label tokens/s)", True),
@@ -220,7 +215,10 @@ def table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"| {r['name']} | skipped: {r['skipped']} | | | |")
             continue
         runs = ", ".join(map(fmt, r["ours_runs"])) + " ; " + ", ".join(map(fmt, r["other_runs"]))
-        lines.append(f"| {r['name']} | {fmt(r['ours'])} | {fmt(r['other'])} | {r['ratio']:.2f} | {runs} |")
+        ratio = f"{r['ratio']:.2f}"
+        if r["name"].endswith("(s)"):  # start-up costs: the difference says more than the ratio
+            ratio += f" ({r['ours'] - r['other']:+.1f} s)"
+        lines.append(f"| {r['name']} | {fmt(r['ours'])} | {fmt(r['other'])} | {ratio} | {runs} |")
     return "\n".join(lines)
 
 
@@ -238,11 +236,11 @@ Definitions: bench/README.md.
 - Versions: torch {info['torch']}, transformers {info['transformers']}, trl {info['trl']},
   accelerate {info['accelerate']}, ray {info['ray']}
 - Model: the tiny GPT-2 (`rlhf-jobs tiny-model`: 2 layers, 128 dims, BPE vocab 2048), CPU, fp32, AdamW,
-  1 torch thread per training process. SFT/RM: batch {settings.batch_size}, max length {settings.max_length},
-  {settings.sft_steps}/{settings.rm_steps} steps, cosine schedule with {settings.warmup_ratio:.0%} warm-up.
-  PPO: {settings.ppo_batch_size} prompts per rollout, {settings.max_new_tokens} new tokens,
-  {settings.ppo_epochs} PPO epochs × {settings.ppo_batch_size // settings.ppo_mini_batch_size} minibatches,
-  {settings.ppo_iterations} iterations.
+  1 torch thread per training process.
+- SFT / RM: batch {settings.batch_size}, max length {settings.max_length}, {settings.sft_steps} / {settings.rm_steps} \
+steps, cosine schedule with {settings.warmup_ratio:.0%} warm-up.
+- PPO: {settings.ppo_batch_size} prompts per rollout, {settings.max_new_tokens} new tokens, {settings.ppo_epochs} PPO \
+epochs × {settings.ppo_batch_size // settings.ppo_mini_batch_size} minibatches, {settings.ppo_iterations} iterations.
 - Each figure is the median of {repeats} runs, ours and TRL alternating; every run's figure is listed.
   Ratio = ours / TRL: above 1 is better for ours for rates, below 1 for seconds.
 
