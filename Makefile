@@ -54,14 +54,15 @@ lint: venv ## ruff
 BENCH_VENV ?= .venv-bench
 
 # TRL lives in its own venv so the main one never depends on it; torch pinned (a plain `torch` is a CUDA build).
-$(BENCH_VENV)/bin/python: pyproject.toml
+# A stamp file: bin/python is a symlink, and touching it would touch the system interpreter.
+$(BENCH_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
 	$(BENCH_VENV)/bin/pip install --quiet -e '.[bench]' torch==2.13.0
 	@touch $@
 
 .PHONY: bench
-bench: $(BENCH_VENV)/bin/python ## Benchmarks against TRL 1.12 in .venv-bench (about 15 min); writes bench/RESULTS.md
+bench: $(BENCH_VENV)/.installed ## Benchmarks against TRL 1.12 in .venv-bench (about 10 min); writes bench/RESULTS.md
 	$(BENCH_VENV)/bin/python bench/run_all.py
 
 .PHONY: bench-generation
