@@ -58,24 +58,24 @@ def local_config(name: str, **replacements: str) -> dict:
     return config
 
 
-@pytest.fixture(scope="session")
-def sft_checkpoint(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The SFT stage trained on the sample data with configs/local/sft.yaml (2 workers)."""
+def train_local_stage(stage: str, base_model: Path, factory: pytest.TempPathFactory, suffix: str = ".yaml") -> Path:
+    """Train configs/local/<stage>.yaml from `base_model` into a temp dir; the final model's path."""
     from rlhf_jobs.cli import train_stage
 
-    work = tmp_path_factory.mktemp("sft")
-    config = local_config("sft", base_model=tiny_model, output_dir=work / "output", checkpoint_dir=work / "model")
-    # Written in the original .conf format on purpose: it must train unchanged.
-    train_stage("sft", str(write_config(work / "sft.conf", config)))
+    work = factory.mktemp(stage)
+    config = local_config(stage, base_model=base_model, output_dir=work / "output", checkpoint_dir=work / "model")
+    train_stage(stage, str(write_config(work / f"{stage}{suffix}", config)))
     return work / "model"
+
+
+@pytest.fixture(scope="session")
+def sft_checkpoint(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The SFT stage trained on the sample data (2 workers), from a config in the original .conf
+    format on purpose: such a file must train unchanged."""
+    return train_local_stage("sft", tiny_model, tmp_path_factory, suffix=".conf")
 
 
 @pytest.fixture(scope="session")
 def rm_checkpoint(sft_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The reward model trained from the SFT checkpoint with configs/local/rm.yaml (2 workers)."""
-    from rlhf_jobs.cli import train_stage
-
-    work = tmp_path_factory.mktemp("rm")
-    config = local_config("rm", base_model=sft_checkpoint, output_dir=work / "output", checkpoint_dir=work / "model")
-    train_stage("rm", str(write_config(work / "rm.yaml", config)))
-    return work / "model"
+    return train_local_stage("rm", sft_checkpoint, tmp_path_factory)
