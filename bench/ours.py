@@ -26,34 +26,33 @@ def _general(model: Path, run_dir: Path) -> dict[str, str]:
     return {"base_model": str(model), "output_dir": str(run_dir / "output"), "checkpoint_dir": str(run_dir / "model")}
 
 
-def sft_config(settings: Settings, model: Path, train_file: Path, run_dir: Path, workers: int) -> StageConfig:
+def supervised_config(stage: str, settings: Settings, model: Path, train_file: Path, run_dir: Path,
+                      workers: int) -> StageConfig:
+    """The SFT or RM config of the benchmark: the same loop, its own steps and learning rate."""
+    steps, learning_rate = (
+        (settings.sft_steps, settings.sft_learning_rate) if stage == "sft"
+        else (settings.rm_steps, settings.rm_learning_rate)
+    )
     data = {
         "General": _general(model, run_dir),
         "Dataset": {"train_file": str(train_file), "validation_split_percentage": 0,
                     "max_length": settings.max_length},
         "Training": {
             **_training(settings, workers), "batch_size": settings.batch_size, "epochs": 1,
-            "max_train_steps": settings.sft_steps, "learning_rate": settings.sft_learning_rate,
+            "max_train_steps": steps, "learning_rate": learning_rate,
             "lr_scheduler": "cosine", "warmup_ratio": settings.warmup_ratio,
             "logging_steps": settings.logging_steps,
         },
     }
-    return validate_config(data, "sft", source="<bench>")
+    return validate_config(data, stage, source="<bench>")
+
+
+def sft_config(settings: Settings, model: Path, train_file: Path, run_dir: Path, workers: int) -> StageConfig:
+    return supervised_config("sft", settings, model, train_file, run_dir, workers)
 
 
 def rm_config(settings: Settings, model: Path, train_file: Path, run_dir: Path, workers: int) -> StageConfig:
-    data = {
-        "General": _general(model, run_dir),
-        "Dataset": {"train_file": str(train_file), "validation_split_percentage": 0,
-                    "max_length": settings.max_length},
-        "Training": {
-            **_training(settings, workers), "batch_size": settings.batch_size, "epochs": 1,
-            "max_train_steps": settings.rm_steps, "learning_rate": settings.rm_learning_rate,
-            "lr_scheduler": "cosine", "warmup_ratio": settings.warmup_ratio,
-            "logging_steps": settings.logging_steps,
-        },
-    }
-    return validate_config(data, "rm", source="<bench>")
+    return supervised_config("rm", settings, model, train_file, run_dir, workers)
 
 
 def ppo_config(settings: Settings, model: Path, train_file: Path, run_dir: Path, workers: int) -> StageConfig:
