@@ -17,7 +17,7 @@ from pathlib import Path
 from common import Settings, metrics_records
 from ours import sft_config, supervised_rate
 
-from rlhf_jobs import ray_train, sft
+from rlhf_jobs import launcher, sft
 
 
 def run(mode: str, model: Path, train_file: Path, run_dir: Path, settings: Settings) -> dict[str, float]:
@@ -26,9 +26,9 @@ def run(mode: str, model: Path, train_file: Path, run_dir: Path, settings: Setti
     start = time.perf_counter()
     started_at = time.time()
     if mode == "ray":
-        ray_train.init_ray(config.Training)
+        launcher.init_ray(config.Training)
         ray_ready = time.perf_counter()
-        ray_train.run_trainer(config, sft.train_loop, data=data)
+        launcher.run_trainer(config, sft.train_loop, data=data)
     else:
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
@@ -38,7 +38,7 @@ def run(mode: str, model: Path, train_file: Path, run_dir: Path, settings: Setti
             sft.train_loop,
             train_loop_config={"stage": config.stage, "config": config.to_dict(), "data": data},
             scaling_config=ScalingConfig(num_workers=0),
-            run_config=RunConfig(name=ray_train.RUN_NAME, storage_path=str(Path(config.General.output_dir))),
+            run_config=RunConfig(name=launcher.RUN_NAME, storage_path=str(Path(config.General.output_dir))),
         ).fit()
     end = time.perf_counter()
     records = metrics_records(Path(config.General.output_dir))

@@ -3,8 +3,7 @@
 #   make images VARIANT=gpu                              CUDA torch on nvidia/cuda, tag $(IMAGE_TAG)-gpu
 #   make images BASE_IMAGE=local/python:3.11-slim-bookworm   (this machine, after ../shared/tools/start-docker)
 
-IMAGE_REPO ?= rlhf-jobs
-IMAGE_TAG ?= 0.1.0
+# IMAGE_REPO and IMAGE_TAG come from the top-level Makefile.
 VARIANT ?= cpu
 DOCKER ?= docker
 # Base images: an exact Python 3.11 for CPU (RLHF_BASE_IMAGE is what CI exports), CUDA runtime for GPU.

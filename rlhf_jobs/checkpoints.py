@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 MARKER = "rlhf_stage.json"
-STAGE_NAMES = {"sft": "SFT", "rm": "reward model", "ppo": "PPO"}
 
 
 class CheckpointError(ValueError):
@@ -25,17 +24,19 @@ def read_marker(directory: str | Path) -> dict[str, Any] | None:
 
 def require_stage(directory: str | Path, stage: str, key: str) -> dict[str, Any]:
     """The marker of `directory`, which must be a finished `stage` checkpoint."""
+    from rlhf_jobs.stages import get
+
     directory = Path(directory)
-    command = f"rlhf-jobs train {stage}"
+    command, title = f"rlhf-jobs train {stage}", get(stage).title
     if not directory.is_dir():
         raise CheckpointError(
-            f"{key}: {directory} does not exist; run the {STAGE_NAMES[stage]} stage first ({command})"
+            f"{key}: {directory} does not exist; run the {title} stage first ({command})"
         )
     marker = read_marker(directory)
     if marker is None:
         raise CheckpointError(
-            f"{key}: {directory} has no {MARKER}, so it is not a finished {STAGE_NAMES[stage]} "
-            f"checkpoint; run the {STAGE_NAMES[stage]} stage first ({command})"
+            f"{key}: {directory} has no {MARKER}, so it is not a finished {title} "
+            f"checkpoint; run the {title} stage first ({command})"
         )
     if marker.get("stage") != stage:
         raise CheckpointError(

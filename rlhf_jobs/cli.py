@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from rlhf_jobs.config import STAGES
+from rlhf_jobs.stages import NAMES as STAGES
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -18,7 +18,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from rlhf_jobs.config import ConfigError
     from rlhf_jobs.data import DataError
     from rlhf_jobs.models import ModelError
-    from rlhf_jobs.ray_train import ResourceError
+    from rlhf_jobs.launcher import ResourceError
 
     return ConfigError, DataError, CheckpointError, ResourceError, HelmError, PreflightError, ModelError
 
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "check-config":
         from rlhf_jobs.config import load_config
 
-        config = load_config(args.config_path, args.stage, args.overrides, check_paths=not args.no_check_paths)
+        config = load_config(args.config_path, args.stage, args.overrides, paths=not args.no_check_paths)
         print(f"{args.config_path}: valid {args.stage} config")
         print(config.model_dump_json(indent=2, exclude={"stage"}))
     elif args.command == "tiny-model":

@@ -17,7 +17,6 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-STAGES = ("sft", "rm", "ppo")
 OPTIMIZERS = ("AdamW", "Adam", "SGD", "RMSprop")
 LR_SCHEDULERS = ("linear", "cosine", "constant")
 PROMPT_FORMATS = ("instruction", "chat", "raw")
@@ -89,6 +88,23 @@ class ResourcesPerWorker(Section):
 
 # ---- sections shared by the stages ---------------------------------------------------------------
 
+REPORT_TO = ("tensorboard", "mlflow", "wandb", "none")
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class LoRA(Section):
+    """Low-rank adapters (peft) instead of full fine-tuning; the same block for SFT, RM and PPO."""
+
+    r: PositiveInt = Field(16, description="Rank of the adapters.")
+    alpha: PositiveFloat = Field(32.0, description="Scaling numerator: the update is scaled by alpha / r.")
+    dropout: Annotated[float, Field(ge=0, lt=1)] = Field(0.0, description="Dropout on the adapters' input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]), or all-linear."
+    )
+    export: Literal["merged", "adapter"] = Field(
+        "merged", description="Final model: merged into a plain Hugging Face model, or the adapter alone."
+    )
+
 
 class TrainingBase(Section):
     """Optimisation and Ray Train settings every stage shares."""
@@ -119,6 +135,22 @@ class TrainingBase(Section):
     max_failures: NonNegativeInt = Field(
         1, description="Times Ray Train restarts crashed workers from the last checkpoint."
     )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: a full copy per worker; fsdp: parameters, gradients and optimizer state sharded."
+    )
+    lora: LoRA | None = Field(None, description="Train LoRA adapters instead of every weight; None = full.")
+    save_dtype: Literal[SAVE_DTYPES] = Field(
+        "auto", description="dtype of the final model; auto = the dtype the base checkpoint was stored in."
+    )
+    report_to: list[Literal[REPORT_TO]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Where metrics go besides metrics.jsonl: tensorboard, mlflow, wandb, none.",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _one_warmup(self) -> TrainingBase:
@@ -211,6 +243,13 @@ class PromptDataset(DataFiles):
 
 class PPOTraining(TrainingBase):
     experience_batch_size: PositiveInt = Field(8, description="Prompts per worker per rollout.")
+    rollout_batch_size: PositiveInt | None = Field(
+        None, description="Prompts per generate call and per rollout forward; None = experience_batch_size."
+    )
+    logprob_chunk_size: PositiveInt = Field(
+        256, description="Token positions per chunk when computing log-probs over the vocabulary."
+    )
+    save_critic: bool = Field(True, description="Also write the trained critic to checkpoint_dir/critic.")
     mini_batch_size: PositiveInt | None = Field(
         None, description="Sequences per PPO update step; None = experience_batch_size (one minibatch)."
     )
@@ -248,10 +287,21 @@ class PPOTraining(TrainingBase):
     def _length_known(self) -> PPOTraining:
         if self.epochs is None and self.training_iteration is None:
             raise ValueError("set epochs or training_iteration")
+        if self.rollout_batch_size and self.rollout_batch_size > self.experience_batch_size:
+            raise ValueError(
+                f"rollout_batch_size ({self.rollout_batch_size}) must not exceed "
+                f"experience_batch_size ({self.experience_batch_size})"
+            )
         if self.mini_batch_size and self.experience_batch_size % self.mini_batch_size:
             raise ValueError(
                 f"mini_batch_size ({self.mini_batch_size}) must divide "
                 f"experience_batch_size ({self.experience_batch_size})"
+            )
+        mini_batch_size = self.mini_batch_size or self.experience_batch_size
+        if mini_batch_size % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) must divide the "
+                f"mini-batch ({mini_batch_size} sequences): each update is split into that many micro-batches"
             )
         return self
 
@@ -260,9 +310,6 @@ class PPOConfig(StageConfig):
     General: PPOGeneral
     Dataset: PromptDataset
     Training: PPOTraining = Field(default_factory=PPOTraining)
-
-
-CONFIG_TYPES: dict[str, type[StageConfig]] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig}
 
 
 # ---- reading files -------------------------------------------------------------------------------
@@ -380,9 +427,11 @@ def validate_config(
     data: dict[str, Any], stage: str, source: str = "<config>", paths: bool = True
 ) -> StageConfig:
     """Validate a raw dict as the config of `stage`; one `ConfigError` for every problem found."""
-    if stage not in CONFIG_TYPES:
-        raise ConfigError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
-    config_type = CONFIG_TYPES[stage]
+    from rlhf_jobs import stages  # the registry imports this module's config types
+
+    if stage not in stages.REGISTRY:
+        raise ConfigError(f"unknown stage {stage!r}; expected one of {', '.join(stages.NAMES)}")
+    config_type = stages.REGISTRY[stage].config_type
     try:
         config = config_type.model_validate({**data, "stage": stage})
     except ValidationError as err:
@@ -396,8 +445,8 @@ def validate_config(
 
 
 def load_config(
-    path: str | Path, stage: str, overrides: list[str] | tuple[str, ...] = (), check_paths: bool = True
+    path: str | Path, stage: str, overrides: list[str] | tuple[str, ...] = (), paths: bool = True
 ) -> StageConfig:
-    """Read, override and validate a stage config file."""
+    """Read, override and validate a stage config file (`paths`: check that local files exist)."""
     data = apply_overrides(read_config_file(path), overrides)
-    return validate_config(data, stage, source=str(path), paths=check_paths)
+    return validate_config(data, stage, source=str(path), paths=paths)

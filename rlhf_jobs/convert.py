@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlhf_jobs.data import DataError, read_numbered
+from rlhf_jobs.stages import NAMES as KINDS
 
-KINDS = ("sft", "rm", "ppo")
 SOURCE_FORMATS: dict[str, tuple[str, ...]] = {
     "sft": ("dolly", "oasst", "oasst-messages"),
     "rm": ("hh", "pairs"),

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import fsspec
+
+if TYPE_CHECKING:
+    import datasets
 
 
 class DataError(ValueError):
@@ -145,6 +147,8 @@ def load_splits(
     seed: int,
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """Train and validation `datasets.Dataset`s; a seeded split when there is no validation file."""
+    import datasets  # slow to import; the CLI's other commands never need it
+
     train = datasets.Dataset.from_list(read_records(train_file, schema))
     if validation_file:
         return train, datasets.Dataset.from_list(read_records(validation_file, schema))

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from rlhf_jobs import stages as registry
 from rlhf_jobs.config import (
-    STAGES,
     ConfigError,
     apply_overrides,
     check_data_paths,
@@ -26,14 +26,9 @@ from rlhf_jobs.config import (
     read_config_file,
     validate_config,
 )
-from rlhf_jobs.data import PPO_SCHEMA, RM_SCHEMA, SFT_SCHEMA, read_records
+from rlhf_jobs.data import read_records
 
-# Keys in a later stage's General section that point at an earlier stage's checkpoint.
-CHAINED_KEYS = {"ppo": {"model_pretrain": "sft", "rm_pretrain": "rm"}}
-# Keys that name the base model each stage starts from (replaced by --base-model).
-BASE_MODEL_KEYS = {"sft": ("base_model",), "rm": ("base_model",), "ppo": ("model_name", "rm_name")}
-CONFIG_FILES = {"sft": "sft", "rm": "rm", "ppo": "ppo"}
-SCHEMAS = {"sft": SFT_SCHEMA, "rm": RM_SCHEMA, "ppo": PPO_SCHEMA}
+STAGES = registry.NAMES
 
 
 class Backend(Protocol):
@@ -119,14 +114,14 @@ def resolve_configs(backend: Backend, options: PipelineOptions) -> dict[str, dic
         general = config.setdefault("General", {})
         output_dir, checkpoint_dir = backend.stage_paths(stage)
         general["output_dir"], general["checkpoint_dir"] = output_dir, checkpoint_dir
-        for key in BASE_MODEL_KEYS[stage]:
+        for key in registry.get(stage).base_model_keys:
             # A base model that names an earlier stage's checkpoint follows that stage.
             earlier = [s for s, ckpt in original_checkpoints.items() if ckpt and general.get(key) == ckpt]
             if earlier:
                 general[key] = backend.stage_paths(earlier[0])[1]
             elif options.base_model:
                 general[key] = options.base_model
-        for key, source in CHAINED_KEYS.get(stage, {}).items():
+        for key, source in registry.get(stage).inputs.items():
             general[key] = backend.stage_paths(source)[1]
         try:
             config = apply_overrides(config, split_overrides(options.overrides, stage))
@@ -139,9 +134,10 @@ def resolve_configs(backend: Backend, options: PipelineOptions) -> dict[str, dic
         if options.check_paths:
             # Every stage's data now; models only for the first stage (the others come from it).
             check_data_paths(config, source)
-            read_records(config.Dataset.train_file, SCHEMAS[stage])
+            records = registry.get(stage).records
+            read_records(config.Dataset.train_file, records)
             if config.Dataset.validation_file:
-                read_records(config.Dataset.validation_file, SCHEMAS[stage])
+                read_records(config.Dataset.validation_file, records)
             if stage == options.stages[0]:
                 check_model_paths(config, source)
     return resolved
@@ -149,10 +145,10 @@ def resolve_configs(backend: Backend, options: PipelineOptions) -> dict[str, dic
 
 def _config_file(config_dir: Path, stage: str) -> Path:
     for suffix in (".yaml", ".yml", ".json", ".conf"):
-        path = Path(config_dir) / f"{CONFIG_FILES[stage]}{suffix}"
+        path = Path(config_dir) / f"{stage}{suffix}"
         if path.is_file():
             return path
-    raise ConfigError(f"{config_dir}: no {stage} config (expected {CONFIG_FILES[stage]}.yaml, .json or .conf)")
+    raise ConfigError(f"{config_dir}: no {stage} config (expected {stage}.yaml, .json or .conf)")
 
 
 def plan(backend: Backend, options: PipelineOptions) -> list[StagePlan]:

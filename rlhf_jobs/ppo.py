@@ -6,28 +6,29 @@ head applied at every position, so values start out as reward-model scores) and 
 **reward model**. Frozen models are in eval mode under `torch.no_grad`; dropout is off in all four
 (PPO's ratio must compare the same function at rollout and at update time).
 
-One iteration:
+One iteration (`train_loop`, steps 1-5):
 
-1. **Rollout.** Each worker takes the next `experience_batch_size` prompts of its shard
-   (`rank::world_size` of a per-epoch seeded shuffle, so every prompt is used every epoch),
+1. **Rollout** (`collect_experience`). Each worker takes the next `experience_batch_size` prompts of
+   its shard (`rank::world_size` of a per-epoch seeded shuffle, so every prompt is used every epoch),
    left-padded and left-truncated to `max_prompt_length`, and samples responses in one batched
    `generate` with the KV cache. Tokens after the first EOS are padding (the EOS itself is part of
    the response). One forward over prompt + response gives the log-probs of the response tokens
    under the policy and the reference (temperature-scaled logits, the same in rollout and update)
    and the critic's value of each response token. The reward model scores the decoded
    `prompt_text + response_text`, re-tokenised with its own tokenizer.
-2. **Rewards.** Per token: `-kl_coeff × KL` (k1 `logp - ref_logp`, or k3 `(r - 1) - log r` with
-   `r = exp(ref_logp - logp)`); the score (normalised with the reward model's recorded mean/std,
-   clipped to ±`score_clip`, minus `missing_eos_penalty` without EOS) is added at the last response
-   token.
-3. **Advantages.** GAE(`gamma`, `lam`) over the response tokens (the value after the last one is
-   0); returns = advantages + values; advantages whitened with the mean/variance of ALL workers.
-4. **Update.** `ppo_epochs` passes over shuffled minibatches of `mini_batch_size`: per-token ratio
-   `exp(logp_new - logp_old)`, clipped surrogate loss and clipped value loss, both masked means
-   over response tokens. One backward of `policy_loss + vf_coef × value_loss` fills the gradients
+2. **Rewards** (`compute_rewards`). Per token: `-kl_coeff × KL` (k1 `logp - ref_logp`, or k3
+   `(r - 1) - log r` with `r = exp(ref_logp - logp)`); the score (`shape_scores`: normalised with the
+   reward model's recorded mean/std, clipped to ±`score_clip`, minus `missing_eos_penalty` without EOS)
+   is added at the last response token.
+3. **Advantages** (`compute_gae`). GAE(`gamma`, `lam`) over the response tokens (the value after the
+   last one is 0); returns = advantages + values; advantages whitened with the mean/variance of ALL workers.
+4. **Update** (`ppo_update`). `ppo_epochs` passes over shuffled minibatches of `mini_batch_size`:
+   per-token ratio `exp(logp_new - logp_old)`, clipped surrogate loss and clipped value loss, both masked
+   means over response tokens. One backward of `policy_loss + vf_coef × value_loss` fills the gradients
    of the two separate models, each clipped to `max_grad_norm` and stepped by its own optimizer
    (`learning_rate` / `critic_learning_rate`). Prompt and padding tokens never contribute.
-5. **KL control** (optional, `target_kl`): Ziegler et al.'s adaptive coefficient.
+5. **KL control** (optional, `target_kl`): Ziegler et al.'s adaptive coefficient; then the metrics
+   (`iteration_metrics`, over all workers).
 
 Metrics go to `metrics.jsonl` and TensorBoard every iteration; the held-out prompts are scored
 (`eval_score_mean`, split "eval") at the start, every `eval_steps` iterations and at the end. Ray
@@ -35,35 +36,27 @@ Train checkpoints (policy, critic, optimizers, schedulers, KL coefficient, itera
 position) every `save_steps` (default `eval_steps`) iterations and at the end; a rerun with the
 same `output_dir` resumes. The final policy + tokenizer are written to `checkpoint_dir`
 (atomically, with the `rlhf_stage.json` marker) and the critic to `checkpoint_dir/critic`.
-
-Fixes against the original workflow's PPO:
-
-- it sampled one prompt forever: here every prompt of the shard is used, epoch after epoch;
-- its advantages had the wrong sign and no GAE: here GAE, with `advantage × ratio` maximised;
-- its critic never learned: here it has an optimizer, a clipped value loss and returns as targets;
-- its KL term compared log-probs of a different generation: here policy and reference log-probs
-  come from the same sampled tokens;
-- its ratio was averaged per sequence: here it is per token, masked to response tokens;
-- it generated batch-1 without a KV cache in one process: here batched `generate(use_cache=True)`
-  on every Ray Train worker (see bench/bench_generation.py);
-- it wrote no exportable model: here `save_pretrained` policy + tokenizer, marker and critic.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from rlhf_jobs import ray_train
+from rlhf_jobs import launcher, optim, train_state
+from rlhf_jobs.batching import pad
 from rlhf_jobs.checkpoints import require_stage, write_atomically
-from rlhf_jobs.config import StageConfig
+from rlhf_jobs.config import PPOTraining, StageConfig
 from rlhf_jobs.data import PPO_SCHEMA, DataError, load_splits
+from rlhf_jobs.distributed import Moments, all_reduce_sum, global_mean_var
+from rlhf_jobs.metrics_log import MetricsLogger
 from rlhf_jobs.models import load_causal_lm, load_reward_model, load_tokenizer, unwrap
 from rlhf_jobs.prompts import record_prompt
-from rlhf_jobs.ray_train import Worker, all_reduce_sum
+from rlhf_jobs.worker import Worker, progress, setup_worker
 
 STAGE = "ppo"
 
@@ -99,15 +92,6 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     return whitened * mask
 
 
-def global_mean_var(values: torch.Tensor, mask: torch.Tensor, device: torch.device) -> tuple[float, float]:
-    """Mean and variance of the masked values of ALL workers (all_reduce of sum, sum of squares, count)."""
-    total, squares, count = all_reduce_sum(
-        [masked_sum(values, mask).item(), masked_sum(values**2, mask).item(), mask.sum().item()], device
-    )
-    mean = total / max(count, 1)
-    return mean, max(squares / max(count, 1) - mean**2, 0.0)
-
-
 # ---- the pieces of the algorithm ---------------------------------------------------------------------
 
 
@@ -118,14 +102,20 @@ def response_mask(response: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return (eos_before == 0).long()
 
 
+def response_slice(per_position: torch.Tensor, width: int) -> torch.Tensor:
+    """The positions that predict the `width` response tokens of prompt + response.
+
+    The token at position P + t is predicted at position P + t - 1, so the slice is `[:, P - 1 : -1]`.
+    """
+    return per_position[:, -width - 1 : -1]
+
+
 def response_logprobs(logits: torch.Tensor, response: torch.Tensor, temperature: float) -> torch.Tensor:
     """Log-probs of `response` from the full-sequence logits of prompt + response.
 
-    The token at position P + t is predicted by the logits at P + t - 1, so the response slice is
-    `logits[:, P - 1 : -1]`. Logits are divided by the sampling temperature, in rollout and update alike.
+    Logits are divided by the sampling temperature, in rollout and update alike.
     """
-    width = response.size(1)
-    logits = logits[:, -width - 1 : -1].float() / temperature
+    logits = response_slice(logits, response.size(1)).float() / temperature
     return torch.gather(logits.log_softmax(-1), 2, response.unsqueeze(-1)).squeeze(-1)
 
 
@@ -315,35 +305,24 @@ def prompt_batch(examples: list[dict[str, Any]], worker: Worker, seed: int, posi
     return batch
 
 
-def pad_left(sequences: list[list[int]], pad_token_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        input_ids[row, width - len(sequence) :] = torch.tensor(sequence)
-        attention_mask[row, width - len(sequence) :] = 1
-    return input_ids.to(device), attention_mask.to(device)
+# ---- worker: models and optimizers ---------------------------------------------------------------------------
 
 
-# ---- worker: the training loop -----------------------------------------------------------------------------
+@dataclass
+class PPOModels:
+    policy: torch.nn.Module  # DDP-wrapped for training; `unwrap` for generate and plain forwards
+    reference: torch.nn.Module
+    critic: torch.nn.Module
+    reward_model: torch.nn.Module
+    tokenizer: Any  # the policy's, left padding
+    rm_tokenizer: Any  # the reward model's, right padding, left truncation
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
+def load_models(config: StageConfig, worker: Worker) -> PPOModels:
+    """The four models on this worker; the trainable two wrapped for distributed training."""
     import ray.train.torch
 
-    # -- hyperparameters and data
-    config, worker = ray_train.setup_worker(loop_config)
-    general, training = config.General, config.Training
-    train_prompts, eval_prompts = loop_config["data"]["train"], loop_config["data"]["eval"]
-    reward_stats = loop_config["data"]["reward_stats"] if training.normalize_score else None
-    batch_size = training.experience_batch_size
-    mini_batch_size = training.mini_batch_size or batch_size
-    prompts_per_worker = math.ceil(len(train_prompts) / worker.world_size)
-    iterations = training.training_iteration or training.epochs * math.ceil(prompts_per_worker / batch_size)
-    updates_per_iteration = training.ppo_epochs * (batch_size // mini_batch_size)
-    save_steps = training.save_steps or training.eval_steps
-
-    # -- models
+    general = config.General
     policy_path = general.model_pretrain or general.model_name
     rm_path = general.rm_pretrain or general.rm_name
     trust = general.trust_remote_code
@@ -356,111 +335,257 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # The critic reads the policy's tokens: it starts from the RM when they share a vocabulary,
     # else from the policy's backbone with a fresh value head.
     same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
-    critic_base = load_reward_model(rm_path if same_vocab else policy_path, tokenizer, trust, dropout=False)
-    critic = Critic(critic_base)
-    policy = ray.train.torch.prepare_model(policy)
-    critic = ray.train.torch.prepare_model(critic)
-    generation = dict(
+    critic = Critic(load_reward_model(rm_path if same_vocab else policy_path, tokenizer, trust, dropout=False))
+    return PPOModels(ray.train.torch.prepare_model(policy), reference, ray.train.torch.prepare_model(critic),
+                     reward_model, tokenizer, rm_tokenizer)
+
+
+@dataclass
+class Optimizers:
+    """The policy's and the critic's optimizer and schedule, and the KL coefficient: the state that resumes."""
+
+    policy: torch.optim.Optimizer
+    critic: torch.optim.Optimizer
+    policy_schedule: Any
+    critic_schedule: Any
+    kl_control: AdaptiveKLController
+
+    @classmethod
+    def build(cls, models: PPOModels, training: PPOTraining, total_updates: int) -> Optimizers:
+        policy = optim.build_optimizer(models.policy, training)
+        critic = optim.build_optimizer(models.critic, training, training.critic_learning_rate)
+        return cls(policy, critic, optim.build_scheduler(policy, training, total_updates),
+                   optim.build_scheduler(critic, training, total_updates),
+                   AdaptiveKLController(training.kl_coeff, training.target_kl, training.kl_horizon))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"policy_optimizer": self.policy.state_dict(), "critic_optimizer": self.critic.state_dict(),
+                "policy_scheduler": self.policy_schedule.state_dict(),
+                "critic_scheduler": self.critic_schedule.state_dict(), "kl_control": self.kl_control.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.policy.load_state_dict(state["policy_optimizer"])
+        self.critic.load_state_dict(state["critic_optimizer"])
+        self.policy_schedule.load_state_dict(state["policy_scheduler"])
+        self.critic_schedule.load_state_dict(state["critic_scheduler"])
+        self.kl_control.load_state_dict(state["kl_control"])
+
+
+# ---- worker: rollout ---------------------------------------------------------------------------------------------
+
+
+def generation_settings(training: PPOTraining, tokenizer: Any) -> dict[str, Any]:
+    return dict(
         do_sample=True, temperature=training.temperature, top_k=training.top_k or None, top_p=training.top_p,
         max_new_tokens=training.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, use_cache=True,
     )
 
-    # -- optimizers, KL controller, resume
-    policy_optimizer = ray_train.build_optimizer(policy, training)
-    critic_optimizer = ray_train.build_optimizer(critic, training, training.critic_learning_rate)
-    total_updates = iterations * updates_per_iteration
-    policy_scheduler = ray_train.build_scheduler(policy_optimizer, training, total_updates)
-    critic_scheduler = ray_train.build_scheduler(critic_optimizer, training, total_updates)
-    kl_control = AdaptiveKLController(training.kl_coeff, training.target_kl, training.kl_horizon)
+
+@torch.no_grad()
+def generate_responses(models: PPOModels, prompts: list[dict[str, Any]], training: PPOTraining,
+                       device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(query, query_mask, response, mask): sampled responses, padding after the first EOS."""
+    tokenizer = models.tokenizer
+    query, query_mask = pad([p["input_ids"] for p in prompts], tokenizer.pad_token_id, side="left", device=device)
+    model = unwrap(models.policy)
+    model.eval()
+    with optim.autocast(training, device):
+        output = model.generate(input_ids=query, attention_mask=query_mask,
+                                **generation_settings(training, tokenizer))
+    model.train()
+    response = output[:, query.size(1) :]
+    mask = response_mask(response, tokenizer.eos_token_id)
+    response = response.masked_fill(mask == 0, tokenizer.pad_token_id)
+    return query, query_mask, response, mask
+
+
+@torch.no_grad()
+def score_responses(models: PPOModels, prompts: list[dict[str, Any]], response: torch.Tensor, mask: torch.Tensor,
+                    training: PPOTraining, device: torch.device) -> torch.Tensor:
+    """The reward model's score of prompt text + response text (EOS dropped), in its own tokens."""
+    texts = [
+        prompt["text"] + models.tokenizer.decode(tokens[: int(length)].tolist(), skip_special_tokens=True)
+        for prompt, tokens, length in zip(prompts, response, mask.sum(1), strict=True)
+    ]
+    max_length = getattr(models.reward_model.config, "max_position_embeddings", None) or 1024
+    encoded = models.rm_tokenizer(texts, add_special_tokens=False, padding=True, truncation=True,
+                                  max_length=max_length, return_tensors="pt").to(device)
+    with optim.autocast(training, device):
+        return models.reward_model(**encoded).logits.squeeze(-1).float()
+
+
+def shape_scores(raw: torch.Tensor, has_eos: torch.Tensor, reward_stats: dict[str, float] | None,
+                 training: PPOTraining) -> torch.Tensor:
+    """The score PPO optimises: normalised with the RM's statistics, clipped, minus the missing-EOS penalty."""
+    shaped = raw
+    if reward_stats:
+        shaped = (shaped - reward_stats["mean"]) / max(reward_stats["std"], 1e-6)
+    if training.score_clip:
+        shaped = shaped.clamp(-training.score_clip, training.score_clip)
+    return shaped - training.missing_eos_penalty * (~has_eos).float()
+
+
+@dataclass
+class Experience:
+    """One rollout batch: the sampled responses and what the frozen copies said about them."""
+
+    inputs: dict[str, torch.Tensor]  # prompt + response: input_ids, attention_mask, position_ids
+    response: torch.Tensor
+    mask: torch.Tensor  # float, 1 on response tokens up to and including the first EOS
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor
+    old_values: torch.Tensor
+    entropy: torch.Tensor  # masked mean over the batch
+    raw_score: torch.Tensor
+    has_eos: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.response.size(0)
+
+
+@torch.no_grad()
+def collect_experience(models: PPOModels, prompts: list[dict[str, Any]], training: PPOTraining,
+                       device: torch.device) -> Experience:
+    query, query_mask, response, mask = generate_responses(models, prompts, training, device)
+    inputs = sequence_inputs(query, query_mask, response, mask)
+    maskf = mask.float()
+    width = response.size(1)
+    with optim.autocast(training, device):
+        logits = unwrap(models.policy)(**inputs).logits
+        old_logp = response_logprobs(logits, response, training.temperature)
+        entropy = masked_mean(entropy_from_logits(response_slice(logits, width) / training.temperature), maskf)
+        ref_logp = response_logprobs(models.reference(**inputs).logits, response, training.temperature)
+        old_values = response_slice(unwrap(models.critic)(**inputs), width) * maskf
+        raw_score = score_responses(models, prompts, response, mask, training, device)
+    has_eos = ((response == models.tokenizer.eos_token_id) & (mask == 1)).any(1)
+    return Experience(inputs, response, maskf, old_logp, ref_logp, old_values, entropy, raw_score, has_eos)
+
+
+# ---- worker: update ------------------------------------------------------------------------------------------------
+
+UPDATE_STATS = ("policy_loss", "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl")
+
+
+def ppo_update(models: PPOModels, optimizers: Optimizers, batch: Experience, advantages: torch.Tensor,
+               returns: torch.Tensor, training: PPOTraining) -> dict[str, float]:
+    """`ppo_epochs` passes of clipped policy and value updates; the mean of each statistic over the updates."""
+    mini_batch_size = training.mini_batch_size or batch.size
+    updates = training.ppo_epochs * (batch.size // mini_batch_size)
+    sums = dict.fromkeys(UPDATE_STATS, 0.0)
+    width = batch.response.size(1)
+    for _ in range(training.ppo_epochs):
+        for rows in torch.randperm(batch.size).split(mini_batch_size):
+            minibatch = {key: value[rows] for key, value in batch.inputs.items()}
+            mask = batch.mask[rows]
+            with optim.autocast(training, batch.response.device):
+                logp = response_logprobs(models.policy(**minibatch).logits, batch.response[rows], training.temperature)
+                values = response_slice(models.critic(**minibatch), width)
+            pg_loss, pg_stats = policy_loss(logp, batch.old_logp[rows], advantages[rows], mask, training.cliprange)
+            vf_loss, vf_stats = value_loss(values, batch.old_values[rows], returns[rows], mask,
+                                           training.cliprange_value)
+            (pg_loss + training.vf_coef * vf_loss).backward()
+            for model, optimizer, schedule in ((models.policy, optimizers.policy, optimizers.policy_schedule),
+                                               (models.critic, optimizers.critic, optimizers.critic_schedule)):
+                if training.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), training.max_grad_norm)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+            for name, value in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg_stats, **vf_stats}.items():
+                sums[name] += value.item() / updates
+    return sums
+
+
+# ---- worker: metrics and evaluation ----------------------------------------------------------------------------
+
+
+def iteration_metrics(batch: Experience, kl: torch.Tensor, non_score: torch.Tensor, returns: torch.Tensor,
+                      update_stats: dict[str, float], worker: Worker) -> dict[str, float]:
+    """The iteration's debug variables over ALL workers (the update's statistics averaged over workers)."""
+    device = batch.mask.device
+    _, returns_var = global_mean_var(returns, batch.mask, device)
+    _, residual_var = global_mean_var(returns - batch.old_values, batch.mask, device)
+    score = Moments().add(batch.raw_score).reduce(device)
+    reduced = all_reduce_sum([
+        kl.sum().item(), non_score.sum().item(), batch.entropy.item(), batch.mask.sum().item(),
+        batch.has_eos.float().sum().item(), *update_stats.values(),
+    ], device)
+    kl_sum, non_score_sum, entropy_sum, tokens, eos_count = reduced[:5]
+    sequences = score.count
+    return {
+        "score_mean": score.mean, "score_std": score.std,
+        "kl": kl_sum / sequences, "non_score_reward": non_score_sum / sequences,
+        "entropy": entropy_sum / worker.world_size,
+        **{name: value / worker.world_size for name, value in zip(update_stats, reduced[5:], strict=True)},
+        "explained_variance": 1.0 - residual_var / returns_var if returns_var > 0 else 0.0,
+        "response_length": tokens / sequences, "eos_fraction": eos_count / sequences,
+    }
+
+
+def evaluate_held_out(models: PPOModels, eval_prompts: list[dict[str, Any]] | None, training: PPOTraining,
+                      worker: Worker) -> dict[str, float]:
+    """Mean RM score of sampled responses to this worker's share of the held-out prompts (fixed seed)."""
+    if not eval_prompts:
+        return {}
+    shard = eval_prompts[worker.rank :: worker.world_size]
+    scores, length = Moments(), 0.0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(training.seed + 7919 * (worker.rank + 1))
+        for start in range(0, len(shard), training.experience_batch_size):
+            prompts = shard[start : start + training.experience_batch_size]
+            _, _, response, mask = generate_responses(models, prompts, training, worker.device)
+            scores.add(score_responses(models, prompts, response, mask, training, worker.device))
+            length += mask.sum().item()
+    scores.reduce(worker.device)
+    (length,) = all_reduce_sum([length], worker.device)
+    return {"eval_score_mean": scores.mean, "eval_score_std": scores.std,
+            "eval_response_length": length / max(scores.count, 1)}
+
+
+# ---- worker: the training loop -----------------------------------------------------------------------------
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    # -- hyperparameters and data
+    config, worker = setup_worker(loop_config)
+    general, training = config.General, config.Training
+    train_prompts, eval_prompts = loop_config["data"]["train"], loop_config["data"]["eval"]
+    reward_stats = loop_config["data"]["reward_stats"] if training.normalize_score else None
+    batch_size = training.experience_batch_size
+    prompts_per_worker = math.ceil(len(train_prompts) / worker.world_size)
+    iterations = training.training_iteration or training.epochs * math.ceil(prompts_per_worker / batch_size)
+    updates_per_iteration = training.ppo_epochs * (batch_size // (training.mini_batch_size or batch_size))
+    save_steps = training.save_steps or training.eval_steps
+
+    # -- models, optimizers, resume
+    models = load_models(config, worker)
+    optimizers = Optimizers.build(models, training, iterations * updates_per_iteration)
     iteration, data_position = 0, 0
-    state = ray_train.load_train_state()
+    state = train_state.load_train_state()
     if state:
-        unwrap(policy).load_state_dict(state["policy"])
-        unwrap(critic).load_state_dict(state["critic"])
-        policy_optimizer.load_state_dict(state["policy_optimizer"])
-        critic_optimizer.load_state_dict(state["critic_optimizer"])
-        policy_scheduler.load_state_dict(state["policy_scheduler"])
-        critic_scheduler.load_state_dict(state["critic_scheduler"])
-        kl_control.load_state_dict(state["kl_control"])
+        unwrap(models.policy).load_state_dict(state["policy"])
+        unwrap(models.critic).load_state_dict(state["critic"])
+        optimizers.load_state_dict(state)
         iteration, data_position = state["iteration"], state["data_position"]
-        ray_train.progress(worker, STAGE, f"resuming at iteration {iteration}/{iterations}")
+        progress(worker, STAGE, f"resuming at iteration {iteration}/{iterations}")
 
     def snapshot() -> dict[str, Any]:
-        return {
-            "policy": unwrap(policy).state_dict(), "critic": unwrap(critic).state_dict(),
-            "policy_optimizer": policy_optimizer.state_dict(), "critic_optimizer": critic_optimizer.state_dict(),
-            "policy_scheduler": policy_scheduler.state_dict(), "critic_scheduler": critic_scheduler.state_dict(),
-            "kl_control": kl_control.state_dict(), "iteration": iteration, "data_position": data_position,
-        }
+        return {"policy": unwrap(models.policy).state_dict(), "critic": unwrap(models.critic).state_dict(),
+                **optimizers.state_dict(), "iteration": iteration, "data_position": data_position}
 
-    logger = ray_train.MetricsLogger(general.output_dir, STAGE, worker.is_main)
-
-    # -- rollout helpers
-    @torch.no_grad()
-    def generate(prompts: list[dict[str, Any]], **overrides: Any) -> tuple[torch.Tensor, ...]:
-        """(query, query_mask, response, mask): sampled responses, padding after the first EOS."""
-        query, query_mask = pad_left([p["input_ids"] for p in prompts], tokenizer.pad_token_id, worker.device)
-        model = unwrap(policy)
-        model.eval()
-        with ray_train.autocast(training, worker.device):
-            output = model.generate(input_ids=query, attention_mask=query_mask, **{**generation, **overrides})
-        model.train()
-        response = output[:, query.size(1) :]
-        mask = response_mask(response, tokenizer.eos_token_id)
-        response = response.masked_fill(mask == 0, tokenizer.pad_token_id)
-        return query, query_mask, response, mask
-
-    @torch.no_grad()
-    def score(prompts: list[dict[str, Any]], response: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The reward model's score of prompt text + response text (EOS dropped), in its own tokens."""
-        texts = [
-            prompt["text"] + tokenizer.decode(tokens[: int(length)].tolist(), skip_special_tokens=True)
-            for prompt, tokens, length in zip(prompts, response, mask.sum(1), strict=True)
-        ]
-        max_length = getattr(reward_model.config, "max_position_embeddings", None) or 1024
-        encoded = rm_tokenizer(texts, add_special_tokens=False, padding=True, truncation=True,
-                               max_length=max_length, return_tensors="pt").to(worker.device)
-        with ray_train.autocast(training, worker.device):
-            return reward_model(**encoded).logits.squeeze(-1).float()
-
-    def shaped_score(raw: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
-        shaped = raw
-        if reward_stats:
-            shaped = (shaped - reward_stats["mean"]) / max(reward_stats["std"], 1e-6)
-        if training.score_clip:
-            shaped = shaped.clamp(-training.score_clip, training.score_clip)
-        return shaped - training.missing_eos_penalty * (~has_eos).float()
+    logger = MetricsLogger(general.output_dir, STAGE, worker.is_main)
 
     def evaluate(at_iteration: int) -> dict[str, float]:
-        """Mean RM score of sampled responses to this worker's share of the held-out prompts (fixed seed)."""
-        if not eval_prompts:
-            return {}
-        shard = eval_prompts[worker.rank :: worker.world_size]
-        total = squares = count = length = 0.0
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(training.seed + 7919 * (worker.rank + 1))
-            for start in range(0, len(shard), batch_size):
-                prompts = shard[start : start + batch_size]
-                _, _, response, mask = generate(prompts)
-                raw = score(prompts, response, mask)
-                total, squares = total + raw.sum().item(), squares + raw.pow(2).sum().item()
-                count, length = count + len(prompts), length + mask.sum().item()
-        total, squares, count, length = all_reduce_sum([total, squares, count, length], worker.device)
-        mean = total / max(count, 1)
-        metrics = {
-            "eval_score_mean": mean, "eval_score_std": math.sqrt(max(squares / max(count, 1) - mean**2, 0.0)),
-            "eval_response_length": length / max(count, 1),
-        }
-        logger.log(at_iteration, metrics, split="eval")
-        ray_train.progress(worker, STAGE, f"eval at iteration {at_iteration}: score {mean:.4f}")
+        metrics = evaluate_held_out(models, eval_prompts, training, worker)
+        if metrics:
+            logger.log(at_iteration, metrics, split="eval")
+            progress(worker, STAGE, f"eval at iteration {at_iteration}: score {metrics['eval_score_mean']:.4f}")
         return metrics
 
-    ray_train.progress(
-        worker, STAGE,
-        f"{len(train_prompts)} prompts, {worker.world_size} worker(s) × {batch_size} per rollout, "
-        f"{iterations} iterations",
-    )
+    progress(worker, STAGE, f"{len(train_prompts)} prompts, {worker.world_size} worker(s) × {batch_size} per "
+                            f"rollout, {iterations} iterations")
     eval_metrics = evaluate(iteration) if state is None else {}
     while iteration < iterations:
         # Seeded per iteration and rank: responses differ across workers, and a resumed run samples the same.
@@ -469,83 +594,39 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         # -- 1. rollout
         start = time.perf_counter()
         prompts = prompt_batch(train_prompts, worker, training.seed, data_position, batch_size)
-        query, query_mask, response, mask = generate(prompts)
-        inputs = sequence_inputs(query, query_mask, response, mask)
-        maskf = mask.float()
-        with torch.no_grad(), ray_train.autocast(training, worker.device):
-            logits = unwrap(policy)(**inputs).logits
-            old_logp = response_logprobs(logits, response, training.temperature)
-            entropy = masked_mean(entropy_from_logits(logits[:, -response.size(1) - 1 : -1] / training.temperature),
-                                  maskf)
-            ref_logp = response_logprobs(reference(**inputs).logits, response, training.temperature)
-            old_values = unwrap(critic)(**inputs)[:, -response.size(1) - 1 : -1] * maskf
-            raw_score = score(prompts, response, mask)
-        has_eos = ((response == tokenizer.eos_token_id) & (mask == 1)).any(1)
+        batch = collect_experience(models, prompts, training, worker.device)
         time_rollout = time.perf_counter() - start
 
         # -- 2. rewards and 3. advantages
-        kl = kl_estimate(old_logp, ref_logp, training.kl_estimator) * maskf
-        rewards, non_score = compute_rewards(shaped_score(raw_score, has_eos), kl, maskf, kl_control.value)
+        kl = kl_estimate(batch.old_logp, batch.ref_logp, training.kl_estimator) * batch.mask
+        scores = shape_scores(batch.raw_score, batch.has_eos, reward_stats, training)
+        rewards, non_score = compute_rewards(scores, kl, batch.mask, optimizers.kl_control.value)
         if training.whiten_rewards:
-            rewards = masked_whiten(rewards, maskf, shift_mean=False,
-                                    stats=global_mean_var(rewards, maskf, worker.device))
-        advantages, returns = compute_gae(rewards, old_values, maskf, training.gamma, training.lam)
-        advantages = masked_whiten(advantages, maskf, stats=global_mean_var(advantages, maskf, worker.device))
+            rewards = masked_whiten(rewards, batch.mask, shift_mean=False,
+                                    stats=global_mean_var(rewards, batch.mask, worker.device))
+        advantages, returns = compute_gae(rewards, batch.old_values, batch.mask, training.gamma, training.lam)
+        advantages = masked_whiten(advantages, batch.mask, stats=global_mean_var(advantages, batch.mask, worker.device))
 
         # -- 4. update
         start = time.perf_counter()
-        sums = dict.fromkeys(("policy_loss", "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl"), 0.0)
-        for _ in range(training.ppo_epochs):
-            for rows in torch.randperm(batch_size).split(mini_batch_size):
-                mb = {key: value[rows] for key, value in inputs.items()}
-                mb_response, mb_mask = response[rows], maskf[rows]
-                with ray_train.autocast(training, worker.device):
-                    logp = response_logprobs(policy(**mb).logits, mb_response, training.temperature)
-                    values = critic(**mb)[:, -response.size(1) - 1 : -1]
-                pg_loss, pg_stats = policy_loss(logp, old_logp[rows], advantages[rows], mb_mask, training.cliprange)
-                vf_loss, vf_stats = value_loss(values, old_values[rows], returns[rows], mb_mask,
-                                               training.cliprange_value)
-                (pg_loss + training.vf_coef * vf_loss).backward()
-                for model, optimizer, scheduler in ((policy, policy_optimizer, policy_scheduler),
-                                                    (critic, critic_optimizer, critic_scheduler)):
-                    if training.max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), training.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                for name, value in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg_stats, **vf_stats}.items():
-                    sums[name] += value.item() / updates_per_iteration
+        update_stats = ppo_update(models, optimizers, batch, advantages, returns, training)
         time_update = time.perf_counter() - start
         iteration, data_position = iteration + 1, data_position + batch_size
 
         # -- 5. KL control and metrics (over all workers)
-        _, returns_var = global_mean_var(returns, maskf, worker.device)
-        _, residual_var = global_mean_var(returns - old_values, maskf, worker.device)
-        reduced = all_reduce_sum([
-            raw_score.sum().item(), raw_score.pow(2).sum().item(), kl.sum().item(), non_score.sum().item(),
-            entropy.item(), maskf.sum().item(), has_eos.float().sum().item(), float(batch_size),
-            *sums.values(),
-        ], worker.device)
-        score_sum, score_squares, kl_sum, non_score_sum, entropy_sum, tokens, eos_count, sequences = reduced[:8]
-        averaged = {name: value / worker.world_size for name, value in zip(sums, reduced[8:], strict=True)}
-        score_mean = score_sum / sequences
-        metrics = {
-            "score_mean": score_mean,
-            "score_std": math.sqrt(max(score_squares / sequences - score_mean**2, 0.0)),
-            "kl": kl_sum / sequences, "non_score_reward": non_score_sum / sequences,
-            "entropy": entropy_sum / worker.world_size, **averaged,
-            "explained_variance": 1.0 - residual_var / returns_var if returns_var > 0 else 0.0,
-            "response_length": tokens / sequences, "eos_fraction": eos_count / sequences,
-            "kl_coeff": kl_control.value, "learning_rate": policy_scheduler.get_last_lr()[0],
+        metrics = iteration_metrics(batch, kl, non_score, returns, update_stats, worker)
+        sequences = batch_size * worker.world_size
+        metrics |= {
+            "kl_coeff": optimizers.kl_control.value, "learning_rate": optimizers.policy_schedule.get_last_lr()[0],
             "time_rollout": time_rollout, "time_update": time_update,
-            "tokens_per_second": tokens / max(time_rollout, 1e-9),
+            "tokens_per_second": metrics["response_length"] * sequences / max(time_rollout, 1e-9),
             "epoch": data_position / prompts_per_worker,
         }
-        kl_control.update(metrics["kl"], int(sequences))
+        optimizers.kl_control.update(metrics["kl"], sequences)
         logger.log(iteration, metrics)
-        ray_train.progress(
+        progress(
             worker, STAGE,
-            f"iteration {iteration}/{iterations} score {score_mean:.3f} kl {metrics['kl']:.3f} "
+            f"iteration {iteration}/{iterations} score {metrics['score_mean']:.3f} kl {metrics['kl']:.3f} "
             f"entropy {metrics['entropy']:.2f} pg {metrics['policy_loss']:.3f} vf {metrics['value_loss']:.3f} "
             f"clip {metrics['clip_fraction']:.2f} len {metrics['response_length']:.1f} "
             f"rollout {time_rollout:.1f}s update {time_update:.1f}s {metrics['tokens_per_second']:.0f} tok/s",
@@ -553,28 +634,31 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if iteration % training.eval_steps == 0 or iteration == iterations:
             eval_metrics = evaluate(iteration)
         if iteration % save_steps == 0 or iteration == iterations:
-            ray_train.report_checkpoint(worker, {"iteration": iteration, **metrics, **eval_metrics}, snapshot)
+            train_state.report_checkpoint(worker, {"iteration": iteration, **metrics, **eval_metrics}, snapshot)
 
     if not eval_metrics:
         eval_metrics = evaluate(iteration)
     logger.close()
-
-    # -- the final policy (+ tokenizer), the critic beside it
     if worker.is_main:
-        final_policy, final_critic = unwrap(policy), unwrap(critic).classifier
-        marker = {"stage": STAGE, "config": config.to_dict(), "iteration": iteration, "metrics": eval_metrics}
+        save_final(config, models, {"stage": STAGE, "config": config.to_dict(), "iteration": iteration,
+                                    "metrics": eval_metrics}, worker)
 
-        def write(directory: Any) -> None:
-            tokenizer.padding_side = "right"
-            final_policy.save_pretrained(directory)
-            tokenizer.save_pretrained(directory)
-            final_critic.save_pretrained(directory / "critic")
-            tokenizer.save_pretrained(directory / "critic")
 
-        path = write_atomically(general.checkpoint_dir, write, marker)
-        ray_train.progress(worker, STAGE, f"final policy written to {path} (critic in {path / 'critic'})")
+def save_final(config: StageConfig, models: PPOModels, marker: dict[str, Any], worker: Worker) -> None:
+    """The final policy (+ tokenizer) in checkpoint_dir, the critic beside it in checkpoint_dir/critic."""
+    policy, critic, tokenizer = unwrap(models.policy), unwrap(models.critic).classifier, models.tokenizer
+
+    def write(directory: Any) -> None:
+        tokenizer.padding_side = "right"
+        policy.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        critic.save_pretrained(directory / "critic")
+        tokenizer.save_pretrained(directory / "critic")
+
+    path = write_atomically(config.General.checkpoint_dir, write, marker)
+    progress(worker, STAGE, f"final policy written to {path} (critic in {path / 'critic'})")
 
 
 def train(config: StageConfig) -> Any:
     """Driver: validate checkpoints and data (errors surface before Ray starts), then train."""
-    return ray_train.run_trainer(config, train_loop, data=prepare(config))
+    return launcher.run_trainer(config, train_loop, data=prepare(config))

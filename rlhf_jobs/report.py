@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rlhf_jobs import stages
+
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(output_dir) / "metrics.jsonl"
@@ -28,16 +30,18 @@ def _first_last(series: list[tuple[int, float]], fmt: str = "{:.3f}") -> str:
 
 
 def key_metrics(stage: str, metrics: list[dict[str, Any]]) -> str:
-    if stage == "sft":
-        return f"eval loss {_first_last(_series(metrics, 'eval_loss', 'eval'))}"
-    if stage == "rm":
-        return (f"accuracy {_first_last(_series(metrics, 'eval_accuracy', 'eval'), '{:.2f}')}, "
-                f"margin {_first_last(_series(metrics, 'eval_margin', 'eval'), '{:.2f}')}")
-    if stage == "ppo":
-        score = _series(metrics, "eval_score_mean", "eval") or _series(metrics, "score_mean", "train")
-        kl = _series(metrics, "kl", "train")
-        return f"reward {_first_last(score)}, KL {kl[-1][1]:.3f}" if kl else f"reward {_first_last(score)}"
-    return ""
+    """The registry's summary figures of a stage: `label first → last` each."""
+    parts = []
+    for figure in stages.get(stage).summary:
+        series = _series(metrics, figure.metric, figure.split)
+        if not series and figure.fallback:
+            series = _series(metrics, *figure.fallback)
+        if figure.last_only:
+            if series:
+                parts.append(f"{figure.label} {figure.fmt.format(series[-1][1])}")
+        else:
+            parts.append(f"{figure.label} {_first_last(series, figure.fmt)}")
+    return ", ".join(parts)
 
 
 def summary_table(record: dict[str, Any], output_dirs: dict[str, str]) -> str:
@@ -54,12 +58,7 @@ def summary_table(record: dict[str, Any], output_dirs: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-PANELS = (
-    ("SFT loss", "sft", (("loss", "train", "train loss"), ("eval_loss", "eval", "eval loss"))),
-    ("Reward model", "rm", (("eval_accuracy", "eval", "eval accuracy"), ("loss", "train", "train loss"))),
-    ("PPO reward", "ppo", (("score_mean", "train", "rollout score"), ("eval_score_mean", "eval", "held-out score"))),
-    ("PPO KL to reference", "ppo", (("kl", "train", "KL"),)),
-)
+PANELS = tuple((title, stage.name, curves) for stage in stages.REGISTRY.values() for title, curves in stage.panels)
 
 
 def plot_curves(output_dirs: dict[str, str], path: str | Path) -> Path:
@@ -72,13 +71,14 @@ def plot_curves(output_dirs: dict[str, str], path: str | Path) -> Path:
     figure, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
     for axis, (title, stage, curves) in zip(axes, PANELS, strict=True):
         metrics = read_metrics(output_dirs.get(stage, "")) if stage in output_dirs else []
-        for name, split, label in curves:
-            series = _series(metrics, name, split)
+        for curve in curves:
+            series = _series(metrics, curve.metric, curve.split)
             if series:
                 steps, values = zip(*series, strict=True)
-                axis.plot(steps, values, marker="o" if split == "eval" else None, markersize=3, label=label)
+                axis.plot(steps, values, marker="o" if curve.split == "eval" else None, markersize=3,
+                          label=curve.label)
         axis.set_title(title)
-        axis.set_xlabel("iteration" if stage == "ppo" else "optimizer step")
+        axis.set_xlabel(stages.get(stage).step_name)
         if axis.has_data():
             axis.legend(fontsize=8)
         else:

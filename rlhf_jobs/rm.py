@@ -8,18 +8,19 @@ right-padded batch; the score is read at the last real token. The loss is the Br
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from rlhf_jobs import supervised
+from rlhf_jobs.batching import pad
 from rlhf_jobs.config import StageConfig
 from rlhf_jobs.data import RM_SCHEMA
+from rlhf_jobs.distributed import Moments, all_reduce_sum
 from rlhf_jobs.models import load_reward_model, load_tokenizer
 from rlhf_jobs.prompts import join_response, record_prompt
-from rlhf_jobs.ray_train import Worker, all_reduce_sum
+from rlhf_jobs.worker import Worker
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
@@ -40,16 +41,6 @@ def tokenize_pair(record: dict[str, Any], tokenizer: Any, style: str, max_length
         "rejected_ids": ids(record["rejected"]),
         "margin": float(record.get("margin") or 0.0),
     }
-
-
-def pad_right(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        input_ids[row, : len(sequence)] = torch.tensor(sequence)
-        attention_mask[row, : len(sequence)] = 1
-    return input_ids, attention_mask
 
 
 def score(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -75,7 +66,7 @@ class RewardTask:
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Chosen sequences first, then rejected ones, in one padded batch."""
         sequences = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
-        input_ids, attention_mask = pad_right(sequences, self.tokenizer.pad_token_id)
+        input_ids, attention_mask = pad(sequences, self.tokenizer.pad_token_id)
         margin = torch.tensor([e["margin"] for e in examples], dtype=torch.float)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin}
 
@@ -89,7 +80,8 @@ class RewardTask:
         return pairwise_loss(chosen, rejected, batch["margin"]), chosen.size(0)
 
     def evaluate(self, model: torch.nn.Module, loader: Any, worker: Worker) -> dict[str, float]:
-        pairs = correct = margin_sum = loss_sum = reward_sum = reward_squares = 0.0
+        pairs = correct = margin_sum = loss_sum = 0.0
+        rewards = Moments()
         for batch in loader:
             batch = supervised.to_device(batch, worker.device)
             chosen, rejected = self.scores(model, batch)
@@ -97,20 +89,15 @@ class RewardTask:
             pairs += chosen.size(0)
             correct += (chosen > rejected).sum().item()
             margin_sum += (chosen - rejected).sum().item()
-            rewards = torch.cat([chosen, rejected])
-            reward_sum += rewards.sum().item()
-            reward_squares += rewards.pow(2).sum().item()
-        pairs, correct, margin_sum, loss_sum, reward_sum, reward_squares = all_reduce_sum(
-            [pairs, correct, margin_sum, loss_sum, reward_sum, reward_squares], worker.device
-        )
-        count = max(2 * pairs, 1)
-        mean = reward_sum / count
+            rewards.add(torch.cat([chosen, rejected]))
+        pairs, correct, margin_sum, loss_sum = all_reduce_sum([pairs, correct, margin_sum, loss_sum], worker.device)
+        rewards.reduce(worker.device)
         return {
             "eval_loss": loss_sum / max(pairs, 1),
             "eval_accuracy": correct / max(pairs, 1),
             "eval_margin": margin_sum / max(pairs, 1),
-            "eval_reward_mean": mean,
-            "eval_reward_std": math.sqrt(max(reward_squares / count - mean**2, 0.0)),
+            "eval_reward_mean": rewards.mean,
+            "eval_reward_std": rewards.std,
         }
 
     def items_name(self) -> str:

@@ -14,11 +14,13 @@ from typing import Any
 import torch
 
 from rlhf_jobs import supervised
+from rlhf_jobs.batching import pad
 from rlhf_jobs.config import StageConfig
 from rlhf_jobs.data import SFT_SCHEMA, DataError
+from rlhf_jobs.distributed import all_reduce_sum
 from rlhf_jobs.models import load_causal_lm, load_tokenizer
 from rlhf_jobs.prompts import join_response, record_prompt
-from rlhf_jobs.ray_train import Worker, all_reduce_sum
+from rlhf_jobs.worker import Worker
 
 IGNORE_INDEX = -100
 
@@ -37,15 +39,8 @@ def tokenize_sft(record: dict[str, Any], tokenizer: Any, style: str, max_length:
 
 def pad_batch(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad input_ids (pad id) and labels (-100); attention mask marks real tokens."""
-    width = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, example in enumerate(examples):
-        length = len(example["input_ids"])
-        input_ids[row, :length] = torch.tensor(example["input_ids"])
-        labels[row, :length] = torch.tensor(example["labels"])
-        attention_mask[row, :length] = 1
+    input_ids, attention_mask = pad([e["input_ids"] for e in examples], pad_token_id)
+    labels, _ = pad([e["labels"] for e in examples], IGNORE_INDEX)
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 

@@ -17,12 +17,14 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from rlhf_jobs import ray_train
+from rlhf_jobs import launcher, optim, train_state
 from rlhf_jobs.checkpoints import write_atomically
 from rlhf_jobs.config import StageConfig
 from rlhf_jobs.data import RecordSchema, load_splits
+from rlhf_jobs.distributed import all_reduce_sum
+from rlhf_jobs.metrics_log import MetricsLogger
 from rlhf_jobs.models import load_tokenizer, unwrap
-from rlhf_jobs.ray_train import Worker
+from rlhf_jobs.worker import Worker, batches, progress, setup_worker
 
 
 class SupervisedTask(Protocol):
@@ -92,14 +94,14 @@ def prepare_examples(
 def run(config: StageConfig, task: SupervisedTask, train_loop: Any) -> Any:
     """Driver: prepare the data (errors surface here, before Ray starts), then train."""
     data = task.prepare(config)
-    return ray_train.run_trainer(config, train_loop, data=data)
+    return launcher.run_trainer(config, train_loop, data=data)
 
 
 def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> None:
     """Worker: the training loop itself."""
     import ray.train.torch
 
-    config, worker = ray_train.setup_worker(loop_config)
+    config, worker = setup_worker(loop_config)
     general, training = config.General, config.Training
     train_examples, eval_examples = loop_config["data"]["train"], loop_config["data"]["eval"]
     model, tokenizer = task.build(config, worker)
@@ -115,33 +117,33 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> None:
     total_steps = steps_per_epoch * training.epochs
     if training.max_train_steps:
         total_steps = min(total_steps, training.max_train_steps)
-    optimizer = ray_train.build_optimizer(model, training)
-    scheduler = ray_train.build_scheduler(optimizer, training, total_steps)
+    optimizer = optim.build_optimizer(model, training)
+    scheduler = optim.build_scheduler(optimizer, training, total_steps)
     fp16_on_cuda = training.mixed_precision == "fp16" and worker.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if fp16_on_cuda else None
 
     epoch, batches_done, step = 0, 0, 0
-    state = ray_train.load_train_state()
+    state = train_state.load_train_state()
     if state:
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         epoch, batches_done, step = state["epoch"], state["batches_done"], state["step"]
-        ray_train.progress(worker, task.stage, f"resuming at epoch {epoch + 1}, step {step}/{total_steps}")
+        progress(worker, task.stage, f"resuming at epoch {epoch + 1}, step {step}/{total_steps}")
 
-    logger = ray_train.MetricsLogger(general.output_dir, task.stage, worker.is_main)
+    logger = MetricsLogger(general.output_dir, task.stage, worker.is_main)
     eval_metrics: dict[str, float] = {}
 
     def evaluate(at_step: int) -> dict[str, float]:
         if evaluation_loader is None:
             return {}
         model.eval()
-        with torch.no_grad(), ray_train.autocast(training, worker.device):
+        with torch.no_grad(), optim.autocast(training, worker.device):
             metrics = task.evaluate(model, evaluation_loader, worker)
         model.train()
         logger.log(at_step, metrics, split="eval")
         shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        ray_train.progress(worker, task.stage, f"eval at step {at_step}: {shown}")
+        progress(worker, task.stage, f"eval at step {at_step}: {shown}")
         return metrics
 
     def snapshot() -> dict[str, Any]:
@@ -155,7 +157,7 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> None:
         eval_metrics = evaluate(0)
     model.train()
     window_loss, window_batches, window_items, window_start = 0.0, 0, 0, time.perf_counter()
-    ray_train.progress(
+    progress(
         worker, task.stage,
         f"{len(train_examples)} train examples, {training.num_training_workers} worker(s), "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps",
@@ -163,12 +165,12 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> None:
     while epoch < training.epochs and step < total_steps:
         loader.sampler.set_epoch(epoch)
         micro = 0
-        for micro, batch in enumerate(ray_train.batches(loader, batches_done), start=batches_done + 1):
+        for micro, batch in enumerate(batches(loader, batches_done), start=batches_done + 1):
             last_micro = micro % accumulation == 0 or micro == len(loader)
             batch = to_device(batch, worker.device)
             # DDP all-reduces gradients only on the micro-batch that ends an accumulation.
             sync = model.no_sync() if not last_micro and hasattr(model, "no_sync") else contextlib.nullcontext()
-            with sync, ray_train.autocast(training, worker.device):
+            with sync, optim.autocast(training, worker.device):
                 loss, items = task.loss(model, batch)
                 scaled = loss / accumulation
                 (scaler.scale(scaled) if scaler else scaled).backward()
@@ -192,7 +194,7 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> None:
             step += 1
 
             if step % training.logging_steps == 0 or step == total_steps:
-                loss_sum, count, items_sum = ray_train.all_reduce_sum(
+                loss_sum, count, items_sum = all_reduce_sum(
                     [window_loss, window_batches, window_items], worker.device
                 )
                 elapsed = time.perf_counter() - window_start
@@ -202,7 +204,7 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> None:
                     f"{task.items_name()}_per_second": items_sum / max(elapsed, 1e-9),
                 }
                 logger.log(step, metrics)
-                ray_train.progress(
+                progress(
                     worker, task.stage,
                     f"epoch {epoch + 1}/{training.epochs} step {step}/{total_steps} "
                     f"loss {metrics['loss']:.4f} lr {metrics['learning_rate']:.2e} "
@@ -212,12 +214,12 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> None:
             if step >= total_steps:
                 break
             if training.save_steps and step % training.save_steps == 0:
-                ray_train.report_checkpoint(worker, {"step": step}, snapshot)
+                train_state.report_checkpoint(worker, {"step": step}, snapshot)
         # The epoch ended, or training did: evaluate and checkpoint at the boundary.
         if batches_done >= len(loader):
             epoch, batches_done = epoch + 1, 0
         eval_metrics = evaluate(step)
-        ray_train.report_checkpoint(worker, {"step": step, **eval_metrics}, snapshot)
+        train_state.report_checkpoint(worker, {"step": step, **eval_metrics}, snapshot)
 
     if state is not None and not eval_metrics:
         eval_metrics = evaluate(step)
@@ -234,4 +236,4 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> None:
             tokenizer.save_pretrained(directory)
 
         path = write_atomically(general.checkpoint_dir, write, marker)
-        ray_train.progress(worker, task.stage, f"final model written to {path}")
+        progress(worker, task.stage, f"final model written to {path}")

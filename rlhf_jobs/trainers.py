@@ -7,11 +7,10 @@ from typing import Any
 
 from rlhf_jobs.checkpoints import check_overwritable
 from rlhf_jobs.config import StageConfig
-
-TRAINER_MODULES = {"sft": "rlhf_jobs.sft", "rm": "rlhf_jobs.rm", "ppo": "rlhf_jobs.ppo"}
+from rlhf_jobs.stages import get
 
 
 def train(config: StageConfig) -> Any:
     """Train a validated stage config; refuses to replace a checkpoint_dir we did not write."""
     check_overwritable(config.General.checkpoint_dir)
-    return importlib.import_module(TRAINER_MODULES[config.stage]).train(config)
+    return importlib.import_module(get(config.stage).trainer).train(config)

@@ -57,7 +57,7 @@ def test_conf_with_code_is_refused(tmp_path: Path) -> None:
 
 def test_bundled_conf_files_validate() -> None:
     for stage, name in (("sft", "finetune.conf"), ("rm", "reward.conf")):
-        config = load_config(REPO / "configs" / name, stage, check_paths=False)
+        config = load_config(REPO / "configs" / name, stage, paths=False)
         assert config.Training.num_training_workers == 2
 
 

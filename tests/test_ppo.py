@@ -11,7 +11,9 @@ import torch
 from conftest import local_config, write_config
 
 from rlhf_jobs import ppo
-from rlhf_jobs.ray_train import Worker
+from rlhf_jobs.batching import pad
+from rlhf_jobs.distributed import global_mean_var
+from rlhf_jobs.worker import Worker
 
 CPU = torch.device("cpu")
 
@@ -79,7 +81,7 @@ def test_masked_whiten_by_hand() -> None:
 def test_global_mean_var_with_one_worker_matches_the_local_statistics() -> None:
     values = torch.tensor([[1.0, 2.0], [3.0, 50.0]])
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    mean, var = ppo.global_mean_var(values, mask, CPU)
+    mean, var = global_mean_var(values, mask, CPU)
     assert mean == pytest.approx(2.0)
     assert var == pytest.approx(2.0 / 3.0)
 
@@ -245,9 +247,9 @@ def ppo_config(tmp_path: Path, model: Path, sft: Path | str | None, rm: Path | s
 def test_local_config_and_conf_sample_validate(repo_root: Path) -> None:
     from rlhf_jobs.config import load_config
 
-    conf = load_config(repo_root / "configs" / "ppo.conf", "ppo", check_paths=False)
+    conf = load_config(repo_root / "configs" / "ppo.conf", "ppo", paths=False)
     assert conf.General.model_pretrain is None and conf.Training.experience_batch_size > 0
-    local = load_config(repo_root / "configs" / "local" / "ppo.yaml", "ppo", check_paths=False)
+    local = load_config(repo_root / "configs" / "local" / "ppo.yaml", "ppo", paths=False)
     assert local.General.model_pretrain == "runs/local/sft" and local.General.rm_pretrain == "runs/local/rm"
     assert local.Training.num_training_workers == 2
 
@@ -287,7 +289,7 @@ def held_out_scores(policy_dir: Path, rm_dir: Path, config: dict, samples: int =
     policy = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
     rm_tokenizer = load_tokenizer(str(rm_dir))
     reward_model = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
-    query, query_mask = ppo.pad_left([p["input_ids"] for p in prompts], tokenizer.pad_token_id, CPU)
+    query, query_mask = pad([p["input_ids"] for p in prompts], tokenizer.pad_token_id, side="left")
     scores = []
     with torch.no_grad():
         for sample in range(samples):

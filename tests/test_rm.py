@@ -10,9 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from rlhf_jobs.batching import pad
 from rlhf_jobs.data import RM_SCHEMA, read_records
 from rlhf_jobs.models import load_reward_model, load_tokenizer
-from rlhf_jobs.rm import pad_right, pairwise_loss, score, tokenize_pair
+from rlhf_jobs.rm import pairwise_loss, score, tokenize_pair
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,8 +34,8 @@ def test_padded_batch_scores_equal_one_by_one(tiny_model: Path) -> None:
     texts = ["Short answer.", "A much longer answer with many more words in it than the first one.", "Mid length."]
     sequences = [tokenizer(t)["input_ids"] for t in texts]
     with torch.no_grad():
-        batched = score(model, *pad_right(sequences, tokenizer.pad_token_id))
-        alone = torch.cat([score(model, *pad_right([s], tokenizer.pad_token_id)) for s in sequences])
+        batched = score(model, *pad(sequences, tokenizer.pad_token_id))
+        alone = torch.cat([score(model, *pad([s], tokenizer.pad_token_id)) for s in sequences])
     assert batched.shape == (3,)
     assert torch.allclose(batched, alone, atol=1e-5)
 
@@ -68,7 +69,7 @@ def test_reward_model_learns_the_preference_and_reloads(rm_checkpoint: Path) -> 
     with torch.no_grad():
         for record in held_out:
             pair = tokenize_pair(record, tokenizer, "instruction", config["Dataset"]["max_length"])
-            ids, mask = pad_right([pair["chosen_ids"], pair["rejected_ids"]], tokenizer.pad_token_id)
+            ids, mask = pad([pair["chosen_ids"], pair["rejected_ids"]], tokenizer.pad_token_id)
             chosen, rejected = score(model, ids, mask).tolist()
             correct += chosen > rejected
     accuracy = correct / len(held_out)

@@ -24,8 +24,9 @@ from typing import Any
 import yaml
 
 from rlhf_jobs.backends.helm import Helm, HelmError, config_sets, release_name
-from rlhf_jobs.config import STAGES, ConfigError, validate_config
+from rlhf_jobs.config import ConfigError, validate_config
 from rlhf_jobs.pipeline import PipelineOptions, parse_stages, run_pipeline
+from rlhf_jobs.stages import NAMES as STAGES
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 CRD_NAME = "rayjobs.ray.io"

@@ -1,0 +1,60 @@
+"""Numbers across the worker group: sums, and mean/variance of values spread over all workers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over all workers (identity with one worker)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if is_distributed():
+        torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+@dataclass
+class Moments:
+    """Count, sum and sum of squares of the values one worker saw; `reduce` adds up every worker's."""
+
+    count: float = 0.0
+    total: float = 0.0
+    squares: float = 0.0
+
+    def add(self, values: torch.Tensor, mask: torch.Tensor | None = None) -> Moments:
+        values = values.detach().double()
+        weights = torch.ones_like(values) if mask is None else mask.detach().double()
+        self.count += weights.sum().item()
+        self.total += (values * weights).sum().item()
+        self.squares += (values.pow(2) * weights).sum().item()
+        return self
+
+    def reduce(self, device: torch.device) -> Moments:
+        self.count, self.total, self.squares = all_reduce_sum([self.count, self.total, self.squares], device)
+        return self
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(self.count, 1)
+
+    @property
+    def var(self) -> float:
+        """Population variance (never negative from rounding)."""
+        return max(self.squares / max(self.count, 1) - self.mean**2, 0.0)
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var)
+
+
+def global_mean_var(values: torch.Tensor, mask: torch.Tensor, device: torch.device) -> tuple[float, float]:
+    """Mean and variance of the masked values of ALL workers."""
+    moments = Moments().add(values, mask).reduce(device)
+    return moments.mean, moments.var
