@@ -17,18 +17,18 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from rlhf_jobs.checkpoints import CheckpointError
     from rlhf_jobs.config import ConfigError
     from rlhf_jobs.data import DataError
-    from rlhf_jobs.models import ModelError
     from rlhf_jobs.launcher import ResourceError
+    from rlhf_jobs.models import ModelError
 
     return ConfigError, DataError, CheckpointError, ResourceError, HelmError, PreflightError, ModelError
 
 
-def train_stage(stage: str, config_path: str, overrides: Sequence[str] = ()) -> None:
+def train_stage(stage: str, config_path: str, overrides: Sequence[str] = (), stop_at_step: int | None = None) -> None:
     """Validate everything the stage reads, then train it on Ray."""
     from rlhf_jobs import trainers
     from rlhf_jobs.config import load_config
 
-    trainers.train(load_config(config_path, stage, list(overrides)))
+    trainers.train(load_config(config_path, stage, list(overrides)), stop_at_step=stop_at_step)
 
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train one stage on Ray Train")
     train.add_argument("stage", choices=STAGES)
     train.add_argument("--config_path", "--config-path", required=True, help=".conf, .yaml or .json config")
+    train.add_argument("--stop-at-step", type=int, metavar="N",
+                       help="stop after optimizer step (PPO: iteration) N with a checkpoint; rerun to continue")
     _add_set(train)
 
     check = commands.add_parser("check-config", help="validate a stage config without training")
@@ -124,7 +126,7 @@ def run_local_pipeline(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "train":
-        train_stage(args.stage, args.config_path, args.overrides)
+        train_stage(args.stage, args.config_path, args.overrides, args.stop_at_step)
     elif args.command == "check-config":
         from rlhf_jobs.config import load_config
 
@@ -155,11 +157,19 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from rlhf_jobs.launcher import OutOfMemory, RunStopped
+
     try:
         return run(args)
     except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunStopped as stopped:
+        print(str(stopped), file=sys.stderr)
+        return 0 if stopped.reason.startswith("--stop-at-step") else 75  # EX_TEMPFAIL: try again
+    except OutOfMemory as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     except (KeyboardInterrupt, SystemExit):  # Ray Train turns Ctrl-C during training into SystemExit
         print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130

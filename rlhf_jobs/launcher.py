@@ -10,6 +10,7 @@ from typing import Any
 from rlhf_jobs.config import StageConfig, TrainingBase
 
 RUN_NAME = "ray_train"
+STOPPED_METRIC = "stopped_at_step"  # reported by a worker loop that stopped early (rlhf_jobs.control)
 
 
 class ResourceError(RuntimeError):
@@ -51,16 +52,87 @@ def check_local_resources(training: TrainingBase, available: dict[str, float]) -
             )
 
 
+class OutOfMemory(RuntimeError):
+    """Workers of a stage were killed for memory; the message says how far they got and what to change."""
+
+
+class RunStopped(RuntimeError):
+    """The run stopped early at a step boundary, with a checkpoint (`--stop-at-step`, preemption)."""
+
+    def __init__(self, stage: str, step: int, reason: str) -> None:
+        super().__init__(f"{stage}: stopped after step {step} ({reason}); run the same command again to continue "
+                         "from there")
+        self.step, self.reason = step, reason
+
+
+MEMORY_WORDS = ("OutOfMemoryError", "out of memory", "memory pressure", "OOM")
+
+
+def _memory_failure(error: BaseException) -> bool:
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if any(word in f"{type(error).__name__}: {error}" for word in MEMORY_WORDS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _last_peak_memory(output_dir: str) -> float | None:
+    """The highest per-worker peak RSS the run logged (`memory_peak_gib` in metrics.jsonl), if any."""
+    import json
+
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    peaks = [json.loads(line).get("memory_peak_gib") for line in path.read_text().splitlines() if line.strip()]
+    peaks = [p for p in peaks if p is not None]
+    return max(peaks) if peaks else None
+
+
+def out_of_memory(config: StageConfig) -> OutOfMemory:
+    training = config.Training
+    peak = _last_peak_memory(config.General.output_dir)
+    reached = f"after reaching {peak:.1f} GiB per worker" if peak else "before logging its memory"
+    advice = [] if training.lora else ["LoRA (Training.lora: {r: 16})"]
+    if training.strategy == "ddp" and training.num_training_workers > 1:
+        advice.append("sharding (Training.strategy: fsdp)")
+    if config.stage == "ppo":
+        advice.append("smaller Training.rollout_batch_size / mini_batch_size or more gradient_accumulation_steps")
+    else:
+        advice.append("a smaller Training.batch_size with more gradient_accumulation_steps")
+    if not training.gradient_checkpointing:
+        advice.append("Training.gradient_checkpointing: true")
+    advice.append("fewer workers per node (a larger resources_per_worker.memory)")
+    return OutOfMemory(
+        f"{config.stage}: the workers ran out of memory {reached}; try {', '.join(advice)}. "
+        "The next run resumes from the last checkpoint."
+    )
+
+
+def absolute_paths(data: dict[str, Any]) -> dict[str, Any]:
+    """The config with local paths made absolute, so workers read the same files wherever they run."""
+    general = dict(data["General"])
+    for key, value in general.items():
+        if not isinstance(value, str) or "://" in value:
+            continue
+        if key in ("output_dir", "checkpoint_dir") or Path(value).exists():
+            general[key] = str(Path(value).expanduser().resolve())
+    return {**data, "General": general}
+
+
 def run_trainer(
     config: StageConfig,
     train_loop: Callable[[dict[str, Any]], None],
     data: dict[str, Any] | None = None,
     run_name: str = RUN_NAME,
+    stop_at_step: int | None = None,
 ) -> Any:
     """Run `train_loop` on `num_training_workers` Ray Train workers; resume from `output_dir`.
 
     `data` (prepared on the driver) reaches every worker through Ray's object store, so
-    only the driver needs to reach the data files.
+    only the driver needs to reach the data files. Raises `RunStopped` when the run ended early
+    with a checkpoint, `OutOfMemory` when its workers were killed for memory.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -71,7 +143,8 @@ def run_trainer(
     output_dir.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"stage": config.stage, "config": config.to_dict(), "data": data},
+        train_loop_config={"stage": config.stage, "config": absolute_paths(config.to_dict()), "data": data,
+                           "stop_at_step": stop_at_step},
         scaling_config=ScalingConfig(
             num_workers=training.num_training_workers,
             use_gpu=training.use_gpu,
@@ -84,7 +157,15 @@ def run_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
-    if result.error:  # an aborted run can return instead of raising
-        raise result.error
+    try:
+        result = trainer.fit()
+        if result.error:  # an aborted run can return instead of raising
+            raise result.error
+    except Exception as err:
+        if _memory_failure(err):
+            raise out_of_memory(config) from None
+        raise
+    stopped = (result.metrics or {}).get(STOPPED_METRIC)
+    if stopped is not None:
+        raise RunStopped(config.stage, int(stopped), str(result.metrics.get("reason", "stopped")))
     return result

@@ -54,3 +54,25 @@ def autocast(training: TrainingBase, device: torch.device) -> contextlib.Abstrac
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if training.mixed_precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(training: TrainingBase, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 needs loss scaling (its range underflows small gradients); bf16 and fp32 do not."""
+    return torch.amp.GradScaler(device.type) if training.mixed_precision == "fp16" else None
+
+
+def step(pairs: list[tuple[torch.optim.Optimizer, torch.nn.Module]], training: TrainingBase,
+         scaler: torch.amp.GradScaler | None) -> None:
+    """Unscale (fp16), clip each model's gradients to max_grad_norm, step each optimizer, clear gradients."""
+    for optimizer, model in pairs:
+        if scaler:
+            scaler.unscale_(optimizer)
+        if training.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
+                                           training.max_grad_norm)
+    for optimizer, _ in pairs:
+        scaler.step(optimizer) if scaler else optimizer.step()
+    if scaler:
+        scaler.update()
+    for optimizer, _ in pairs:
+        optimizer.zero_grad(set_to_none=True)

@@ -40,6 +40,8 @@ same `output_dir` resumes. The final policy + tokenizer are written to `checkpoi
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -47,15 +49,19 @@ from typing import Any
 
 import torch
 
-from rlhf_jobs import launcher, optim, train_state
+from rlhf_jobs import export, launcher, optim, sharding
+from rlhf_jobs.adapters import add_lora, disabled_adapter
 from rlhf_jobs.batching import pad
 from rlhf_jobs.checkpoints import require_stage, write_atomically
 from rlhf_jobs.config import PPOTraining, StageConfig
+from rlhf_jobs.control import STOPPED_METRIC, StopControl
 from rlhf_jobs.data import PPO_SCHEMA, DataError, load_splits
-from rlhf_jobs.distributed import Moments, all_reduce_sum, global_mean_var
+from rlhf_jobs.distributed import Moments, all_reduce_max, all_reduce_sum, global_mean_var, peak_memory_gib
+from rlhf_jobs.logprobs import entropy, selective_log_softmax
 from rlhf_jobs.metrics_log import MetricsLogger
-from rlhf_jobs.models import load_causal_lm, load_reward_model, load_tokenizer, unwrap
+from rlhf_jobs.models import bos_ids, load_causal_lm, load_reward_model, load_tokenizer, stored_dtype, unwrap
 from rlhf_jobs.prompts import record_prompt
+from rlhf_jobs.train_state import ModelState, TrainState
 from rlhf_jobs.worker import Worker, progress, setup_worker
 
 STAGE = "ppo"
@@ -110,19 +116,23 @@ def response_slice(per_position: torch.Tensor, width: int) -> torch.Tensor:
     return per_position[:, -width - 1 : -1]
 
 
-def response_logprobs(logits: torch.Tensor, response: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Log-probs of `response` from the full-sequence logits of prompt + response.
+def response_logprobs(logits: torch.Tensor, response: torch.Tensor, temperature: float,
+                      chunk_size: int = 256) -> torch.Tensor:
+    """Log-probs of `response` from the logits of prompt + response (all positions, or only the last
+    `width + 1` as `logits_to_keep` returns them: the response slice is the same).
 
-    Logits are divided by the sampling temperature, in rollout and update alike.
+    Logits are divided by the sampling temperature, in rollout and update alike; the log-softmax is
+    computed in fp32 a chunk of positions at a time (`logprobs.selective_log_softmax`).
     """
-    logits = response_slice(logits, response.size(1)).float() / temperature
-    return torch.gather(logits.log_softmax(-1), 2, response.unsqueeze(-1)).squeeze(-1)
+    return selective_log_softmax(response_slice(logits, response.size(1)), response, temperature, chunk_size)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical distribution at each position."""
-    log_probs = logits.float().log_softmax(-1)
-    return -(log_probs.exp() * log_probs).sum(-1)
+def response_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor], width: int) -> torch.Tensor:
+    """The model's logits at the `width + 1` last positions only (`logits_to_keep`), where it supports that."""
+    hf_model = sharding.hf_model(unwrap(model))
+    if "logits_to_keep" in inspect.signature(hf_model.forward).parameters:
+        return model(**inputs, logits_to_keep=width + 1).logits
+    return model(**inputs).logits
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -164,31 +174,42 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     return advantages, (advantages + values) * mask
 
 
+MAX_LOG_RATIO = 20.0  # exp(20) ≈ 5e8: far outside any clip range, and no overflow to inf
+
+
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate: masked mean of max(-A·ratio, -A·clip(ratio, 1 ± ε)), per token."""
-    log_ratio = logp - old_logp
+                cliprange: float, tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate: masked mean of max(-A·ratio, -A·clip(ratio, 1 ± ε)), per token.
+
+    `tokens`: divide the masked sums by this count instead of `mask.sum()` (a micro-batch's share of its
+    minibatch's mean). The log-ratio is clamped to ±20 before `exp` (as OpenRLHF does).
+    """
+    tokens = mask.sum().clamp(min=1) if tokens is None else tokens
+    log_ratio = (logp - old_logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    loss = masked_sum(torch.max(unclipped, clipped), mask) / tokens
     with torch.no_grad():
         stats = {
-            "clip_fraction": masked_mean((clipped > unclipped).float(), mask),
-            "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
+            "clip_fraction": masked_sum((clipped > unclipped).float(), mask) / tokens,
+            "approx_kl": masked_sum(0.5 * log_ratio**2, mask) / tokens,
         }
     return loss, stats
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               cliprange_value: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """0.5 × masked mean of max((V - R)², (clip(V, V_old ± ε) - R)²)."""
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float,
+    tokens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """0.5 × masked mean of max((V - R)², (clip(V, V_old ± ε) - R)²); `tokens` as in `policy_loss`."""
+    tokens = mask.sum().clamp(min=1) if tokens is None else tokens
     clipped_values = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
     unclipped_error = (values - returns) ** 2
     clipped_error = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(unclipped_error, clipped_error), mask)
+    loss = 0.5 * masked_sum(torch.max(unclipped_error, clipped_error), mask) / tokens
     with torch.no_grad():
-        stats = {"value_clip_fraction": masked_mean((clipped_error > unclipped_error).float(), mask)}
+        stats = {"value_clip_fraction": masked_sum((clipped_error > unclipped_error).float(), mask) / tokens}
     return loss, stats
 
 
@@ -214,19 +235,44 @@ class AdaptiveKLController:
 # ---- models ----------------------------------------------------------------------------------------------
 
 
-class Critic(torch.nn.Module):
-    """A value per position: a sequence classifier's backbone, its score head applied at every token."""
+def score_head(classifier: torch.nn.Module) -> torch.nn.Linear:
+    """The one-output linear head of a transformers sequence classifier (`score` in most architectures)."""
+    hf_model = sharding.hf_model(classifier)
+    head = getattr(hf_model, "score", None) or getattr(hf_model, "classifier", None)
+    if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
+        raise TypeError(f"{type(hf_model).__name__} has no one-output linear score head")
+    return head
 
-    def __init__(self, classifier: torch.nn.Module) -> None:
+
+class Critic(torch.nn.Module):
+    """A value per position: a sequence classifier's transformer and a value head of its own.
+
+    The value head starts as the classifier's score head rescaled by the reward model's recorded
+    statistics, `(score - mean) / std`, so the critic's first value at the last response token is the
+    normalised score the rewards use. The classifier's own head stays frozen: with LoRA the critic's
+    base model, adapter disabled, is the reward model itself (`forward(..., score=True)`).
+    """
+
+    def __init__(self, classifier: torch.nn.Module, reward_stats: dict[str, float] | None = None) -> None:
         super().__init__()
         self.classifier = classifier
+        head = score_head(classifier)
+        head.requires_grad_(False)
+        mean, std = (reward_stats["mean"], max(reward_stats["std"], 1e-6)) if reward_stats else (0.0, 1.0)
+        self.value_head = torch.nn.Linear(head.in_features, 1, dtype=torch.float32)
+        with torch.no_grad():
+            self.value_head.weight.copy_(head.weight.float() / std)
+            bias = head.bias.float() if head.bias is not None else torch.zeros(1)
+            self.value_head.bias.copy_((bias - mean) / std)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.classifier.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-        ).last_hidden_state
-        return self.classifier.score(hidden).squeeze(-1).float()
+                position_ids: torch.Tensor | None = None, score: bool = False) -> torch.Tensor:
+        if score:  # the classifier's own score (the reward model, when the adapter is disabled)
+            return self.classifier(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+        transformer = sharding.hf_model(self.classifier).base_model
+        hidden = transformer(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids).last_hidden_state
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
 
 def frozen(model: torch.nn.Module) -> torch.nn.Module:
@@ -252,12 +298,14 @@ def sequence_inputs(query: torch.Tensor, query_mask: torch.Tensor, response: tor
 
 
 def tokenize_prompts(records: Any, tokenizer: Any, style: str, max_prompt_length: int) -> list[dict[str, Any]]:
-    """Prompt ids, left-truncated to max_prompt_length, and the text of exactly those ids (what the RM sees)."""
+    """[BOS] + prompt ids, left-truncated to max_prompt_length, and the text of exactly those prompt ids
+    (what the RM sees, before its own BOS)."""
+    bos = bos_ids(tokenizer)
     examples = []
     for record in records:
         ids = tokenizer(record_prompt(record, style, tokenizer), add_special_tokens=False)["input_ids"]
-        ids = ids[-max_prompt_length:]
-        examples.append({"input_ids": ids, "text": tokenizer.decode(ids)})
+        ids = ids[-(max_prompt_length - len(bos)) :]
+        examples.append({"input_ids": bos + ids, "text": tokenizer.decode(ids)})
     return examples
 
 
@@ -310,65 +358,101 @@ def prompt_batch(examples: list[dict[str, Any]], worker: Worker, seed: int, posi
 
 @dataclass
 class PPOModels:
-    policy: torch.nn.Module  # DDP-wrapped for training; `unwrap` for generate and plain forwards
-    reference: torch.nn.Module
-    critic: torch.nn.Module
-    reward_model: torch.nn.Module
+    policy: torch.nn.Module  # trainable; wrapped (DDP) or sharded (FSDP)
+    critic: Critic  # trainable, likewise
+    reference: torch.nn.Module | None  # None with LoRA: the policy with its adapter disabled
+    reward_model: torch.nn.Module | None  # None with LoRA when it shares the critic's base model
     tokenizer: Any  # the policy's, left padding
     rm_tokenizer: Any  # the reward model's, right padding, left truncation
 
+    @torch.no_grad()
+    def reference_logits(self, inputs: dict[str, torch.Tensor], width: int) -> torch.Tensor:
+        if self.reference is not None:
+            return response_logits(self.reference, inputs, width)
+        policy = unwrap(self.policy)
+        with disabled_adapter(policy):
+            return response_logits(policy, inputs, width)
 
-def load_models(config: StageConfig, worker: Worker) -> PPOModels:
-    """The four models on this worker; the trainable two wrapped for distributed training."""
-    import ray.train.torch
+    @torch.no_grad()
+    def reward_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.reward_model is not None:
+            return self.reward_model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+        critic = unwrap(self.critic)
+        with disabled_adapter(critic.classifier):
+            return critic(input_ids=input_ids, attention_mask=attention_mask, score=True)
 
-    general = config.General
+
+def load_models(config: StageConfig, worker: Worker, reward_stats: dict[str, float] | None) -> PPOModels:
+    """The models on this worker. Trainable weights in fp32; frozen ones in the compute dtype under mixed
+    precision. With LoRA, one base model serves as policy and reference, another as critic and reward model."""
+    general, training = config.General, config.Training
     policy_path = general.model_pretrain or general.model_name
     rm_path = general.rm_pretrain or general.rm_name
-    trust = general.trust_remote_code
+    trust, lora = general.trust_remote_code, training.lora
+    frozen_dtype = sharding.compute_dtype(training) or torch.float32
     tokenizer = load_tokenizer(policy_path, trust, padding_side="left")
     rm_tokenizer = load_tokenizer(rm_path, trust, padding_side="right")
     rm_tokenizer.truncation_side = "left"
-    policy = load_causal_lm(policy_path, tokenizer, trust, dropout=False)
-    reference = frozen(load_causal_lm(policy_path, tokenizer, trust, dropout=False)).to(worker.device)
-    reward_model = frozen(load_reward_model(rm_path, rm_tokenizer, trust, dropout=False)).to(worker.device)
-    # The critic reads the policy's tokens: it starts from the RM when they share a vocabulary,
-    # else from the policy's backbone with a fresh value head.
+
+    policy = load_causal_lm(policy_path, tokenizer, trust, dropout=False, dtype=frozen_dtype if lora else torch.float32)
+    reference = None
+    if lora:
+        policy = add_lora(policy, lora, "CAUSAL_LM")
+    else:
+        reference = frozen(load_causal_lm(policy_path, tokenizer, trust, dropout=False, dtype=frozen_dtype))
+    # The critic reads the policy's tokens: it starts from the RM when they share a vocabulary (its value
+    # head then starts as the normalised score), else from the policy's backbone with a fresh value head.
     same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
-    critic = Critic(load_reward_model(rm_path if same_vocab else policy_path, tokenizer, trust, dropout=False))
-    return PPOModels(ray.train.torch.prepare_model(policy), reference, ray.train.torch.prepare_model(critic),
-                     reward_model, tokenizer, rm_tokenizer)
+    classifier = load_reward_model(rm_path if same_vocab else policy_path, tokenizer, trust, dropout=False,
+                                   dtype=frozen_dtype if lora else torch.float32)
+    if lora:
+        classifier = add_lora(classifier, lora, "FEATURE_EXTRACTION")
+    critic = Critic(classifier, reward_stats if same_vocab else None)
+    reward_model = None
+    if not (lora and same_vocab):
+        reward_model = frozen(load_reward_model(rm_path, rm_tokenizer, trust, dropout=False, dtype=frozen_dtype))
+    return PPOModels(
+        policy=sharding.prepare(policy, training, worker),
+        critic=sharding.prepare(critic, training, worker),
+        reference=sharding.prepare(reference, training, worker, trainable=False) if reference is not None else None,
+        reward_model=sharding.prepare(reward_model, training, worker, trainable=False)
+        if reward_model is not None else None,
+        tokenizer=tokenizer, rm_tokenizer=rm_tokenizer,
+    )
 
 
 @dataclass
 class Optimizers:
-    """The policy's and the critic's optimizer and schedule, and the KL coefficient: the state that resumes."""
+    """The policy's and the critic's optimizer and schedule, the KL coefficient and the fp16 loss scaler."""
 
     policy: torch.optim.Optimizer
     critic: torch.optim.Optimizer
     policy_schedule: Any
     critic_schedule: Any
     kl_control: AdaptiveKLController
+    scaler: torch.amp.GradScaler | None
 
     @classmethod
-    def build(cls, models: PPOModels, training: PPOTraining, total_updates: int) -> Optimizers:
+    def build(cls, models: PPOModels, training: PPOTraining, total_updates: int, device: torch.device) -> Optimizers:
         policy = optim.build_optimizer(models.policy, training)
         critic = optim.build_optimizer(models.critic, training, training.critic_learning_rate)
         return cls(policy, critic, optim.build_scheduler(policy, training, total_updates),
                    optim.build_scheduler(critic, training, total_updates),
-                   AdaptiveKLController(training.kl_coeff, training.target_kl, training.kl_horizon))
+                   AdaptiveKLController(training.kl_coeff, training.target_kl, training.kl_horizon),
+                   optim.grad_scaler(training, device))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"policy_optimizer": self.policy.state_dict(), "critic_optimizer": self.critic.state_dict(),
-                "policy_scheduler": self.policy_schedule.state_dict(),
-                "critic_scheduler": self.critic_schedule.state_dict(), "kl_control": self.kl_control.state_dict()}
+        """What resumes besides the tensors (those go through `train_state.ModelState`)."""
+        return {"policy_scheduler": self.policy_schedule.state_dict(),
+                "critic_scheduler": self.critic_schedule.state_dict(), "kl_control": self.kl_control.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.policy.load_state_dict(state["policy_optimizer"])
-        self.critic.load_state_dict(state["critic_optimizer"])
         self.policy_schedule.load_state_dict(state["policy_scheduler"])
         self.critic_schedule.load_state_dict(state["critic_scheduler"])
         self.kl_control.load_state_dict(state["kl_control"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
 
 # ---- worker: rollout ---------------------------------------------------------------------------------------------
@@ -384,35 +468,37 @@ def generation_settings(training: PPOTraining, tokenizer: Any) -> dict[str, Any]
 
 @torch.no_grad()
 def generate_responses(models: PPOModels, prompts: list[dict[str, Any]], training: PPOTraining,
-                       device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(query, query_mask, response, mask): sampled responses, padding after the first EOS."""
+                       device: torch.device) -> list[list[int]]:
+    """Sampled response ids per prompt, up to and including the first EOS (a sharded policy is gathered
+    once for the whole call)."""
     tokenizer = models.tokenizer
     query, query_mask = pad([p["input_ids"] for p in prompts], tokenizer.pad_token_id, side="left", device=device)
     model = unwrap(models.policy)
     model.eval()
-    with optim.autocast(training, device):
+    with sharding.gathered(model), optim.autocast(training, device):
         output = model.generate(input_ids=query, attention_mask=query_mask,
                                 **generation_settings(training, tokenizer))
     model.train()
     response = output[:, query.size(1) :]
-    mask = response_mask(response, tokenizer.eos_token_id)
-    response = response.masked_fill(mask == 0, tokenizer.pad_token_id)
-    return query, query_mask, response, mask
+    lengths = response_mask(response, tokenizer.eos_token_id).sum(1)
+    return [tokens[: int(length)].tolist() for tokens, length in zip(response, lengths, strict=True)]
 
 
 @torch.no_grad()
 def score_responses(models: PPOModels, prompts: list[dict[str, Any]], response: torch.Tensor, mask: torch.Tensor,
                     training: PPOTraining, device: torch.device) -> torch.Tensor:
-    """The reward model's score of prompt text + response text (EOS dropped), in its own tokens."""
+    """The reward model's score of [BOS] prompt text + response text (EOS dropped), in its own tokens."""
     texts = [
         prompt["text"] + models.tokenizer.decode(tokens[: int(length)].tolist(), skip_special_tokens=True)
         for prompt, tokens, length in zip(prompts, response, mask.sum(1), strict=True)
     ]
-    max_length = getattr(models.reward_model.config, "max_position_embeddings", None) or 1024
-    encoded = models.rm_tokenizer(texts, add_special_tokens=False, padding=True, truncation=True,
-                                  max_length=max_length, return_tensors="pt").to(device)
+    rm_tokenizer = models.rm_tokenizer
+    config = sharding.hf_model(unwrap(models.critic if models.reward_model is None else models.reward_model)).config
+    room = (getattr(config, "max_position_embeddings", None) or 1024) - len(bos := bos_ids(rm_tokenizer))
+    sequences = [bos + ids[-room:] for ids in rm_tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    input_ids, attention_mask = pad(sequences, rm_tokenizer.pad_token_id, device=device)
     with optim.autocast(training, device):
-        return models.reward_model(**encoded).logits.squeeze(-1).float()
+        return models.reward_scores(input_ids, attention_mask)
 
 
 def shape_scores(raw: torch.Tensor, has_eos: torch.Tensor, reward_stats: dict[str, float] | None,
@@ -445,22 +531,38 @@ class Experience:
         return self.response.size(0)
 
 
+def row_chunks(size: int, chunk: int) -> list[slice]:
+    return [slice(start, start + chunk) for start in range(0, size, chunk)]
+
+
 @torch.no_grad()
 def collect_experience(models: PPOModels, prompts: list[dict[str, Any]], training: PPOTraining,
                        device: torch.device) -> Experience:
-    query, query_mask, response, mask = generate_responses(models, prompts, training, device)
+    """Generate, then the four rollout forwards, `rollout_batch_size` prompts at a time."""
+    tokenizer, chunk = models.tokenizer, training.rollout_batch_size or len(prompts)
+    responses = [ids for rows in row_chunks(len(prompts), chunk)
+                 for ids in generate_responses(models, prompts[rows], training, device)]
+    query, query_mask = pad([p["input_ids"] for p in prompts], tokenizer.pad_token_id, side="left", device=device)
+    response, mask = pad(responses, tokenizer.pad_token_id, device=device)
     inputs = sequence_inputs(query, query_mask, response, mask)
+    width, temperature, chunk_size = response.size(1), training.temperature, training.logprob_chunk_size
     maskf = mask.float()
-    width = response.size(1)
-    with optim.autocast(training, device):
-        logits = unwrap(models.policy)(**inputs).logits
-        old_logp = response_logprobs(logits, response, training.temperature)
-        entropy = masked_mean(entropy_from_logits(response_slice(logits, width) / training.temperature), maskf)
-        ref_logp = response_logprobs(models.reference(**inputs).logits, response, training.temperature)
-        old_values = response_slice(unwrap(models.critic)(**inputs), width) * maskf
-        raw_score = score_responses(models, prompts, response, mask, training, device)
-    has_eos = ((response == models.tokenizer.eos_token_id) & (mask == 1)).any(1)
-    return Experience(inputs, response, maskf, old_logp, ref_logp, old_values, entropy, raw_score, has_eos)
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in ("old_logp", "ref_logp", "values", "entropy", "raw")}
+    for rows in row_chunks(len(prompts), chunk):
+        sub = {key: value[rows] for key, value in inputs.items()}
+        with optim.autocast(training, device):
+            logits = response_logits(unwrap(models.policy), sub, width)
+            parts["old_logp"].append(response_logprobs(logits, response[rows], temperature, chunk_size))
+            parts["entropy"].append(entropy(response_slice(logits, width), temperature, chunk_size))
+            del logits
+            parts["ref_logp"].append(response_logprobs(models.reference_logits(sub, width), response[rows],
+                                                       temperature, chunk_size))
+            parts["values"].append(response_slice(unwrap(models.critic)(**sub), width))
+            parts["raw"].append(score_responses(models, prompts[rows], response[rows], mask[rows], training, device))
+    joined = {name: torch.cat(values) for name, values in parts.items()}
+    has_eos = ((response == tokenizer.eos_token_id) & (mask == 1)).any(1)
+    return Experience(inputs, response, maskf, joined["old_logp"], joined["ref_logp"], joined["values"] * maskf,
+                      masked_mean(joined["entropy"], maskf), joined["raw"], has_eos)
 
 
 # ---- worker: update ------------------------------------------------------------------------------------------------
@@ -470,31 +572,38 @@ UPDATE_STATS = ("policy_loss", "value_loss", "clip_fraction", "value_clip_fracti
 
 def ppo_update(models: PPOModels, optimizers: Optimizers, batch: Experience, advantages: torch.Tensor,
                returns: torch.Tensor, training: PPOTraining) -> dict[str, float]:
-    """`ppo_epochs` passes of clipped policy and value updates; the mean of each statistic over the updates."""
+    """`ppo_epochs` passes of clipped policy and value updates over shuffled minibatches, each split into
+    `gradient_accumulation_steps` micro-batches; the mean of each statistic over the updates."""
     mini_batch_size = training.mini_batch_size or batch.size
+    micro_size = mini_batch_size // training.gradient_accumulation_steps
     updates = training.ppo_epochs * (batch.size // mini_batch_size)
     sums = dict.fromkeys(UPDATE_STATS, 0.0)
-    width = batch.response.size(1)
+    width, device, scaler = batch.response.size(1), batch.response.device, optimizers.scaler
     for _ in range(training.ppo_epochs):
         for rows in torch.randperm(batch.size).split(mini_batch_size):
-            minibatch = {key: value[rows] for key, value in batch.inputs.items()}
-            mask = batch.mask[rows]
-            with optim.autocast(training, batch.response.device):
-                logp = response_logprobs(models.policy(**minibatch).logits, batch.response[rows], training.temperature)
-                values = response_slice(models.critic(**minibatch), width)
-            pg_loss, pg_stats = policy_loss(logp, batch.old_logp[rows], advantages[rows], mask, training.cliprange)
-            vf_loss, vf_stats = value_loss(values, batch.old_values[rows], returns[rows], mask,
-                                           training.cliprange_value)
-            (pg_loss + training.vf_coef * vf_loss).backward()
-            for model, optimizer, schedule in ((models.policy, optimizers.policy, optimizers.policy_schedule),
-                                               (models.critic, optimizers.critic, optimizers.critic_schedule)):
-                if training.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), training.max_grad_norm)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-            for name, value in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg_stats, **vf_stats}.items():
-                sums[name] += value.item() / updates
+            tokens = batch.mask[rows].sum().clamp(min=1)  # each micro-batch adds its share of the minibatch mean
+            micro_batches = rows.split(micro_size)
+            for index, micro in enumerate(micro_batches):
+                minibatch = {key: value[micro] for key, value in batch.inputs.items()}
+                mask, last = batch.mask[micro], index == len(micro_batches) - 1
+                with contextlib.ExitStack() as stack:
+                    for model in (models.policy, models.critic):
+                        stack.enter_context(sharding.gradient_sync(model, last))
+                    stack.enter_context(optim.autocast(training, device))
+                    logp = response_logprobs(response_logits(models.policy, minibatch, width), batch.response[micro],
+                                             training.temperature, training.logprob_chunk_size)
+                    values = response_slice(models.critic(**minibatch), width)
+                    pg_loss, pg_stats = policy_loss(logp, batch.old_logp[micro], advantages[micro], mask,
+                                                    training.cliprange, tokens)
+                    vf_loss, vf_stats = value_loss(values, batch.old_values[micro], returns[micro], mask,
+                                                   training.cliprange_value, tokens)
+                    loss = pg_loss + training.vf_coef * vf_loss
+                    (scaler.scale(loss) if scaler else loss).backward()
+                for name, value in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg_stats, **vf_stats}.items():
+                    sums[name] += value.item() / updates
+            optim.step([(optimizers.policy, models.policy), (optimizers.critic, models.critic)], training, scaler)
+            optimizers.policy_schedule.step()
+            optimizers.critic_schedule.step()
     return sums
 
 
@@ -513,6 +622,7 @@ def iteration_metrics(batch: Experience, kl: torch.Tensor, non_score: torch.Tens
         batch.has_eos.float().sum().item(), *update_stats.values(),
     ], device)
     kl_sum, non_score_sum, entropy_sum, tokens, eos_count = reduced[:5]
+    (memory,) = all_reduce_max([peak_memory_gib(device)], device)
     sequences = score.count
     return {
         "score_mean": score.mean, "score_std": score.std,
@@ -521,6 +631,7 @@ def iteration_metrics(batch: Experience, kl: torch.Tensor, non_score: torch.Tens
         **{name: value / worker.world_size for name, value in zip(update_stats, reduced[5:], strict=True)},
         "explained_variance": 1.0 - residual_var / returns_var if returns_var > 0 else 0.0,
         "response_length": tokens / sequences, "eos_fraction": eos_count / sequences,
+        "memory_peak_gib": memory,
     }
 
 
@@ -530,14 +641,24 @@ def evaluate_held_out(models: PPOModels, eval_prompts: list[dict[str, Any]] | No
     if not eval_prompts:
         return {}
     shard = eval_prompts[worker.rank :: worker.world_size]
+    chunk = training.rollout_batch_size or training.experience_batch_size
+    if sharding.is_sharded(unwrap(models.policy)):  # every worker must run the same forwards
+        most = math.ceil(len(eval_prompts) / worker.world_size)
+        shard, real = shard + eval_prompts[: most - len(shard)], len(shard)
+    else:
+        real = len(shard)
     scores, length = Moments(), 0.0
-    with torch.random.fork_rng(devices=[]):
+    devices = [worker.device] if worker.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(training.seed + 7919 * (worker.rank + 1))
-        for start in range(0, len(shard), training.experience_batch_size):
-            prompts = shard[start : start + training.experience_batch_size]
-            _, _, response, mask = generate_responses(models, prompts, training, worker.device)
-            scores.add(score_responses(models, prompts, response, mask, training, worker.device))
-            length += mask.sum().item()
+        for rows in row_chunks(len(shard), chunk):
+            prompts = shard[rows]
+            response, mask = pad(generate_responses(models, prompts, training, worker.device),
+                                 models.tokenizer.pad_token_id, device=worker.device)
+            raw = score_responses(models, prompts, response, mask, training, worker.device)
+            keep = max(0, min(real - rows.start, len(prompts)))  # padding prompts count for nothing
+            scores.add(raw[:keep])
+            length += mask[:keep].sum().item()
     scores.reduce(worker.device)
     (length,) = all_reduce_sum([length], worker.device)
     return {"eval_score_mean": scores.mean, "eval_score_std": scores.std,
@@ -556,24 +677,29 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     batch_size = training.experience_batch_size
     prompts_per_worker = math.ceil(len(train_prompts) / worker.world_size)
     iterations = training.training_iteration or training.epochs * math.ceil(prompts_per_worker / batch_size)
-    updates_per_iteration = training.ppo_epochs * (batch_size // (training.mini_batch_size or batch_size))
+    updates_per_iteration = batch_size // (training.mini_batch_size or batch_size)
     save_steps = training.save_steps or training.eval_steps
 
     # -- models, optimizers, resume
-    models = load_models(config, worker)
-    optimizers = Optimizers.build(models, training, iterations * updates_per_iteration)
+    models = load_models(config, worker, reward_stats)
+    optimizers = Optimizers.build(models, training, iterations * updates_per_iteration * training.ppo_epochs,
+                                  worker.device)
+    store = TrainState(general.output_dir, worker)
+    tensors = {"policy": ModelState(models.policy, optimizers.policy, trainable_only=True),
+               "critic": ModelState(models.critic, optimizers.critic, trainable_only=True)}
     iteration, data_position = 0, 0
-    state = train_state.load_train_state()
-    if state:
-        unwrap(models.policy).load_state_dict(state["policy"])
-        unwrap(models.critic).load_state_dict(state["critic"])
-        optimizers.load_state_dict(state)
-        iteration, data_position = state["iteration"], state["data_position"]
+    saved = store.load(tensors)
+    if saved:
+        optimizers.load_state_dict(saved)
+        iteration, data_position = saved["iteration"], saved["data_position"]
         progress(worker, STAGE, f"resuming at iteration {iteration}/{iterations}")
 
-    def snapshot() -> dict[str, Any]:
-        return {"policy": unwrap(models.policy).state_dict(), "critic": unwrap(models.critic).state_dict(),
-                **optimizers.state_dict(), "iteration": iteration, "data_position": data_position}
+    def save_checkpoint(metrics: dict[str, Any]) -> None:
+        import ray.train
+
+        store.save(iteration, tensors, {**optimizers.state_dict(), "iteration": iteration,
+                                        "data_position": data_position})
+        ray.train.report({"iteration": iteration, **metrics})
 
     logger = MetricsLogger(general.output_dir, STAGE, worker.is_main)
 
@@ -586,7 +712,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     progress(worker, STAGE, f"{len(train_prompts)} prompts, {worker.world_size} worker(s) × {batch_size} per "
                             f"rollout, {iterations} iterations")
-    eval_metrics = evaluate(iteration) if state is None else {}
+    eval_metrics = evaluate(iteration) if saved is None else {}
+    stop = StopControl(worker, loop_config.get("stop_at_step"))
     while iteration < iterations:
         # Seeded per iteration and rank: responses differ across workers, and a resumed run samples the same.
         torch.manual_seed(training.seed + 100_003 * iteration + worker.rank)
@@ -631,34 +758,57 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             f"clip {metrics['clip_fraction']:.2f} len {metrics['response_length']:.1f} "
             f"rollout {time_rollout:.1f}s update {time_update:.1f}s {metrics['tokens_per_second']:.0f} tok/s",
         )
+        stop_reason = stop.should_stop(iteration) if iteration < iterations else None
         if iteration % training.eval_steps == 0 or iteration == iterations:
             eval_metrics = evaluate(iteration)
-        if iteration % save_steps == 0 or iteration == iterations:
-            train_state.report_checkpoint(worker, {"iteration": iteration, **metrics, **eval_metrics}, snapshot)
+        if iteration % save_steps == 0 or iteration == iterations or stop_reason:
+            save_checkpoint({**metrics, **eval_metrics})
+        if stop_reason:
+            import ray.train
+
+            progress(worker, STAGE, f"stopped after iteration {iteration} ({stop_reason}); "
+                                    "run the same command again to continue from here")
+            logger.close()
+            ray.train.report({STOPPED_METRIC: iteration, "reason": stop_reason})
+            return
 
     if not eval_metrics:
         eval_metrics = evaluate(iteration)
     logger.close()
-    if worker.is_main:
-        save_final(config, models, {"stage": STAGE, "config": config.to_dict(), "iteration": iteration,
-                                    "metrics": eval_metrics}, worker)
+    save_final(config, models, {"stage": STAGE, "config": config.to_dict(), "iteration": iteration,
+                                "metrics": eval_metrics}, worker)
 
 
 def save_final(config: StageConfig, models: PPOModels, marker: dict[str, Any], worker: Worker) -> None:
-    """The final policy (+ tokenizer) in checkpoint_dir, the critic beside it in checkpoint_dir/critic."""
-    policy, critic, tokenizer = unwrap(models.policy), unwrap(models.critic).classifier, models.tokenizer
+    """The final policy (+ tokenizer) in checkpoint_dir; the critic in checkpoint_dir/critic (its transformer
+    as a sequence classifier, and `value_head.safetensors`). Every rank calls it (sharded models are gathered)."""
+    general, training = config.General, config.Training
+    policy = export.gathered_model(models.policy, worker)
+    critic = export.gathered_model(models.critic, worker) if training.save_critic else None
+    if not worker.is_main:
+        return
+    dtype = export.save_dtype(training, stored_dtype(general.model_pretrain or general.model_name,
+                                                     general.trust_remote_code))
+    policy = export.exportable(policy, training, dtype)
+    tokenizer = models.tokenizer
 
     def write(directory: Any) -> None:
         tokenizer.padding_side = "right"
         policy.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
-        critic.save_pretrained(directory / "critic")
-        tokenizer.save_pretrained(directory / "critic")
+        if critic is not None:
+            from safetensors.torch import save_file
 
-    path = write_atomically(config.General.checkpoint_dir, write, marker)
-    progress(worker, STAGE, f"final policy written to {path} (critic in {path / 'critic'})")
+            export.exportable(critic.classifier, training, dtype).save_pretrained(directory / "critic")
+            tokenizer.save_pretrained(directory / "critic")
+            save_file({name: tensor.detach().float().contiguous().cpu()
+                       for name, tensor in critic.value_head.state_dict().items()},
+                      directory / "critic" / "value_head.safetensors")
+
+    path = write_atomically(general.checkpoint_dir, write, marker)
+    progress(worker, STAGE, f"final policy written to {path}" + (f" (critic in {path / 'critic'})" if critic else ""))
 
 
-def train(config: StageConfig) -> Any:
+def train(config: StageConfig, stop_at_step: int | None = None) -> Any:
     """Driver: validate checkpoints and data (errors surface before Ray starts), then train."""
-    return launcher.run_trainer(config, train_loop, data=prepare(config))
+    return launcher.run_trainer(config, train_loop, data=prepare(config), stop_at_step=stop_at_step)

@@ -17,24 +17,34 @@ from rlhf_jobs import supervised
 from rlhf_jobs.batching import pad
 from rlhf_jobs.config import StageConfig
 from rlhf_jobs.data import RM_SCHEMA
-from rlhf_jobs.distributed import Moments, all_reduce_sum
-from rlhf_jobs.models import load_reward_model, load_tokenizer
+from rlhf_jobs.distributed import Moments
+from rlhf_jobs.models import bos_ids, load_reward_model, load_tokenizer
 from rlhf_jobs.prompts import join_response, record_prompt
 from rlhf_jobs.worker import Worker
 
 
-def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of -log σ(r_chosen - r_rejected - margin) over the pairs."""
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
+                  reduction: str = "mean") -> torch.Tensor:
+    """Mean (or sum) of -log σ(r_chosen - r_rejected - margin) over the pairs."""
     difference = chosen - rejected - (margin if margin is not None else 0.0)
-    return -F.logsigmoid(difference).mean()
+    losses = -F.logsigmoid(difference)
+    return losses.sum() if reduction == "sum" else losses.mean()
 
 
 def tokenize_pair(record: dict[str, Any], tokenizer: Any, style: str, max_length: int) -> dict[str, Any]:
-    """Token ids of prompt+chosen and prompt+rejected, keeping the tail when too long."""
+    """Token ids of [BOS] prompt+chosen and [BOS] prompt+rejected, keeping the tail when too long.
+
+    No EOS after the response: the classifier reads the last non-pad token, and with pad == EOS (as
+    in most Llama-family setups) an appended EOS would be read as padding anyway. The score is the
+    model's output at the last response token, in training and when PPO scores a policy's answer.
+    """
     prompt = record_prompt(record, style, tokenizer)
 
+    bos = bos_ids(tokenizer)
+
     def ids(response: str) -> list[int]:
-        return tokenizer(join_response(prompt, response), add_special_tokens=False)["input_ids"][-max_length:]
+        body = tokenizer(join_response(prompt, response), add_special_tokens=False)["input_ids"]
+        return bos + body[-(max_length - len(bos)) :]
 
     return {
         "chosen_ids": ids(record["chosen"]),
@@ -51,6 +61,9 @@ def score(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch
 
 class RewardTask:
     stage = "rm"
+    lora_task = "SEQ_CLS"
+    items_name = "pairs"
+    eval_keys = ("pairs", "correct", "margin", "loss", "rewards", "reward_sum", "reward_squares")
 
     def prepare(self, config: StageConfig) -> dict[str, Any]:
         return supervised.prepare_examples(config, RM_SCHEMA, tokenize_pair)
@@ -75,33 +88,30 @@ class RewardTask:
         pairs = batch["margin"].size(0)
         return rewards[:pairs], rewards[pairs:]
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        chosen, rejected = self.scores(model, batch)
-        return pairwise_loss(chosen, rejected, batch["margin"]), chosen.size(0)
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["margin"].size(0)
 
-    def evaluate(self, model: torch.nn.Module, loader: Any, worker: Worker) -> dict[str, float]:
-        pairs = correct = margin_sum = loss_sum = 0.0
-        rewards = Moments()
-        for batch in loader:
-            batch = supervised.to_device(batch, worker.device)
-            chosen, rejected = self.scores(model, batch)
-            loss_sum += pairwise_loss(chosen, rejected, batch["margin"]).item() * chosen.size(0)
-            pairs += chosen.size(0)
-            correct += (chosen > rejected).sum().item()
-            margin_sum += (chosen - rejected).sum().item()
-            rewards.add(torch.cat([chosen, rejected]))
-        pairs, correct, margin_sum, loss_sum = all_reduce_sum([pairs, correct, margin_sum, loss_sum], worker.device)
-        rewards.reduce(worker.device)
+    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        chosen, rejected = self.scores(model, batch)
+        return pairwise_loss(chosen, rejected, batch["margin"], reduction="sum")
+
+    def eval_sums(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        chosen, rejected = self.scores(model, batch)
+        rewards = Moments().add(torch.cat([chosen, rejected]))
         return {
-            "eval_loss": loss_sum / max(pairs, 1),
-            "eval_accuracy": correct / max(pairs, 1),
-            "eval_margin": margin_sum / max(pairs, 1),
-            "eval_reward_mean": rewards.mean,
-            "eval_reward_std": rewards.std,
+            "pairs": float(chosen.size(0)), "correct": (chosen > rejected).sum().item(),
+            "margin": (chosen - rejected).sum().item(),
+            "loss": pairwise_loss(chosen, rejected, batch["margin"], reduction="sum").item(),
+            "rewards": rewards.count, "reward_sum": rewards.total, "reward_squares": rewards.squares,
         }
 
-    def items_name(self) -> str:
-        return "pairs"
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        pairs = max(sums["pairs"], 1.0)
+        rewards = Moments(sums["rewards"], sums["reward_sum"], sums["reward_squares"])
+        return {
+            "eval_loss": sums["loss"] / pairs, "eval_accuracy": sums["correct"] / pairs,
+            "eval_margin": sums["margin"] / pairs, "eval_reward_mean": rewards.mean, "eval_reward_std": rewards.std,
+        }
 
     def marker_extras(self, eval_metrics: dict[str, float]) -> dict[str, Any]:
         """The validation reward mean/std, which PPO uses to normalise scores."""
@@ -114,5 +124,5 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     supervised.train_supervised(loop_config, RewardTask())
 
 
-def train(config: StageConfig) -> Any:
-    return supervised.run(config, RewardTask(), train_loop)
+def train(config: StageConfig, stop_at_step: int | None = None) -> Any:
+    return supervised.run(config, RewardTask(), train_loop, stop_at_step)

@@ -1,9 +1,11 @@
 """Supervised fine-tuning: next-token loss on the response tokens only.
 
-Each record becomes `prompt + response + EOS`. Labels are the token ids where the token
-starts inside the response, and -100 for the prompt and the padding, so the model learns
-to answer, not to repeat the template. The boundary comes from character offsets, never
-from searching for template tokens (which can also occur inside the prompt).
+Each record becomes `[BOS] prompt + response + EOS` (BOS where the tokenizer adds one, as
+Llama's does). Labels are the token ids where the token starts inside the response, and -100
+for BOS, the prompt and the padding, so the model learns to answer, not to repeat the template.
+The boundary comes from character offsets, never from searching for template tokens (which can
+also occur inside the prompt). The loss is summed over label tokens; the shared loop divides by
+the label tokens of the whole optimizer step.
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ from rlhf_jobs import supervised
 from rlhf_jobs.batching import pad
 from rlhf_jobs.config import StageConfig
 from rlhf_jobs.data import SFT_SCHEMA, DataError
-from rlhf_jobs.distributed import all_reduce_sum
-from rlhf_jobs.models import load_causal_lm, load_tokenizer
+from rlhf_jobs.models import bos_ids, load_causal_lm, load_tokenizer
 from rlhf_jobs.prompts import join_response, record_prompt
 from rlhf_jobs.worker import Worker
 
@@ -30,9 +31,11 @@ def tokenize_sft(record: dict[str, Any], tokenizer: Any, style: str, max_length:
     prompt = record_prompt(record, style, tokenizer)
     text = join_response(prompt, record["response"])
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = [*encoded["input_ids"], tokenizer.eos_token_id]
-    starts = [start for start, _ in encoded["offset_mapping"]]
-    labels = [tok if start >= len(prompt) else IGNORE_INDEX for tok, start in zip(input_ids, starts, strict=False)]
+    bos = bos_ids(tokenizer)
+    input_ids = [*bos, *encoded["input_ids"], tokenizer.eos_token_id]
+    labels = [IGNORE_INDEX] * len(bos)
+    labels += [tok if start >= len(prompt) else IGNORE_INDEX
+               for tok, (start, _) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)]
     labels.append(tokenizer.eos_token_id)
     return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
 
@@ -69,6 +72,9 @@ def drop_unlabelled(examples: list[dict[str, list[int]]], name: str, max_length:
 
 class SFTTask:
     stage = "sft"
+    lora_task = "CAUSAL_LM"
+    items_name = "tokens"
+    eval_keys = ("loss_sum", "tokens")
 
     def prepare(self, config: StageConfig) -> dict[str, Any]:
         dataset = config.Dataset
@@ -86,21 +92,19 @@ class SFTTask:
     def collate(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         return pad_batch(examples, self.tokenizer.pad_token_id)
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return response_loss(model, batch)[0]
+
+    def eval_sums(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         loss_sum, tokens = response_loss(model, batch)
-        return loss_sum / tokens.clamp(min=1), int(tokens)
+        return {"loss_sum": loss_sum.item(), "tokens": float(tokens)}
 
-    def evaluate(self, model: torch.nn.Module, loader: Any, worker: Worker) -> dict[str, float]:
-        loss_sum, tokens = 0.0, 0
-        for batch in loader:
-            batch_loss, batch_tokens = response_loss(model, supervised.to_device(batch, worker.device))
-            loss_sum, tokens = loss_sum + batch_loss.item(), tokens + int(batch_tokens)
-        loss_sum, tokens = all_reduce_sum([loss_sum, tokens], worker.device)
-        eval_loss = loss_sum / max(tokens, 1)
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        eval_loss = sums["loss_sum"] / max(sums["tokens"], 1.0)
         return {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))}
-
-    def items_name(self) -> str:
-        return "tokens"
 
     def marker_extras(self, eval_metrics: dict[str, float]) -> dict[str, Any]:
         return {}
@@ -110,5 +114,5 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     supervised.train_supervised(loop_config, SFTTask())
 
 
-def train(config: StageConfig) -> Any:
-    return supervised.run(config, SFTTask(), train_loop)
+def train(config: StageConfig, stop_at_step: int | None = None) -> Any:
+    return supervised.run(config, SFTTask(), train_loop, stop_at_step)

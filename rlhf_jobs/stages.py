@@ -36,6 +36,17 @@ class Curve:
 
 
 @dataclass(frozen=True)
+class TrainedModel:
+    """A model the stage trains: the first set General key of `keys` names it; `task` is its head."""
+
+    keys: tuple[str, ...]
+    task: str  # CAUSAL_LM or SEQ_CLS
+
+    def name(self, general: object) -> str:
+        return next(value for key in self.keys if (value := getattr(general, key, None)))
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     title: str
@@ -46,6 +57,7 @@ class Stage:
     base_model_keys: tuple[str, ...]
     # General keys that read an earlier stage's final model: key -> that stage's name.
     inputs: dict[str, str] = field(default_factory=dict)
+    trained: tuple[TrainedModel, ...] = ()
     step_name: str = "optimizer step"
     summary: tuple[Summary, ...] = ()
     panels: tuple[tuple[str, tuple[Curve, ...]], ...] = ()
@@ -56,13 +68,13 @@ REGISTRY: dict[str, Stage] = {
     for stage in (
         Stage(
             name="sft", title="SFT", config_type=SFTConfig, records=SFT_SCHEMA, trainer="rlhf_jobs.sft",
-            base_model_keys=("base_model",),
+            base_model_keys=("base_model",), trained=(TrainedModel(("base_model",), "CAUSAL_LM"),),
             summary=(Summary("eval loss", "eval_loss"),),
             panels=(("SFT loss", (Curve("loss", "train", "train loss"), Curve("eval_loss", "eval", "eval loss"))),),
         ),
         Stage(
             name="rm", title="reward model", config_type=RMConfig, records=RM_SCHEMA, trainer="rlhf_jobs.rm",
-            base_model_keys=("base_model",),
+            base_model_keys=("base_model",), trained=(TrainedModel(("base_model",), "SEQ_CLS"),),
             summary=(Summary("accuracy", "eval_accuracy", fmt="{:.2f}"),
                      Summary("margin", "eval_margin", fmt="{:.2f}")),
             panels=(("Reward model", (Curve("eval_accuracy", "eval", "eval accuracy"),
@@ -72,6 +84,9 @@ REGISTRY: dict[str, Stage] = {
             name="ppo", title="PPO", config_type=PPOConfig, records=PPO_SCHEMA, trainer="rlhf_jobs.ppo",
             base_model_keys=("model_name", "rm_name"),
             inputs={"model_pretrain": "sft", "rm_pretrain": "rm"},
+            # The critic trains on the reward model's backbone.
+            trained=(TrainedModel(("model_pretrain", "model_name"), "CAUSAL_LM"),
+                     TrainedModel(("rm_pretrain", "rm_name"), "SEQ_CLS")),
             step_name="iteration",
             summary=(Summary("reward", "eval_score_mean", fallback=("score_mean", "train")),
                      Summary("KL", "kl", split="train", last_only=True)),

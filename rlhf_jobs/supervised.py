@@ -1,68 +1,106 @@
 """The supervised training loop SFT and the reward model share.
 
-A stage supplies a `SupervisedTask` (model, tokenised data, loss, evaluation); this loop
-does the rest the same way for both: DDP, distributed sampling, gradient accumulation,
-clipping, schedule, logging, evaluation per epoch, Ray Train checkpoints every
-`save_steps` (or epoch) with mid-epoch resume, and the final atomic `save_pretrained`.
+A stage supplies a `SupervisedTask` (model, tokenised data, summed loss, evaluation sums); this
+loop does the rest the same way for both:
+
+- **Data order.** Each epoch is a seeded permutation of the training examples (padded with its
+  first examples to a multiple of the worker count). An optimizer step takes the next
+  `batch_size × gradient_accumulation_steps × workers` examples; worker `r` gets every
+  `workers`-th of each micro-batch's slice (DistributedSampler's assignment). The position is a
+  count of examples, so a run resumes on another number of workers where it stopped.
+- **Loss weighting.** Each item (a label token in SFT, a pair for the RM) weighs the same
+  whatever micro-batch, accumulation step or worker it lands in: the summed loss of a micro-batch
+  is divided by the number of items in the whole optimizer step across all workers (counted
+  before the first forward), times the worker count (DDP and FSDP average gradients over workers).
+- **Distribution** (`sharding.prepare`): DDP or FSDP, optional LoRA, gradient checkpointing,
+  fp32 master weights, autocast, a gradient scaler for fp16.
+- **Checkpoints** (`train_state.TrainState`): every `save_steps` and at each epoch's end, and when
+  the run is told to stop (`control.StopControl`); a rerun with the same `output_dir` resumes.
+  Dropout is reseeded per step and rank, so a resumed run computes what an uninterrupted one does.
+- **Evaluation** per epoch on the unwrapped model (a DDP wrapper would broadcast buffers and hang a
+  worker with no batch); under FSDP every worker runs the same number of batches.
+- The final model (gathered, merged, in the save dtype) is written atomically to `checkpoint_dir`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
 
-from rlhf_jobs import launcher, optim, train_state
+from rlhf_jobs import export, launcher, optim, sharding
+from rlhf_jobs.adapters import Task, add_lora
 from rlhf_jobs.checkpoints import write_atomically
 from rlhf_jobs.config import StageConfig
+from rlhf_jobs.control import STOPPED_METRIC, StopControl
 from rlhf_jobs.data import RecordSchema, load_splits
-from rlhf_jobs.distributed import all_reduce_sum
+from rlhf_jobs.distributed import all_reduce_max, all_reduce_sum, peak_memory_gib
 from rlhf_jobs.metrics_log import MetricsLogger
-from rlhf_jobs.models import load_tokenizer, unwrap
-from rlhf_jobs.worker import Worker, batches, progress, setup_worker
+from rlhf_jobs.models import load_tokenizer, stored_dtype, unwrap
+from rlhf_jobs.train_state import ModelState, TrainState
+from rlhf_jobs.worker import Worker, progress, setup_worker
 
 
 class SupervisedTask(Protocol):
     stage: str
+    lora_task: Task
+    items_name: str  # what `count` counts: "tokens", "pairs"
+    eval_keys: tuple[str, ...]  # the keys `eval_sums` returns
 
     def prepare(self, config: StageConfig) -> dict[str, list[Any] | None]:
         """On the driver, before Ray starts: read, validate and tokenise {"train", "eval"} examples."""
 
-    def build(self, config: StageConfig, worker: Worker) -> tuple[Any, Any]:
-        """On each worker: (model, tokenizer)."""
+    def build(self, config: StageConfig, worker: Worker) -> tuple[torch.nn.Module, Any]:
+        """On each worker: (model with fp32 weights, tokenizer)."""
 
     def collate(self, examples: list[Any]) -> dict[str, torch.Tensor]: ...
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """Mean loss of the batch and how many items (tokens, pairs) it averaged."""
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        """Items the loss of `batch` sums over."""
 
-    def evaluate(self, model: torch.nn.Module, loader: DataLoader, worker: Worker) -> dict[str, float]: ...
+    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed (not averaged) loss of the batch's items."""
 
-    def items_name(self) -> str:
-        """What `loss` counts, for the throughput figure (`tokens`, `pairs`)."""
+    def eval_sums(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Sums over one evaluation batch; added up over batches and workers, then `eval_metrics`."""
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]: ...
 
     def marker_extras(self, eval_metrics: dict[str, float]) -> dict[str, Any]:
         """Stage facts for `rlhf_stage.json` that later stages read (e.g. reward statistics)."""
 
 
-def train_loader(examples: list[Any], task: SupervisedTask, batch_size: int, worker: Worker, seed: int) -> DataLoader:
-    """A reshuffled (per epoch, via set_epoch) shard of the training examples for this worker."""
-    sampler = DistributedSampler(examples, num_replicas=worker.world_size, rank=worker.rank, shuffle=True, seed=seed)
-    return DataLoader(examples, batch_size=batch_size, sampler=sampler, collate_fn=task.collate)
+# ---- data order -----------------------------------------------------------------------------------
 
 
-def eval_loader(examples: list[Any], task: SupervisedTask, batch_size: int, worker: Worker) -> DataLoader:
-    """Every evaluation example exactly once across workers (DistributedSampler would pad with repeats)."""
-    return DataLoader(examples[worker.rank :: worker.world_size], batch_size=batch_size, collate_fn=task.collate)
+def epoch_order(n_examples: int, epoch: int, seed: int, world_size: int) -> list[int]:
+    """A seeded permutation, padded with its head to a multiple of the worker count."""
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return order + order[: -n_examples % world_size]
+
+
+def step_micro_batches(order: list[int], consumed: int, batch_size: int, accumulation: int,
+                       worker: Worker) -> tuple[list[list[int]], int]:
+    """This worker's micro-batches (example indices) for the optimizer step after `consumed` examples of
+    the epoch, and how many examples the step takes over all workers."""
+    span = batch_size * worker.world_size
+    window = order[consumed : consumed + span * accumulation]
+    return [window[start : start + span][worker.rank :: worker.world_size]
+            for start in range(0, len(window), span)], len(window)
+
+
+def steps_per_epoch(n_examples: int, batch_size: int, accumulation: int, world_size: int) -> int:
+    return math.ceil(math.ceil(n_examples / world_size) * world_size / (batch_size * accumulation * world_size))
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {key: value.to(device) for key, value in batch.items()}
+
+
+# ---- driver ---------------------------------------------------------------------------------------------
 
 
 def prepare_examples(
@@ -91,149 +129,174 @@ def prepare_examples(
     }
 
 
-def run(config: StageConfig, task: SupervisedTask, train_loop: Any) -> Any:
+def run(config: StageConfig, task: SupervisedTask, train_loop: Any, stop_at_step: int | None = None) -> Any:
     """Driver: prepare the data (errors surface here, before Ray starts), then train."""
     data = task.prepare(config)
-    return launcher.run_trainer(config, train_loop, data=data)
+    return launcher.run_trainer(config, train_loop, data=data, stop_at_step=stop_at_step)
+
+
+# ---- worker -------------------------------------------------------------------------------------------
+
+
+def evaluate(model: torch.nn.Module, task: SupervisedTask, examples: list[Any], batch_size: int,
+             worker: Worker) -> dict[str, float]:
+    """Every evaluation example once across workers, on the unwrapped model."""
+    module = unwrap(model)
+    shard = examples[worker.rank :: worker.world_size]
+    batches = [shard[start : start + batch_size] for start in range(0, len(shard), batch_size)]
+    padding: list[list[Any]] = []
+    if sharding.is_sharded(module):  # every rank must run the same forwards (they all-gather parameters)
+        most = math.ceil(math.ceil(len(examples) / worker.world_size) / batch_size)
+        padding = [examples[:1]] * (most - len(batches))
+    sums: dict[str, float] = {}
+    module.eval()
+    for index, chunk in enumerate(batches + padding):
+        batch_sums = task.eval_sums(module, to_device(task.collate(chunk), worker.device))
+        if index < len(batches):
+            for key, value in batch_sums.items():
+                sums[key] = sums.get(key, 0.0) + value
+    module.train()
+    keys = task.eval_keys  # the same on every worker, even one without a batch
+    return task.eval_metrics(dict(zip(keys, all_reduce_sum([sums.get(k, 0.0) for k in keys], worker.device),
+                                      strict=True)))
 
 
 def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> None:
     """Worker: the training loop itself."""
-    import ray.train.torch
-
     config, worker = setup_worker(loop_config)
     general, training = config.General, config.Training
     train_examples, eval_examples = loop_config["data"]["train"], loop_config["data"]["eval"]
     model, tokenizer = task.build(config, worker)
-    if training.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
-    model = ray.train.torch.prepare_model(model)
+    if training.lora:
+        model = add_lora(model, training.lora, task.lora_task)
+    model = sharding.prepare(model, training, worker)
 
-    loader = train_loader(train_examples, task, training.batch_size, worker, training.seed)
-    evaluation_loader = eval_loader(eval_examples, task, training.batch_size, worker) if eval_examples else None
-    accumulation = training.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(len(loader) / accumulation)
-    total_steps = steps_per_epoch * training.epochs
+    batch_size, accumulation = training.batch_size, training.gradient_accumulation_steps
+    per_epoch = steps_per_epoch(len(train_examples), batch_size, accumulation, worker.world_size)
+    total_steps = per_epoch * training.epochs
     if training.max_train_steps:
         total_steps = min(total_steps, training.max_train_steps)
     optimizer = optim.build_optimizer(model, training)
     scheduler = optim.build_scheduler(optimizer, training, total_steps)
-    fp16_on_cuda = training.mixed_precision == "fp16" and worker.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if fp16_on_cuda else None
+    scaler = optim.grad_scaler(training, worker.device)
 
-    epoch, batches_done, step = 0, 0, 0
-    state = train_state.load_train_state()
-    if state:
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        epoch, batches_done, step = state["epoch"], state["batches_done"], state["step"]
+    store = TrainState(general.output_dir, worker)
+    tensors = {"model": ModelState(model, optimizer, trainable_only=training.lora is not None)}
+    saved = store.load(tensors)
+    step, epoch, consumed = 0, 0, 0
+    if saved:
+        scheduler.load_state_dict(saved["scheduler"])
+        if scaler and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        step, epoch, consumed = saved["step"], saved["epoch"], saved["consumed"]
         progress(worker, task.stage, f"resuming at epoch {epoch + 1}, step {step}/{total_steps}")
+
+    def save_checkpoint(metrics: dict[str, Any]) -> None:
+        import ray.train
+
+        extra = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                 "step": step, "epoch": epoch, "consumed": consumed}
+        store.save(step, tensors, extra)
+        ray.train.report({"step": step, **metrics})
 
     logger = MetricsLogger(general.output_dir, task.stage, worker.is_main)
     eval_metrics: dict[str, float] = {}
 
-    def evaluate(at_step: int) -> dict[str, float]:
-        if evaluation_loader is None:
+    def run_evaluation(at_step: int) -> dict[str, float]:
+        if not eval_examples:
             return {}
-        model.eval()
         with torch.no_grad(), optim.autocast(training, worker.device):
-            metrics = task.evaluate(model, evaluation_loader, worker)
-        model.train()
+            metrics = evaluate(model, task, eval_examples, batch_size, worker)
         logger.log(at_step, metrics, split="eval")
         shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         progress(worker, task.stage, f"eval at step {at_step}: {shown}")
         return metrics
 
-    def snapshot() -> dict[str, Any]:
-        return {
-            "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch, "batches_done": batches_done,
-            "step": step,
-        }
-
-    if state is None:
-        eval_metrics = evaluate(0)
+    if saved is None:
+        eval_metrics = run_evaluation(0)
     model.train()
-    window_loss, window_batches, window_items, window_start = 0.0, 0, 0, time.perf_counter()
-    progress(
-        worker, task.stage,
-        f"{len(train_examples)} train examples, {training.num_training_workers} worker(s), "
-        f"{steps_per_epoch} steps/epoch, {total_steps} steps",
-    )
-    while epoch < training.epochs and step < total_steps:
-        loader.sampler.set_epoch(epoch)
-        micro = 0
-        for micro, batch in enumerate(batches(loader, batches_done), start=batches_done + 1):
-            last_micro = micro % accumulation == 0 or micro == len(loader)
-            batch = to_device(batch, worker.device)
-            # DDP all-reduces gradients only on the micro-batch that ends an accumulation.
-            sync = model.no_sync() if not last_micro and hasattr(model, "no_sync") else contextlib.nullcontext()
-            with sync, optim.autocast(training, worker.device):
-                loss, items = task.loss(model, batch)
-                scaled = loss / accumulation
+    stop = StopControl(worker, loop_config.get("stop_at_step"))
+    window = {"loss": 0.0, "items": 0.0, "start": time.perf_counter()}
+    progress(worker, task.stage, f"{len(train_examples)} train examples, {worker.world_size} worker(s), "
+                                 f"{per_epoch} steps/epoch, {total_steps} steps")
+    while step < total_steps:
+        order = epoch_order(len(train_examples), epoch, training.seed, worker.world_size)
+        indices, taken = step_micro_batches(order, consumed, batch_size, accumulation, worker)
+        micro_batches = [to_device(task.collate([train_examples[i] for i in chunk]), worker.device)
+                         for chunk in indices]
+        (step_items,) = all_reduce_sum([float(sum(task.count(b) for b in micro_batches))], worker.device)
+        # Dropout masks depend on (step, rank) only: a resumed run draws what an uninterrupted one did.
+        torch.manual_seed(training.seed + 1_000_003 * (step + 1) + worker.rank)
+        loss_sum = 0.0
+        for index, batch in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            with sharding.gradient_sync(model, last), optim.autocast(training, worker.device):
+                loss = task.loss_sum(model, batch)
+                scaled = loss * worker.world_size / max(step_items, 1.0)
                 (scaler.scale(scaled) if scaler else scaled).backward()
-            window_loss += loss.item()
-            window_batches += 1
-            window_items += items
-            batches_done = micro
-            if not last_micro:
-                continue
-            if scaler:
-                scaler.unscale_(optimizer)
-            if training.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), training.max_grad_norm)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+            loss_sum += loss.item()
+        optim.step([(optimizer, model)], training, scaler)
+        scheduler.step()
+        step, consumed = step + 1, consumed + taken
+        epoch_ended = consumed >= len(order)
+        if epoch_ended:
+            epoch, consumed = epoch + 1, 0
 
-            if step % training.logging_steps == 0 or step == total_steps:
-                loss_sum, count, items_sum = all_reduce_sum(
-                    [window_loss, window_batches, window_items], worker.device
-                )
-                elapsed = time.perf_counter() - window_start
-                metrics = {
-                    "loss": loss_sum / max(count, 1), "learning_rate": scheduler.get_last_lr()[0],
-                    "epoch": epoch + micro / len(loader),
-                    f"{task.items_name()}_per_second": items_sum / max(elapsed, 1e-9),
-                }
-                logger.log(step, metrics)
-                progress(
-                    worker, task.stage,
-                    f"epoch {epoch + 1}/{training.epochs} step {step}/{total_steps} "
-                    f"loss {metrics['loss']:.4f} lr {metrics['learning_rate']:.2e} "
-                    f"{metrics[f'{task.items_name()}_per_second']:.0f} {task.items_name()}/s",
-                )
-                window_loss, window_batches, window_items, window_start = 0.0, 0, 0, time.perf_counter()
-            if step >= total_steps:
-                break
-            if training.save_steps and step % training.save_steps == 0:
-                train_state.report_checkpoint(worker, {"step": step}, snapshot)
-        # The epoch ended, or training did: evaluate and checkpoint at the boundary.
-        if batches_done >= len(loader):
-            epoch, batches_done = epoch + 1, 0
-        eval_metrics = evaluate(step)
-        train_state.report_checkpoint(worker, {"step": step, **eval_metrics}, snapshot)
+        window["loss"] += loss_sum
+        window["items"] += step_items
+        if step % training.logging_steps == 0 or step == total_steps:
+            (loss_total,) = all_reduce_sum([window["loss"]], worker.device)
+            (memory,) = all_reduce_max([peak_memory_gib(worker.device)], worker.device)
+            elapsed = time.perf_counter() - window["start"]
+            metrics = {
+                "loss": loss_total / max(window["items"], 1.0), "learning_rate": scheduler.get_last_lr()[0],
+                "epoch": epoch + consumed / len(order),
+                f"{task.items_name}_per_second": window["items"] / max(elapsed, 1e-9),
+                "memory_peak_gib": memory,
+            }
+            logger.log(step, metrics)
+            progress(worker, task.stage,
+                     f"epoch {min(epoch + 1, training.epochs)}/{training.epochs} step {step}/{total_steps} "
+                     f"loss {metrics['loss']:.4f} lr {metrics['learning_rate']:.2e} "
+                     f"{metrics[f'{task.items_name}_per_second']:.0f} {task.items_name}/s")
+            window = {"loss": 0.0, "items": 0.0, "start": time.perf_counter()}
 
-    if state is not None and not eval_metrics:
-        eval_metrics = evaluate(step)
+        stop_reason = stop.should_stop(step) if step < total_steps else None
+        if epoch_ended or step == total_steps:
+            eval_metrics = run_evaluation(step)
+            save_checkpoint(eval_metrics)
+        elif (training.save_steps and step % training.save_steps == 0) or stop_reason:
+            save_checkpoint({})
+        if stop_reason:
+            progress(worker, task.stage, f"stopped after step {step} ({stop_reason}); "
+                                         "run the same command again to continue from here")
+            logger.close()
+            import ray.train
+
+            ray.train.report({STOPPED_METRIC: step, "reason": stop_reason})
+            return
+
+    if saved is not None and not eval_metrics:
+        eval_metrics = run_evaluation(step)
     logger.close()
-    if worker.is_main:
-        final = unwrap(model)
-        marker = {
-            "stage": task.stage, "config": config.to_dict(), "step": step,
-            "metrics": eval_metrics, **task.marker_extras(eval_metrics),
-        }
+    marker = {"stage": task.stage, "config": config.to_dict(), "step": step, "metrics": eval_metrics,
+              **task.marker_extras(eval_metrics)}
+    save_final_model(config, model, tokenizer, marker, worker, task.stage)
 
-        def write(directory: Any) -> None:
-            final.save_pretrained(directory)
-            tokenizer.save_pretrained(directory)
 
-        path = write_atomically(general.checkpoint_dir, write, marker)
-        progress(worker, task.stage, f"final model written to {path}")
+def save_final_model(config: StageConfig, model: torch.nn.Module, tokenizer: Any, marker: dict[str, Any],
+                     worker: Worker, stage: str) -> None:
+    """Every rank calls it (a sharded model is gathered); rank 0 writes checkpoint_dir atomically."""
+    general = config.General
+    module = export.gathered_model(model, worker)
+    if not worker.is_main:
+        return
+    dtype = export.save_dtype(config.Training, stored_dtype(general.base_model, general.trust_remote_code))
+    final = export.exportable(module, config.Training, dtype)
+
+    def write(directory: Any) -> None:
+        final.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    path = write_atomically(general.checkpoint_dir, write, marker)
+    progress(worker, stage, f"final model written to {path}")

@@ -10,7 +10,13 @@ from rlhf_jobs.config import StageConfig
 from rlhf_jobs.stages import get
 
 
-def train(config: StageConfig) -> Any:
-    """Train a validated stage config; refuses to replace a checkpoint_dir we did not write."""
+def train(config: StageConfig, stop_at_step: int | None = None) -> Any:
+    """Train a validated stage config; refuses to replace a checkpoint_dir we did not write.
+
+    `stop_at_step`: stop after that optimizer step (PPO: iteration) with a checkpoint, to continue later.
+    """
+    from rlhf_jobs.model_checks import check_models
+
     check_overwritable(config.General.checkpoint_dir)
-    return importlib.import_module(get(config.stage).trainer).train(config)
+    check_models(config)
+    return importlib.import_module(get(config.stage).trainer).train(config, stop_at_step=stop_at_step)

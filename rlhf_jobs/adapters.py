@@ -1,0 +1,58 @@
+"""LoRA adapters with peft: wrap a model, check a config against a model before training, export.
+
+The same `Training.lora` block serves every stage: SFT adapts a causal LM, the reward model a
+sequence classifier (its score head trains in full), and PPO adapts the policy (its reference
+is the same model with the adapter disabled) and the critic (a LoRA on the reward model's
+backbone, whose frozen base is also the reward model).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+from rlhf_jobs.config import ConfigError, LoRA
+
+Task = Literal["CAUSAL_LM", "SEQ_CLS", "FEATURE_EXTRACTION"]
+
+
+class AdapterError(ConfigError):
+    """A LoRA config that does not fit the model."""
+
+
+def lora_config(lora: LoRA, task: Task) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        task_type=task, bias="none",
+    )
+
+
+def add_lora(model: torch.nn.Module, lora: LoRA, task: Task, key: str = "Training.lora") -> Any:
+    """`model` with LoRA adapters (only they, and a classifier's head, are trainable)."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, lora_config(lora, task))
+    except (ValueError, TypeError, NotImplementedError) as err:
+        names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                        if isinstance(module, torch.nn.Linear)})
+        raise AdapterError(
+            f"{key}: cannot add LoRA to {type(model).__name__}: {str(err).splitlines()[0]} "
+            f"(its linear layers: {', '.join(names) or 'none'}; target_modules may name these, or all-linear)"
+        ) from None
+
+
+def is_adapted(model: torch.nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def disabled_adapter(model: torch.nn.Module) -> Any:
+    """A context in which a peft model computes its base model's function (a no-op for plain models)."""
+    import contextlib
+
+    return model.disable_adapter() if is_adapted(model) else contextlib.nullcontext()
