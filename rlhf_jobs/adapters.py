@@ -21,21 +21,23 @@ class AdapterError(ConfigError):
     """A LoRA config that does not fit the model."""
 
 
-def lora_config(lora: LoRA, task: Task) -> Any:
+def lora_config(lora: LoRA, task: Task, exclude: tuple[str, ...] = ()) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-        task_type=task, bias="none",
+        task_type=task, bias="none", exclude_modules=list(exclude) or None,
     )
 
 
-def add_lora(model: torch.nn.Module, lora: LoRA, task: Task, key: str = "Training.lora") -> Any:
-    """`model` with LoRA adapters (only they, and a classifier's head, are trainable)."""
+def add_lora(model: torch.nn.Module, lora: LoRA, task: Task, key: str = "Training.lora",
+             exclude: tuple[str, ...] = ()) -> Any:
+    """`model` with LoRA adapters (only they, and a classifier's head, are trainable); `exclude`: module
+    names never adapted."""
     from peft import get_peft_model
 
     try:
-        return get_peft_model(model, lora_config(lora, task))
+        return get_peft_model(model, lora_config(lora, task, exclude))
     except (ValueError, TypeError, NotImplementedError) as err:
         names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                         if isinstance(module, torch.nn.Linear)})

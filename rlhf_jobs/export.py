@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ def save_dtype(training: TrainingBase, stored: torch.dtype) -> torch.dtype:
     return stored if training.save_dtype == "auto" else DTYPES[training.save_dtype]
 
 
-def _skeleton(module: torch.nn.Module) -> torch.nn.Module:
+def skeleton(module: torch.nn.Module) -> torch.nn.Module:
     """An empty (meta-device) model of the same structure as `module`, peft wrapper included."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -34,19 +35,23 @@ def _skeleton(module: torch.nn.Module) -> torch.nn.Module:
     return skeleton
 
 
-def gathered_model(model: torch.nn.Module, worker: Worker) -> Any:
+def gathered_model(model: torch.nn.Module, worker: Worker,
+                   make_skeleton: Callable[[], torch.nn.Module] | None = None) -> Any:
     """The trained module in full on rank 0 (None elsewhere). Every rank must call it: a sharded model
-    is gathered into an empty copy of itself, so rank 0 never holds two full copies at once."""
+    is gathered into an empty copy of itself (`make_skeleton`, by default built from its transformers
+    config), so rank 0 never holds two full copies at once."""
     module = unwrap(model)
     if not is_sharded(module):
         return module if worker.is_main else None
     state = full_state_dict(module)
     if not worker.is_main:
         return None
-    skeleton = _skeleton(module)
-    skeleton.load_state_dict(state, assign=True)
-    skeleton.tie_weights()
-    return skeleton
+    empty = make_skeleton() if make_skeleton else skeleton(module)
+    empty.load_state_dict(state, assign=True)
+    for part in empty.modules():
+        if hasattr(part, "tie_weights") and hasattr(part, "config"):
+            part.tie_weights()
+    return empty
 
 
 def exportable(module: Any, training: TrainingBase, dtype: torch.dtype) -> Any:

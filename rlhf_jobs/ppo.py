@@ -253,17 +253,28 @@ class Critic(torch.nn.Module):
     base model, adapter disabled, is the reward model itself (`forward(..., score=True)`).
     """
 
-    def __init__(self, classifier: torch.nn.Module, reward_stats: dict[str, float] | None = None) -> None:
+    def __init__(self, classifier: torch.nn.Module, value_head: torch.nn.Linear) -> None:
         super().__init__()
-        self.classifier = classifier
+        self.classifier, self.value_head = classifier, value_head
+        score_head(classifier).requires_grad_(False)
+
+    @classmethod
+    def from_classifier(cls, classifier: torch.nn.Module, reward_stats: dict[str, float] | None = None) -> Critic:
+        """The value head = the classifier's score head, rescaled to `(score - mean) / std`."""
         head = score_head(classifier)
-        head.requires_grad_(False)
         mean, std = (reward_stats["mean"], max(reward_stats["std"], 1e-6)) if reward_stats else (0.0, 1.0)
-        self.value_head = torch.nn.Linear(head.in_features, 1, dtype=torch.float32)
+        value_head = torch.nn.Linear(head.in_features, 1, dtype=torch.float32, device=head.weight.device)
         with torch.no_grad():
-            self.value_head.weight.copy_(head.weight.float() / std)
-            bias = head.bias.float() if head.bias is not None else torch.zeros(1)
-            self.value_head.bias.copy_((bias - mean) / std)
+            value_head.weight.copy_(head.weight.float() / std)
+            bias = head.bias.float() if head.bias is not None else torch.zeros(1, device=head.weight.device)
+            value_head.bias.copy_((bias - mean) / std)
+        return cls(classifier, value_head)
+
+    def skeleton(self) -> Critic:
+        """An empty (meta-device) critic of the same structure, to gather a sharded one into."""
+        with torch.device("meta"):
+            value_head = torch.nn.Linear(self.value_head.in_features, 1, dtype=torch.float32)
+        return Critic(export.skeleton(self.classifier), value_head)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor | None = None, score: bool = False) -> torch.Tensor:
@@ -405,9 +416,9 @@ def load_models(config: StageConfig, worker: Worker, reward_stats: dict[str, flo
     same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
     classifier = load_reward_model(rm_path if same_vocab else policy_path, tokenizer, trust, dropout=False,
                                    dtype=frozen_dtype if lora else torch.float32)
-    if lora:
-        classifier = add_lora(classifier, lora, "FEATURE_EXTRACTION")
-    critic = Critic(classifier, reward_stats if same_vocab else None)
+    critic = Critic.from_classifier(classifier, reward_stats if same_vocab else None)
+    if lora:  # the transformer gets adapters; the score head stays the reward model's
+        critic.classifier = add_lora(classifier, lora, "FEATURE_EXTRACTION", exclude=("score", "classifier"))
     reward_model = None
     if not (lora and same_vocab):
         reward_model = frozen(load_reward_model(rm_path, rm_tokenizer, trust, dropout=False, dtype=frozen_dtype))
@@ -784,7 +795,8 @@ def save_final(config: StageConfig, models: PPOModels, marker: dict[str, Any], w
     as a sequence classifier, and `value_head.safetensors`). Every rank calls it (sharded models are gathered)."""
     general, training = config.General, config.Training
     policy = export.gathered_model(models.policy, worker)
-    critic = export.gathered_model(models.critic, worker) if training.save_critic else None
+    critic = export.gathered_model(models.critic, worker, unwrap(models.critic).skeleton) \
+        if training.save_critic else None
     if not worker.is_main:
         return
     dtype = export.save_dtype(training, stored_dtype(general.model_pretrain or general.model_name,

@@ -63,7 +63,7 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 def shard(model: torch.nn.Module, training: TrainingBase) -> torch.nn.Module:
     """`fully_shard` each decoder layer, then the root (which holds embeddings, norms and heads)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     check_shardable(model)
     dtype = compute_dtype(training)
@@ -71,6 +71,10 @@ def shard(model: torch.nn.Module, training: TrainingBase) -> torch.nn.Module:
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+    if hasattr(model, "generate"):
+        # A peft model's generate bypasses its own forward: without this, the first decoder layer to run
+        # would take itself for the root.
+        register_fsdp_forward_method(model, "generate")
     return model
 
 
