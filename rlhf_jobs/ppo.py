@@ -550,9 +550,18 @@ def row_chunks(size: int, chunk: int) -> list[slice]:
 def collect_experience(models: PPOModels, prompts: list[dict[str, Any]], training: PPOTraining,
                        device: torch.device) -> Experience:
     """Generate, then the four rollout forwards, `rollout_batch_size` prompts at a time."""
-    tokenizer, chunk = models.tokenizer, training.rollout_batch_size or len(prompts)
+    chunk = training.rollout_batch_size or len(prompts)
     responses = [ids for rows in row_chunks(len(prompts), chunk)
                  for ids in generate_responses(models, prompts[rows], training, device)]
+    return judge_responses(models, prompts, responses, training, device)
+
+
+@torch.no_grad()
+def judge_responses(models: PPOModels, prompts: list[dict[str, Any]], responses: list[list[int]],
+                    training: PPOTraining, device: torch.device) -> Experience:
+    """What the policy, the reference, the critic and the reward model say about sampled responses,
+    `rollout_batch_size` sequences per forward."""
+    tokenizer, chunk = models.tokenizer, training.rollout_batch_size or len(prompts)
     query, query_mask = pad([p["input_ids"] for p in prompts], tokenizer.pad_token_id, side="left", device=device)
     response, mask = pad(responses, tokenizer.pad_token_id, device=device)
     inputs = sequence_inputs(query, query_mask, response, mask)

@@ -34,7 +34,7 @@ import torch
 from rlhf_jobs import export, launcher, optim, sharding
 from rlhf_jobs.adapters import Task, add_lora
 from rlhf_jobs.checkpoints import write_atomically
-from rlhf_jobs.config import StageConfig
+from rlhf_jobs.config import StageConfig, TrainingBase
 from rlhf_jobs.control import STOPPED_METRIC, StopControl
 from rlhf_jobs.data import RecordSchema, load_splits
 from rlhf_jobs.distributed import all_reduce_max, all_reduce_sum, peak_memory_gib
@@ -161,6 +161,25 @@ def evaluate(model: torch.nn.Module, task: SupervisedTask, examples: list[Any], 
                                       strict=True)))
 
 
+def accumulate_gradients(model: torch.nn.Module, task: SupervisedTask, micro_batches: list[dict[str, torch.Tensor]],
+                         training: TrainingBase, worker: Worker,
+                         scaler: torch.amp.GradScaler | None = None) -> tuple[float, float]:
+    """Backward passes of one optimizer step: (this worker's summed loss, items of the step on all workers).
+
+    Every item weighs 1 / (items of the step on all workers): the summed loss of each micro-batch is
+    divided by that count, times the worker count because DDP and FSDP average gradients over workers.
+    """
+    (step_items,) = all_reduce_sum([float(sum(task.count(b) for b in micro_batches))], worker.device)
+    loss_sum = 0.0
+    for index, batch in enumerate(micro_batches):
+        with sharding.gradient_sync(model, index == len(micro_batches) - 1), optim.autocast(training, worker.device):
+            loss = task.loss_sum(model, batch)
+            scaled = loss * worker.world_size / max(step_items, 1.0)
+            (scaler.scale(scaled) if scaler else scaled).backward()
+        loss_sum += loss.item()
+    return loss_sum, step_items
+
+
 def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> None:
     """Worker: the training loop itself."""
     config, worker = setup_worker(loop_config)
@@ -224,17 +243,9 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> None:
         indices, taken = step_micro_batches(order, consumed, batch_size, accumulation, worker)
         micro_batches = [to_device(task.collate([train_examples[i] for i in chunk]), worker.device)
                          for chunk in indices]
-        (step_items,) = all_reduce_sum([float(sum(task.count(b) for b in micro_batches))], worker.device)
         # Dropout masks depend on (step, rank) only: a resumed run draws what an uninterrupted one did.
         torch.manual_seed(training.seed + 1_000_003 * (step + 1) + worker.rank)
-        loss_sum = 0.0
-        for index, batch in enumerate(micro_batches):
-            last = index == len(micro_batches) - 1
-            with sharding.gradient_sync(model, last), optim.autocast(training, worker.device):
-                loss = task.loss_sum(model, batch)
-                scaled = loss * worker.world_size / max(step_items, 1.0)
-                (scaler.scale(scaled) if scaler else scaled).backward()
-            loss_sum += loss.item()
+        loss_sum, step_items = accumulate_gradients(model, task, micro_batches, training, worker, scaler)
         optim.step([(optimizer, model)], training, scaler)
         scheduler.step()
         step, consumed = step + 1, consumed + taken

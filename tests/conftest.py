@@ -29,6 +29,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init Llama-architecture model (~0.35M parameters) stored in bf16, with a tokenizer that adds BOS."""
+    from rlhf_jobs.tiny_model import build_llama
+
+    return build_llama(tmp_path_factory.mktemp("llama") / "model", "tiny")
+
+
 def write_config(path: Path, config: dict) -> Path:
     """YAML, or for a `.conf` path the original workflow's Python-literal style."""
     path.write_text(to_conf(config) if path.suffix == ".conf" else yaml.safe_dump(config, sort_keys=False))
