@@ -1,0 +1,163 @@
+"""PPO's models before any update, on one worker without Ray: the critic starts on the score's scale,
+the first minibatch sees ratio 1 and KL 0, micro-batched rollouts equal one batch, LoRA's reference
+is the base model, and chunked log-probs equal the full-vocabulary computation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import local_config
+
+from rlhf_jobs import ppo
+from rlhf_jobs.batching import pad
+from rlhf_jobs.config import validate_config
+from rlhf_jobs.logprobs import entropy, selective_log_softmax
+from rlhf_jobs.models import load_tokenizer
+from rlhf_jobs.prompts import record_prompt
+from rlhf_jobs.worker import Worker
+
+CPU = torch.device("cpu")
+WORKER = Worker(0, 1, CPU)
+PROMPTS = [{"prompt": "Name a colour of the sky."}, {"prompt": "Say hello politely, then stop."},
+           {"prompt": "Give one word for happy."}, {"prompt": "What do bees make?"}]
+STATS = {"mean": 0.3, "std": 2.5}
+
+
+def ppo_setup(policy: Path, reward: Path, tmp_path: Path, **training: object) -> tuple:
+    config = local_config("ppo", model_name=policy, rm_name=reward, output_dir=tmp_path / "o",
+                          checkpoint_dir=tmp_path / "c")
+    config["General"].update(model_pretrain=None, rm_pretrain=None)
+    config["Training"].update({"num_training_workers": 1, "experience_batch_size": 4, "mini_batch_size": 4,
+                               "max_new_tokens": 8, **training})
+    config = validate_config(config, "ppo", paths=False)
+    torch.manual_seed(0)
+    models = ppo.load_models(config, WORKER, STATS)
+    tokenizer = load_tokenizer(str(policy), padding_side="left")
+    prompts = ppo.tokenize_prompts(PROMPTS, tokenizer, "instruction", 64)
+    return config.Training, models, prompts
+
+
+@pytest.fixture(scope="module")
+def reward_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sequence classifier with a fixed (saved) score head, as a trained reward model has."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(5)
+    path = tmp_path_factory.mktemp("rm") / "model"
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
+    model.config.pad_token_id = model.config.eos_token_id
+    model.save_pretrained(path)
+    load_tokenizer(str(tiny_model)).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("lora", [None, {"r": 4}])
+def test_the_critic_starts_at_the_normalised_reward_model_score(
+    tiny_model: Path, reward_model: Path, tmp_path: Path, lora
+) -> None:
+    """Read at the last response token (where the reward model reads), the critic's first value is the
+    normalised score of the same tokens, (raw - mean) / std; GAE's last value is the one before it
+    (TRL's convention). The rollout's own scores re-tokenise the text, which may merge tokens across
+    the prompt/response boundary, so the reference here scores the critic's very tokens."""
+    training, models, prompts = ppo_setup(tiny_model, reward_model, tmp_path, lora=lora)
+    torch.manual_seed(1)
+    batch = ppo.collect_experience(models, prompts, training, CPU)
+    with torch.no_grad():
+        values = ppo.unwrap(models.critic)(**batch.inputs)
+    real = batch.inputs["attention_mask"].bool()
+    sequences = [ids[keep].tolist() for ids, keep in zip(batch.inputs["input_ids"], real, strict=True)]
+    input_ids, attention_mask = pad(sequences, models.rm_tokenizer.pad_token_id)
+    raw = models.reward_scores(input_ids, attention_mask)
+    last = real.size(1) - batch.response.size(1) + batch.mask.sum(1).long() - 1
+    expected = (raw - STATS["mean"]) / STATS["std"]
+    torch.testing.assert_close(values[torch.arange(batch.size), last], expected, rtol=1e-4, atol=1e-5)
+    assert expected.std() > 0.01  # distinct scores: the comparison says something
+
+
+@pytest.mark.parametrize("lora", [None, {"r": 4}])
+def test_before_any_update_kl_is_zero_and_the_first_minibatch_ratio_is_one(
+    tiny_model: Path, tmp_path: Path, lora
+) -> None:
+    training, models, prompts = ppo_setup(tiny_model, tiny_model, tmp_path, lora=lora, rollout_batch_size=2)
+    torch.manual_seed(2)
+    batch = ppo.collect_experience(models, prompts, training, CPU)
+    assert torch.equal(batch.old_logp * batch.mask, batch.ref_logp * batch.mask)  # KL exactly 0
+    width = batch.response.size(1)
+    rows = torch.randperm(batch.size)  # the update's first minibatch: another order, another batch shape
+    minibatch = {key: value[rows] for key, value in batch.inputs.items()}
+    logp = ppo.response_logprobs(ppo.response_logits(models.policy, minibatch, width), batch.response[rows],
+                                 training.temperature)
+    ratio = (logp - batch.old_logp[rows]).exp() * batch.mask[rows] + (1 - batch.mask[rows])
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-5)
+
+
+def test_micro_batched_rollout_forwards_equal_one_batch(tiny_model: Path, tmp_path: Path) -> None:
+    training, models, prompts = ppo_setup(tiny_model, tiny_model, tmp_path)
+    torch.manual_seed(3)
+    responses = ppo.generate_responses(models, prompts, training, CPU)
+    whole = ppo.judge_responses(models, prompts, responses, training, CPU)
+    chunked = ppo.judge_responses(models, prompts, responses, training.model_copy(update={"rollout_batch_size": 1}),
+                                  CPU)
+    for name in ("old_logp", "ref_logp", "old_values", "raw_score", "entropy", "mask", "response"):
+        torch.testing.assert_close(getattr(chunked, name), getattr(whole, name), rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_lora_reference_is_the_base_model_and_kl_starts_at_zero(tiny_llama: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    training, models, prompts = ppo_setup(tiny_llama, tiny_llama, tmp_path, lora={"r": 4})
+    assert models.reference is None and models.reward_model is None  # one base model each, shared
+    torch.manual_seed(4)
+    batch = ppo.collect_experience(models, prompts, training, CPU)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = base(**batch.inputs).logits
+    expected = ppo.response_logprobs(logits, batch.response, training.temperature) * batch.mask
+    torch.testing.assert_close(batch.ref_logp * batch.mask, expected, rtol=1e-5, atol=1e-5)
+    kl = ppo.kl_estimate(batch.old_logp, batch.ref_logp, "k1") * batch.mask
+    assert kl.abs().max().item() == 0.0
+
+
+def test_prompts_start_with_bos_for_a_llama_tokenizer_and_not_for_gpt2(tiny_llama: Path, tiny_model: Path) -> None:
+    llama, gpt2 = load_tokenizer(str(tiny_llama)), load_tokenizer(str(tiny_model))
+    for tokenizer, bos in ((llama, [llama.bos_token_id]), (gpt2, [])):
+        example = ppo.tokenize_prompts(PROMPTS[:1], tokenizer, "instruction", 16)[0]
+        assert len(example["input_ids"]) == 16  # left-truncated, BOS kept in front
+        assert example["input_ids"][: len(bos)] == bos
+        assert example["input_ids"].count(tokenizer.bos_token_id) == len(bos)
+        body = tokenizer(record_prompt(PROMPTS[0], "instruction"), add_special_tokens=False)["input_ids"]
+        assert example["input_ids"][len(bos) :] == body[-(16 - len(bos)) :]
+
+
+# ---- chunked log-probs --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_log_probs_and_entropy_equal_the_full_vocabulary_computation(dtype, temperature) -> None:
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 11, 301) * 4).to(dtype).requires_grad_(True)
+    index = torch.randint(0, 301, (3, 11))
+    weights = torch.randn(3, 11)
+    chunked = selective_log_softmax(logits, index, temperature, chunk_size=4)
+    (chunked * weights).sum().backward()
+    chunked_grad, logits.grad = logits.grad.clone(), None
+    full = (logits.float() / temperature).log_softmax(-1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    (full * weights).sum().backward()
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
+    # bf16 gradients are rounded to bf16 from two different fp32 computations: one ulp (2^-8) apart at most
+    grad_tolerance = 1e-5 if dtype == torch.float32 else 2**-8
+    torch.testing.assert_close(chunked_grad.float(), logits.grad.float(), rtol=grad_tolerance, atol=grad_tolerance)
+    log_probs = (logits.detach().float() / temperature).log_softmax(-1)
+    torch.testing.assert_close(entropy(logits.detach(), temperature, chunk_size=4),
+                               -(log_probs.exp() * log_probs).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_log_ratio_is_clamped_so_the_loss_stays_finite() -> None:
+    logp = torch.tensor([[0.0, -1.0]])
+    old_logp = torch.tensor([[-200.0, -1.0]])  # a ratio of e^200 overflows float32
+    loss, stats = ppo.policy_loss(logp, old_logp, torch.tensor([[-1.0, 1.0]]), torch.ones(1, 2), cliprange=0.2)
+    assert math.isfinite(loss.item()) and math.isfinite(stats["approx_kl"].item())
