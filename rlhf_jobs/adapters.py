@@ -36,14 +36,20 @@ def add_lora(model: torch.nn.Module, lora: LoRA, task: Task, key: str = "Trainin
     names never adapted."""
     from peft import get_peft_model
 
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear)})
+    hint = f"(its linear layers: {', '.join(linear) or 'none'}; target_modules may name these, or all-linear)"
+    if isinstance(lora.target_modules, list):  # peft adapts the names it finds and ignores the others
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [name for name in lora.target_modules if name not in present]
+        if missing:
+            raise AdapterError(f"{key}.target_modules: {type(model).__name__} has no module named "
+                               f"{', '.join(map(repr, missing))} {hint}")
     try:
         return get_peft_model(model, lora_config(lora, task, exclude))
     except (ValueError, TypeError, NotImplementedError) as err:
-        names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                        if isinstance(module, torch.nn.Linear)})
         raise AdapterError(
-            f"{key}: cannot add LoRA to {type(model).__name__}: {str(err).splitlines()[0]} "
-            f"(its linear layers: {', '.join(names) or 'none'}; target_modules may name these, or all-linear)"
+            f"{key}: cannot add LoRA to {type(model).__name__}: {str(err).splitlines()[0]} {hint}"
         ) from None
 
 

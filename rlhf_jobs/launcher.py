@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rlhf_jobs.config import StageConfig, TrainingBase
+from rlhf_jobs.config import ConfigError, StageConfig, TrainingBase
 
 RUN_NAME = "ray_train"
 STOPPED_METRIC = "stopped_at_step"  # reported by a worker loop that stopped early (rlhf_jobs.control)
@@ -162,7 +162,16 @@ def run_trainer(
         if result.error:  # an aborted run can return instead of raising
             raise result.error
     except Exception as err:
-        if _memory_failure(err):
+        from rlhf_jobs.checkpoints import CheckpointError
+        from rlhf_jobs.data import DataError
+        from rlhf_jobs.models import ModelError
+
+        failures = list(getattr(err, "worker_failures", {}).values())
+        user_errors = ConfigError | DataError | CheckpointError | ModelError
+        user_error = next((f for f in failures if isinstance(f, user_errors)), None)
+        if user_error is not None:  # a config problem only a worker could see: one line, not a traceback
+            raise user_error from None
+        if _memory_failure(err) or any(_memory_failure(f) for f in failures):
             raise out_of_memory(config) from None
         raise
     stopped = (result.metrics or {}).get(STOPPED_METRIC)

@@ -49,6 +49,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, training: TrainingBase, to
     )
 
 
+def restore_scheduler(scheduler: Any, state: dict[str, Any]) -> None:
+    """Load a schedule's state and put its current rate back into the optimizer (building a schedule
+    resets the optimizer's rate to the schedule's first value)."""
+    scheduler.load_state_dict(state)
+    for group, rate in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = rate
+
+
 def autocast(training: TrainingBase, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     if training.mixed_precision == "no":
         return contextlib.nullcontext()

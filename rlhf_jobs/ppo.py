@@ -459,8 +459,8 @@ class Optimizers:
                 "scaler": self.scaler.state_dict() if self.scaler else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.policy_schedule.load_state_dict(state["policy_scheduler"])
-        self.critic_schedule.load_state_dict(state["critic_scheduler"])
+        optim.restore_scheduler(self.policy_schedule, state["policy_scheduler"])
+        optim.restore_scheduler(self.critic_schedule, state["critic_scheduler"])
         self.kl_control.load_state_dict(state["kl_control"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])

@@ -34,7 +34,7 @@ import torch
 from rlhf_jobs import export, launcher, optim, sharding
 from rlhf_jobs.adapters import Task, add_lora
 from rlhf_jobs.checkpoints import write_atomically
-from rlhf_jobs.config import StageConfig, TrainingBase
+from rlhf_jobs.config import ConfigError, StageConfig, TrainingBase
 from rlhf_jobs.control import STOPPED_METRIC, StopControl
 from rlhf_jobs.data import RecordSchema, load_splits
 from rlhf_jobs.distributed import all_reduce_max, all_reduce_sum, peak_memory_gib
@@ -161,6 +161,27 @@ def evaluate(model: torch.nn.Module, task: SupervisedTask, examples: list[Any], 
                                       strict=True)))
 
 
+def resumed_accumulation(saved: dict[str, Any], training: TrainingBase, worker: Worker) -> int:
+    """Gradient accumulation that keeps the checkpoint's global batch when a run resumes on another
+    number of workers (2 workers × batch 4 → 1 worker × batch 4 × accumulation 2), so steps, schedule
+    and data position mean what they meant."""
+    global_batch = saved["global_batch"]
+    per_pass = training.batch_size * worker.world_size
+    if global_batch == per_pass * training.gradient_accumulation_steps:
+        return training.gradient_accumulation_steps
+    if global_batch % per_pass:
+        raise ConfigError(
+            f"Training.num_training_workers: the checkpoint was written with a global batch of {global_batch} "
+            f"sequences, which {worker.world_size} worker(s) × batch_size {training.batch_size} cannot make up; "
+            "resume with a worker count that divides it, or start over (--on-config-change restart)"
+        )
+    accumulation = global_batch // per_pass
+    progress(worker, "train", f"resuming on {worker.world_size} worker(s): gradient_accumulation_steps "
+                              f"{training.gradient_accumulation_steps} -> {accumulation} keeps the global batch "
+                              f"of {global_batch}")
+    return accumulation
+
+
 def accumulate_gradients(model: torch.nn.Module, task: SupervisedTask, micro_batches: list[dict[str, torch.Tensor]],
                          training: TrainingBase, worker: Worker,
                          scaler: torch.amp.GradScaler | None = None) -> tuple[float, float]:
@@ -190,21 +211,21 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> None:
         model = add_lora(model, training.lora, task.lora_task)
     model = sharding.prepare(model, training, worker)
 
-    batch_size, accumulation = training.batch_size, training.gradient_accumulation_steps
+    optimizer = optim.build_optimizer(model, training)
+    store = TrainState(general.output_dir, worker)
+    tensors = {"model": ModelState(model, optimizer, trainable_only=training.lora is not None)}
+    saved = store.load(tensors)
+    batch_size = training.batch_size
+    accumulation = resumed_accumulation(saved, training, worker) if saved else training.gradient_accumulation_steps
     per_epoch = steps_per_epoch(len(train_examples), batch_size, accumulation, worker.world_size)
     total_steps = per_epoch * training.epochs
     if training.max_train_steps:
         total_steps = min(total_steps, training.max_train_steps)
-    optimizer = optim.build_optimizer(model, training)
     scheduler = optim.build_scheduler(optimizer, training, total_steps)
     scaler = optim.grad_scaler(training, worker.device)
-
-    store = TrainState(general.output_dir, worker)
-    tensors = {"model": ModelState(model, optimizer, trainable_only=training.lora is not None)}
-    saved = store.load(tensors)
     step, epoch, consumed = 0, 0, 0
     if saved:
-        scheduler.load_state_dict(saved["scheduler"])
+        optim.restore_scheduler(scheduler, saved["scheduler"])
         if scaler and saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
         step, epoch, consumed = saved["step"], saved["epoch"], saved["consumed"]
@@ -214,7 +235,8 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> None:
         import ray.train
 
         extra = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                 "step": step, "epoch": epoch, "consumed": consumed}
+                 "step": step, "epoch": epoch, "consumed": consumed,
+                 "global_batch": batch_size * accumulation * worker.world_size}
         store.save(step, tensors, extra)
         ray.train.report({"step": step, **metrics})
 

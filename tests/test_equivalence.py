@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import SAMPLES
-from multiprocess import run_processes
+from process_group import run_processes
 
 from rlhf_jobs import ppo, sharding, supervised
 from rlhf_jobs.config import SupervisedTraining

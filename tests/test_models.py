@@ -1,0 +1,166 @@
+"""Real models: fp32 master weights for bf16 checkpoints, BOS where the model expects it, LoRA export
+and the clear errors for configs that do not fit a model (before any worker starts)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import local_config, write_config
+
+from rlhf_jobs.cli import main
+from rlhf_jobs.config import LoRA, SupervisedTraining
+from rlhf_jobs.export import exportable
+from rlhf_jobs.models import bos_ids, load_causal_lm, load_reward_model, load_tokenizer, stored_dtype
+from rlhf_jobs.rm import tokenize_pair
+from rlhf_jobs.sft import IGNORE_INDEX, tokenize_sft
+
+RECORD = {"instruction": "Name a colour.", "context": None, "response": "Blue."}
+PAIR = {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "I will not."}
+
+
+def changed_fraction(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
+    changed = sum(int((before[name].float() != after[name].float()).sum()) for name in before)
+    return changed / sum(tensor.numel() for tensor in before.values())
+
+
+def test_adamw_on_bf16_weights_rounds_most_updates_away(tiny_llama: Path) -> None:
+    """The failure fp32 master weights prevent: one AdamW step at lr 1e-6 on the bf16 weights themselves."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)  # transformers 5 keeps the stored bf16
+    assert model.dtype == torch.bfloat16
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
+    optimizer.step()
+    assert changed_fraction(before, dict(model.named_parameters())) < 0.2
+
+
+@pytest.mark.slow
+def test_a_bf16_stored_model_trains_every_weight(tiny_llama: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    assert stored_dtype(str(tiny_llama)) == torch.bfloat16
+    config = local_config("sft", base_model=tiny_llama, output_dir=tmp_path / "out", checkpoint_dir=tmp_path / "m")
+    config["Training"].update(num_training_workers=1, max_train_steps=3, learning_rate=1e-6, warmup_ratio=0.0,
+                              lr_scheduler="constant", weight_decay=0.0, save_dtype="float32")
+    assert main(["train", "sft", "--config_path", str(write_config(tmp_path / "c.yaml", config))]) == 0
+    before, after = load_file(tiny_llama / "model.safetensors"), load_file(tmp_path / "m" / "model.safetensors")
+    assert all(tensor.dtype == torch.float32 for tensor in after.values())
+    # Norm weights start at exactly 1.0 and move by ~1e-6: representable in fp32, not in bf16.
+    assert changed_fraction(before, after) > 0.99
+
+
+def test_bos_in_every_stage_for_llama_and_not_for_gpt2(tiny_llama: Path, tiny_model: Path) -> None:
+    llama, gpt2 = load_tokenizer(str(tiny_llama)), load_tokenizer(str(tiny_model))
+    assert bos_ids(llama) == [llama.bos_token_id] and bos_ids(gpt2) == []
+    for tokenizer in (llama, gpt2):
+        bos = bos_ids(tokenizer)
+        sft = tokenize_sft(RECORD, tokenizer, "instruction", 64)
+        assert sft["input_ids"][: len(bos)] == bos and sft["labels"][: len(bos)] == [IGNORE_INDEX] * len(bos)
+        assert sft["input_ids"][-1] == tokenizer.eos_token_id and sft["labels"][-1] == tokenizer.eos_token_id
+        pair = tokenize_pair(PAIR, tokenizer, "instruction", 12)  # truncated from the left, BOS kept
+        for ids in (pair["chosen_ids"], pair["rejected_ids"]):
+            assert len(ids) == 12 and ids[: len(bos)] == bos
+            assert tokenizer.bos_token_id not in ids[len(bos) :] or tokenizer.bos_token_id == tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("head", ["causal", "classifier"])
+def test_merged_lora_export_is_a_plain_model_with_the_adapter_model_outputs(
+    head: str, tiny_llama: Path, tmp_path: Path
+) -> None:
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from rlhf_jobs.adapters import lora_config
+
+    tokenizer = load_tokenizer(str(tiny_llama))
+    torch.manual_seed(0)
+    if head == "causal":
+        model, task, auto = load_causal_lm(str(tiny_llama), tokenizer), "CAUSAL_LM", AutoModelForCausalLM
+    else:
+        model, task = load_reward_model(str(tiny_llama), tokenizer), "SEQ_CLS"
+        auto = AutoModelForSequenceClassification
+    model = get_peft_model(model, lora_config(LoRA(r=4), task)).eval()
+    with torch.no_grad():  # a trained adapter: B is no longer zero
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1)
+    inputs = {"input_ids": torch.tensor([[1, 5, 9, 13, 2]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    exportable(model, SupervisedTraining(lora=LoRA(r=4)), torch.float32).save_pretrained(tmp_path / "merged")
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    reloaded = auto.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+# ---- configs that do not fit the model: one clear error, nothing created -------------------------------
+
+
+def sft_command(tmp_path: Path, base: Path, **training: object) -> list[str]:
+    config = local_config("sft", base_model=base, output_dir=tmp_path / "out", checkpoint_dir=tmp_path / "m")
+    config["Training"].update(training)
+    return ["train", "sft", "--config_path", str(write_config(tmp_path / "c.yaml", config))]
+
+
+@pytest.mark.parametrize(("training", "expected"), [
+    ({"lora": {"target_modules": ["q_proj", "no_such_proj"]}}, "has no module named 'no_such_proj'"),
+    ({"lora": {"target_modules": ["input_layernorm"]}}, "cannot add LoRA to LlamaForCausalLM"),
+    ({"strategy": "fsdp", "mixed_precision": "fp16"}, "fp16 is not supported with strategy: fsdp"),
+])
+def test_a_config_that_does_not_fit_the_model_fails_before_any_worker_starts(
+    training: dict, expected: str, tiny_llama: Path, tmp_path: Path, capsys
+) -> None:
+    assert main(sft_command(tmp_path, tiny_llama, **training)) == 2
+    error = capsys.readouterr().err
+    assert expected in error and error.count("\n") == 1, error
+    assert not (tmp_path / "out").exists()
+
+
+def test_lora_target_error_names_the_model_s_linear_layers(tiny_llama: Path, tmp_path: Path, capsys) -> None:
+    assert main(sft_command(tmp_path, tiny_llama, lora={"target_modules": ["query"]})) == 2
+    error = capsys.readouterr().err
+    assert "Training.lora" in error and "q_proj" in error and "down_proj" in error
+
+
+def test_rollout_batch_larger_than_the_experience_batch_is_a_config_error(tmp_path: Path, capsys) -> None:
+    config = local_config("ppo", output_dir=tmp_path / "o", checkpoint_dir=tmp_path / "c")
+    config["Training"].update(experience_batch_size=8, rollout_batch_size=16)
+    path = write_config(tmp_path / "ppo.yaml", config)
+    assert main(["check-config", "ppo", "--config_path", str(path), "--no-check-paths"]) == 2
+    assert "rollout_batch_size (16) must not exceed experience_batch_size (8)" in capsys.readouterr().err
+
+
+def test_fsdp_refuses_a_model_without_decoder_layers() -> None:
+    from rlhf_jobs.sharding import ShardingError, check_shardable
+
+    with pytest.raises(ShardingError, match="declares none"):
+        check_shardable(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_adapter_only_export_loads_as_its_merged_base(tiny_llama: Path, tmp_path: Path) -> None:
+    """export: adapter writes the adapter alone; a later stage (or models.load_*) reads it merged."""
+    from peft import get_peft_model
+
+    from rlhf_jobs.adapters import lora_config
+
+    tokenizer = load_tokenizer(str(tiny_llama))
+    model = get_peft_model(load_causal_lm(str(tiny_llama), tokenizer), lora_config(LoRA(r=4), "CAUSAL_LM")).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1)
+    inputs = {"input_ids": torch.tensor([[1, 5, 9]])}
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    exportable(model, SupervisedTraining(lora=LoRA(r=4, export="adapter")), torch.float32).save_pretrained(
+        tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    reloaded = load_causal_lm(str(tmp_path / "adapter"), tokenizer).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
