@@ -34,7 +34,9 @@ def init_ray(training: TrainingBase) -> None:
         ray.init(log_to_driver=True)
         return
     # The dashboard process also serves the state API that Ray Train's placement-group cleaner polls.
-    ray.init(include_dashboard=True, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    # address="local": a new in-process cluster, never one that `ray start` left running on this machine.
+    ray.init(address="local", include_dashboard=True, log_to_driver=True, configure_logging=True,
+             logging_level="WARNING")
     check_local_resources(training, ray.cluster_resources())
 
 
@@ -90,9 +92,18 @@ def _last_peak_memory(output_dir: str) -> float | None:
     return max(peaks) if peaks else None
 
 
-def out_of_memory(config: StageConfig) -> OutOfMemory:
+def _killed_worker_memory(error: BaseException) -> float | None:
+    """The memory (GiB) of the worker Ray's OOM killer chose, from its message."""
+    import re
+
+    used = [float(gb) * 1e9 / 2**30 for gb in re.findall(r"actual memory used=([0-9.]+)GB", str(error))]
+    return max(used) if used else None
+
+
+def out_of_memory(config: StageConfig, error: BaseException) -> OutOfMemory:
     training = config.Training
-    peak = _last_peak_memory(config.General.output_dir)
+    peaks = [p for p in (_last_peak_memory(config.General.output_dir), _killed_worker_memory(error)) if p]
+    peak = max(peaks) if peaks else None
     reached = f"after reaching {peak:.1f} GiB per worker" if peak else "before logging its memory"
     advice = [] if training.lora else ["LoRA (Training.lora: {r: 16})"]
     if training.strategy == "ddp" and training.num_training_workers > 1:
@@ -172,7 +183,7 @@ def run_trainer(
         if user_error is not None:  # a config problem only a worker could see: one line, not a traceback
             raise user_error from None
         if _memory_failure(err) or any(_memory_failure(f) for f in failures):
-            raise out_of_memory(config) from None
+            raise out_of_memory(config, err) from None
         raise
     stopped = (result.metrics or {}).get(STOPPED_METRIC)
     if stopped is not None:

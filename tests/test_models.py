@@ -164,3 +164,22 @@ def test_adapter_only_export_loads_as_its_merged_base(tiny_llama: Path, tmp_path
     reloaded = load_causal_lm(str(tmp_path / "adapter"), tokenizer).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_running_out_of_memory_is_one_line_with_advice(tiny_llama: Path, tmp_path: Path) -> None:
+    """Ray's OOM killer, made to fire at once (a 2% memory threshold), ends the command with exit code 3
+    and one line naming the stage and what to change, instead of Ray's actor tables."""
+    import os
+    import subprocess
+    import sys
+
+    command = sft_command(tmp_path, tiny_llama, max_failures=0)
+    env = {**os.environ, "RAY_memory_usage_threshold": "0.02", "RAY_memory_monitor_refresh_ms": "100"}
+    result = subprocess.run([sys.executable, "-m", "rlhf_jobs.cli", *command], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 3, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: sft: the workers ran out of memory") and "Training.lora" in last
+    assert "Training.strategy: fsdp" in last and "resumes from the last checkpoint" in last
+    assert len(result.stderr.strip().splitlines()) < 15, result.stderr
