@@ -39,6 +39,11 @@ venv: $(BIN)/rlhf-jobs ## Create .venv with the package and dev tools (CPU torch
 demo: venv ## Run SFT -> RM -> PPO locally on a tiny model (in-process Ray) into runs/demo
 	$(BIN)/rlhf-jobs pipeline --backend local --workdir $(DEMO_DIR) --tiny-model
 
+.PHONY: pipeline-1b-lora
+pipeline-1b-lora: venv ## SFT -> RM -> PPO with LoRA on a random-init 1B Llama, 2 workers x 1 CPU (fits 24 GiB)
+	@test -f runs/llama-1b/config.json || $(BIN)/rlhf-jobs tiny-model --llama 1b --output runs/llama-1b
+	$(BIN)/rlhf-jobs pipeline --backend local --workdir runs/llama-1b-lora --config-dir configs/llama-1b-lora
+
 .PHONY: test
 test: venv ## Run the test suite (docker/kind tests skip where there is no engine/cluster)
 	$(BIN)/pytest

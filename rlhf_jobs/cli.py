@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rlhf_jobs.stages import NAMES as STAGES
+from rlhf_jobs.tiny_model import LLAMA_SHAPES
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -57,9 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--no-check-paths", action="store_true", help="skip checking that files exist")
     _add_set(check)
 
-    tiny = commands.add_parser("tiny-model", help="build a tiny GPT-2 + tokenizer from the sample data")
+    tiny = commands.add_parser("tiny-model", help="build a tiny GPT-2, or a random-init Llama of a given size, "
+                                                  "with a tokenizer from the sample data (no hub needed)")
     tiny.add_argument("--output", required=True, help="directory to write the model to")
     tiny.add_argument("--data", nargs="*", type=Path, help="JSONL files to train the tokenizer on")
+    tiny.add_argument("--llama", choices=tuple(LLAMA_SHAPES),
+                      help="a random-init Llama-architecture model of this size (stored in bf16) instead of GPT-2")
 
     convert = commands.add_parser("convert", help="convert public datasets to a stage's record format")
     convert.add_argument("kind", choices=STAGES)
@@ -134,9 +138,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.config_path}: valid {args.stage} config")
         print(config.model_dump_json(indent=2, exclude={"stage"}))
     elif args.command == "tiny-model":
-        from rlhf_jobs.tiny_model import build_tiny_model
+        from rlhf_jobs.tiny_model import build_llama, build_tiny_model, parameter_count
 
-        print(f"tiny model written to {build_tiny_model(args.output, args.data)}")
+        if args.llama:
+            path = build_llama(args.output, args.llama, data=args.data)
+            print(f"Llama-architecture model ({parameter_count(LLAMA_SHAPES[args.llama]) / 1e6:.1f}M parameters, "
+                  f"bf16) written to {path}")
+        else:
+            print(f"tiny model written to {build_tiny_model(args.output, args.data)}")
     elif args.command == "convert":
         from rlhf_jobs.convert import convert
 

@@ -11,11 +11,12 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from typing import TYPE_CHECKING
 
 from rlhf_jobs.prompts import INPUT_KEY, INSTRUCTION_KEY, INTRO, RESPONSE_KEY
+
+if TYPE_CHECKING:  # tokenizers and transformers load only when a model is built
+    from transformers import PreTrainedTokenizerFast
 
 EOS = "<|endoftext|>"
 LLAMA_BOS, LLAMA_EOS = "<|begin_of_text|>", "<|end_of_text|>"
@@ -45,6 +46,9 @@ def _texts(files: list[Path]) -> Iterator[str]:
 
 def train_tokenizer(files: list[Path], vocab_size: int, llama: bool = False) -> PreTrainedTokenizerFast:
     """Byte-level BPE. GPT-2 style: EOS only. Llama style: BOS and EOS, and BOS added to every text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
     special = [LLAMA_BOS, LLAMA_EOS] if llama else [EOS]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -82,6 +86,7 @@ def build_tiny_model(
 ) -> Path:
     """Write a tiny GPT-2 (about 0.8M parameters) and its tokenizer to `output`."""
     import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     tokenizer = train_tokenizer(data or sample_files(), vocab_size)
@@ -129,6 +134,7 @@ def build_llama(output: str | Path, shape: LlamaShape | str = "tiny", dtype: str
     embedding rows are never read, but the LM head computes them, as in a real model).
     """
     import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = LLAMA_SHAPES[shape] if isinstance(shape, str) else shape
     torch.manual_seed(seed)

@@ -47,8 +47,11 @@ def stage_config(stage: str, tmp_path: Path, name: str, base: Path, **training: 
     return config
 
 
-def test_sft_stopped_mid_epoch_and_resumed_equals_uninterrupted(tiny_model: Path, tmp_path: Path) -> None:
-    settings = {"epochs": 2, "max_train_steps": 9, "save_steps": 100}  # 7 steps per epoch: resume crosses one
+@pytest.mark.parametrize("lora", [None, {"r": 4}], ids=["full", "lora"])
+def test_sft_stopped_mid_epoch_and_resumed_equals_uninterrupted(lora, tiny_model: Path, tmp_path: Path) -> None:
+    """With LoRA the checkpoint holds only the adapters (and their optimizer state)."""
+    settings = {"epochs": 2, "max_train_steps": 9, "save_steps": 100,  # 7 steps per epoch: resume crosses one
+                "lora": lora, "learning_rate": 1e-2 if lora else 3e-3}
     whole = stage_config("sft", tmp_path, "whole", tiny_model, **settings)
     run("sft", whole, tmp_path / "whole.yaml")
     split = stage_config("sft", tmp_path, "split", tiny_model, **settings)
@@ -88,6 +91,21 @@ def test_ppo_stopped_and_resumed_equals_uninterrupted(
     final, reference = weights(tmp_path / "split" / "model"), weights(tmp_path / "whole" / "model")
     for name, tensor in reference.items():
         torch.testing.assert_close(final[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_ppo_first_iteration_under_fsdp_matches_ddp(
+    tiny_model: Path, sft_checkpoint: Path, rm_checkpoint: Path, tmp_path: Path
+) -> None:
+    for strategy in ("ddp", "fsdp"):
+        config = local_config("ppo", model_name=tiny_model, rm_name=tiny_model, output_dir=tmp_path / strategy,
+                              checkpoint_dir=tmp_path / f"{strategy}-model")
+        config["General"].update(model_pretrain=str(sft_checkpoint), rm_pretrain=str(rm_checkpoint))
+        config["Training"].update(training_iteration=1, eval_steps=100, strategy=strategy, save_critic=False)
+        run("ppo", config, tmp_path / f"{strategy}.yaml")
+    ddp, fsdp = records(tmp_path / "ddp")[1], records(tmp_path / "fsdp")[1]
+    for name in ("score_mean", "kl", "entropy", "policy_loss", "value_loss", "clip_fraction", "approx_kl",
+                 "explained_variance", "response_length"):
+        assert fsdp[name] == pytest.approx(ddp[name], rel=SHARDING_TOLERANCE, abs=1e-6), name
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm"])
