@@ -7,6 +7,7 @@ client objects the submitter calls, and raises the client's own `ApiException`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from typing import Any
 
@@ -15,17 +16,11 @@ import yaml
 from kubernetes.client.exceptions import ApiException
 
 from rlhf_jobs.backends.helm import config_sets, release_name
-from rlhf_jobs.backends.kuberay import (
-    Clients,
-    KubeRayBackend,
-    PreflightError,
-    StageFailed,
-    WatchSettings,
-    run_pipeline_command,
-    watch_rayjob,
-    with_retries,
-)
-from rlhf_jobs.pipeline import PipelineOptions, run_pipeline
+from rlhf_jobs.backends.kube import Clients, with_retries
+from rlhf_jobs.backends.kuberay import KubeRayBackend, PreflightError
+from rlhf_jobs.backends.rayjob import StageFailed, WatchSettings, watch_rayjob
+from rlhf_jobs.cli import run_kuberay_pipeline
+from rlhf_jobs.pipeline import PipelineOptions, plan, run_pipeline
 
 NS = "rlhf"
 
@@ -46,17 +41,21 @@ class Clock:
 
 
 class FakeCustom:
-    """RayJobs whose `get` replays a status sequence; the last entry repeats.
+    """RayJobs whose `get` replays a status sequence; the last entry repeats. RayClusters are gone once deleted.
 
     An entry may be an ApiException (raised once) or "DELETED" (the object is gone).
     """
 
     def __init__(self) -> None:
         self.sequences: dict[str, list[Any]] = {}
+        self.annotations: dict[str, dict[str, str]] = {}
         self.deleted: list[str] = []
+        self.deleted_clusters: list[str] = []
 
     def get_namespaced_custom_object(self, group, version, namespace, plural, name):
-        assert (group, version, plural) == ("ray.io", "v1", "rayjobs")
+        assert (group, version) == ("ray.io", "v1") and plural in ("rayjobs", "rayclusters")
+        if plural == "rayclusters":
+            raise ApiException(status=404, reason="Not Found")
         sequence = self.sequences.get(name)
         if not sequence:
             raise ApiException(status=404, reason="Not Found")
@@ -66,9 +65,12 @@ class FakeCustom:
         if entry == "DELETED":
             self.sequences.pop(name)
             raise ApiException(status=404, reason="Not Found")
-        return {"metadata": {"name": name}, "status": entry}
+        return {"metadata": {"name": name, "annotations": self.annotations.get(name, {})}, "status": entry}
 
     def delete_namespaced_custom_object(self, group, version, namespace, plural, name, propagation_policy=None):
+        if plural == "rayclusters":
+            self.deleted_clusters.append(name)
+            return
         self.deleted.append(name)
         self.sequences.pop(name, None)
 
@@ -105,6 +107,14 @@ class FakeCore:
     def read_namespaced_pod_log(self, name, namespace, tail_lines):
         return f"log of {name}: Traceback ... CUDA out of memory\n"
 
+    def connect_get_namespaced_service_proxy_with_path(self, name, namespace, path):
+        assert name.endswith("-head-svc:dashboard") and path.startswith("api/jobs/"), (name, path)
+        return json.dumps({"logs": "step 1\nValueError: the driver failed\n"})
+
+    def delete_namespaced_config_map(self, name, namespace):
+        if self.config_maps.pop(name, None) is None:
+            raise ApiException(status=404, reason="Not Found")
+
 
 class FakeApiext:
     def __init__(self, installed: bool = True) -> None:
@@ -128,10 +138,11 @@ class FakeAuthz:
 
 
 class FakeHelm:
-    """Renders a minimal RayJob + ConfigMap per stage; `upgrade_install` makes the RayJob appear."""
+    """Renders a minimal RayJob + ConfigMap per stage, the RayJob annotated with the config's hash as the chart
+    does; `upgrade_install` makes the RayJob appear with the next recorded status sequence of its stage."""
 
     def __init__(self, custom: FakeCustom, runs: dict[str, list[list[Any]]]) -> None:
-        self.custom, self.runs, self.installs = custom, runs, []
+        self.custom, self.runs, self.installs, self.install_sets = custom, runs, [], []
 
     def template(self, release, namespace, run, values=(), sets=()):
         stage = release.rsplit("-", 1)[1]
@@ -142,19 +153,24 @@ class FakeHelm:
         else:
             general["base_model"] = "m"
         config = {"General": general, "Dataset": {"train_file": f"/data/{stage}.jsonl"}, "Training": {}}
-        for item in sets:  # --set-json configs.<stage>.Section.key=value
+        for item in sets:  # --set-json configs.<stage>.Section.key=value (and chart settings such as job.*)
             path, value = item.split("=", 1)
-            section, key = path.split(".")[2:]
-            config[section][key] = json.loads(value)
+            if path.startswith("configs."):
+                section, key = path.split(".")[2:]
+                config[section][key] = json.loads(value)
+        text = yaml.safe_dump(config)
+        digest = hashlib.sha256(text.encode()).hexdigest()
         return [
-            {"kind": "ConfigMap", "metadata": {"name": f"{release}-config"},
-             "data": {"config.yaml": yaml.safe_dump(config)}},
-            {"kind": "RayJob", "metadata": {"name": release}},
+            {"kind": "ConfigMap", "metadata": {"name": f"{release}-config"}, "data": {"config.yaml": text}},
+            {"kind": "RayJob", "metadata": {"name": release, "annotations": {"rlhf-jobs.io/config-hash": digest}}},
         ]
 
     def upgrade_install(self, release, namespace, run, values=(), sets=()):
         self.installs.append(release)
+        self.install_sets.append(list(sets))
         stage = release.rsplit("-", 1)[1]
+        (rayjob,) = [m for m in self.template(release, namespace, run, values, sets) if m["kind"] == "RayJob"]
+        self.custom.annotations[release] = rayjob["metadata"]["annotations"]
         self.custom.sequences[release] = list(self.runs[stage].pop(0))
 
 
@@ -184,8 +200,8 @@ SUCCESS = [status(), status("Initializing"), status("Running", "PENDING"), statu
 def test_success_needs_complete_and_succeeded() -> None:
     # jobStatus can say SUCCEEDED while the deployment is still running: keep watching.
     result = watch([status("Running", "RUNNING"), status("Running", "SUCCEEDED"), status("Complete", "SUCCEEDED")])
-    assert result["jobDeploymentStatus"] == "Complete"
-    assert watch(list(SUCCESS))["jobStatus"] == "SUCCEEDED"
+    assert result["status"]["jobDeploymentStatus"] == "Complete"
+    assert watch(list(SUCCESS))["status"]["jobStatus"] == "SUCCEEDED"
 
 
 def test_failure_carries_reason_and_message() -> None:
@@ -225,7 +241,7 @@ def test_never_appears() -> None:
 
 def test_transient_api_errors_are_retried() -> None:
     flaky = [ApiException(status=503), ApiException(status=429), ApiException(status=0), *SUCCESS]
-    assert watch(flaky)["jobStatus"] == "SUCCEEDED"
+    assert watch(flaky)["status"]["jobStatus"] == "SUCCEEDED"
 
 
 def test_forbidden_is_not_retried() -> None:
@@ -283,11 +299,22 @@ def test_failure_stops_the_chain_with_logs_and_the_rerun_resumes_there() -> None
     assert helm.installs == ["rlhf-rm", "rlhf-ppo"]
 
 
+def interrupted_record(backend: KubeRayBackend, options: PipelineOptions) -> None:
+    """The record as a Ctrl-C during the watch leaves it: every planned stage "interrupted" under its config."""
+    backend.save_record({"stages": {step.stage: {"status": "interrupted", "config_hash": step.config_hash}
+                                    for step in plan(backend, options)}})
+
+
 def test_rerun_reattaches_to_a_running_rayjob() -> None:
     backend, helm, fake, _ = make_backend({"sft": [list(SUCCESS)], "rm": [], "ppo": []})
+    options = PipelineOptions(stages=["sft"], check_paths=False)
+    helm.upgrade_install("rlhf-sft", NS, "default", sets=backend.sets("sft"))  # the first run's install
     fake.custom.sequences["rlhf-sft"] = [status("Running", "RUNNING"), status("Complete", "SUCCEEDED")]
-    run_pipeline(backend, PipelineOptions(stages=["sft"], check_paths=False))
+    interrupted_record(backend, options)
+    helm.installs.clear()
+    run_pipeline(backend, options)
     assert helm.installs == [], "a running RayJob (e.g. after Ctrl-C) is watched, not reinstalled"
+    assert fake.custom.deleted == []
 
 
 def test_config_overrides_reach_the_chart_and_change_the_hash() -> None:
@@ -318,7 +345,7 @@ def test_cli_reports_preflight_failure_and_exits_nonzero(capsys) -> None:
     backend, _, _, _ = make_backend({}, apiext=FakeApiext(installed=False))
     args = argparse.Namespace(chart=None, stages="sft,rm,ppo", overrides=[], from_stage=None, dry_run=False,
                               namespace=NS, run="default", values=[], timeout=60)
-    assert run_pipeline_command(args, clients=backend.clients) == 1
+    assert run_kuberay_pipeline(args, clients=backend.clients) == 1
     assert "KubeRay CRD rayjobs.ray.io is not installed" in capsys.readouterr().err
 
 
