@@ -180,7 +180,7 @@ def make_backend(runs: dict[str, list[list[Any]]], core: FakeCore | None = None,
     fake = Clients(custom=custom, core=core or FakeCore(), apiext=clients.get("apiext", FakeApiext()),
                    authz=clients.get("authz", FakeAuthz()))
     helm = FakeHelm(custom, runs)
-    backend = KubeRayBackend(fake, helm, NS, "default", watch=WatchSettings(poll_seconds=5, initializing_timeout=600),
+    backend = KubeRayBackend(fake, helm, NS, "default", watch=WatchSettings(poll_seconds=5, initializing_timeout=600, deadline=3600),
                              sleep=clock.sleep, clock=clock)
     return backend, helm, fake, clock
 
@@ -374,3 +374,67 @@ def test_dry_run_renders_every_stage_from_the_real_chart_without_a_cluster(capsy
     assert configs["ppo"]["General"]["rm_pretrain"] == "/mnt/rlhf/exp1/rm"
     assert configs["ppo"]["Training"]["kl_coeff"] == 0.2
     assert [d["kind"] for d in documents].count("PersistentVolumeClaim") == 1
+
+
+# ---- issue 18: a changed config never re-attaches; a finished stage frees its cluster ----------------------
+
+
+def test_changed_config_replaces_a_running_rayjob_instead_of_reattaching() -> None:
+    """Fault 1: Ctrl-C, edit the config, re-run: the RayJob still running the old config is deleted and the new
+    config installed; the record must never store the old job's success under the new config."""
+    backend, helm, fake, _ = make_backend({"sft": [list(SUCCESS)], "rm": [], "ppo": []})
+    options = PipelineOptions(stages=["sft"], check_paths=False)
+    helm.upgrade_install("rlhf-sft", NS, "default", sets=backend.sets("sft"))  # the first run's install
+    fake.custom.sequences["rlhf-sft"] = [status("Running", "RUNNING")]  # still running the old config
+    interrupted_record(backend, options)
+    helm.installs.clear()
+    helm.runs["sft"] = [list(SUCCESS)]
+    edited = PipelineOptions(stages=["sft"], check_paths=False, overrides=["sft.Training.epochs=2"])
+    run_pipeline(backend, edited)
+    assert fake.custom.deleted == ["rlhf-sft"], "the RayJob of the old config must be stopped"
+    assert helm.installs == ["rlhf-sft"]
+    record = json.loads(fake.core.config_maps["rlhf-default-pipeline"]["data"]["record.json"])
+    assert record["stages"]["sft"]["config"]["Training"]["epochs"] == 2
+
+
+def test_same_config_running_rayjob_with_another_hash_is_replaced_even_when_the_record_agrees() -> None:
+    """Fault 1, from the cluster's side: the record says "resume", but the RayJob running was installed with
+    another config (e.g. `make deploy-sft` with other values): its config-hash annotation tells."""
+    backend, helm, fake, _ = make_backend({"sft": [list(SUCCESS)], "rm": [], "ppo": []})
+    options = PipelineOptions(stages=["sft"], check_paths=False)
+    interrupted_record(backend, options)
+    fake.custom.sequences["rlhf-sft"] = [status("Running", "RUNNING")]
+    fake.custom.annotations["rlhf-sft"] = {"rlhf-jobs.io/config-hash": "0" * 64}
+    run_pipeline(backend, options)
+    assert fake.custom.deleted == ["rlhf-sft"] and helm.installs == ["rlhf-sft"]
+
+
+def test_finished_stage_frees_its_raycluster_before_the_next_stage() -> None:
+    """Capacity: the next stage must not wait ttlSecondsAfterFinished for the finished stage's CPUs/GPUs."""
+    backend, helm, fake, _ = make_backend({s: [list(SUCCESS)] for s in ("sft", "rm", "ppo")})
+    order = []
+    fake.custom.delete_namespaced_custom_object = _recording(fake.custom.delete_namespaced_custom_object, order)
+    helm.upgrade_install = _recording(helm.upgrade_install, order)
+    run_pipeline(backend, PipelineOptions(check_paths=False))
+    assert order == ["install rlhf-sft", "delete rayclusters c-1", "install rlhf-rm", "delete rayclusters c-1",
+                     "install rlhf-ppo", "delete rayclusters c-1"]
+
+
+def _recording(method, calls: list[str]):
+    def wrapper(*args, **kwargs):
+        if method.__name__ == "upgrade_install":
+            calls.append(f"install {args[0]}")
+        else:
+            calls.append(f"delete {args[3]} {args[4]}")
+        return method(*args, **kwargs)
+
+    wrapper.__name__ = method.__name__
+    return wrapper
+
+
+def test_failed_stage_message_has_the_driver_output_from_the_dashboard() -> None:
+    """In HTTPMode there is no submitter pod: the driver's output comes through the API server's service proxy."""
+    failed = status("Failed", "FAILED", reason="AppFailed", message="entrypoint exited 1", jobId="rlhf-sft-abc")
+    backend, _, _, _ = make_backend({"sft": [[failed]], "rm": [], "ppo": []})
+    with pytest.raises(StageFailed, match=r"(?s)job rlhf-sft-abc driver output.*ValueError: the driver failed"):
+        run_pipeline(backend, PipelineOptions(stages=["sft"], check_paths=False))
