@@ -96,21 +96,24 @@ kind-up: ## Create a kind cluster, install the KubeRay operator and load our ima
 kind-down: ## Delete the kind cluster
 	$(KIND) delete cluster --name $(KIND_CLUSTER)
 
+# Release names as the submitter gives them (rlhf_jobs/backends/helm.py release_name): rlhf-<stage> for the
+# default run, rlhf-<run>-<stage> otherwise, so `make deploy-sft RUN=exp1` and `make pipeline RUN=exp1` share one.
+release = $(if $(filter default,$(RUN)),rlhf-$(1),rlhf-$(RUN)-$(1))
 define deploy_stage
-	$(HELM) upgrade --install rlhf-$(1) ./helm $(HELM_ARGS)
-	@echo "watch it: kubectl -n $(NAMESPACE) get rayjob -l rlhf-jobs.io/stage=$(1) -w"
+	$(HELM) upgrade --install $(call release,$(1)) ./helm $(HELM_ARGS)
+	@echo "watch it: kubectl -n $(NAMESPACE) get rayjob -l rlhf-jobs.io/run=$(RUN),rlhf-jobs.io/stage=$(1) -w"
 endef
 
 .PHONY: deploy-sft
-deploy-sft: ## Install the SFT stage's RayJob with Helm (release rlhf-sft)
+deploy-sft: ## Install the SFT stage's RayJob with Helm (release rlhf-sft, or rlhf-RUN-sft)
 	$(call deploy_stage,sft)
 
 .PHONY: deploy-rm
-deploy-rm: ## Install the reward-model stage's RayJob (release rlhf-rm; after SFT succeeded)
+deploy-rm: ## Install the reward-model stage's RayJob (release rlhf-[RUN-]rm; after SFT succeeded)
 	$(call deploy_stage,rm)
 
 .PHONY: deploy-ppo
-deploy-ppo: ## Install the PPO stage's RayJob (release rlhf-ppo; reads the SFT and RM checkpoints)
+deploy-ppo: ## Install the PPO stage's RayJob (release rlhf-[RUN-]ppo; reads the SFT and RM checkpoints)
 	$(call deploy_stage,ppo)
 
 .PHONY: lint-chart

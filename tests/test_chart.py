@@ -214,12 +214,13 @@ def test_entrypoint_config_and_mounts(stage: str, scenario: Path | None) -> None
     run = values["run"]
     rayjob = one(objects, "RayJob")
     configmap = one(objects, "ConfigMap")
-    assert rayjob["spec"]["entrypoint"] == f"rlhf-jobs train {stage} --config_path {CONFIG_PATH}"
-    assert rayjob["spec"]["submissionMode"] == "K8sJobMode"
+    assert rayjob["spec"]["entrypoint"] == (
+        f"rlhf-jobs train {stage} --config_path {CONFIG_PATH} --on-config-change restart")
+    assert rayjob["spec"]["submissionMode"] == "HTTPMode"
 
     claim = values["storage"]["existingClaim"] or f"rlhf-{run}-checkpoints"
     templates = pod_templates(rayjob)
-    assert set(templates) == {"head", "worker", "submitter"}
+    assert set(templates) == {"head", "worker"}
     for group, template in templates.items():
         spec = template["spec"]
         volumes = {volume["name"]: volume for volume in spec["volumes"]}
@@ -229,7 +230,8 @@ def test_entrypoint_config_and_mounts(stage: str, scenario: Path | None) -> None
         mounts = {m["name"]: m for m in container["volumeMounts"]}
         assert mounts["checkpoints"]["mountPath"] == mount, group
         assert mounts["config"]["mountPath"] == str(Path(CONFIG_PATH).parent), group
-        assert container["image"] == f"{values['image']['repository']}:{CHART_META['appVersion']}", group
+        suffix = "-gpu" if values["image"].get("variant") == "gpu" else ""
+        assert container["image"] == f"{values['image']['repository']}:{CHART_META['appVersion']}{suffix}", group
         assert container["imagePullPolicy"] == values["image"]["pullPolicy"], group
         # Secure defaults; the volume is writable by the image's uid 1000.
         assert spec["securityContext"]["runAsNonRoot"] is True, group
@@ -237,10 +239,10 @@ def test_entrypoint_config_and_mounts(stage: str, scenario: Path | None) -> None
         assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, group
         assert container["securityContext"]["allowPrivilegeEscalation"] is False, group
         assert container["securityContext"]["capabilities"]["drop"] == ["ALL"], group
-        if group != "submitter":
-            assert volumes["dshm"]["emptyDir"]["medium"] == "Memory", group
-            assert mounts["dshm"]["mountPath"] == "/dev/shm", group
-    assert templates["submitter"]["spec"]["restartPolicy"] == "Never"
+        assert volumes["dshm"]["emptyDir"]["medium"] == "Memory", group
+        assert mounts["dshm"]["mountPath"] == "/dev/shm", group
+    submitter = pod_templates(one(render(f"rlhf-{stage}", sets=("job.submissionMode=K8sJobMode",)), "RayJob"))
+    assert submitter["submitter"]["spec"]["restartPolicy"] == "Never"
 
     config = stage_config(objects)
     general = config["General"]
@@ -421,7 +423,7 @@ def test_fractional_cpu_and_byte_memory() -> None:
 
 
 def test_scheduling_values_merge(crd_file: Path) -> None:
-    objects = render("rlhf-sft", sets=(
+    objects = render("rlhf-sft", sets=("job.submissionMode=K8sJobMode",
         "nodeSelector.pool=train", "worker.nodeSelector.zone=a",
         "tolerations[0].key=shared,tolerations[0].operator=Exists",
         "worker.tolerations[0].key=only-workers,worker.tolerations[0].operator=Exists",
@@ -451,6 +453,7 @@ def test_job_settings(crd_file: Path) -> None:
     rayjob = one(render("rlhf-sft", sets=(
         "job.activeDeadlineSeconds=7200", "job.backoffLimit=2", "job.suspend=true",
         "job.ttlSecondsAfterFinished=60", "job.extraArgs={--seed,7}", "submitter.backoffLimit=5",
+        "job.submissionMode=K8sJobMode",
         "job.labels.kueue\\.x-k8s\\.io/queue-name=team-a",
     )), "RayJob")
     spec = rayjob["spec"]
@@ -460,7 +463,8 @@ def test_job_settings(crd_file: Path) -> None:
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["ttlSecondsAfterFinished"] == 60
     assert spec["submitterConfig"] == {"backoffLimit": 5}
-    assert spec["entrypoint"] == f"rlhf-jobs train sft --config_path {CONFIG_PATH} '--seed' '7'"
+    assert spec["entrypoint"] == (
+        f"rlhf-jobs train sft --config_path {CONFIG_PATH} --on-config-change restart '--seed' '7'")
     assert rayjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     assert not crd_errors(rayjob)
 
@@ -471,7 +475,7 @@ def test_no_cluster_shutdown_drops_ttl() -> None:
     assert "ttlSecondsAfterFinished" not in spec  # KubeRay rejects a TTL without shutdown
 
 
-@pytest.mark.parametrize("mode", ["SidecarMode", "HTTPMode"])
+@pytest.mark.parametrize("mode", ["SidecarMode", "HTTPMode", "InteractiveMode"])
 def test_other_submission_modes_have_no_submitter_pod(mode: str, crd_file: Path) -> None:
     rayjob = one(render("rlhf-rm", sets=(f"job.submissionMode={mode}",)), "RayJob")
     assert rayjob["spec"]["submissionMode"] == mode
@@ -493,7 +497,10 @@ def test_notes_tell_how_to_watch_and_read_logs() -> None:
     out = helm("install", "rlhf-sft", str(CHART), "--dry-run=client", "--namespace", "ml")
     notes = out.split("NOTES:", 1)[1]
     assert "kubectl get rayjob rlhf-sft -n ml -w" in notes
-    assert "kubectl logs -n ml -f job/rlhf-sft" in notes
+    assert "ray job logs --follow $(kubectl get rayjob rlhf-sft -n ml -o jsonpath='{.status.jobId}')" in notes
+    k8s_job = helm("install", "rlhf-sft", str(CHART), "--dry-run=client", "--namespace", "ml",
+                   "--set", "job.submissionMode=K8sJobMode").split("NOTES:", 1)[1]
+    assert "kubectl logs -n ml -f job/rlhf-sft" in k8s_job
     assert "helm install rlhf-rm ./helm -n ml --set run=default" in notes
 
 
@@ -600,3 +607,102 @@ def test_crd_validation_catches_mistakes(crd_file: Path) -> None:
     assert "metadata.name: 'Bad_Name' does not match" in errors
     assert "spec.accessModes.0: 'RWX' is not one of" in errors
     assert "spec.resources.requests.storage: 'lots' does not match" in errors
+
+
+# ---- issue 18: faults a real cluster would trip on ---------------------------------------------------
+
+
+def make_dry_run(*args: str) -> str:
+    """The commands a make target would run (`make -n`), with this repo's Makefile."""
+    import subprocess
+
+    result = subprocess.run(["make", "-n", "-C", str(REPO), *args], capture_output=True, text=True, check=True)
+    return result.stdout
+
+
+def test_trainer_entrypoint_restarts_on_a_changed_config_by_default() -> None:
+    """Fault 2: on the PVC, `<run>/work/<stage>` of an older config must be moved aside, not resumed."""
+    for stage in STAGES:
+        entrypoint = one(render(f"rlhf-{stage}"), "RayJob")["spec"]["entrypoint"]
+        assert entrypoint == f"rlhf-jobs train {stage} --config_path {CONFIG_PATH} --on-config-change restart"
+    refuse = one(render("rlhf-sft", sets=("job.onConfigChange=refuse",)), "RayJob")["spec"]["entrypoint"]
+    assert refuse.endswith("--on-config-change refuse")
+    assert "value must be one of 'refuse', 'restart'" in render_error("rlhf-sft", sets=("job.onConfigChange=keep",))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_gpu_scenario_runs_the_gpu_image_that_make_images_builds(stage: str) -> None:
+    """Fault 3: gpu-values.yaml ran the CPU image; it must run what `make images VARIANT=gpu` tags."""
+    build = make_dry_run("-f", "images/images.mk", "images", "VARIANT=gpu", "BASE_IMAGE=x")
+    built = build.split(" -t ", 1)[1].split()[0]
+    assert built == f"rlhf-jobs:{CHART_META['appVersion']}-gpu"
+    objects = rendered(stage, CHART / "ci" / "gpu-values.yaml")
+    for group, template in pod_templates(one(objects, "RayJob")).items():
+        assert template["spec"]["containers"][0]["image"] == built, group
+    # `make deploy-* HELM_VALUES=helm/ci/gpu-values.yaml` sets image.tag; the variant still applies.
+    objects = render("rlhf-sft", (CHART / "ci" / "gpu-values.yaml",), ("image.tag=0.2.0",))
+    assert pod_templates(one(objects, "RayJob"))["head"]["spec"]["containers"][0]["image"] == "rlhf-jobs:0.2.0-gpu"
+
+
+@pytest.mark.parametrize("run", ["default", "exp1"])
+@pytest.mark.parametrize("stage", STAGES)
+def test_make_deploy_names_releases_like_the_submitter(stage: str, run: str) -> None:
+    """Fault 4: `make deploy-sft RUN=exp1` and `make pipeline RUN=exp1` must manage the same release."""
+    from rlhf_jobs.backends.helm import release_name
+
+    commands = make_dry_run(f"deploy-{stage}", f"RUN={run}")
+    helm_line = next(line for line in commands.splitlines() if "upgrade --install" in line)
+    assert helm_line.split("upgrade --install ", 1)[1].split()[0] == release_name(stage, run)
+
+
+def kuberay_head_service_selector(service: str, rayjob: dict, cluster: str) -> dict[str, str]:
+    """The selector KubeRay 1.7.0 gives a head Service (common/service.go BuildServiceForHeadPod): its default
+    head labels, each overridden by the head pod's label of that key. The RayCluster controller passes the
+    head pod template's labels; the RayJob controller's own `<rayjob>-head-svc` passes none."""
+    defaults = {"ray.io/cluster": cluster, "ray.io/node-type": "head", "ray.io/identifier": f"{cluster}-head",
+                "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator"}
+    if service == f"{cluster}-head-svc":
+        labels = pod_templates(rayjob)["head"]["metadata"]["labels"]
+        return {key: labels.get(key, value) for key, value in defaults.items()}
+    assert service == f"{rayjob['metadata']['name']}-head-svc", service
+    return defaults
+
+
+def test_port_forward_in_notes_selects_the_head_pod() -> None:
+    """Fault 5: NOTES.txt's port-forward must name a Service whose selector matches the head pod."""
+    import re
+
+    out = helm("install", "rlhf-sft", str(CHART), "--dry-run=client", "--namespace", "ml")
+    notes = out.split("NOTES:", 1)[1]
+    rayjob = one(render("rlhf-sft", namespace="ml"), "RayJob")
+    cluster = "rlhf-sft-x7k2p"  # status.rayClusterName: the RayJob's name plus a random suffix
+    line = next(line for line in notes.splitlines() if "kubectl port-forward" in line)
+    service = re.search(r"svc/(.+?-head-svc)", line).group(1)
+    service = service.replace("$(kubectl get rayjob rlhf-sft -n ml -o jsonpath='{.status.rayClusterName}')", cluster)
+    head_pod = {**pod_templates(rayjob)["head"]["metadata"]["labels"], "ray.io/cluster": cluster,
+                "ray.io/node-type": "head", "ray.io/identifier": f"{cluster}-head",
+                "app.kubernetes.io/created-by": "kuberay-operator"}
+    selector = kuberay_head_service_selector(service, rayjob, cluster)
+    assert selector.items() <= head_pod.items(), f"{service} selects {selector}; the head pod has {head_pod}"
+    assert "rayClusterName" in line
+
+
+@pytest.mark.parametrize("mode", ["K8sJobMode", "HTTPMode"])
+def test_submitter_mounts_neither_the_pvc_nor_the_config(mode: str) -> None:
+    """Risk: a ReadWriteOnce PVC mounted by a submitter pod on another node is a Multi-Attach error."""
+    rayjob = one(render("rlhf-sft", sets=(f"job.submissionMode={mode}",)), "RayJob")
+    submitter = rayjob["spec"].get("submitterPodTemplate")
+    if mode == "HTTPMode":
+        assert submitter is None
+        return
+    spec = submitter["spec"]
+    assert "volumes" not in spec and "volumeMounts" not in spec["containers"][0], dumps(spec)
+
+
+def test_long_runs_default_to_http_mode() -> None:
+    """Long runs: HTTPMode has no `ray job logs --follow` stream whose drop fails a running job (KubeRay #4921)."""
+    spec = one(render("rlhf-sft"), "RayJob")["spec"]
+    assert spec["submissionMode"] == "HTTPMode"
+    assert "submitterPodTemplate" not in spec and "submitterConfig" not in spec
+    gpu = one(rendered("sft", CHART / "ci" / "gpu-values.yaml"), "RayJob")["spec"]
+    assert gpu["submissionMode"] == "HTTPMode" and gpu["backoffLimit"] >= 1

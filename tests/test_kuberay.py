@@ -180,8 +180,8 @@ def make_backend(runs: dict[str, list[list[Any]]], core: FakeCore | None = None,
     fake = Clients(custom=custom, core=core or FakeCore(), apiext=clients.get("apiext", FakeApiext()),
                    authz=clients.get("authz", FakeAuthz()))
     helm = FakeHelm(custom, runs)
-    backend = KubeRayBackend(fake, helm, NS, "default", watch=WatchSettings(poll_seconds=5, initializing_timeout=600, deadline=3600),
-                             sleep=clock.sleep, clock=clock)
+    settings = WatchSettings(poll_seconds=5, initializing_timeout=600, deadline=3600)
+    backend = KubeRayBackend(fake, helm, NS, "default", watch=settings, sleep=clock.sleep, clock=clock)
     return backend, helm, fake, clock
 
 
@@ -438,3 +438,24 @@ def test_failed_stage_message_has_the_driver_output_from_the_dashboard() -> None
     backend, _, _, _ = make_backend({"sft": [[failed]], "rm": [], "ppo": []})
     with pytest.raises(StageFailed, match=r"(?s)job rlhf-sft-abc driver output.*ValueError: the driver failed"):
         run_pipeline(backend, PipelineOptions(stages=["sft"], check_paths=False))
+
+
+def test_every_stage_installs_with_on_config_change_restart() -> None:
+    """Fault 2: the pipeline's trainers move Ray checkpoints of another config aside instead of resuming them,
+    whatever the user's values say (the chart's job.onConfigChange)."""
+    backend, helm, _, _ = make_backend({s: [list(SUCCESS)] for s in ("sft", "rm", "ppo")})
+    run_pipeline(backend, PipelineOptions(check_paths=False))
+    assert all('job.onConfigChange="restart"' in sets for sets in helm.install_sets), helm.install_sets
+
+
+def test_from_stage_replaces_a_running_rayjob_of_the_same_config() -> None:
+    """Fault 2: reset_stage was a no-op; a forced stage must get a new RayJob, not the running one."""
+    backend, helm, fake, _ = make_backend({"sft": [list(SUCCESS)], "rm": [], "ppo": []})
+    helm.upgrade_install("rlhf-sft", NS, "default", sets=backend.sets("sft"))
+    fake.custom.sequences["rlhf-sft"] = [status("Running", "RUNNING")]
+    options = PipelineOptions(stages=["sft"], check_paths=False, from_stage="sft")
+    interrupted_record(backend, options)
+    helm.installs.clear()
+    helm.runs["sft"] = [list(SUCCESS)]
+    run_pipeline(backend, options)
+    assert fake.custom.deleted == ["rlhf-sft"] and helm.installs == ["rlhf-sft"]

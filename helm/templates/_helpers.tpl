@@ -66,7 +66,9 @@ rlhf-jobs.io/run: {{ .Values.run | quote }}
 The image reference.
 */}}
 {{- define "rlhf-jobs.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- $tag := toString (default .Chart.AppVersion .Values.image.tag) }}
+{{- if eq .Values.image.variant "gpu" }}{{ $tag = printf "%s-gpu" $tag }}{{ end }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
 {{- end }}
 
 {{/*

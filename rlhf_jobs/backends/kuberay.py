@@ -51,7 +51,7 @@ OPERATOR_HINT = (
     "helm install kuberay-operator kuberay/kuberay-operator --version 1.7.0 -n kuberay-system --create-namespace"
 )
 # What the pipeline sets in every stage's release, whatever the user's values say.
-PIPELINE_SETS: tuple[str, ...] = ()
+PIPELINE_SETS = ("job.onConfigChange=restart",)
 # RBAC the submitter needs in the namespace (k8s/rbac.yaml grants it): (API group, resource[/subresource], verb).
 NEEDED_PERMISSIONS = (
     ("ray.io", "rayjobs", "create"), ("ray.io", "rayjobs", "get"), ("ray.io", "rayjobs", "delete"),
