@@ -116,6 +116,10 @@ deploy-rm: ## Install the reward-model stage's RayJob (release rlhf-[RUN-]rm; af
 deploy-ppo: ## Install the PPO stage's RayJob (release rlhf-[RUN-]ppo; reads the SFT and RM checkpoints)
 	$(call deploy_stage,ppo)
 
+.PHONY: schema
+schema: venv ## Regenerate the stage-config part of helm/values.schema.json from rlhf_jobs/config.py
+	$(BIN)/python -m rlhf_jobs.backends.chart_schema
+
 .PHONY: lint-chart
 lint-chart: ## helm lint --strict the chart for each stage
 	for s in sft rm ppo; do $(HELM) lint --strict ./helm --set stage=$$s || exit 1; done

@@ -512,7 +512,7 @@ def test_notes_tell_how_to_watch_and_read_logs() -> None:
     [
         (("stage=dpo",), "at '/stage': value must be one of '', 'sft', 'rm', 'ppo'"),
         (("configs.sft.Training.num_training_workers=-1",),
-         "at '/configs/sft/Training/num_training_workers': minimum: got -1, want 1"),
+         "at '/configs/sft/Training/num_training_workers': exclusiveMinimum: got -1, want 0"),
         (("configs.sft.Training.num_training_workers=two",),
          "at '/configs/sft/Training/num_training_workers': got string, want integer"),
         (("configs.rm.Training.resources_per_worker.CPU=0",),
@@ -568,15 +568,84 @@ def test_rendered_config_passes_the_trainer_validator(stage: str, scenario: Path
 
 
 def test_trainer_rejects_what_the_chart_cannot_know(tmp_path: Path) -> None:
-    """The chart schema checks what the chart uses; the rest (e.g. unknown trainer keys) is the trainers'.
-    Both run before anything is scheduled: a bad key fails `rlhf-jobs check-config` on the rendered file."""
+    """The generated schema checks every key and type; rules across keys (warmup_ratio or warmup_steps, not both)
+    are the trainers'. Both run before anything is scheduled: `rlhf-jobs check-config` on the rendered file."""
     config_module = pytest.importorskip("rlhf_jobs.config")
     path = tmp_path / "config.yaml"
-    objects = render("rlhf-sft", sets=("configs.sft.Training.epoch=3",))
+    objects = render("rlhf-sft", sets=("configs.sft.Training.warmup_steps=3",))  # the default has warmup_ratio
     path.write_text(one(objects, "ConfigMap")["data"]["config.yaml"])
-    expected = r"Training\.epoch: unknown key; did you mean 'Training\.epochs'"
-    with pytest.raises(config_module.ConfigError, match=expected):
+    with pytest.raises(config_module.ConfigError, match="set warmup_ratio or warmup_steps, not both"):
         config_module.load_config(path, "sft", check_paths=False)
+
+
+# ---- issue 12/17: the stage-config schema is generated from the config models ----------------------
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (("configs.sft.Training.batch_size=-1",), "at '/configs/sft/Training/batch_size': exclusiveMinimum"),
+        (("configs.sft.Training.learning_rat=1e-4",),
+         "at '/configs/sft/Training': additional properties 'learning_rat' not allowed"),
+        (("configs.sft.Training.epochs=two",), "at '/configs/sft/Training/epochs': got string, want integer"),
+        (("configs.rm.Dataset.prompt_format=markdown",), "at '/configs/rm/Dataset/prompt_format'"),
+        (("configs.ppo.Training.kl_estimator=k2",), "at '/configs/ppo/Training/kl_estimator'"),
+        (("configs.ppo.Training.gamma=2",), "at '/configs/ppo/Training/gamma'"),
+        (("configs.ppo.General.rm_name=null",), "at '/configs/ppo/General': missing property 'rm_name'"),
+        (("configs.sft.Genral.base_model=x",), "additional properties 'Genral' not allowed"),
+    ],
+    ids=lambda value: value[0] if isinstance(value, tuple) else None,
+)
+def test_bad_training_configs_fail_at_template_time(sets: tuple[str, ...], message: str) -> None:
+    """Issue 17: `helm template` rendered batch_size -1, learning_rat and epochs "two" without a word."""
+    error = render_error("rlhf-sft", sets=sets)
+    assert "values don't meet the specifications of the schema" in error
+    assert message in error, error
+
+
+def test_chart_filled_paths_may_be_empty_or_null_and_numbers_may_be_strings() -> None:
+    """What the chart allows, the schema allows: `output_dir: ""` and null are filled in; `--set x=0.5` is a string."""
+    objects = render("rlhf-ppo", sets=("configs.ppo.General.output_dir=null", "configs.ppo.General.model_pretrain=",
+                                       "configs.ppo.Training.learning_rate=2e-5"))
+    general = stage_config(objects)["General"]
+    assert general["output_dir"].endswith("/work/ppo") and general["model_pretrain"].endswith("/sft")
+
+
+def test_values_schema_is_generated_from_the_config_models(tmp_path: Path) -> None:
+    """`make schema` leaves the committed file unchanged; a stale file (a config key the models lack) is found."""
+    from rlhf_jobs.backends import chart_schema
+    from rlhf_jobs.config import CONFIG_TYPES
+
+    assert chart_schema.main(["--check"]) == 0, "helm/values.schema.json is stale: run `make schema`"
+    stale = yaml.safe_load((CHART / "values.schema.json").read_text())
+    training = stale["$defs"]["config.PPOTraining"]["properties"]
+    training["kl_coef"] = training.pop("kl_coeff")
+    path = tmp_path / "values.schema.json"
+    path.write_text(chart_schema.render(stale))
+    assert chart_schema.main(["--check", "--schema", str(path)]) == 1
+    schema = yaml.safe_load((CHART / "values.schema.json").read_text())
+    # Every field of every stage's config is in the schema, under the names the trainers read.
+    for stage, config_type in CONFIG_TYPES.items():
+        for section, info in config_type.model_fields.items():
+            if section == "stage":
+                continue
+            (ref,) = {v["$ref"] for k, v in _properties(schema, f"config.{stage}").items() if k == section}
+            fields = _properties(schema, ref.rsplit("/", 1)[1])
+            assert set(fields) == set(info.annotation.model_fields), (stage, section)
+
+
+def _properties(schema: dict, name: str) -> dict:
+    definition = schema["$defs"][name]
+    return {key: _ref_of(value) for key, value in definition["properties"].items()}
+
+
+def _ref_of(value: dict) -> dict:
+    if "$ref" in value:
+        return value
+    for option in value.get("anyOf", []) + value.get("allOf", []):
+        if "$ref" in option:
+            return option
+    return value
 
 
 def test_default_data_paths_exist_in_the_repo() -> None:
@@ -706,3 +775,23 @@ def test_long_runs_default_to_http_mode() -> None:
     assert "submitterPodTemplate" not in spec and "submitterConfig" not in spec
     gpu = one(rendered("sft", CHART / "ci" / "gpu-values.yaml"), "RayJob")["spec"]
     assert gpu["submissionMode"] == "HTTPMode" and gpu["backoffLimit"] >= 1
+
+
+# ---- issue 11 item 5: the chart's stage configs are configs/local's, outside resources and paths ------
+
+# Keys that may differ between a laptop's config and the chart's: where files are, and what each worker gets.
+MAY_DIFFER = {"General": None, "Dataset": {"train_file", "validation_file"},
+              "Training": {"num_training_workers", "resources_per_worker"}}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_chart_configs_equal_configs_local_outside_resources_and_paths(stage: str) -> None:
+    local = yaml.safe_load((REPO / "configs" / "local" / f"{stage}.yaml").read_text())
+    chart = DEFAULTS["configs"][stage]
+    for section, allowed in MAY_DIFFER.items():
+        if allowed is None:
+            continue
+        mine = {k: v for k, v in chart.get(section, {}).items() if k not in allowed}
+        theirs = {k: v for k, v in local.get(section, {}).items() if k not in allowed}
+        assert mine == theirs, f"configs.{stage}.{section} in helm/values.yaml drifted from configs/local/{stage}.yaml"
+    assert set(chart) == set(local)
