@@ -795,3 +795,102 @@ def test_chart_configs_equal_configs_local_outside_resources_and_paths(stage: st
         theirs = {k: v for k, v in local.get(section, {}).items() if k not in allowed}
         assert mine == theirs, f"configs.{stage}.{section} in helm/values.yaml drifted from configs/local/{stage}.yaml"
     assert set(chart) == set(local)
+
+
+# ---- issue 16 (chart side): object storage, credentials, trackers, preemption -------------------------
+
+
+def _containers(objects: list[dict]) -> dict[str, dict]:
+    templates = pod_templates(one(objects, "RayJob"))
+    return {group: template["spec"]["containers"][0] for group, template in templates.items()}
+
+
+def test_remote_storage_fills_paths_there_and_needs_no_pvc(crd_file: Path) -> None:
+    sets = ("run=exp3", "storage.remote=s3://bucket/rlhf/", "storage.credentialsSecret=s3-creds",
+            "storage.endpointURL=http://minio.minio:9000", "storage.region=eu-west-1")
+    for stage in STAGES:
+        objects = render(f"rlhf-{stage}", sets=sets)
+        assert "PersistentVolumeClaim" not in by_kind(objects), stage
+        general = stage_config(objects)["General"]
+        assert general["checkpoint_dir"] == f"s3://bucket/rlhf/exp3/{stage}"
+        assert general["output_dir"] == f"s3://bucket/rlhf/exp3/work/{stage}"
+        if stage == "ppo":
+            assert (general["model_pretrain"], general["rm_pretrain"]) == ("s3://bucket/rlhf/exp3/sft",
+                                                                           "s3://bucket/rlhf/exp3/rm")
+        for group, template in pod_templates(one(objects, "RayJob")).items():
+            assert "checkpoints" not in {v["name"] for v in template["spec"]["volumes"]}, group
+            container = template["spec"]["containers"][0]
+            assert {"secretRef": {"name": "s3-creds"}} in container["envFrom"], group
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            assert env["AWS_ENDPOINT_URL"] == "http://minio.minio:9000" and env["AWS_REGION"] == "eu-west-1"
+        configmap = one(objects, "ConfigMap")["data"]["config.yaml"]
+        assert "AWS_" not in configmap and "s3-creds" not in configmap, "credentials never go into the ConfigMap"
+        assert not crd_errors(one(objects, "RayJob"))
+    set_args = [arg for item in sets for arg in ("--set", item)]
+    assert "no PVC" in helm("install", "rlhf-sft", str(CHART), "--dry-run=client", *set_args)
+    # An existing claim may still be mounted (e.g. datasets on a volume) beside remote checkpoints.
+    objects = render("rlhf-sft", sets=(*sets, "storage.existingClaim=data"))
+    assert "checkpoints" in {v["name"] for v in pod_templates(one(objects, "RayJob"))["head"]["spec"]["volumes"]}
+
+
+def test_trackers_from_values_and_secrets(crd_file: Path) -> None:
+    objects = render("rlhf-rm", sets=(
+        "tracking.mlflow.trackingURI=http://mlflow.mlflow:5000", "tracking.mlflow.experimentName=rlhf",
+        "tracking.mlflow.credentialsSecret=mlflow-creds", "tracking.wandb.project=rlhf", "tracking.wandb.entity=team",
+        "tracking.wandb.mode=offline", "tracking.wandb.apiKeySecret=wandb-key", "envFrom[0].secretRef.name=hf-token"))
+    for group, container in _containers(objects).items():
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.mlflow:5000" and env["MLFLOW_EXPERIMENT_NAME"] == "rlhf"
+        assert (env["WANDB_PROJECT"], env["WANDB_ENTITY"], env["WANDB_MODE"]) == ("rlhf", "team", "offline")
+        assert [f["secretRef"]["name"] for f in container["envFrom"]] == ["mlflow-creds", "wandb-key", "hf-token"]
+        assert "WANDB_API_KEY" not in env and "MLFLOW_TRACKING_PASSWORD" not in env, group
+    # None of it by default.
+    for container in _containers(render("rlhf-rm")).values():
+        assert not {e["name"] for e in container["env"]} & {"MLFLOW_TRACKING_URI", "WANDB_PROJECT", "AWS_REGION"}
+        assert "envFrom" not in container
+    assert not crd_errors(one(objects, "RayJob"))
+    assert "at '/tracking/wandb/mode'" in render_error("rlhf-rm", sets=("tracking.wandb.mode=sometimes",))
+
+
+def test_preemption_grace_period_and_drain_on_stop(crd_file: Path) -> None:
+    objects = render("rlhf-ppo", sets=("preemption.terminationGracePeriodSeconds=900",))
+    templates = pod_templates(one(objects, "RayJob"))
+    assert templates["head"]["spec"]["terminationGracePeriodSeconds"] == 900
+    assert templates["worker"]["spec"]["terminationGracePeriodSeconds"] == 900
+    command = templates["worker"]["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[:2] == ["/bin/bash", "-c"]
+    assert "ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION" in command[2]
+    assert "--deadline-remaining-seconds 900" in command[2] and "$(seq 890)" in command[2]
+    assert "lifecycle" not in templates["head"]["spec"]["containers"][0]
+    assert not crd_errors(one(objects, "RayJob"))
+    default = pod_templates(one(render("rlhf-ppo"), "RayJob"))["worker"]["spec"]
+    assert default["terminationGracePeriodSeconds"] == DEFAULTS["preemption"]["terminationGracePeriodSeconds"] > 30
+    off = pod_templates(one(render("rlhf-ppo", sets=("preemption.drainOnStop=false",)), "RayJob"))["worker"]
+    assert "lifecycle" not in off["spec"]["containers"][0]
+    assert "minimum: got 10, want 30" in render_error("rlhf-ppo", sets=("preemption.terminationGracePeriodSeconds=10",))
+
+
+def test_drain_on_stop_script_is_valid_bash(tmp_path: Path) -> None:
+    """The preStop script parses, and returns at once where no training worker runs (a finished job's cluster)."""
+    import subprocess
+    import time
+
+    command = pod_templates(one(render("rlhf-sft"), "RayJob"))["worker"]["spec"]["containers"][0]["lifecycle"]
+    script = command["preStop"]["exec"]["command"][2]
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "ray").write_text("#!/bin/sh\necho \"$@\" > \"$RAY_ARGS\"\n")
+    (fake_bin / "ray").chmod(0o755)
+    # pgrep: training workers run for the first two polls, then they are gone (checkpoint written, exited).
+    (fake_bin / "pgrep").write_text('#!/bin/sh\nn=$(cat "$POLLS" 2>/dev/null || echo 0); echo $((n+1)) > "$POLLS"\n'
+                                    '[ "$1 $2" = "-f [R]ayTrainWorker" ] && [ "$n" -lt 2 ]\n')
+    (fake_bin / "pgrep").chmod(0o755)
+    started = time.monotonic()
+    env = {"PATH": f"{fake_bin}:/usr/bin:/bin", "RAY_ARGS": str(tmp_path / "args"), "HOSTNAME": "w-1",
+           "POLLS": str(tmp_path / "polls")}
+    subprocess.run(["/bin/bash", "-n", "-c", script], check=True)
+    subprocess.run(["/bin/bash", "-c", script], check=True, env=env, timeout=30)
+    assert 1.5 < time.monotonic() - started < 6
+    assert (tmp_path / "polls").read_text().strip() == "3"
+    assert "drain-node --reason DRAIN_NODE_REASON_PREEMPTION --reason-message pod w-1 is terminating" in (
+        tmp_path / "args").read_text()
