@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -87,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--values", action="append", default=[], help="extra Helm values file (repeatable)")
     cluster.add_argument("--chart", default=None, help="path of the Helm chart (default: the repo's helm/)")
     cluster.add_argument("--timeout", type=float, default=6 * 3600, help="whole-pipeline timeout in seconds")
+    cluster.add_argument("--in-cluster", action="store_true",
+                         help="run the pipeline as a Job in the cluster (ServiceAccount of k8s/rbac.yaml) and return; "
+                              "the same command again resumes it")
+    cluster.add_argument("--image", default=None,
+                         help="image of the --in-cluster runner (default: rlhf-jobs:<version>; it carries helm)")
     cluster.add_argument("--dry-run", action="store_true",
                          help="print the manifests of every stage and exit (needs helm, no cluster)")
 
@@ -128,7 +134,7 @@ def run_local_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_kuberay_pipeline(args: argparse.Namespace, clients=None) -> int:
+def run_kuberay_pipeline(args: argparse.Namespace, clients=None, helm=None, sleep=time.sleep) -> int:
     """`rlhf-jobs pipeline --backend kuberay`: the stages as RayJobs, chained, recorded in a ConfigMap."""
     from rlhf_jobs.backends.helm import Helm, HelmError
     from rlhf_jobs.backends.kube import Clients, ClusterUnavailable
@@ -136,10 +142,14 @@ def run_kuberay_pipeline(args: argparse.Namespace, clients=None) -> int:
     from rlhf_jobs.backends.rayjob import StageFailed, WatchSettings
     from rlhf_jobs.pipeline import PipelineOptions, parse_stages, run_pipeline
 
-    helm = Helm(args.chart)
-    helm.check_version()  # --dry-run needs no cluster, but it renders with helm
+    helm = helm or Helm(args.chart)
     options = PipelineOptions(stages=parse_stages(args.stages), overrides=args.overrides,
                               from_stage=args.from_stage, check_paths=False)
+    if args.in_cluster:
+        if shutil.which(helm.binary):  # bad values fail here, before the runner Job exists
+            KubeRayBackend(None, helm, args.namespace, args.run, args.values).stage_configs(options)
+        return start_runner(args, clients)
+    helm.check_version()  # --dry-run needs no cluster, but it renders with helm
     if args.dry_run:
         import yaml
 
@@ -152,7 +162,7 @@ def run_kuberay_pipeline(args: argparse.Namespace, clients=None) -> int:
     deadline = time.monotonic() + args.timeout
     try:
         backend = KubeRayBackend(clients or Clients.from_environment(), helm, args.namespace, args.run, args.values,
-                                 watch=WatchSettings(deadline=deadline))
+                                 watch=WatchSettings(deadline=deadline), sleep=sleep)
         backend.preflight()
         print(f"pipeline run {args.run!r} in namespace {args.namespace} (record: ConfigMap {backend.record_name})")
         run_pipeline(backend, options)
@@ -167,17 +177,50 @@ def run_kuberay_pipeline(args: argparse.Namespace, clients=None) -> int:
     return 0
 
 
+def start_runner(args: argparse.Namespace, clients=None) -> int:
+    """`pipeline --backend kuberay --in-cluster`: the same pipeline command, run by a Job in the cluster."""
+    from importlib.metadata import version
+
+    import yaml
+
+    from rlhf_jobs.backends import runner
+    from rlhf_jobs.backends.kube import Clients
+
+    extra = ["--stages", args.stages, "--timeout", str(int(args.timeout))]
+    extra += [arg for item in args.overrides for arg in ("--set", item)]
+    if args.from_stage:
+        extra += ["--from-stage", args.from_stage]
+    values = {path: Path(path).read_text() for path in args.values}
+    image = args.image or f"rlhf-jobs:{version('rlhf-jobs')}"
+    objects = runner.manifests(args.namespace, args.run, image, values, extra)
+    if args.dry_run:
+        for manifest in objects:
+            sys.stdout.write("---\n" + yaml.safe_dump(manifest, sort_keys=False))
+        return 0
+    name = runner.submit(clients or Clients.from_environment(), objects)
+    print(f"pipeline run {args.run!r} started in the cluster as Job {args.namespace}/{name} ({image})\n"
+          f"  follow : kubectl logs -n {args.namespace} -f job/{name}\n"
+          f"  status : rlhf-jobs status --namespace {args.namespace} --run {args.run}\n"
+          f"  resume : the same command again, once the Job has ended")
+    return 0
+
+
 def show_status(args: argparse.Namespace, clients=None) -> int:
     """`rlhf-jobs status`: a KubeRay run's record, from wherever a kubeconfig (or in-cluster config) reaches."""
+    from rlhf_jobs.backends import runner
     from rlhf_jobs.backends.helm import Helm
     from rlhf_jobs.backends.kube import Clients
     from rlhf_jobs.backends.kuberay import KubeRayBackend, status_table
 
-    backend = KubeRayBackend(clients or Clients.from_environment(), Helm(), args.namespace, args.run)
+    clients = clients or Clients.from_environment()
+    backend = KubeRayBackend(clients, Helm(), args.namespace, args.run)
     record = backend.load_record()
+    job = runner.read_job(clients, args.namespace, args.run) if clients.batch is not None else None
+    if job is not None:
+        print(f"runner Job {runner.runner_name(args.run)}: {runner.job_state(job)}")
     if not record:
-        print(f"no pipeline run {args.run!r} in namespace {args.namespace}")
-        return 1
+        print(f"no pipeline run {args.run!r} in namespace {args.namespace}" + (" yet" if job is not None else ""))
+        return 0 if job is not None else 1
     print(status_table(args.run, args.namespace, record))
     return 0
 

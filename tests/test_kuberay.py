@@ -141,8 +141,13 @@ class FakeHelm:
     """Renders a minimal RayJob + ConfigMap per stage, the RayJob annotated with the config's hash as the chart
     does; `upgrade_install` makes the RayJob appear with the next recorded status sequence of its stage."""
 
+    binary = "helm"
+
     def __init__(self, custom: FakeCustom, runs: dict[str, list[list[Any]]]) -> None:
         self.custom, self.runs, self.installs, self.install_sets = custom, runs, [], []
+
+    def check_version(self) -> None:
+        pass
 
     def template(self, release, namespace, run, values=(), sets=()):
         stage = release.rsplit("-", 1)[1]
@@ -344,7 +349,7 @@ def test_preflight_reports_every_problem_before_creating_anything() -> None:
 def test_cli_reports_preflight_failure_and_exits_nonzero(capsys) -> None:
     backend, _, _, _ = make_backend({}, apiext=FakeApiext(installed=False))
     args = argparse.Namespace(chart=None, stages="sft,rm,ppo", overrides=[], from_stage=None, dry_run=False,
-                              namespace=NS, run="default", values=[], timeout=60)
+                              namespace=NS, run="default", values=[], timeout=60, in_cluster=False, image=None)
     assert run_kuberay_pipeline(args, clients=backend.clients) == 1
     assert "KubeRay CRD rayjobs.ray.io is not installed" in capsys.readouterr().err
 
@@ -459,3 +464,148 @@ def test_from_stage_replaces_a_running_rayjob_of_the_same_config() -> None:
     helm.runs["sft"] = [list(SUCCESS)]
     run_pipeline(backend, options)
     assert fake.custom.deleted == ["rlhf-sft"] and helm.installs == ["rlhf-sft"]
+
+
+# ---- issue 18: the pipeline runner in the cluster -------------------------------------------------------
+
+
+class FakeBatch:
+    def __init__(self) -> None:
+        self.jobs: dict[str, dict] = {}
+        self.created: list[str] = []
+
+    def read_namespaced_job(self, name, namespace):
+        if name not in self.jobs:
+            raise ApiException(status=404, reason="Not Found")
+        return self.jobs[name]
+
+    def delete_namespaced_job(self, name, namespace, propagation_policy=None):
+        if self.jobs.pop(name, None) is None:
+            raise ApiException(status=404, reason="Not Found")
+
+    def create_namespaced_job(self, namespace, body):
+        self.created.append(body["metadata"]["name"])
+        self.jobs[body["metadata"]["name"]] = {**body, "status": {"active": 1}}
+
+
+class FakeCoreWithAccounts(FakeCore):
+    def __init__(self, accounts=("rlhf-submitter",), **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.accounts = set(accounts)
+
+    def read_namespaced_service_account(self, name, namespace):
+        if name not in self.accounts:
+            raise ApiException(status=404, reason="Not Found")
+        return {"metadata": {"name": name}}
+
+
+def test_in_cluster_config_is_what_a_pod_uses(tmp_path, monkeypatch) -> None:
+    """Inside the runner pod: the ServiceAccount token and the API server from the environment, no kubeconfig."""
+    from kubernetes.config import incluster_config
+
+    token, cert = tmp_path / "token", tmp_path / "ca.crt"
+    token.write_text("sa-token-123")
+    cert.write_text("-----BEGIN CERTIFICATE-----\n")
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(token))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(cert))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))
+    clients = Clients.from_environment()
+    configuration = clients.core.api_client.configuration
+    assert configuration.host == "https://10.96.0.1:443"
+    assert configuration.api_key["BearerToken"] == "bearer sa-token-123"
+    assert clients.batch is not None
+
+
+def test_runner_job_runs_the_pipeline_and_a_reapply_resumes(tmp_path, capsys) -> None:
+    """The runner's command is the pipeline command: parsed as the pod parses it, it runs the three stages against
+    the API (the fake here); the same `--in-cluster` command again replaces the finished Job, and its pipeline
+    skips what finished."""
+    from rlhf_jobs.cli import build_parser
+
+    values = tmp_path / "my-values.yaml"
+    values.write_text("configs: {sft: {Training: {epochs: 1}}}\n")
+    _backend, helm, fake, _ = make_backend({s: [list(SUCCESS)] for s in ("sft", "rm", "ppo")},
+                                          core=FakeCoreWithAccounts())
+    fake.batch = FakeBatch()
+    cli = ["pipeline", "--backend", "kuberay", "--namespace", NS, "--run", "exp1", "--in-cluster",
+           "--image", "registry.example/rlhf-jobs:0.1.0", "--values", str(values), "--set", "rm.Training.epochs=2"]
+    args = build_parser().parse_args(cli)
+    assert run_kuberay_pipeline(args, clients=fake, helm=helm) == 0
+    assert fake.batch.created == ["rlhf-exp1-runner"]
+    job = fake.batch.jobs["rlhf-exp1-runner"]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "rlhf-submitter" and pod["automountServiceAccountToken"] is True
+    (container,) = pod["containers"]
+    assert container["image"] == "registry.example/rlhf-jobs:0.1.0"
+    command = container["command"]
+    assert command[:8] == ["rlhf-jobs", "pipeline", "--backend", "kuberay", "--namespace", NS, "--run", "exp1"]
+    assert fake.core.config_maps["rlhf-exp1-runner"]["data"] == {"values-0.yaml": values.read_text()}
+    assert "--in-cluster" not in command
+
+    # In the pod: the same pipeline, against the API.
+    pod_args = build_parser().parse_args(command[1:])
+    assert pod_args.values == ["/etc/rlhf-runner/values-0.yaml"] and pod_args.overrides == ["rm.Training.epochs=2"]
+    assert run_kuberay_pipeline(pod_args, clients=fake, helm=helm, sleep=lambda s: None) == 0
+    record = json.loads(fake.core.config_maps["rlhf-exp1-pipeline"]["data"]["record.json"])
+    assert {s: e["status"] for s, e in record["stages"].items()} == dict.fromkeys(("sft", "rm", "ppo"), "succeeded")
+
+    # A second start while it runs is refused; once it ended, the same command replaces it and resumes.
+    assert main_with(fake, helm, cli) == 2
+    assert "is still running" in capsys.readouterr().err
+    fake.batch.jobs["rlhf-exp1-runner"]["status"] = {"succeeded": 1, "conditions": [
+        {"type": "Complete", "status": "True"}]}
+    assert run_kuberay_pipeline(args, clients=fake, helm=helm) == 0
+    assert fake.batch.created == ["rlhf-exp1-runner", "rlhf-exp1-runner"]
+    helm.installs.clear()
+    assert run_kuberay_pipeline(pod_args, clients=fake, helm=helm, sleep=lambda s: None) == 0
+    assert helm.installs == [], "the re-applied runner skips the finished stages"
+    assert "== sft: skip" in capsys.readouterr().out
+
+    # `rlhf-jobs status` from anywhere: the runner's state and the record.
+    from rlhf_jobs.cli import show_status
+
+    assert show_status(argparse.Namespace(namespace=NS, run="exp1"), clients=fake) == 0
+    out = capsys.readouterr().out
+    assert "runner Job rlhf-exp1-runner: running" in out and out.count("succeeded") == 3
+
+
+def main_with(fake, helm, cli: list[str]) -> int:
+    """`rlhf-jobs ...` as main() runs it (errors as one line, exit 2), with the fake cluster and helm."""
+    import sys
+
+    from rlhf_jobs import cli as cli_module
+
+    args = cli_module.build_parser().parse_args(cli)
+    try:
+        return cli_module.run_kuberay_pipeline(args, clients=fake, helm=helm)
+    except cli_module.user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def test_runner_needs_the_service_account_of_rbac_yaml() -> None:
+    from rlhf_jobs.backends import runner
+
+    _backend, _helm, fake, _ = make_backend({}, core=FakeCoreWithAccounts(accounts=()))
+    fake.batch = FakeBatch()
+    with pytest.raises(runner.ClusterUnavailable, match="ServiceAccount rlhf/rlhf-submitter not found: kubectl apply"):
+        runner.submit(fake, runner.manifests(NS, "exp1", "img", {}), sleep=lambda s: None)
+    assert fake.batch.created == [] and fake.core.created == []
+
+
+def test_rbac_yaml_grants_what_the_submitter_needs() -> None:
+    """k8s/rbac.yaml's Role covers every permission the preflight checks, for the runner's ServiceAccount."""
+    from pathlib import Path
+
+    from rlhf_jobs.backends import runner
+    from rlhf_jobs.backends.kuberay import NEEDED_PERMISSIONS
+
+    documents = list(yaml.safe_load_all((Path(__file__).parents[1] / "k8s" / "rbac.yaml").read_text()))
+    (role,) = [d for d in documents if d["kind"] == "Role"]
+    (binding,) = [d for d in documents if d["kind"] == "RoleBinding"]
+    assert binding["subjects"][0]["name"] == runner.SERVICE_ACCOUNT
+    for group, resource, verb in [*NEEDED_PERMISSIONS, ("", "services/proxy", "get"), ("ray.io", "rayclusters", "get")]:
+        assert any(group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]
+                   for rule in role["rules"]), (group, resource, verb)

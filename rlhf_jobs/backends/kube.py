@@ -76,6 +76,7 @@ class Clients:
     core: Any
     apiext: Any
     authz: Any
+    batch: Any = None
 
     @classmethod
     def from_environment(cls) -> Clients:
@@ -92,4 +93,4 @@ class Clients:
                     f"no Kubernetes cluster configured (no in-cluster config, no kubeconfig): {err}"
                 ) from None
         return cls(client.CustomObjectsApi(), client.CoreV1Api(), client.ApiextensionsV1Api(),
-                   client.AuthorizationV1Api())
+                   client.AuthorizationV1Api(), client.BatchV1Api())
