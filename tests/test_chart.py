@@ -20,6 +20,7 @@ from chart_helpers import (
     CI_VALUES,
     CRD_DIR_ENV,
     HELM,
+    KUBERAY_VERSION,
     MAX_RAYJOB_NAME,
     RAYJOB_CRD_FILE,
     REPO,
@@ -97,7 +98,9 @@ def crd_file() -> Path:
     if not path.is_file():
         if os.environ.get(CRD_DIR_ENV):
             pytest.fail(f"{CRD_DIR_ENV}={os.environ[CRD_DIR_ENV]}: no {RAYJOB_CRD_FILE} there")
-        pytest.skip(f"KubeRay CRDs not found at {path.parent}; set {CRD_DIR_ENV} to a directory with {RAYJOB_CRD_FILE}")
+        pytest.skip(f"KubeRay CRDs not found in ../shared/kuberay, nor in {path.parent} (helm pull of the "
+                    f"kuberay-operator chart {KUBERAY_VERSION} failed: offline?); set {CRD_DIR_ENV} to a directory "
+                    f"with {RAYJOB_CRD_FILE}")
     return path
 
 
@@ -894,3 +897,76 @@ def test_drain_on_stop_script_is_valid_bash(tmp_path: Path) -> None:
     assert (tmp_path / "polls").read_text().strip() == "3"
     assert "drain-node --reason DRAIN_NODE_REASON_PREEMPTION --reason-message pod w-1 is terminating" in (
         tmp_path / "args").read_text()
+
+
+# ---- issue 18: where the KubeRay CRDs come from, and helm's minimum version ------------------------------
+
+
+def test_crds_fetched_from_the_operator_chart_into_a_cache(tmp_path: Path) -> None:
+    """A user's clone has no ../shared/kuberay: the CRDs come from the operator chart's crds/, cached once."""
+    from chart_helpers import fetch_crds
+
+    source = shared_crds_or_skip()
+    pulls = []
+
+    def fake_pull(destination: Path, version: str) -> None:  # what `helm pull --untar` leaves
+        pulls.append(version)
+        crds = destination / "kuberay-operator" / "crds"
+        crds.mkdir(parents=True)
+        (crds / "ray.io_rayjobs.yaml").write_text((source / RAYJOB_CRD_FILE).read_text())
+        (crds / "ray.io_rayclusters.yaml").write_text("kind: CustomResourceDefinition\n")
+
+    cache = tmp_path / "kuberay-1.7.0"
+    assert fetch_crds(cache, pull=fake_pull) == cache
+    assert fetch_crds(cache, pull=fake_pull) == cache
+    assert pulls == [KUBERAY_VERSION], "pulled once, then read from the cache"
+    assert sorted(p.name for p in cache.iterdir()) == ["crd-rayclusters.ray.io.yaml", RAYJOB_CRD_FILE]
+    with pytest.raises(FileNotFoundError, match=r"no crds/ray\.io_rayjobs\.yaml"):
+        fetch_crds(tmp_path / "empty", pull=lambda destination, version: None)
+
+
+def shared_crds_or_skip() -> Path:
+    from chart_helpers import DEFAULT_CRD_DIR
+
+    if not (DEFAULT_CRD_DIR / RAYJOB_CRD_FILE).is_file():
+        pytest.skip("needs a CRD to copy from ../shared/kuberay")
+    return DEFAULT_CRD_DIR
+
+
+def _fake_helm(tmp_path: Path, version: str) -> str:
+    binary = tmp_path / f"helm-{version}"
+    binary.write_text(f"#!/bin/sh\necho {version}\n")
+    binary.chmod(0o755)
+    return str(binary)
+
+
+@pytest.mark.parametrize(("version", "ok"), [("v3.9.4", False), ("v3.10.0", True), ("v4.1.4", True)])
+def test_helm_minimum_version_is_checked(tmp_path: Path, version: str, ok: bool) -> None:
+    from rlhf_jobs.backends.helm import MIN_VERSION, Helm, HelmError
+
+    assert MIN_VERSION == (3, 10, 0)  # --set-json
+    helm_cli = Helm(binary=_fake_helm(tmp_path, version))
+    if ok:
+        helm_cli.check_version()
+    else:
+        with pytest.raises(HelmError, match=r"helm-v3.9.4 3.9.4 is too old: rlhf-jobs needs Helm 3.10.0 or later"):
+            helm_cli.check_version()
+
+
+def test_dry_run_says_it_needs_helm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--dry-run` needs no cluster, but it renders with helm: the message says so."""
+    from rlhf_jobs.backends import helm as helm_module
+    from rlhf_jobs.cli import main
+
+    original = helm_module.Helm.__init__
+
+    def no_helm(self, chart=None, binary="helm"):
+        original(self, chart, binary="no-such-helm-binary")
+
+    helm_module.Helm.__init__ = no_helm
+    try:
+        assert main(["pipeline", "--backend", "kuberay", "--dry-run"]) == 2
+    finally:
+        helm_module.Helm.__init__ = original
+    error = capsys.readouterr().err
+    assert "not found on PATH: the kuberay backend renders the chart with Helm, even for --dry-run" in error
