@@ -565,7 +565,7 @@ def test_rendered_config_passes_the_trainer_validator(stage: str, scenario: Path
     config_module = pytest.importorskip("rlhf_jobs.config")
     path = tmp_path / "config.yaml"
     path.write_text(one(rendered(stage, scenario), "ConfigMap")["data"]["config.yaml"])
-    config = config_module.load_config(path, stage, check_paths=False)
+    config = config_module.load_config(path, stage, paths=False)
     rendered_training = yaml.safe_load(path.read_text())["Training"]
     assert config.Training.num_training_workers == rendered_training["num_training_workers"]
 
@@ -578,7 +578,7 @@ def test_trainer_rejects_what_the_chart_cannot_know(tmp_path: Path) -> None:
     objects = render("rlhf-sft", sets=("configs.sft.Training.warmup_steps=3",))  # the default has warmup_ratio
     path.write_text(one(objects, "ConfigMap")["data"]["config.yaml"])
     with pytest.raises(config_module.ConfigError, match="set warmup_ratio or warmup_steps, not both"):
-        config_module.load_config(path, "sft", check_paths=False)
+        config_module.load_config(path, "sft", paths=False)
 
 
 # ---- issue 12/17: the stage-config schema is generated from the config models ----------------------
@@ -616,8 +616,8 @@ def test_chart_filled_paths_may_be_empty_or_null_and_numbers_may_be_strings() ->
 
 def test_values_schema_is_generated_from_the_config_models(tmp_path: Path) -> None:
     """`make schema` leaves the committed file unchanged; a stale file (a config key the models lack) is found."""
+    from rlhf_jobs import stages
     from rlhf_jobs.backends import chart_schema
-    from rlhf_jobs.config import CONFIG_TYPES
 
     assert chart_schema.main(["--check"]) == 0, "helm/values.schema.json is stale: run `make schema`"
     stale = yaml.safe_load((CHART / "values.schema.json").read_text())
@@ -628,7 +628,7 @@ def test_values_schema_is_generated_from_the_config_models(tmp_path: Path) -> No
     assert chart_schema.main(["--check", "--schema", str(path)]) == 1
     schema = yaml.safe_load((CHART / "values.schema.json").read_text())
     # Every field of every stage's config is in the schema, under the names the trainers read.
-    for stage, config_type in CONFIG_TYPES.items():
+    for stage, config_type in ((name, entry.config_type) for name, entry in stages.REGISTRY.items()):
         for section, info in config_type.model_fields.items():
             if section == "stage":
                 continue
@@ -705,7 +705,7 @@ def test_trainer_entrypoint_restarts_on_a_changed_config_by_default() -> None:
 @pytest.mark.parametrize("stage", STAGES)
 def test_gpu_scenario_runs_the_gpu_image_that_make_images_builds(stage: str) -> None:
     """Fault 3: gpu-values.yaml ran the CPU image; it must run what `make images VARIANT=gpu` tags."""
-    build = make_dry_run("-f", "images/images.mk", "images", "VARIANT=gpu", "BASE_IMAGE=x")
+    build = make_dry_run("images", "VARIANT=gpu", "BASE_IMAGE=x")
     built = build.split(" -t ", 1)[1].split()[0]
     assert built == f"rlhf-jobs:{CHART_META['appVersion']}-gpu"
     objects = rendered(stage, CHART / "ci" / "gpu-values.yaml")

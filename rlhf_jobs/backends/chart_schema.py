@@ -117,14 +117,15 @@ def render(schema: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlhf_jobs.config import CONFIG_TYPES
+    from rlhf_jobs import stages
 
+    config_types = {name: stage.config_type for name, stage in stages.REGISTRY.items()}
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the committed schema is stale")
     parser.add_argument("--schema", type=Path, default=SCHEMA_FILE)
     args = parser.parse_args(argv)
     current = args.schema.read_text()
-    fresh = render(updated(json.loads(current), CONFIG_TYPES))
+    fresh = render(updated(json.loads(current), config_types))
     if args.check:
         if fresh != current:
             print(f"{args.schema} is stale: run `make schema`", file=sys.stderr)
