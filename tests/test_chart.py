@@ -940,16 +940,19 @@ def _fake_helm(tmp_path: Path, version: str) -> str:
     return str(binary)
 
 
-@pytest.mark.parametrize(("version", "ok"), [("v3.9.4", False), ("v3.10.0", True), ("v4.1.4", True)])
+@pytest.mark.parametrize(
+    ("version", "ok"), [("v3.9.4", False), ("v3.10.3", False), ("v3.11.0", True), ("v4.1.4", True)])
 def test_helm_minimum_version_is_checked(tmp_path: Path, version: str, ok: bool) -> None:
     from rlhf_jobs.backends.helm import MIN_VERSION, Helm, HelmError
 
-    assert MIN_VERSION == (3, 10, 0)  # --set-json
+    assert MIN_VERSION == (3, 11, 0)  # --set-json (3.10); helm template's default Kubernetes 1.26 (3.11)
     helm_cli = Helm(binary=_fake_helm(tmp_path, version))
     if ok:
         helm_cli.check_version()
     else:
-        with pytest.raises(HelmError, match=r"helm-v3.9.4 3.9.4 is too old: rlhf-jobs needs Helm 3.10.0 or later"):
+        plain = version.lstrip("v")
+        expected = rf"helm-{version} {plain} is too old: rlhf-jobs needs Helm 3\.11\.0 or later"
+        with pytest.raises(HelmError, match=expected):
             helm_cli.check_version()
 
 

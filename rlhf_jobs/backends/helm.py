@@ -16,9 +16,10 @@ import yaml
 # The chart: $RLHF_JOBS_CHART (the image sets it: /home/ray/rlhf-jobs/helm), else the repository's helm/.
 CHART_ENV = "RLHF_JOBS_CHART"
 REPO_CHART = Path(__file__).resolve().parents[2] / "helm"
-# The oldest Helm the submitter and the chart work with: `--set-json` (3.10), and values.schema.json's
-# `$ref`s into `$defs`, which Helm resolves as JSON pointers from 3.10 on too.
-MIN_VERSION = (3, 10, 0)
+# The oldest Helm the submitter and the chart work with: `--set-json` needs 3.10, and `helm template` checks the
+# chart's `kubeVersion: >=1.26.0-0` against the Kubernetes version Helm was built with, which is 1.26 from Helm 3.11
+# on (3.9.4 renders everything, values.schema.json's $refs included, only with --kube-version; checked here).
+MIN_VERSION = (3, 11, 0)
 
 
 class HelmError(RuntimeError):
@@ -60,7 +61,7 @@ class Helm:
         if found < MIN_VERSION:
             need = ".".join(map(str, MIN_VERSION))
             raise HelmError(f"{self.binary} {'.'.join(map(str, found))} is too old: rlhf-jobs needs Helm {need} or "
-                            f"later (--set-json); https://helm.sh/docs/intro/install/")
+                            f"later (--set-json, kubeVersion >=1.26 in helm template); https://helm.sh/docs/intro/install/")
 
     def _run(self, args: Sequence[str]) -> str:
         if shutil.which(self.binary) is None:
