@@ -138,6 +138,11 @@ pipeline: venv ## Run SFT -> RM -> PPO on the cluster with the submitter (resume
 	$(BIN)/rlhf-jobs pipeline --backend kuberay --namespace $(NAMESPACE) --run $(RUN) \
 		$(foreach f,$(HELM_VALUES),--values $(f))
 
+.PHONY: pipeline-in-cluster
+pipeline-in-cluster: venv ## Run the pipeline as a Job in the cluster (kubectl apply -f k8s/rbac.yaml first); again = resume
+	$(BIN)/rlhf-jobs pipeline --backend kuberay --namespace $(NAMESPACE) --run $(RUN) --in-cluster \
+		--image $(IMAGE_REPO):$(IMAGE_TAG) $(foreach f,$(HELM_VALUES),--values $(f))
+
 .PHONY: pipeline-dry-run
 pipeline-dry-run: venv ## Print the manifests the pipeline would apply (no cluster needed)
 	$(BIN)/rlhf-jobs pipeline --backend kuberay --namespace $(NAMESPACE) --run $(RUN) --dry-run \
