@@ -126,6 +126,15 @@ def test_user_home_and_tools(image: str) -> None:
     assert [Path(t).name for t in tools] == ["bash", "wget", "ray", "rlhf-jobs"]
 
 
+def test_image_has_the_lora_extra(image: str) -> None:
+    """Training.lora needs peft: the image installs pyproject's `lora` extra, at its pin."""
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["lora"]
+    for requirement in extra:
+        name, version = requirement.split("==")
+        out = run_in(image, f"python -c 'import importlib.metadata as m; print(m.version(\"{name}\"))'")
+        assert out.strip() == version, requirement
+
+
 def test_entrypoints_and_pinned_stack(image: str) -> None:
     out = run_in(image, "set -e; rlhf-jobs --help; ray --version; "
                         'python -c "import torch, transformers, datasets; '
@@ -405,7 +414,7 @@ def limited_cluster(image: str) -> Iterator[dict[str, Any]]:
         for worker in names["workers"]:
             start(worker, "worker", "--address=head:6379", "--num-cpus=1")
         wait_for(lambda: "2.0 CPU" in docker("exec", names["head"], "ray", "status", check=False).stdout,
-                 "two 1-CPU workers to join", names["head"])
+                 "two 1-CPU workers to join", names["head"], timeout=300)
         yield names
     finally:
         containers = [names["head"], *names["workers"]]
