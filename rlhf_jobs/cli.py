@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,14 +16,14 @@ from rlhf_jobs.tiny_model import LLAMA_SHAPES
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input: printed as one line, exit code 2, no traceback."""
     from rlhf_jobs.backends.helm import HelmError
-    from rlhf_jobs.backends.kuberay import PreflightError
+    from rlhf_jobs.backends.kube import ClusterUnavailable
     from rlhf_jobs.checkpoints import CheckpointError
     from rlhf_jobs.config import ConfigError
     from rlhf_jobs.data import DataError
     from rlhf_jobs.launcher import ResourceError
     from rlhf_jobs.models import ModelError
 
-    return ConfigError, DataError, CheckpointError, ResourceError, HelmError, PreflightError, ModelError
+    return ConfigError, DataError, CheckpointError, ResourceError, HelmError, ClusterUnavailable, ModelError
 
 
 def train_stage(stage: str, config_path: str, overrides: Sequence[str] = (), stop_at_step: int | None = None) -> None:
@@ -50,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config_path", "--config-path", required=True, help=".conf, .yaml or .json config")
     train.add_argument("--stop-at-step", type=int, metavar="N",
                        help="stop after optimizer step (PPO: iteration) N with a checkpoint; rerun to continue")
+    train.add_argument("--on-config-change", choices=("refuse", "restart"), default="refuse",
+                       help="output_dir holds a run of another config: refuse (default), or restart (move it aside)")
     _add_set(train)
 
     check = commands.add_parser("check-config", help="validate a stage config without training")
@@ -88,7 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--values", action="append", default=[], help="extra Helm values file (repeatable)")
     cluster.add_argument("--chart", default=None, help="path of the Helm chart (default: the repo's helm/)")
     cluster.add_argument("--timeout", type=float, default=6 * 3600, help="whole-pipeline timeout in seconds")
-    cluster.add_argument("--dry-run", action="store_true", help="print the manifests of every stage and exit")
+    cluster.add_argument("--in-cluster", action="store_true",
+                         help="run the pipeline as a Job in the cluster (ServiceAccount of k8s/rbac.yaml) and return; "
+                              "the same command again resumes it")
+    cluster.add_argument("--image", default=None,
+                         help="image of the --in-cluster runner (default: rlhf-jobs:<version>; it carries helm)")
+    cluster.add_argument("--dry-run", action="store_true",
+                         help="print the manifests of every stage and exit (needs helm, no cluster)")
 
     status = commands.add_parser("status", help="show a KubeRay pipeline run's record")
     status.add_argument("--namespace", default="rlhf")
@@ -128,6 +138,112 @@ def run_local_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_kuberay_pipeline(args: argparse.Namespace, clients=None, helm=None, sleep=time.sleep) -> int:
+    """`rlhf-jobs pipeline --backend kuberay`: the stages as RayJobs, chained, recorded in a ConfigMap."""
+    from rlhf_jobs.backends.helm import Helm, HelmError
+    from rlhf_jobs.backends.kube import Clients, ClusterUnavailable
+    from rlhf_jobs.backends.kuberay import KubeRayBackend, status_table
+    from rlhf_jobs.backends.rayjob import StageFailed, WatchSettings
+    from rlhf_jobs.pipeline import PipelineOptions, parse_stages, run_pipeline
+
+    helm = helm or Helm(args.chart)
+    options = PipelineOptions(stages=parse_stages(args.stages), overrides=args.overrides,
+                              from_stage=args.from_stage, check_paths=False)
+    if args.in_cluster:
+        if shutil.which(helm.binary):  # bad values fail here, before the runner Job exists
+            KubeRayBackend(None, helm, args.namespace, args.run, args.values).stage_configs(options)
+        return start_runner(args, clients)
+    helm.check_version()  # --dry-run needs no cluster, but it renders with helm
+    if args.dry_run:
+        import yaml
+
+        backend = KubeRayBackend(None, helm, args.namespace, args.run, args.values)
+        backend.stage_configs(options)
+        for stage in options.stages:
+            for manifest in backend.rendered[stage].manifests:
+                sys.stdout.write("---\n" + yaml.safe_dump(manifest, sort_keys=False))
+        return 0
+    deadline = time.monotonic() + args.timeout
+    try:
+        backend = KubeRayBackend(clients or Clients.from_environment(), helm, args.namespace, args.run, args.values,
+                                 watch=WatchSettings(deadline=deadline), sleep=sleep)
+        backend.preflight()
+        print(f"pipeline run {args.run!r} in namespace {args.namespace} (record: ConfigMap {backend.record_name})")
+        run_pipeline(backend, options)
+    except (ClusterUnavailable, StageFailed, HelmError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: running RayJobs keep running; re-run the same command to re-attach, "
+              f"or `rlhf-jobs delete --namespace {args.namespace} --run {args.run}` to stop them", file=sys.stderr)
+        return 130
+    print(status_table(args.run, args.namespace, backend.load_record()))
+    return 0
+
+
+def start_runner(args: argparse.Namespace, clients=None) -> int:
+    """`pipeline --backend kuberay --in-cluster`: the same pipeline command, run by a Job in the cluster."""
+    from importlib.metadata import version
+
+    import yaml
+
+    from rlhf_jobs.backends import runner
+    from rlhf_jobs.backends.kube import Clients
+
+    extra = ["--stages", args.stages, "--timeout", str(int(args.timeout))]
+    extra += [arg for item in args.overrides for arg in ("--set", item)]
+    if args.from_stage:
+        extra += ["--from-stage", args.from_stage]
+    values = {path: Path(path).read_text() for path in args.values}
+    image = args.image or f"rlhf-jobs:{version('rlhf-jobs')}"
+    objects = runner.manifests(args.namespace, args.run, image, values, extra)
+    if args.dry_run:
+        for manifest in objects:
+            sys.stdout.write("---\n" + yaml.safe_dump(manifest, sort_keys=False))
+        return 0
+    name = runner.submit(clients or Clients.from_environment(), objects)
+    print(f"pipeline run {args.run!r} started in the cluster as Job {args.namespace}/{name} ({image})\n"
+          f"  follow : kubectl logs -n {args.namespace} -f job/{name}\n"
+          f"  status : rlhf-jobs status --namespace {args.namespace} --run {args.run}\n"
+          f"  resume : the same command again, once the Job has ended")
+    return 0
+
+
+def show_status(args: argparse.Namespace, clients=None) -> int:
+    """`rlhf-jobs status`: a KubeRay run's record, from wherever a kubeconfig (or in-cluster config) reaches."""
+    from rlhf_jobs.backends import runner
+    from rlhf_jobs.backends.helm import Helm
+    from rlhf_jobs.backends.kube import Clients
+    from rlhf_jobs.backends.kuberay import KubeRayBackend, status_table
+
+    clients = clients or Clients.from_environment()
+    backend = KubeRayBackend(clients, Helm(), args.namespace, args.run)
+    record = backend.load_record()
+    job = runner.read_job(clients, args.namespace, args.run) if clients.batch is not None else None
+    if job is not None:
+        print(f"runner Job {runner.runner_name(args.run)}: {runner.job_state(job)}")
+    if not record:
+        print(f"no pipeline run {args.run!r} in namespace {args.namespace}" + (" yet" if job is not None else ""))
+        return 0 if job is not None else 1
+    print(status_table(args.run, args.namespace, record))
+    return 0
+
+
+def delete_run(args: argparse.Namespace, clients=None) -> int:
+    """`rlhf-jobs delete`: uninstall a run's releases and its record; the checkpoint PVC is kept."""
+    from rlhf_jobs.backends.helm import Helm
+    from rlhf_jobs.backends.kube import Clients
+    from rlhf_jobs.backends.kuberay import KubeRayBackend
+
+    backend = KubeRayBackend(clients or Clients.from_environment(), Helm(args.chart), args.namespace, args.run)
+    for release, uninstalled in backend.uninstall():
+        print(f"{release}: {'uninstalled' if uninstalled else 'not installed'}")
+    deleted = backend.delete_record()
+    print(f"ConfigMap {backend.record_name}: {'deleted' if deleted else 'not found'}")
+    print("the checkpoint PVC is kept; delete it with kubectl when its models are no longer needed")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.command == "train":
         train_stage(args.stage, args.config_path, args.overrides, args.stop_at_step)
@@ -152,15 +268,11 @@ def run(args: argparse.Namespace) -> int:
         count = convert(args.kind, args.input, args.output, args.format)
         print(f"{count} {args.kind} records written to {args.output}")
     elif args.command == "pipeline":
-        if args.backend == "local":
-            return run_local_pipeline(args)
-        from rlhf_jobs.backends import kuberay
-
-        return kuberay.run_pipeline_command(args)
-    elif args.command in ("status", "delete"):
-        from rlhf_jobs.backends import kuberay
-
-        return (kuberay.status_command if args.command == "status" else kuberay.delete_command)(args)
+        return run_local_pipeline(args) if args.backend == "local" else run_kuberay_pipeline(args)
+    elif args.command == "status":
+        return show_status(args)
+    elif args.command == "delete":
+        return delete_run(args)
     return 0
 
 

@@ -66,7 +66,8 @@ class ResourcesPerWorker(Section):
     CPU: PositiveFloat = Field(1.0, description="CPU cores per worker.")
     GPU: NonNegativeFloat = Field(0.0, description="GPUs per worker; > 0 trains on CUDA.")
     memory: int | str | None = Field(
-        None, description="Memory per worker: bytes, or a Kubernetes quantity like '4Gi'."
+        None, description="Memory per worker: bytes, or a Kubernetes quantity like '4Gi'.",
+        json_schema_extra={"pattern": _QUANTITY.pattern},  # for the chart's generated values schema
     )
 
     @field_validator("memory")

@@ -6,9 +6,11 @@ server), so the core objects the chart renders (ConfigMap, PersistentVolumeClaim
 checked against the subset of the Kubernetes API schema written below: the fields the chart sets,
 object metadata rules (DNS names, label syntax) and no unknown fields.
 
-The KubeRay CRDs are read from `$RLHF_KUBERAY_CRD_DIR` (default: `../shared/kuberay` next to the
-repository), so the tests can be pointed at the CRDs installed on a given cluster:
-`kubectl get crd rayjobs.ray.io -o yaml > DIR/crd-rayjobs.ray.io.yaml`.
+The KubeRay CRDs are read from `$RLHF_KUBERAY_CRD_DIR` when set (e.g. the CRDs of a given cluster:
+`kubectl get crd rayjobs.ray.io -o yaml > DIR/crd-rayjobs.ray.io.yaml`), else from `../shared/kuberay` next to
+the repository where it exists, else from a cache (`~/.cache/rlhf-jobs/kuberay-<version>`) filled once from the
+KubeRay operator's Helm chart (`helm pull`, its `crds/`) where the network allows. They are never copied into
+the repository.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ STAGES = ("sft", "rm", "ppo")
 CRD_DIR_ENV = "RLHF_KUBERAY_CRD_DIR"
 DEFAULT_CRD_DIR = REPO.parent / "shared" / "kuberay"
 RAYJOB_CRD_FILE = "crd-rayjobs.ray.io.yaml"
+KUBERAY_VERSION = "1.7.0"
+KUBERAY_CHART_REPO = "https://ray-project.github.io/kuberay-helm/"
+# The operator chart's CRD files, under the names the tests read.
+OPERATOR_CRDS = {"ray.io_rayjobs.yaml": RAYJOB_CRD_FILE, "ray.io_rayclusters.yaml": "crd-rayclusters.ray.io.yaml"}
 
 # The longest RayJob name KubeRay accepts (it appends 6 characters to name the RayCluster, max 53).
 MAX_RAYJOB_NAME = 47
@@ -104,8 +110,52 @@ def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 # ---- KubeRay CRD ----------------------------------------------------------------------------------
 
 
+def crd_cache_dir(version: str = KUBERAY_VERSION) -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "rlhf-jobs" / f"kuberay-{version}"
+
+
+def helm_pull_operator_chart(destination: Path, version: str = KUBERAY_VERSION) -> None:
+    """`helm pull` the KubeRay operator chart, untarred into `destination` (raises HelmError offline)."""
+    helm("pull", "kuberay-operator", "--repo", KUBERAY_CHART_REPO, "--version", version, "--untar",
+         "--untardir", str(destination))
+
+
+def fetch_crds(cache: Path, pull=helm_pull_operator_chart, version: str = KUBERAY_VERSION) -> Path:
+    """The operator chart's CRDs in `cache` (pulled once); raises HelmError or FileNotFoundError when they
+    cannot be had."""
+    if (cache / RAYJOB_CRD_FILE).is_file():
+        return cache
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pull(Path(tmp), version)
+        crds = Path(tmp) / "kuberay-operator" / "crds"
+        found = {name: crds / name for name in OPERATOR_CRDS if (crds / name).is_file()}
+        if "ray.io_rayjobs.yaml" not in found:
+            raise FileNotFoundError(f"no crds/ray.io_rayjobs.yaml in kuberay-operator {version}")
+        cache.mkdir(parents=True, exist_ok=True)
+        for name, path in found.items():
+            shutil.copyfile(path, cache / f".{OPERATOR_CRDS[name]}.tmp")
+            os.replace(cache / f".{OPERATOR_CRDS[name]}.tmp", cache / OPERATOR_CRDS[name])
+    return cache
+
+
+@functools.cache
 def crd_dir() -> Path:
-    return Path(os.environ.get(CRD_DIR_ENV) or DEFAULT_CRD_DIR).resolve()
+    """$RLHF_KUBERAY_CRD_DIR, else ../shared/kuberay, else the cache (fetched where the network allows);
+    a directory without the CRD makes the CRD tests skip and say where they looked."""
+    if os.environ.get(CRD_DIR_ENV):
+        return Path(os.environ[CRD_DIR_ENV]).resolve()
+    if (DEFAULT_CRD_DIR / RAYJOB_CRD_FILE).is_file():
+        return DEFAULT_CRD_DIR.resolve()
+    cache = crd_cache_dir()
+    if HELM:
+        try:
+            return fetch_crds(cache)
+        except (HelmError, FileNotFoundError, subprocess.TimeoutExpired):
+            pass
+    return cache
 
 
 def strict(schema: Any) -> Any:

@@ -20,6 +20,7 @@ from chart_helpers import (
     CI_VALUES,
     CRD_DIR_ENV,
     HELM,
+    KUBERAY_VERSION,
     MAX_RAYJOB_NAME,
     RAYJOB_CRD_FILE,
     REPO,
@@ -97,7 +98,9 @@ def crd_file() -> Path:
     if not path.is_file():
         if os.environ.get(CRD_DIR_ENV):
             pytest.fail(f"{CRD_DIR_ENV}={os.environ[CRD_DIR_ENV]}: no {RAYJOB_CRD_FILE} there")
-        pytest.skip(f"KubeRay CRDs not found at {path.parent}; set {CRD_DIR_ENV} to a directory with {RAYJOB_CRD_FILE}")
+        pytest.skip(f"KubeRay CRDs not found in ../shared/kuberay, nor in {path.parent} (helm pull of the "
+                    f"kuberay-operator chart {KUBERAY_VERSION} failed: offline?); set {CRD_DIR_ENV} to a directory "
+                    f"with {RAYJOB_CRD_FILE}")
     return path
 
 
@@ -214,12 +217,13 @@ def test_entrypoint_config_and_mounts(stage: str, scenario: Path | None) -> None
     run = values["run"]
     rayjob = one(objects, "RayJob")
     configmap = one(objects, "ConfigMap")
-    assert rayjob["spec"]["entrypoint"] == f"rlhf-jobs train {stage} --config_path {CONFIG_PATH}"
-    assert rayjob["spec"]["submissionMode"] == "K8sJobMode"
+    assert rayjob["spec"]["entrypoint"] == (
+        f"rlhf-jobs train {stage} --config_path {CONFIG_PATH} --on-config-change restart")
+    assert rayjob["spec"]["submissionMode"] == "HTTPMode"
 
     claim = values["storage"]["existingClaim"] or f"rlhf-{run}-checkpoints"
     templates = pod_templates(rayjob)
-    assert set(templates) == {"head", "worker", "submitter"}
+    assert set(templates) == {"head", "worker"}
     for group, template in templates.items():
         spec = template["spec"]
         volumes = {volume["name"]: volume for volume in spec["volumes"]}
@@ -229,7 +233,8 @@ def test_entrypoint_config_and_mounts(stage: str, scenario: Path | None) -> None
         mounts = {m["name"]: m for m in container["volumeMounts"]}
         assert mounts["checkpoints"]["mountPath"] == mount, group
         assert mounts["config"]["mountPath"] == str(Path(CONFIG_PATH).parent), group
-        assert container["image"] == f"{values['image']['repository']}:{CHART_META['appVersion']}", group
+        suffix = "-gpu" if values["image"].get("variant") == "gpu" else ""
+        assert container["image"] == f"{values['image']['repository']}:{CHART_META['appVersion']}{suffix}", group
         assert container["imagePullPolicy"] == values["image"]["pullPolicy"], group
         # Secure defaults; the volume is writable by the image's uid 1000.
         assert spec["securityContext"]["runAsNonRoot"] is True, group
@@ -237,10 +242,10 @@ def test_entrypoint_config_and_mounts(stage: str, scenario: Path | None) -> None
         assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, group
         assert container["securityContext"]["allowPrivilegeEscalation"] is False, group
         assert container["securityContext"]["capabilities"]["drop"] == ["ALL"], group
-        if group != "submitter":
-            assert volumes["dshm"]["emptyDir"]["medium"] == "Memory", group
-            assert mounts["dshm"]["mountPath"] == "/dev/shm", group
-    assert templates["submitter"]["spec"]["restartPolicy"] == "Never"
+        assert volumes["dshm"]["emptyDir"]["medium"] == "Memory", group
+        assert mounts["dshm"]["mountPath"] == "/dev/shm", group
+    submitter = pod_templates(one(render(f"rlhf-{stage}", sets=("job.submissionMode=K8sJobMode",)), "RayJob"))
+    assert submitter["submitter"]["spec"]["restartPolicy"] == "Never"
 
     config = stage_config(objects)
     general = config["General"]
@@ -421,7 +426,7 @@ def test_fractional_cpu_and_byte_memory() -> None:
 
 
 def test_scheduling_values_merge(crd_file: Path) -> None:
-    objects = render("rlhf-sft", sets=(
+    objects = render("rlhf-sft", sets=("job.submissionMode=K8sJobMode",
         "nodeSelector.pool=train", "worker.nodeSelector.zone=a",
         "tolerations[0].key=shared,tolerations[0].operator=Exists",
         "worker.tolerations[0].key=only-workers,worker.tolerations[0].operator=Exists",
@@ -451,6 +456,7 @@ def test_job_settings(crd_file: Path) -> None:
     rayjob = one(render("rlhf-sft", sets=(
         "job.activeDeadlineSeconds=7200", "job.backoffLimit=2", "job.suspend=true",
         "job.ttlSecondsAfterFinished=60", "job.extraArgs={--seed,7}", "submitter.backoffLimit=5",
+        "job.submissionMode=K8sJobMode",
         "job.labels.kueue\\.x-k8s\\.io/queue-name=team-a",
     )), "RayJob")
     spec = rayjob["spec"]
@@ -460,7 +466,8 @@ def test_job_settings(crd_file: Path) -> None:
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["ttlSecondsAfterFinished"] == 60
     assert spec["submitterConfig"] == {"backoffLimit": 5}
-    assert spec["entrypoint"] == f"rlhf-jobs train sft --config_path {CONFIG_PATH} '--seed' '7'"
+    assert spec["entrypoint"] == (
+        f"rlhf-jobs train sft --config_path {CONFIG_PATH} --on-config-change restart '--seed' '7'")
     assert rayjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     assert not crd_errors(rayjob)
 
@@ -471,7 +478,7 @@ def test_no_cluster_shutdown_drops_ttl() -> None:
     assert "ttlSecondsAfterFinished" not in spec  # KubeRay rejects a TTL without shutdown
 
 
-@pytest.mark.parametrize("mode", ["SidecarMode", "HTTPMode"])
+@pytest.mark.parametrize("mode", ["SidecarMode", "HTTPMode", "InteractiveMode"])
 def test_other_submission_modes_have_no_submitter_pod(mode: str, crd_file: Path) -> None:
     rayjob = one(render("rlhf-rm", sets=(f"job.submissionMode={mode}",)), "RayJob")
     assert rayjob["spec"]["submissionMode"] == mode
@@ -493,7 +500,10 @@ def test_notes_tell_how_to_watch_and_read_logs() -> None:
     out = helm("install", "rlhf-sft", str(CHART), "--dry-run=client", "--namespace", "ml")
     notes = out.split("NOTES:", 1)[1]
     assert "kubectl get rayjob rlhf-sft -n ml -w" in notes
-    assert "kubectl logs -n ml -f job/rlhf-sft" in notes
+    assert "ray job logs --follow $(kubectl get rayjob rlhf-sft -n ml -o jsonpath='{.status.jobId}')" in notes
+    k8s_job = helm("install", "rlhf-sft", str(CHART), "--dry-run=client", "--namespace", "ml",
+                   "--set", "job.submissionMode=K8sJobMode").split("NOTES:", 1)[1]
+    assert "kubectl logs -n ml -f job/rlhf-sft" in k8s_job
     assert "helm install rlhf-rm ./helm -n ml --set run=default" in notes
 
 
@@ -505,7 +515,7 @@ def test_notes_tell_how_to_watch_and_read_logs() -> None:
     [
         (("stage=dpo",), "at '/stage': value must be one of '', 'sft', 'rm', 'ppo'"),
         (("configs.sft.Training.num_training_workers=-1",),
-         "at '/configs/sft/Training/num_training_workers': minimum: got -1, want 1"),
+         "at '/configs/sft/Training/num_training_workers': exclusiveMinimum: got -1, want 0"),
         (("configs.sft.Training.num_training_workers=two",),
          "at '/configs/sft/Training/num_training_workers': got string, want integer"),
         (("configs.rm.Training.resources_per_worker.CPU=0",),
@@ -555,21 +565,90 @@ def test_rendered_config_passes_the_trainer_validator(stage: str, scenario: Path
     config_module = pytest.importorskip("rlhf_jobs.config")
     path = tmp_path / "config.yaml"
     path.write_text(one(rendered(stage, scenario), "ConfigMap")["data"]["config.yaml"])
-    config = config_module.load_config(path, stage, check_paths=False)
+    config = config_module.load_config(path, stage, paths=False)
     rendered_training = yaml.safe_load(path.read_text())["Training"]
     assert config.Training.num_training_workers == rendered_training["num_training_workers"]
 
 
 def test_trainer_rejects_what_the_chart_cannot_know(tmp_path: Path) -> None:
-    """The chart schema checks what the chart uses; the rest (e.g. unknown trainer keys) is the trainers'.
-    Both run before anything is scheduled: a bad key fails `rlhf-jobs check-config` on the rendered file."""
+    """The generated schema checks every key and type; rules across keys (warmup_ratio or warmup_steps, not both)
+    are the trainers'. Both run before anything is scheduled: `rlhf-jobs check-config` on the rendered file."""
     config_module = pytest.importorskip("rlhf_jobs.config")
     path = tmp_path / "config.yaml"
-    objects = render("rlhf-sft", sets=("configs.sft.Training.epoch=3",))
+    objects = render("rlhf-sft", sets=("configs.sft.Training.warmup_steps=3",))  # the default has warmup_ratio
     path.write_text(one(objects, "ConfigMap")["data"]["config.yaml"])
-    expected = r"Training\.epoch: unknown key; did you mean 'Training\.epochs'"
-    with pytest.raises(config_module.ConfigError, match=expected):
-        config_module.load_config(path, "sft", check_paths=False)
+    with pytest.raises(config_module.ConfigError, match="set warmup_ratio or warmup_steps, not both"):
+        config_module.load_config(path, "sft", paths=False)
+
+
+# ---- issue 12/17: the stage-config schema is generated from the config models ----------------------
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (("configs.sft.Training.batch_size=-1",), "at '/configs/sft/Training/batch_size': exclusiveMinimum"),
+        (("configs.sft.Training.learning_rat=1e-4",),
+         "at '/configs/sft/Training': additional properties 'learning_rat' not allowed"),
+        (("configs.sft.Training.epochs=two",), "at '/configs/sft/Training/epochs': got string, want integer"),
+        (("configs.rm.Dataset.prompt_format=markdown",), "at '/configs/rm/Dataset/prompt_format'"),
+        (("configs.ppo.Training.kl_estimator=k2",), "at '/configs/ppo/Training/kl_estimator'"),
+        (("configs.ppo.Training.gamma=2",), "at '/configs/ppo/Training/gamma'"),
+        (("configs.ppo.General.rm_name=null",), "at '/configs/ppo/General': missing property 'rm_name'"),
+        (("configs.sft.Genral.base_model=x",), "additional properties 'Genral' not allowed"),
+    ],
+    ids=lambda value: value[0] if isinstance(value, tuple) else None,
+)
+def test_bad_training_configs_fail_at_template_time(sets: tuple[str, ...], message: str) -> None:
+    """Issue 17: `helm template` rendered batch_size -1, learning_rat and epochs "two" without a word."""
+    error = render_error("rlhf-sft", sets=sets)
+    assert "values don't meet the specifications of the schema" in error
+    assert message in error, error
+
+
+def test_chart_filled_paths_may_be_empty_or_null_and_numbers_may_be_strings() -> None:
+    """What the chart allows, the schema allows: `output_dir: ""` and null are filled in; `--set x=0.5` is a string."""
+    objects = render("rlhf-ppo", sets=("configs.ppo.General.output_dir=null", "configs.ppo.General.model_pretrain=",
+                                       "configs.ppo.Training.learning_rate=2e-5"))
+    general = stage_config(objects)["General"]
+    assert general["output_dir"].endswith("/work/ppo") and general["model_pretrain"].endswith("/sft")
+
+
+def test_values_schema_is_generated_from_the_config_models(tmp_path: Path) -> None:
+    """`make schema` leaves the committed file unchanged; a stale file (a config key the models lack) is found."""
+    from rlhf_jobs import stages
+    from rlhf_jobs.backends import chart_schema
+
+    assert chart_schema.main(["--check"]) == 0, "helm/values.schema.json is stale: run `make schema`"
+    stale = yaml.safe_load((CHART / "values.schema.json").read_text())
+    training = stale["$defs"]["config.PPOTraining"]["properties"]
+    training["kl_coef"] = training.pop("kl_coeff")
+    path = tmp_path / "values.schema.json"
+    path.write_text(chart_schema.render(stale))
+    assert chart_schema.main(["--check", "--schema", str(path)]) == 1
+    schema = yaml.safe_load((CHART / "values.schema.json").read_text())
+    # Every field of every stage's config is in the schema, under the names the trainers read.
+    for stage, config_type in ((name, entry.config_type) for name, entry in stages.REGISTRY.items()):
+        for section, info in config_type.model_fields.items():
+            if section == "stage":
+                continue
+            (ref,) = {v["$ref"] for k, v in _properties(schema, f"config.{stage}").items() if k == section}
+            fields = _properties(schema, ref.rsplit("/", 1)[1])
+            assert set(fields) == set(info.annotation.model_fields), (stage, section)
+
+
+def _properties(schema: dict, name: str) -> dict:
+    definition = schema["$defs"][name]
+    return {key: _ref_of(value) for key, value in definition["properties"].items()}
+
+
+def _ref_of(value: dict) -> dict:
+    if "$ref" in value:
+        return value
+    for option in value.get("anyOf", []) + value.get("allOf", []):
+        if "$ref" in option:
+            return option
+    return value
 
 
 def test_default_data_paths_exist_in_the_repo() -> None:
@@ -600,3 +679,297 @@ def test_crd_validation_catches_mistakes(crd_file: Path) -> None:
     assert "metadata.name: 'Bad_Name' does not match" in errors
     assert "spec.accessModes.0: 'RWX' is not one of" in errors
     assert "spec.resources.requests.storage: 'lots' does not match" in errors
+
+
+# ---- issue 18: faults a real cluster would trip on ---------------------------------------------------
+
+
+def make_dry_run(*args: str) -> str:
+    """The commands a make target would run (`make -n`), with this repo's Makefile."""
+    import subprocess
+
+    result = subprocess.run(["make", "-n", "-C", str(REPO), *args], capture_output=True, text=True, check=True)
+    return result.stdout
+
+
+def test_trainer_entrypoint_restarts_on_a_changed_config_by_default() -> None:
+    """Fault 2: on the PVC, `<run>/work/<stage>` of an older config must be moved aside, not resumed."""
+    for stage in STAGES:
+        entrypoint = one(render(f"rlhf-{stage}"), "RayJob")["spec"]["entrypoint"]
+        assert entrypoint == f"rlhf-jobs train {stage} --config_path {CONFIG_PATH} --on-config-change restart"
+    refuse = one(render("rlhf-sft", sets=("job.onConfigChange=refuse",)), "RayJob")["spec"]["entrypoint"]
+    assert refuse.endswith("--on-config-change refuse")
+    assert "value must be one of 'refuse', 'restart'" in render_error("rlhf-sft", sets=("job.onConfigChange=keep",))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_gpu_scenario_runs_the_gpu_image_that_make_images_builds(stage: str) -> None:
+    """Fault 3: gpu-values.yaml ran the CPU image; it must run what `make images VARIANT=gpu` tags."""
+    build = make_dry_run("images", "VARIANT=gpu", "BASE_IMAGE=x")
+    built = build.split(" -t ", 1)[1].split()[0]
+    assert built == f"rlhf-jobs:{CHART_META['appVersion']}-gpu"
+    objects = rendered(stage, CHART / "ci" / "gpu-values.yaml")
+    for group, template in pod_templates(one(objects, "RayJob")).items():
+        assert template["spec"]["containers"][0]["image"] == built, group
+    # `make deploy-* HELM_VALUES=helm/ci/gpu-values.yaml` sets image.tag; the variant still applies.
+    objects = render("rlhf-sft", (CHART / "ci" / "gpu-values.yaml",), ("image.tag=0.2.0",))
+    assert pod_templates(one(objects, "RayJob"))["head"]["spec"]["containers"][0]["image"] == "rlhf-jobs:0.2.0-gpu"
+
+
+@pytest.mark.parametrize("run", ["default", "exp1"])
+@pytest.mark.parametrize("stage", STAGES)
+def test_make_deploy_names_releases_like_the_submitter(stage: str, run: str) -> None:
+    """Fault 4: `make deploy-sft RUN=exp1` and `make pipeline RUN=exp1` must manage the same release."""
+    from rlhf_jobs.backends.helm import release_name
+
+    commands = make_dry_run(f"deploy-{stage}", f"RUN={run}")
+    helm_line = next(line for line in commands.splitlines() if "upgrade --install" in line)
+    assert helm_line.split("upgrade --install ", 1)[1].split()[0] == release_name(stage, run)
+
+
+def kuberay_head_service_selector(service: str, rayjob: dict, cluster: str) -> dict[str, str]:
+    """The selector KubeRay 1.7.0 gives a head Service (common/service.go BuildServiceForHeadPod): its default
+    head labels, each overridden by the head pod's label of that key. The RayCluster controller passes the
+    head pod template's labels; the RayJob controller's own `<rayjob>-head-svc` passes none."""
+    defaults = {"ray.io/cluster": cluster, "ray.io/node-type": "head", "ray.io/identifier": f"{cluster}-head",
+                "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator"}
+    if service == f"{cluster}-head-svc":
+        labels = pod_templates(rayjob)["head"]["metadata"]["labels"]
+        return {key: labels.get(key, value) for key, value in defaults.items()}
+    assert service == f"{rayjob['metadata']['name']}-head-svc", service
+    return defaults
+
+
+def test_port_forward_in_notes_selects_the_head_pod() -> None:
+    """Fault 5: NOTES.txt's port-forward must name a Service whose selector matches the head pod."""
+    import re
+
+    out = helm("install", "rlhf-sft", str(CHART), "--dry-run=client", "--namespace", "ml")
+    notes = out.split("NOTES:", 1)[1]
+    rayjob = one(render("rlhf-sft", namespace="ml"), "RayJob")
+    cluster = "rlhf-sft-x7k2p"  # status.rayClusterName: the RayJob's name plus a random suffix
+    line = next(line for line in notes.splitlines() if "kubectl port-forward" in line)
+    service = re.search(r"svc/(.+?-head-svc)", line).group(1)
+    service = service.replace("$(kubectl get rayjob rlhf-sft -n ml -o jsonpath='{.status.rayClusterName}')", cluster)
+    head_pod = {**pod_templates(rayjob)["head"]["metadata"]["labels"], "ray.io/cluster": cluster,
+                "ray.io/node-type": "head", "ray.io/identifier": f"{cluster}-head",
+                "app.kubernetes.io/created-by": "kuberay-operator"}
+    selector = kuberay_head_service_selector(service, rayjob, cluster)
+    assert selector.items() <= head_pod.items(), f"{service} selects {selector}; the head pod has {head_pod}"
+    assert "rayClusterName" in line
+
+
+@pytest.mark.parametrize("mode", ["K8sJobMode", "HTTPMode"])
+def test_submitter_mounts_neither_the_pvc_nor_the_config(mode: str) -> None:
+    """Risk: a ReadWriteOnce PVC mounted by a submitter pod on another node is a Multi-Attach error."""
+    rayjob = one(render("rlhf-sft", sets=(f"job.submissionMode={mode}",)), "RayJob")
+    submitter = rayjob["spec"].get("submitterPodTemplate")
+    if mode == "HTTPMode":
+        assert submitter is None
+        return
+    spec = submitter["spec"]
+    assert "volumes" not in spec and "volumeMounts" not in spec["containers"][0], dumps(spec)
+
+
+def test_long_runs_default_to_http_mode() -> None:
+    """Long runs: HTTPMode has no `ray job logs --follow` stream whose drop fails a running job (KubeRay #4921)."""
+    spec = one(render("rlhf-sft"), "RayJob")["spec"]
+    assert spec["submissionMode"] == "HTTPMode"
+    assert "submitterPodTemplate" not in spec and "submitterConfig" not in spec
+    gpu = one(rendered("sft", CHART / "ci" / "gpu-values.yaml"), "RayJob")["spec"]
+    assert gpu["submissionMode"] == "HTTPMode" and gpu["backoffLimit"] >= 1
+
+
+# ---- issue 11 item 5: the chart's stage configs are configs/local's, outside resources and paths ------
+
+# Keys that may differ between a laptop's config and the chart's: where files are, and what each worker gets.
+MAY_DIFFER = {"General": None, "Dataset": {"train_file", "validation_file"},
+              "Training": {"num_training_workers", "resources_per_worker"}}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_chart_configs_equal_configs_local_outside_resources_and_paths(stage: str) -> None:
+    local = yaml.safe_load((REPO / "configs" / "local" / f"{stage}.yaml").read_text())
+    chart = DEFAULTS["configs"][stage]
+    for section, allowed in MAY_DIFFER.items():
+        if allowed is None:
+            continue
+        mine = {k: v for k, v in chart.get(section, {}).items() if k not in allowed}
+        theirs = {k: v for k, v in local.get(section, {}).items() if k not in allowed}
+        assert mine == theirs, f"configs.{stage}.{section} in helm/values.yaml drifted from configs/local/{stage}.yaml"
+    assert set(chart) == set(local)
+
+
+# ---- issue 16 (chart side): object storage, credentials, trackers, preemption -------------------------
+
+
+def _containers(objects: list[dict]) -> dict[str, dict]:
+    templates = pod_templates(one(objects, "RayJob"))
+    return {group: template["spec"]["containers"][0] for group, template in templates.items()}
+
+
+def test_remote_storage_fills_paths_there_and_needs_no_pvc(crd_file: Path) -> None:
+    sets = ("run=exp3", "storage.remote=s3://bucket/rlhf/", "storage.credentialsSecret=s3-creds",
+            "storage.endpointURL=http://minio.minio:9000", "storage.region=eu-west-1")
+    for stage in STAGES:
+        objects = render(f"rlhf-{stage}", sets=sets)
+        assert "PersistentVolumeClaim" not in by_kind(objects), stage
+        general = stage_config(objects)["General"]
+        assert general["checkpoint_dir"] == f"s3://bucket/rlhf/exp3/{stage}"
+        assert general["output_dir"] == f"s3://bucket/rlhf/exp3/work/{stage}"
+        if stage == "ppo":
+            assert (general["model_pretrain"], general["rm_pretrain"]) == ("s3://bucket/rlhf/exp3/sft",
+                                                                           "s3://bucket/rlhf/exp3/rm")
+        for group, template in pod_templates(one(objects, "RayJob")).items():
+            assert "checkpoints" not in {v["name"] for v in template["spec"]["volumes"]}, group
+            container = template["spec"]["containers"][0]
+            assert {"secretRef": {"name": "s3-creds"}} in container["envFrom"], group
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            assert env["AWS_ENDPOINT_URL"] == "http://minio.minio:9000" and env["AWS_REGION"] == "eu-west-1"
+        configmap = one(objects, "ConfigMap")["data"]["config.yaml"]
+        assert "AWS_" not in configmap and "s3-creds" not in configmap, "credentials never go into the ConfigMap"
+        assert not crd_errors(one(objects, "RayJob"))
+    set_args = [arg for item in sets for arg in ("--set", item)]
+    assert "no PVC" in helm("install", "rlhf-sft", str(CHART), "--dry-run=client", *set_args)
+    # An existing claim may still be mounted (e.g. datasets on a volume) beside remote checkpoints.
+    objects = render("rlhf-sft", sets=(*sets, "storage.existingClaim=data"))
+    assert "checkpoints" in {v["name"] for v in pod_templates(one(objects, "RayJob"))["head"]["spec"]["volumes"]}
+
+
+def test_trackers_from_values_and_secrets(crd_file: Path) -> None:
+    objects = render("rlhf-rm", sets=(
+        "tracking.mlflow.trackingURI=http://mlflow.mlflow:5000", "tracking.mlflow.experimentName=rlhf",
+        "tracking.mlflow.credentialsSecret=mlflow-creds", "tracking.wandb.project=rlhf", "tracking.wandb.entity=team",
+        "tracking.wandb.mode=offline", "tracking.wandb.apiKeySecret=wandb-key", "envFrom[0].secretRef.name=hf-token"))
+    for group, container in _containers(objects).items():
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.mlflow:5000" and env["MLFLOW_EXPERIMENT_NAME"] == "rlhf"
+        assert (env["WANDB_PROJECT"], env["WANDB_ENTITY"], env["WANDB_MODE"]) == ("rlhf", "team", "offline")
+        assert [f["secretRef"]["name"] for f in container["envFrom"]] == ["mlflow-creds", "wandb-key", "hf-token"]
+        assert "WANDB_API_KEY" not in env and "MLFLOW_TRACKING_PASSWORD" not in env, group
+    # None of it by default.
+    for container in _containers(render("rlhf-rm")).values():
+        assert not {e["name"] for e in container["env"]} & {"MLFLOW_TRACKING_URI", "WANDB_PROJECT", "AWS_REGION"}
+        assert "envFrom" not in container
+    assert not crd_errors(one(objects, "RayJob"))
+    assert "at '/tracking/wandb/mode'" in render_error("rlhf-rm", sets=("tracking.wandb.mode=sometimes",))
+
+
+def test_preemption_grace_period_and_drain_on_stop(crd_file: Path) -> None:
+    objects = render("rlhf-ppo", sets=("preemption.terminationGracePeriodSeconds=900",))
+    templates = pod_templates(one(objects, "RayJob"))
+    assert templates["head"]["spec"]["terminationGracePeriodSeconds"] == 900
+    assert templates["worker"]["spec"]["terminationGracePeriodSeconds"] == 900
+    command = templates["worker"]["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[:2] == ["/bin/bash", "-c"]
+    assert "ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION" in command[2]
+    assert "--deadline-remaining-seconds 900" in command[2] and "$(seq 890)" in command[2]
+    assert "lifecycle" not in templates["head"]["spec"]["containers"][0]
+    assert not crd_errors(one(objects, "RayJob"))
+    default = pod_templates(one(render("rlhf-ppo"), "RayJob"))["worker"]["spec"]
+    assert default["terminationGracePeriodSeconds"] == DEFAULTS["preemption"]["terminationGracePeriodSeconds"] > 30
+    off = pod_templates(one(render("rlhf-ppo", sets=("preemption.drainOnStop=false",)), "RayJob"))["worker"]
+    assert "lifecycle" not in off["spec"]["containers"][0]
+    assert "minimum: got 10, want 30" in render_error("rlhf-ppo", sets=("preemption.terminationGracePeriodSeconds=10",))
+
+
+def test_drain_on_stop_script_is_valid_bash(tmp_path: Path) -> None:
+    """The preStop script parses, and returns at once where no training worker runs (a finished job's cluster)."""
+    import subprocess
+    import time
+
+    command = pod_templates(one(render("rlhf-sft"), "RayJob"))["worker"]["spec"]["containers"][0]["lifecycle"]
+    script = command["preStop"]["exec"]["command"][2]
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "ray").write_text("#!/bin/sh\necho \"$@\" > \"$RAY_ARGS\"\n")
+    (fake_bin / "ray").chmod(0o755)
+    # pgrep: training workers run for the first two polls, then they are gone (checkpoint written, exited).
+    (fake_bin / "pgrep").write_text('#!/bin/sh\nn=$(cat "$POLLS" 2>/dev/null || echo 0); echo $((n+1)) > "$POLLS"\n'
+                                    '[ "$1 $2" = "-f [R]ayTrainWorker" ] && [ "$n" -lt 2 ]\n')
+    (fake_bin / "pgrep").chmod(0o755)
+    started = time.monotonic()
+    env = {"PATH": f"{fake_bin}:/usr/bin:/bin", "RAY_ARGS": str(tmp_path / "args"), "HOSTNAME": "w-1",
+           "POLLS": str(tmp_path / "polls")}
+    subprocess.run(["/bin/bash", "-n", "-c", script], check=True)
+    subprocess.run(["/bin/bash", "-c", script], check=True, env=env, timeout=30)
+    assert 1.5 < time.monotonic() - started < 6
+    assert (tmp_path / "polls").read_text().strip() == "3"
+    assert "drain-node --reason DRAIN_NODE_REASON_PREEMPTION --reason-message pod w-1 is terminating" in (
+        tmp_path / "args").read_text()
+
+
+# ---- issue 18: where the KubeRay CRDs come from, and helm's minimum version ------------------------------
+
+
+def test_crds_fetched_from_the_operator_chart_into_a_cache(tmp_path: Path) -> None:
+    """A user's clone has no ../shared/kuberay: the CRDs come from the operator chart's crds/, cached once."""
+    from chart_helpers import fetch_crds
+
+    source = shared_crds_or_skip()
+    pulls = []
+
+    def fake_pull(destination: Path, version: str) -> None:  # what `helm pull --untar` leaves
+        pulls.append(version)
+        crds = destination / "kuberay-operator" / "crds"
+        crds.mkdir(parents=True)
+        (crds / "ray.io_rayjobs.yaml").write_text((source / RAYJOB_CRD_FILE).read_text())
+        (crds / "ray.io_rayclusters.yaml").write_text("kind: CustomResourceDefinition\n")
+
+    cache = tmp_path / "kuberay-1.7.0"
+    assert fetch_crds(cache, pull=fake_pull) == cache
+    assert fetch_crds(cache, pull=fake_pull) == cache
+    assert pulls == [KUBERAY_VERSION], "pulled once, then read from the cache"
+    assert sorted(p.name for p in cache.iterdir()) == ["crd-rayclusters.ray.io.yaml", RAYJOB_CRD_FILE]
+    with pytest.raises(FileNotFoundError, match=r"no crds/ray\.io_rayjobs\.yaml"):
+        fetch_crds(tmp_path / "empty", pull=lambda destination, version: None)
+
+
+def shared_crds_or_skip() -> Path:
+    from chart_helpers import DEFAULT_CRD_DIR
+
+    if not (DEFAULT_CRD_DIR / RAYJOB_CRD_FILE).is_file():
+        pytest.skip("needs a CRD to copy from ../shared/kuberay")
+    return DEFAULT_CRD_DIR
+
+
+def _fake_helm(tmp_path: Path, version: str) -> str:
+    binary = tmp_path / f"helm-{version}"
+    binary.write_text(f"#!/bin/sh\necho {version}\n")
+    binary.chmod(0o755)
+    return str(binary)
+
+
+@pytest.mark.parametrize(
+    ("version", "ok"), [("v3.9.4", False), ("v3.10.3", False), ("v3.11.0", True), ("v4.1.4", True)])
+def test_helm_minimum_version_is_checked(tmp_path: Path, version: str, ok: bool) -> None:
+    from rlhf_jobs.backends.helm import MIN_VERSION, Helm, HelmError
+
+    assert MIN_VERSION == (3, 11, 0)  # --set-json (3.10); helm template's default Kubernetes 1.26 (3.11)
+    helm_cli = Helm(binary=_fake_helm(tmp_path, version))
+    if ok:
+        helm_cli.check_version()
+    else:
+        plain = version.lstrip("v")
+        expected = rf"helm-{version} {plain} is too old: rlhf-jobs needs Helm 3\.11\.0 or later"
+        with pytest.raises(HelmError, match=expected):
+            helm_cli.check_version()
+
+
+def test_dry_run_says_it_needs_helm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--dry-run` needs no cluster, but it renders with helm: the message says so."""
+    from rlhf_jobs.backends import helm as helm_module
+    from rlhf_jobs.cli import main
+
+    original = helm_module.Helm.__init__
+
+    def no_helm(self, chart=None, binary="helm"):
+        original(self, chart, binary="no-such-helm-binary")
+
+    helm_module.Helm.__init__ = no_helm
+    try:
+        assert main(["pipeline", "--backend", "kuberay", "--dry-run"]) == 2
+    finally:
+        helm_module.Helm.__init__ = original
+    error = capsys.readouterr().err
+    assert "not found on PATH: the kuberay backend renders the chart with Helm, even for --dry-run" in error

@@ -126,6 +126,15 @@ def test_user_home_and_tools(image: str) -> None:
     assert [Path(t).name for t in tools] == ["bash", "wget", "ray", "rlhf-jobs"]
 
 
+def test_image_has_the_lora_extra(image: str) -> None:
+    """Training.lora needs peft: the image installs pyproject's `lora` extra, at its pin."""
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["lora"]
+    for requirement in extra:
+        name, version = requirement.split("==")
+        out = run_in(image, f"python -c 'import importlib.metadata as m; print(m.version(\"{name}\"))'")
+        assert out.strip() == version, requirement
+
+
 def test_entrypoints_and_pinned_stack(image: str) -> None:
     out = run_in(image, "set -e; rlhf-jobs --help; ray --version; "
                         'python -c "import torch, transformers, datasets; '
@@ -247,3 +256,199 @@ def test_sft_through_ray_job_submit_on_a_container_cluster(image: str, ray_clust
     marker = json.loads(docker("exec", head, "cat", f"{SHARED}/sft/model/rlhf_stage.json").stdout)
     assert marker["stage"] == "sft", marker
     assert docker("exec", head, "test", "-s", f"{SHARED}/sft/output/metrics.jsonl", check=False).returncode == 0
+
+
+# ---- (3) what the in-cluster pipeline runner needs -----------------------------------------------------
+
+
+def test_image_carries_helm_and_the_chart_for_the_runner(image: str) -> None:
+    """The runner Job runs `rlhf-jobs pipeline --backend kuberay` in the image: helm and the chart must be there."""
+    from rlhf_jobs.backends.helm import MIN_VERSION
+
+    out = run_in(image, "set -e; helm version --template '{{ .Version }}'; echo; echo $RLHF_JOBS_CHART; "
+                        "rlhf-jobs pipeline --backend kuberay --dry-run --run exp1 > /tmp/m.yaml; "
+                        "grep -c '^kind: RayJob' /tmp/m.yaml; "
+                        "rlhf-jobs pipeline --backend kuberay --run exp1 --in-cluster --dry-run | grep -c '^kind: Job'")
+    version, chart, rayjobs, jobs = out.split()
+    assert tuple(int(p) for p in version.lstrip("v").split("+")[0].split(".")) >= MIN_VERSION
+    assert chart == f"{IN_IMAGE}/helm"
+    assert (rayjobs, jobs) == ("3", "1")
+
+
+# ---- (4) the GPU variant: CUDA torch from PyPI on the same Python base ---------------------------------
+
+GPU_IMAGE = f"{IMAGE_REPO}:{IMAGE_TAG}-gpu"
+
+
+@pytest.fixture(scope="session")
+def gpu_image(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """`make images VARIANT=gpu` (about 6.5 GB, 10 minutes cold here): built when $RLHF_BUILD_GPU_IMAGE=1,
+    tested when it exists; `make test-docker-gpu` does both."""
+    reason = docker_problem()
+    if reason:
+        pytest.skip(reason)
+    if os.environ.get("RLHF_BUILD_GPU_IMAGE") == "1":
+        args = ["make", "-C", str(REPO), "-f", "images/images.mk", "images", f"IMAGE_REPO={IMAGE_REPO}",
+                f"IMAGE_TAG={IMAGE_TAG}", "VARIANT=gpu"]
+        if base := base_image():
+            args.append(f"BASE_IMAGE={base}")
+        log = tmp_path_factory.mktemp("gpu-image") / "build.log"
+        with log.open("w") as out:
+            result = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT, timeout=3600, check=False)
+        assert result.returncode == 0, f"{' '.join(args)} failed:\n" + "\n".join(log.read_text().splitlines()[-60:])
+    elif docker("image", "inspect", GPU_IMAGE, check=False).returncode != 0:
+        pytest.skip(f"{GPU_IMAGE} is not built: make test-docker-gpu (or RLHF_BUILD_GPU_IMAGE=1) builds it")
+    return GPU_IMAGE
+
+
+def test_gpu_image_has_cuda_torch_and_nccl_and_runs_as_ray(gpu_image: str) -> None:
+    probe = ('import torch, torch.distributed as dist; '
+             'print(torch.__version__, torch.version.cuda, dist.is_nccl_available(), '
+             '".".join(map(str, torch.cuda.nccl.version())))')
+    out = run_in(gpu_image, f"set -e; id -u; python -c '{probe}'; rlhf-jobs --help >/dev/null && echo cli-ok; "
+                            "command -v ray helm")
+    uid, torch_version, cuda, nccl_available, nccl, cli, ray, helm_bin = out.split()
+    assert uid == "1000" and cli == "cli-ok"
+    assert torch_version.split("+")[0] == pins()["torch"] and not torch_version.endswith("+cpu")
+    assert cuda != "None" and nccl_available == "True" and nccl.count(".") == 2
+    assert (ray, helm_bin) == ("/opt/venv/bin/ray", "/usr/local/bin/helm")
+    labels = yaml.safe_load(docker("image", "inspect", "--format", "{{json .Config.Labels}}", gpu_image).stdout)
+    assert labels["io.rlhf-jobs.variant"] == "gpu"
+
+
+# ---- (5) the three stages under the memory limits the kind values give the pods -------------------------
+
+KIND_VALUES = REPO / "helm" / "ci" / "kind-values.yaml"
+
+
+def quantity_bytes(value: str | int) -> int:
+    from rlhf_jobs.config import memory_bytes
+
+    return memory_bytes(value)
+
+
+def kind_limits() -> dict[str, int]:
+    """Memory limits of the head and worker pods under helm/ci/kind-values.yaml (workers: resources_per_worker)."""
+    values = yaml.safe_load(KIND_VALUES.read_text())
+    workers = {values["configs"][s]["Training"]["resources_per_worker"]["memory"] for s in ("sft", "rm", "ppo")}
+    assert len(workers) == 1, workers
+    return {"head": quantity_bytes(values["head"]["resources"]["limits"]["memory"]),
+            "worker": quantity_bytes(workers.pop()), "shm": quantity_bytes(values["shm"]["sizeLimit"])}
+
+
+def chart_config(stage: str) -> str:
+    """The stage's config.yaml as the chart renders it with the kind values (paths under /mnt/rlhf/default)."""
+    if shutil.which("helm") is None:
+        pytest.skip("helm is not on PATH")
+    out = subprocess.run(["helm", "template", f"rlhf-{stage}", str(REPO / "helm"), "-f", str(KIND_VALUES)],
+                         capture_output=True, text=True, check=True).stdout
+    (config_map,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "ConfigMap"]
+    return config_map["data"]["config.yaml"]
+
+
+def working_set(container: str) -> int:
+    """What the kubelet and `kubectl top` count against a pod's limit: usage less inactive page cache."""
+    out = docker("exec", container, "bash", "-c", "cat /sys/fs/cgroup/memory/memory.usage_in_bytes "
+                 "/sys/fs/cgroup/memory/memory.stat 2>/dev/null || { cat /sys/fs/cgroup/memory.current; "
+                 "sed 's/^inactive_file/total_inactive_file/' /sys/fs/cgroup/memory.stat; }", check=False).stdout
+    lines = out.split("\n")
+    if not lines or not lines[0].strip().isdigit():
+        return 0
+    stat = dict(line.split() for line in lines[1:] if len(line.split()) == 2)
+    return int(lines[0]) - int(stat.get("total_inactive_file", 0))
+
+
+class PeakSampler:
+    """Polls the containers' working sets every `interval` seconds in a thread; `peaks` holds the maxima."""
+
+    def __init__(self, containers: list[str], interval: float = 1.0) -> None:
+        import threading
+
+        self.containers, self.interval = containers, interval
+        self.peaks = dict.fromkeys(containers, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for container in self.containers:
+                self.peaks[container] = max(self.peaks[container], working_set(container))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.fixture
+def limited_cluster(image: str) -> Iterator[dict[str, Any]]:
+    """Head and two workers started as KubeRay starts them (`--memory` = the container's limit, no object-store
+    size given) under the kind values' memory limits, without swap."""
+    limits = kind_limits()
+    run_id = uuid.uuid4().hex[:8]
+    names = {"network": f"rlhf-mem-{run_id}", "volume": f"rlhf-mem-{run_id}", "head": f"rlhf-mem-{run_id}-head",
+             "workers": [f"rlhf-mem-{run_id}-worker-{i}" for i in (1, 2)], "limits": limits}
+
+    def start(name: str, role: str, *ray_args: str) -> None:
+        memory = limits[role]
+        command = f"ulimit -n 65536; ray start --block --memory={memory} {' '.join(ray_args)}"
+        docker("run", "--detach", "--name", name, "--network", names["network"], "--volume",
+               f"{names['volume']}:{SHARED}", "--shm-size", str(limits["shm"]), "--memory", f"{memory}b",
+               "--memory-swap", f"{memory}b", "--env", "RAY_USAGE_STATS_ENABLED=0", "--label", f"rlhf-test={run_id}",
+               *(["--hostname", "head", "--network-alias", "head"] if role == "head" else []),
+               image, "/bin/bash", "-lc", "--", command)
+
+    try:
+        docker("network", "create", names["network"])
+        docker("volume", "create", names["volume"])
+        docker("run", "--rm", "--user", "0", "--volume", f"{names['volume']}:{SHARED}", image,
+               "chown", "1000:1000", SHARED)
+        start(names["head"], "head", "--head", "--num-cpus=0", "--port=6379", "--dashboard-host=0.0.0.0")
+        wait_for(lambda: docker("exec", names["head"], "wget", "-q", "-O", "-",
+                                "http://localhost:8265/api/gcs_healthz", check=False).returncode == 0,
+                 "the head's dashboard (:8265)", names["head"])
+        for worker in names["workers"]:
+            start(worker, "worker", "--address=head:6379", "--num-cpus=1")
+        wait_for(lambda: "2.0 CPU" in docker("exec", names["head"], "ray", "status", check=False).stdout,
+                 "two 1-CPU workers to join", names["head"], timeout=300)
+        yield names
+    finally:
+        containers = [names["head"], *names["workers"]]
+        subprocess.run(["docker", "rm", "--force", "--volumes", *containers], capture_output=True, check=False)
+        subprocess.run(["docker", "network", "rm", names["network"]], capture_output=True, check=False)
+        subprocess.run(["docker", "volume", "rm", "--force", names["volume"]], capture_output=True, check=False)
+
+
+def test_three_stages_fit_the_kind_memory_limits(image: str, limited_cluster: dict[str, Any]) -> None:
+    """SFT, RM and PPO with the chart's configs and the kind values' limits: none is OOM-killed, and the peak
+    working sets (printed; figures in README) stay under 80% of each limit."""
+    head, workers, limits = limited_cluster["head"], limited_cluster["workers"], limited_cluster["limits"]
+    peaks: dict[str, dict[str, int]] = {}
+    for stage in ("sft", "rm", "ppo"):
+        docker("exec", "-i", head, "bash", "-c", f"mkdir -p {SHARED}/etc && cat > {SHARED}/etc/{stage}.yaml",
+               stdin=chart_config(stage))
+        submission_id = f"{stage}-{uuid.uuid4().hex[:6]}"
+        with PeakSampler([head, *workers]) as sampler:
+            submit = docker("run", "--rm", "--network", limited_cluster["network"], "--env",
+                            "RAY_USAGE_STATS_ENABLED=0", image, "ray", "job", "submit", "--address", "http://head:8265",
+                            "--submission-id", submission_id, "--", "rlhf-jobs", "train", stage, "--config_path",
+                            f"{SHARED}/etc/{stage}.yaml", "--on-config-change", "restart", check=False, timeout=1200)
+        killed = {c: docker("inspect", "--format", "{{.State.OOMKilled}} {{.State.Running}}", c).stdout.strip()
+                  for c in (head, *workers)}
+        status = docker("exec", head, "ray", "job", "status", "--address", "http://localhost:8265", submission_id,
+                        check=False).stdout
+        assert submit.returncode == 0 and "succeeded" in status.lower(), (
+            f"{stage}: {status}\ncontainers (OOMKilled Running): {killed}\n{submit.stdout[-5000:]}\n"
+            f"{submit.stderr[-2000:]}")
+        assert all(state == "false true" for state in killed.values()), killed
+        peaks[stage] = {"head": sampler.peaks[head], "worker": max(sampler.peaks[w] for w in workers)}
+    report = {stage: {role: f"{value / 2**20:.0f}Mi" for role, value in roles.items()}
+              for stage, roles in peaks.items()}
+    print(f"\npeak working set under limits head {limits['head'] / 2**20:.0f}Mi, "
+          f"worker {limits['worker'] / 2**20:.0f}Mi: {json.dumps(report)}")
+    for stage, roles in peaks.items():  # at least 20% headroom under each limit
+        assert roles["head"] < 0.8 * limits["head"] and roles["worker"] < 0.8 * limits["worker"], (stage, report)

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,12 @@ NAMESPACE = os.environ.get("NAMESPACE", "rlhf")
 CONTEXT = f"kind-{CLUSTER}"
 
 
+ASKED = "RLHF_KIND_TESTS"  # `make test-kind` sets it: a plain `make test` never starts a kind cluster
+
+
 def _missing_prerequisite() -> str | None:
+    if os.environ.get(ASKED) != "1":
+        return f"kind tests run only when asked: make test-kind (or {ASKED}=1 pytest -m kind)"
     for tool in ("docker", "kind", "helm", "kubectl"):
         if shutil.which(tool) is None:
             return f"{tool} is not on PATH (kind tests need Docker, kind, helm and kubectl: see README 'Kubernetes')"
@@ -82,8 +88,23 @@ def read_on_pvc(run: str, path: str) -> str:
     return result.stdout
 
 
-def test_three_stages_succeed_chain_and_rerun_skips(cluster: str) -> None:
+def test_kind_tests_run_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ASKED, raising=False)
+    assert "only when asked: make test-kind" in _missing_prerequisite()
+
+
+@pytest.fixture
+def run_name(cluster: str) -> Iterator[str]:
+    """A fresh run name; afterwards its releases, record and checkpoint PVC are deleted."""
     run = f"kind{uuid.uuid4().hex[:6]}"
+    yield run
+    sh(sys.executable, "-m", "rlhf_jobs.cli", "delete", "--namespace", NAMESPACE, "--run", run, check=False)
+    sh("kubectl", "--context", CONTEXT, "-n", NAMESPACE, "delete", "pvc", f"rlhf-{run}-checkpoints",
+       "--ignore-not-found", "--wait=false", check=False)
+
+
+def test_three_stages_succeed_chain_and_rerun_skips(run_name: str) -> None:
+    run = run_name
     first = submitter(run)
     assert first.returncode == 0, first.stdout[-5000:] + first.stderr[-5000:]
     for stage in ("sft", "rm", "ppo"):
@@ -102,4 +123,3 @@ def test_three_stages_succeed_chain_and_rerun_skips(cluster: str) -> None:
     assert all(f"== {stage}: skip" in again.stdout for stage in ("sft", "rm", "ppo"))
     status = sh(sys.executable, "-m", "rlhf_jobs.cli", "status", "--namespace", NAMESPACE, "--run", run)
     assert status.stdout.count("succeeded") == 3
-    sh(sys.executable, "-m", "rlhf_jobs.cli", "delete", "--namespace", NAMESPACE, "--run", run)

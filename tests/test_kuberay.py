@@ -7,6 +7,7 @@ client objects the submitter calls, and raises the client's own `ApiException`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from typing import Any
 
@@ -15,17 +16,11 @@ import yaml
 from kubernetes.client.exceptions import ApiException
 
 from rlhf_jobs.backends.helm import config_sets, release_name
-from rlhf_jobs.backends.kuberay import (
-    Clients,
-    KubeRayBackend,
-    PreflightError,
-    StageFailed,
-    WatchSettings,
-    run_pipeline_command,
-    watch_rayjob,
-    with_retries,
-)
-from rlhf_jobs.pipeline import PipelineOptions, run_pipeline
+from rlhf_jobs.backends.kube import Clients, with_retries
+from rlhf_jobs.backends.kuberay import KubeRayBackend, PreflightError
+from rlhf_jobs.backends.rayjob import StageFailed, WatchSettings, watch_rayjob
+from rlhf_jobs.cli import run_kuberay_pipeline
+from rlhf_jobs.pipeline import PipelineOptions, plan, run_pipeline
 
 NS = "rlhf"
 
@@ -46,17 +41,21 @@ class Clock:
 
 
 class FakeCustom:
-    """RayJobs whose `get` replays a status sequence; the last entry repeats.
+    """RayJobs whose `get` replays a status sequence; the last entry repeats. RayClusters are gone once deleted.
 
     An entry may be an ApiException (raised once) or "DELETED" (the object is gone).
     """
 
     def __init__(self) -> None:
         self.sequences: dict[str, list[Any]] = {}
+        self.annotations: dict[str, dict[str, str]] = {}
         self.deleted: list[str] = []
+        self.deleted_clusters: list[str] = []
 
     def get_namespaced_custom_object(self, group, version, namespace, plural, name):
-        assert (group, version, plural) == ("ray.io", "v1", "rayjobs")
+        assert (group, version) == ("ray.io", "v1") and plural in ("rayjobs", "rayclusters")
+        if plural == "rayclusters":
+            raise ApiException(status=404, reason="Not Found")
         sequence = self.sequences.get(name)
         if not sequence:
             raise ApiException(status=404, reason="Not Found")
@@ -66,9 +65,12 @@ class FakeCustom:
         if entry == "DELETED":
             self.sequences.pop(name)
             raise ApiException(status=404, reason="Not Found")
-        return {"metadata": {"name": name}, "status": entry}
+        return {"metadata": {"name": name, "annotations": self.annotations.get(name, {})}, "status": entry}
 
     def delete_namespaced_custom_object(self, group, version, namespace, plural, name, propagation_policy=None):
+        if plural == "rayclusters":
+            self.deleted_clusters.append(name)
+            return
         self.deleted.append(name)
         self.sequences.pop(name, None)
 
@@ -105,6 +107,14 @@ class FakeCore:
     def read_namespaced_pod_log(self, name, namespace, tail_lines):
         return f"log of {name}: Traceback ... CUDA out of memory\n"
 
+    def connect_get_namespaced_service_proxy_with_path(self, name, namespace, path):
+        assert name.endswith("-head-svc:dashboard") and path.startswith("api/jobs/"), (name, path)
+        return json.dumps({"logs": "step 1\nValueError: the driver failed\n"})
+
+    def delete_namespaced_config_map(self, name, namespace):
+        if self.config_maps.pop(name, None) is None:
+            raise ApiException(status=404, reason="Not Found")
+
 
 class FakeApiext:
     def __init__(self, installed: bool = True) -> None:
@@ -128,10 +138,16 @@ class FakeAuthz:
 
 
 class FakeHelm:
-    """Renders a minimal RayJob + ConfigMap per stage; `upgrade_install` makes the RayJob appear."""
+    """Renders a minimal RayJob + ConfigMap per stage, the RayJob annotated with the config's hash as the chart
+    does; `upgrade_install` makes the RayJob appear with the next recorded status sequence of its stage."""
+
+    binary = "helm"
 
     def __init__(self, custom: FakeCustom, runs: dict[str, list[list[Any]]]) -> None:
-        self.custom, self.runs, self.installs = custom, runs, []
+        self.custom, self.runs, self.installs, self.install_sets = custom, runs, [], []
+
+    def check_version(self) -> None:
+        pass
 
     def template(self, release, namespace, run, values=(), sets=()):
         stage = release.rsplit("-", 1)[1]
@@ -142,19 +158,24 @@ class FakeHelm:
         else:
             general["base_model"] = "m"
         config = {"General": general, "Dataset": {"train_file": f"/data/{stage}.jsonl"}, "Training": {}}
-        for item in sets:  # --set-json configs.<stage>.Section.key=value
+        for item in sets:  # --set-json configs.<stage>.Section.key=value (and chart settings such as job.*)
             path, value = item.split("=", 1)
-            section, key = path.split(".")[2:]
-            config[section][key] = json.loads(value)
+            if path.startswith("configs."):
+                section, key = path.split(".")[2:]
+                config[section][key] = json.loads(value)
+        text = yaml.safe_dump(config)
+        digest = hashlib.sha256(text.encode()).hexdigest()
         return [
-            {"kind": "ConfigMap", "metadata": {"name": f"{release}-config"},
-             "data": {"config.yaml": yaml.safe_dump(config)}},
-            {"kind": "RayJob", "metadata": {"name": release}},
+            {"kind": "ConfigMap", "metadata": {"name": f"{release}-config"}, "data": {"config.yaml": text}},
+            {"kind": "RayJob", "metadata": {"name": release, "annotations": {"rlhf-jobs.io/config-hash": digest}}},
         ]
 
     def upgrade_install(self, release, namespace, run, values=(), sets=()):
         self.installs.append(release)
+        self.install_sets.append(list(sets))
         stage = release.rsplit("-", 1)[1]
+        (rayjob,) = [m for m in self.template(release, namespace, run, values, sets) if m["kind"] == "RayJob"]
+        self.custom.annotations[release] = rayjob["metadata"]["annotations"]
         self.custom.sequences[release] = list(self.runs[stage].pop(0))
 
 
@@ -164,8 +185,8 @@ def make_backend(runs: dict[str, list[list[Any]]], core: FakeCore | None = None,
     fake = Clients(custom=custom, core=core or FakeCore(), apiext=clients.get("apiext", FakeApiext()),
                    authz=clients.get("authz", FakeAuthz()))
     helm = FakeHelm(custom, runs)
-    backend = KubeRayBackend(fake, helm, NS, "default", watch=WatchSettings(poll_seconds=5, initializing_timeout=600),
-                             sleep=clock.sleep, clock=clock)
+    settings = WatchSettings(poll_seconds=5, initializing_timeout=600, deadline=3600)
+    backend = KubeRayBackend(fake, helm, NS, "default", watch=settings, sleep=clock.sleep, clock=clock)
     return backend, helm, fake, clock
 
 
@@ -184,8 +205,8 @@ SUCCESS = [status(), status("Initializing"), status("Running", "PENDING"), statu
 def test_success_needs_complete_and_succeeded() -> None:
     # jobStatus can say SUCCEEDED while the deployment is still running: keep watching.
     result = watch([status("Running", "RUNNING"), status("Running", "SUCCEEDED"), status("Complete", "SUCCEEDED")])
-    assert result["jobDeploymentStatus"] == "Complete"
-    assert watch(list(SUCCESS))["jobStatus"] == "SUCCEEDED"
+    assert result["status"]["jobDeploymentStatus"] == "Complete"
+    assert watch(list(SUCCESS))["status"]["jobStatus"] == "SUCCEEDED"
 
 
 def test_failure_carries_reason_and_message() -> None:
@@ -225,7 +246,7 @@ def test_never_appears() -> None:
 
 def test_transient_api_errors_are_retried() -> None:
     flaky = [ApiException(status=503), ApiException(status=429), ApiException(status=0), *SUCCESS]
-    assert watch(flaky)["jobStatus"] == "SUCCEEDED"
+    assert watch(flaky)["status"]["jobStatus"] == "SUCCEEDED"
 
 
 def test_forbidden_is_not_retried() -> None:
@@ -283,11 +304,22 @@ def test_failure_stops_the_chain_with_logs_and_the_rerun_resumes_there() -> None
     assert helm.installs == ["rlhf-rm", "rlhf-ppo"]
 
 
+def interrupted_record(backend: KubeRayBackend, options: PipelineOptions) -> None:
+    """The record as a Ctrl-C during the watch leaves it: every planned stage "interrupted" under its config."""
+    backend.save_record({"stages": {step.stage: {"status": "interrupted", "config_hash": step.config_hash}
+                                    for step in plan(backend, options)}})
+
+
 def test_rerun_reattaches_to_a_running_rayjob() -> None:
     backend, helm, fake, _ = make_backend({"sft": [list(SUCCESS)], "rm": [], "ppo": []})
+    options = PipelineOptions(stages=["sft"], check_paths=False)
+    helm.upgrade_install("rlhf-sft", NS, "default", sets=backend.sets("sft"))  # the first run's install
     fake.custom.sequences["rlhf-sft"] = [status("Running", "RUNNING"), status("Complete", "SUCCEEDED")]
-    run_pipeline(backend, PipelineOptions(stages=["sft"], check_paths=False))
+    interrupted_record(backend, options)
+    helm.installs.clear()
+    run_pipeline(backend, options)
     assert helm.installs == [], "a running RayJob (e.g. after Ctrl-C) is watched, not reinstalled"
+    assert fake.custom.deleted == []
 
 
 def test_config_overrides_reach_the_chart_and_change_the_hash() -> None:
@@ -317,8 +349,8 @@ def test_preflight_reports_every_problem_before_creating_anything() -> None:
 def test_cli_reports_preflight_failure_and_exits_nonzero(capsys) -> None:
     backend, _, _, _ = make_backend({}, apiext=FakeApiext(installed=False))
     args = argparse.Namespace(chart=None, stages="sft,rm,ppo", overrides=[], from_stage=None, dry_run=False,
-                              namespace=NS, run="default", values=[], timeout=60)
-    assert run_pipeline_command(args, clients=backend.clients) == 1
+                              namespace=NS, run="default", values=[], timeout=60, in_cluster=False, image=None)
+    assert run_kuberay_pipeline(args, clients=backend.clients) == 1
     assert "KubeRay CRD rayjobs.ray.io is not installed" in capsys.readouterr().err
 
 
@@ -347,3 +379,233 @@ def test_dry_run_renders_every_stage_from_the_real_chart_without_a_cluster(capsy
     assert configs["ppo"]["General"]["rm_pretrain"] == "/mnt/rlhf/exp1/rm"
     assert configs["ppo"]["Training"]["kl_coeff"] == 0.2
     assert [d["kind"] for d in documents].count("PersistentVolumeClaim") == 1
+
+
+# ---- issue 18: a changed config never re-attaches; a finished stage frees its cluster ----------------------
+
+
+def test_changed_config_replaces_a_running_rayjob_instead_of_reattaching() -> None:
+    """Fault 1: Ctrl-C, edit the config, re-run: the RayJob still running the old config is deleted and the new
+    config installed; the record must never store the old job's success under the new config."""
+    backend, helm, fake, _ = make_backend({"sft": [list(SUCCESS)], "rm": [], "ppo": []})
+    options = PipelineOptions(stages=["sft"], check_paths=False)
+    helm.upgrade_install("rlhf-sft", NS, "default", sets=backend.sets("sft"))  # the first run's install
+    fake.custom.sequences["rlhf-sft"] = [status("Running", "RUNNING")]  # still running the old config
+    interrupted_record(backend, options)
+    helm.installs.clear()
+    helm.runs["sft"] = [list(SUCCESS)]
+    edited = PipelineOptions(stages=["sft"], check_paths=False, overrides=["sft.Training.epochs=2"])
+    run_pipeline(backend, edited)
+    assert fake.custom.deleted == ["rlhf-sft"], "the RayJob of the old config must be stopped"
+    assert helm.installs == ["rlhf-sft"]
+    record = json.loads(fake.core.config_maps["rlhf-default-pipeline"]["data"]["record.json"])
+    assert record["stages"]["sft"]["config"]["Training"]["epochs"] == 2
+
+
+def test_same_config_running_rayjob_with_another_hash_is_replaced_even_when_the_record_agrees() -> None:
+    """Fault 1, from the cluster's side: the record says "resume", but the RayJob running was installed with
+    another config (e.g. `make deploy-sft` with other values): its config-hash annotation tells."""
+    backend, helm, fake, _ = make_backend({"sft": [list(SUCCESS)], "rm": [], "ppo": []})
+    options = PipelineOptions(stages=["sft"], check_paths=False)
+    interrupted_record(backend, options)
+    fake.custom.sequences["rlhf-sft"] = [status("Running", "RUNNING")]
+    fake.custom.annotations["rlhf-sft"] = {"rlhf-jobs.io/config-hash": "0" * 64}
+    run_pipeline(backend, options)
+    assert fake.custom.deleted == ["rlhf-sft"] and helm.installs == ["rlhf-sft"]
+
+
+def test_finished_stage_frees_its_raycluster_before_the_next_stage() -> None:
+    """Capacity: the next stage must not wait ttlSecondsAfterFinished for the finished stage's CPUs/GPUs."""
+    backend, helm, fake, _ = make_backend({s: [list(SUCCESS)] for s in ("sft", "rm", "ppo")})
+    order = []
+    fake.custom.delete_namespaced_custom_object = _recording(fake.custom.delete_namespaced_custom_object, order)
+    helm.upgrade_install = _recording(helm.upgrade_install, order)
+    run_pipeline(backend, PipelineOptions(check_paths=False))
+    assert order == ["install rlhf-sft", "delete rayclusters c-1", "install rlhf-rm", "delete rayclusters c-1",
+                     "install rlhf-ppo", "delete rayclusters c-1"]
+
+
+def _recording(method, calls: list[str]):
+    def wrapper(*args, **kwargs):
+        if method.__name__ == "upgrade_install":
+            calls.append(f"install {args[0]}")
+        else:
+            calls.append(f"delete {args[3]} {args[4]}")
+        return method(*args, **kwargs)
+
+    wrapper.__name__ = method.__name__
+    return wrapper
+
+
+def test_failed_stage_message_has_the_driver_output_from_the_dashboard() -> None:
+    """In HTTPMode there is no submitter pod: the driver's output comes through the API server's service proxy."""
+    failed = status("Failed", "FAILED", reason="AppFailed", message="entrypoint exited 1", jobId="rlhf-sft-abc")
+    backend, _, _, _ = make_backend({"sft": [[failed]], "rm": [], "ppo": []})
+    with pytest.raises(StageFailed, match=r"(?s)job rlhf-sft-abc driver output.*ValueError: the driver failed"):
+        run_pipeline(backend, PipelineOptions(stages=["sft"], check_paths=False))
+
+
+def test_every_stage_installs_with_on_config_change_restart() -> None:
+    """Fault 2: the pipeline's trainers move Ray checkpoints of another config aside instead of resuming them,
+    whatever the user's values say (the chart's job.onConfigChange)."""
+    backend, helm, _, _ = make_backend({s: [list(SUCCESS)] for s in ("sft", "rm", "ppo")})
+    run_pipeline(backend, PipelineOptions(check_paths=False))
+    assert all('job.onConfigChange="restart"' in sets for sets in helm.install_sets), helm.install_sets
+
+
+def test_from_stage_replaces_a_running_rayjob_of_the_same_config() -> None:
+    """Fault 2: reset_stage was a no-op; a forced stage must get a new RayJob, not the running one."""
+    backend, helm, fake, _ = make_backend({"sft": [list(SUCCESS)], "rm": [], "ppo": []})
+    helm.upgrade_install("rlhf-sft", NS, "default", sets=backend.sets("sft"))
+    fake.custom.sequences["rlhf-sft"] = [status("Running", "RUNNING")]
+    options = PipelineOptions(stages=["sft"], check_paths=False, from_stage="sft")
+    interrupted_record(backend, options)
+    helm.installs.clear()
+    helm.runs["sft"] = [list(SUCCESS)]
+    run_pipeline(backend, options)
+    assert fake.custom.deleted == ["rlhf-sft"] and helm.installs == ["rlhf-sft"]
+
+
+# ---- issue 18: the pipeline runner in the cluster -------------------------------------------------------
+
+
+class FakeBatch:
+    def __init__(self) -> None:
+        self.jobs: dict[str, dict] = {}
+        self.created: list[str] = []
+
+    def read_namespaced_job(self, name, namespace):
+        if name not in self.jobs:
+            raise ApiException(status=404, reason="Not Found")
+        return self.jobs[name]
+
+    def delete_namespaced_job(self, name, namespace, propagation_policy=None):
+        if self.jobs.pop(name, None) is None:
+            raise ApiException(status=404, reason="Not Found")
+
+    def create_namespaced_job(self, namespace, body):
+        self.created.append(body["metadata"]["name"])
+        self.jobs[body["metadata"]["name"]] = {**body, "status": {"active": 1}}
+
+
+class FakeCoreWithAccounts(FakeCore):
+    def __init__(self, accounts=("rlhf-submitter",), **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.accounts = set(accounts)
+
+    def read_namespaced_service_account(self, name, namespace):
+        if name not in self.accounts:
+            raise ApiException(status=404, reason="Not Found")
+        return {"metadata": {"name": name}}
+
+
+def test_in_cluster_config_is_what_a_pod_uses(tmp_path, monkeypatch) -> None:
+    """Inside the runner pod: the ServiceAccount token and the API server from the environment, no kubeconfig."""
+    from kubernetes.config import incluster_config
+
+    token, cert = tmp_path / "token", tmp_path / "ca.crt"
+    token.write_text("sa-token-123")
+    cert.write_text("-----BEGIN CERTIFICATE-----\n")
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(token))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(cert))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))
+    clients = Clients.from_environment()
+    configuration = clients.core.api_client.configuration
+    assert configuration.host == "https://10.96.0.1:443"
+    assert configuration.api_key["BearerToken"] == "bearer sa-token-123"
+    assert clients.batch is not None
+
+
+def test_runner_job_runs_the_pipeline_and_a_reapply_resumes(tmp_path, capsys) -> None:
+    """The runner's command is the pipeline command: parsed as the pod parses it, it runs the three stages against
+    the API (the fake here); the same `--in-cluster` command again replaces the finished Job, and its pipeline
+    skips what finished."""
+    from rlhf_jobs.cli import build_parser
+
+    values = tmp_path / "my-values.yaml"
+    values.write_text("configs: {sft: {Training: {epochs: 1}}}\n")
+    _backend, helm, fake, _ = make_backend({s: [list(SUCCESS)] for s in ("sft", "rm", "ppo")},
+                                          core=FakeCoreWithAccounts())
+    fake.batch = FakeBatch()
+    cli = ["pipeline", "--backend", "kuberay", "--namespace", NS, "--run", "exp1", "--in-cluster",
+           "--image", "registry.example/rlhf-jobs:0.1.0", "--values", str(values), "--set", "rm.Training.epochs=2"]
+    args = build_parser().parse_args(cli)
+    assert run_kuberay_pipeline(args, clients=fake, helm=helm) == 0
+    assert fake.batch.created == ["rlhf-exp1-runner"]
+    job = fake.batch.jobs["rlhf-exp1-runner"]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "rlhf-submitter" and pod["automountServiceAccountToken"] is True
+    (container,) = pod["containers"]
+    assert container["image"] == "registry.example/rlhf-jobs:0.1.0"
+    command = container["command"]
+    assert command[:8] == ["rlhf-jobs", "pipeline", "--backend", "kuberay", "--namespace", NS, "--run", "exp1"]
+    assert fake.core.config_maps["rlhf-exp1-runner"]["data"] == {"values-0.yaml": values.read_text()}
+    assert "--in-cluster" not in command
+
+    # In the pod: the same pipeline, against the API.
+    pod_args = build_parser().parse_args(command[1:])
+    assert pod_args.values == ["/etc/rlhf-runner/values-0.yaml"] and pod_args.overrides == ["rm.Training.epochs=2"]
+    assert run_kuberay_pipeline(pod_args, clients=fake, helm=helm, sleep=lambda s: None) == 0
+    record = json.loads(fake.core.config_maps["rlhf-exp1-pipeline"]["data"]["record.json"])
+    assert {s: e["status"] for s, e in record["stages"].items()} == dict.fromkeys(("sft", "rm", "ppo"), "succeeded")
+
+    # A second start while it runs is refused; once it ended, the same command replaces it and resumes.
+    assert main_with(fake, helm, cli) == 2
+    assert "is still running" in capsys.readouterr().err
+    fake.batch.jobs["rlhf-exp1-runner"]["status"] = {"succeeded": 1, "conditions": [
+        {"type": "Complete", "status": "True"}]}
+    assert run_kuberay_pipeline(args, clients=fake, helm=helm) == 0
+    assert fake.batch.created == ["rlhf-exp1-runner", "rlhf-exp1-runner"]
+    helm.installs.clear()
+    assert run_kuberay_pipeline(pod_args, clients=fake, helm=helm, sleep=lambda s: None) == 0
+    assert helm.installs == [], "the re-applied runner skips the finished stages"
+    assert "== sft: skip" in capsys.readouterr().out
+
+    # `rlhf-jobs status` from anywhere: the runner's state and the record.
+    from rlhf_jobs.cli import show_status
+
+    assert show_status(argparse.Namespace(namespace=NS, run="exp1"), clients=fake) == 0
+    out = capsys.readouterr().out
+    assert "runner Job rlhf-exp1-runner: running" in out and out.count("succeeded") == 3
+
+
+def main_with(fake, helm, cli: list[str]) -> int:
+    """`rlhf-jobs ...` as main() runs it (errors as one line, exit 2), with the fake cluster and helm."""
+    import sys
+
+    from rlhf_jobs import cli as cli_module
+
+    args = cli_module.build_parser().parse_args(cli)
+    try:
+        return cli_module.run_kuberay_pipeline(args, clients=fake, helm=helm)
+    except cli_module.user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def test_runner_needs_the_service_account_of_rbac_yaml() -> None:
+    from rlhf_jobs.backends import runner
+
+    _backend, _helm, fake, _ = make_backend({}, core=FakeCoreWithAccounts(accounts=()))
+    fake.batch = FakeBatch()
+    with pytest.raises(runner.ClusterUnavailable, match="ServiceAccount rlhf/rlhf-submitter not found: kubectl apply"):
+        runner.submit(fake, runner.manifests(NS, "exp1", "img", {}), sleep=lambda s: None)
+    assert fake.batch.created == [] and fake.core.created == []
+
+
+def test_rbac_yaml_grants_what_the_submitter_needs() -> None:
+    """k8s/rbac.yaml's Role covers every permission the preflight checks, for the runner's ServiceAccount."""
+    from pathlib import Path
+
+    from rlhf_jobs.backends import runner
+    from rlhf_jobs.backends.kuberay import NEEDED_PERMISSIONS
+
+    documents = list(yaml.safe_load_all((Path(__file__).parents[1] / "k8s" / "rbac.yaml").read_text()))
+    (role,) = [d for d in documents if d["kind"] == "Role"]
+    (binding,) = [d for d in documents if d["kind"] == "RoleBinding"]
+    assert binding["subjects"][0]["name"] == runner.SERVICE_ACCOUNT
+    for group, resource, verb in [*NEEDED_PERMISSIONS, ("", "services/proxy", "get"), ("ray.io", "rayclusters", "get")]:
+        assert any(group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]
+                   for rule in role["rules"]), (group, resource, verb)

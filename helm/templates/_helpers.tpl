@@ -66,7 +66,9 @@ rlhf-jobs.io/run: {{ .Values.run | quote }}
 The image reference.
 */}}
 {{- define "rlhf-jobs.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- $tag := toString (default .Chart.AppVersion .Values.image.tag) }}
+{{- if eq .Values.image.variant "gpu" }}{{ $tag = printf "%s-gpu" $tag }}{{ end }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
 {{- end }}
 
 {{/*
@@ -104,7 +106,7 @@ Claim name of the checkpoint PVC: existingClaim, else storage.name, else rlhf-<r
 */}}
 {{- define "rlhf-jobs.createPVC" -}}
 {{- $create := .Values.storage.create }}
-{{- if .Values.storage.existingClaim }}
+{{- if or .Values.storage.existingClaim (not (include "rlhf-jobs.usePVC" .)) }}
 {{- else if eq (toString $create) "auto" }}
 {{- if eq (include "rlhf-jobs.stage" .) "sft" }}true{{ end }}
 {{- else if eq (toString $create) "true" }}true
@@ -112,10 +114,18 @@ Claim name of the checkpoint PVC: existingClaim, else storage.name, else rlhf-<r
 {{- end }}
 
 {{/*
-Directory of this run on the volume.
+"true" when the Ray pods mount a checkpoint PVC: always, unless storage.remote holds the run (then only with
+an existingClaim, e.g. for datasets or models on a volume).
+*/}}
+{{- define "rlhf-jobs.usePVC" -}}
+{{- if or (not .Values.storage.remote) .Values.storage.existingClaim }}true{{ end }}
+{{- end }}
+
+{{/*
+Directory of this run: under storage.remote (object storage, e.g. s3://bucket/prefix) when set, else on the volume.
 */}}
 {{- define "rlhf-jobs.runDir" -}}
-{{- printf "%s/%s" (trimSuffix "/" .Values.storage.mountPath) .Values.run }}
+{{- printf "%s/%s" (trimSuffix "/" (.Values.storage.remote | default .Values.storage.mountPath)) .Values.run }}
 {{- end }}
 
 {{/*
@@ -237,9 +247,11 @@ Head rayStartParams: the dashboard on all interfaces; no CPUs/GPUs for Ray tasks
 Volumes shared by the head, worker and submitter pods: the checkpoint PVC, the config, /dev/shm.
 */}}
 {{- define "rlhf-jobs.volumes" -}}
+{{- if include "rlhf-jobs.usePVC" . }}
 - name: checkpoints
   persistentVolumeClaim:
     claimName: {{ include "rlhf-jobs.claimName" . }}
+{{- end }}
 - name: config
   configMap:
     name: {{ include "rlhf-jobs.configMapName" . }}
@@ -257,8 +269,10 @@ Volumes shared by the head, worker and submitter pods: the checkpoint PVC, the c
 {{- end }}
 
 {{- define "rlhf-jobs.volumeMounts" -}}
+{{- if include "rlhf-jobs.usePVC" . }}
 - name: checkpoints
   mountPath: {{ .Values.storage.mountPath }}
+{{- end }}
 - name: config
   mountPath: /etc/rlhf-jobs
   readOnly: true
@@ -281,6 +295,12 @@ Environment of the Ray containers; `--set env[0].value=1` gives a number, Kubern
   value: {{ .Values.run | quote }}
 - name: RLHF_JOBS_RUN_DIR
   value: {{ include "rlhf-jobs.runDir" . | quote }}
+{{- range $name, $value := dict "AWS_ENDPOINT_URL" .Values.storage.endpointURL "AWS_REGION" .Values.storage.region "MLFLOW_TRACKING_URI" .Values.tracking.mlflow.trackingURI "MLFLOW_EXPERIMENT_NAME" .Values.tracking.mlflow.experimentName "WANDB_PROJECT" .Values.tracking.wandb.project "WANDB_ENTITY" .Values.tracking.wandb.entity "WANDB_MODE" .Values.tracking.wandb.mode }}
+{{- if $value }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- end }}
 {{- $env := list }}
 {{- range .Values.env }}
 {{- $var := deepCopy . }}
@@ -325,4 +345,32 @@ tolerations:
 affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end }}
+
+{{/*
+envFrom of the Ray containers: the Secrets of storage and trackers (credentials never go into the ConfigMap),
+then the user's `envFrom`.
+*/}}
+{{- define "rlhf-jobs.envFrom" -}}
+{{- $from := list }}
+{{- range (list .Values.storage.credentialsSecret .Values.tracking.mlflow.credentialsSecret .Values.tracking.wandb.apiKeySecret) }}
+{{- if . }}
+{{- $from = append $from (dict "secretRef" (dict "name" .)) }}
+{{- end }}
+{{- end }}
+{{- $from = concat $from (.Values.envFrom | default list) }}
+{{- with $from }}
+{{- toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Worker preStop: drain this pod's Ray node (Ray Train's preemption watcher sees it and the training loop can
+finish its step and checkpoint), then wait while training workers still run here, at most the grace period
+less 10 s. Returns at once when no training runs (a finished job's cluster is deleted without delay).
+*/}}
+{{- define "rlhf-jobs.drainOnStop" -}}
+{{- $grace := int .Values.preemption.terminationGracePeriodSeconds }}
+{{- $wait := max 0 (sub $grace 10) -}}
+ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --reason-message "pod $HOSTNAME is terminating" --deadline-remaining-seconds {{ $grace }} >/dev/null 2>&1 || true; for _ in $(seq {{ $wait }}); do pgrep -f "[R]ayTrainWorker" >/dev/null || exit 0; sleep 1; done
 {{- end }}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -11,7 +13,13 @@ from typing import Any
 
 import yaml
 
-DEFAULT_CHART = Path(__file__).resolve().parents[2] / "helm"
+# The chart: $RLHF_JOBS_CHART (the image sets it: /home/ray/rlhf-jobs/helm), else the repository's helm/.
+CHART_ENV = "RLHF_JOBS_CHART"
+REPO_CHART = Path(__file__).resolve().parents[2] / "helm"
+# The oldest Helm the submitter and the chart work with: `--set-json` needs 3.10, and `helm template` checks the
+# chart's `kubeVersion: >=1.26.0-0` against the Kubernetes version Helm was built with, which is 1.26 from Helm 3.11
+# on (3.9.4 renders everything, values.schema.json's $refs included, only with --kube-version; checked here).
+MIN_VERSION = (3, 11, 0)
 
 
 class HelmError(RuntimeError):
@@ -37,12 +45,29 @@ def config_sets(stage: str, overrides: Sequence[str]) -> list[str]:
 
 class Helm:
     def __init__(self, chart: str | Path | None = None, binary: str = "helm") -> None:
-        self.chart = str(chart or DEFAULT_CHART)
+        self.chart = str(chart or os.environ.get(CHART_ENV) or REPO_CHART)
         self.binary = binary
+
+    def version(self) -> tuple[int, int, int]:
+        out = self._run(["version", "--template", "{{ .Version }}"]).strip()
+        match = re.match(r"v?(\d+)\.(\d+)\.(\d+)", out)
+        if not match:
+            raise HelmError(f"cannot read the version of {self.binary}: {out!r}")
+        return int(match.group(1)), int(match.group(2)), int(match.group(3))
+
+    def check_version(self) -> None:
+        """Fail with one clear line where helm is missing or older than MIN_VERSION."""
+        found = self.version()
+        if found < MIN_VERSION:
+            need = ".".join(map(str, MIN_VERSION))
+            raise HelmError(f"{self.binary} {'.'.join(map(str, found))} is too old: rlhf-jobs needs Helm {need} or "
+                            f"later (--set-json, kubeVersion >=1.26 in helm template); https://helm.sh/docs/intro/install/")
 
     def _run(self, args: Sequence[str]) -> str:
         if shutil.which(self.binary) is None:
-            raise HelmError(f"{self.binary} not found on PATH; install Helm 3.8+ (https://helm.sh/docs/intro/install/)")
+            raise HelmError(f"{self.binary} not found on PATH: the kuberay backend renders the chart with Helm, even "
+                            f"for --dry-run; install Helm {'.'.join(map(str, MIN_VERSION))}+ "
+                            "(https://helm.sh/docs/intro/install/)")
         result = subprocess.run([self.binary, *args], capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise HelmError(f"helm {args[0]} failed: {result.stderr.strip() or result.stdout.strip()}")

