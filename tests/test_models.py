@@ -50,8 +50,10 @@ def test_a_bf16_stored_model_trains_every_weight(tiny_llama: Path, tmp_path: Pat
     assert main(["train", "sft", "--config_path", str(write_config(tmp_path / "c.yaml", config))]) == 0
     before, after = load_file(tiny_llama / "model.safetensors"), load_file(tmp_path / "m" / "model.safetensors")
     assert all(tensor.dtype == torch.float32 for tensor in after.values())
-    # Norm weights start at exactly 1.0 and move by ~1e-6: representable in fp32, not in bf16.
-    assert changed_fraction(before, after) > 0.99
+    # Norm weights start at exactly 1.0 and move by ~1e-6: representable in fp32, not in bf16. The input
+    # embedding rows of tokens no batch contained get no gradient, so they are left out.
+    trained = [name for name in before if "embed_tokens" not in name]
+    assert changed_fraction({n: before[n] for n in trained}, {n: after[n] for n in trained}) > 0.99
 
 
 def test_bos_in_every_stage_for_llama_and_not_for_gpt2(tiny_llama: Path, tiny_model: Path) -> None:
