@@ -414,6 +414,8 @@ def check_model_paths(config: StageConfig, source: str) -> None:
     general = config.General
     for key in ("base_model", "model_name", "rm_name", "model_pretrain", "rm_pretrain"):
         location = getattr(general, key, None)
+        if location and "://" in location:  # object storage: checked by storage.check_config before training
+            continue
         looks_local = location and (location.startswith(("/", "./", "../", "~")) or Path(location).exists())
         if looks_local and not Path(location).expanduser().exists():
             raise ConfigError(f"{source}: General.{key}: no such model directory: {location}")

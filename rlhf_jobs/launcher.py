@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rlhf_jobs import preemption, storage, trackers
 from rlhf_jobs.config import ConfigError, StageConfig, TrainingBase
 
 RUN_NAME = "ray_train"
@@ -84,7 +85,7 @@ def _last_peak_memory(output_dir: str) -> float | None:
     """The highest per-worker peak RSS the run logged (`memory_peak_gib` in metrics.jsonl), if any."""
     import json
 
-    path = Path(output_dir) / "metrics.jsonl"
+    path = storage.local_dir(output_dir) / "metrics.jsonl"
     if not path.is_file():
         return None
     peaks = [json.loads(line).get("memory_peak_gib") for line in path.read_text().splitlines() if line.strip()]
@@ -150,12 +151,13 @@ def run_trainer(
 
     training = config.Training
     init_ray(training)
-    output_dir = Path(config.General.output_dir).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    trainer = TorchTrainer(
+    if not storage.is_remote(config.General.output_dir):
+        Path(config.General.output_dir).resolve().mkdir(parents=True, exist_ok=True)
+    storage_path, storage_filesystem = storage.ray_storage(config.General.output_dir)
+    make_trainer = lambda: TorchTrainer(  # noqa: E731  (one per attempt: a drained node's run starts again)
         train_loop,
         train_loop_config={"stage": config.stage, "config": absolute_paths(config.to_dict()), "data": data,
-                           "stop_at_step": stop_at_step},
+                           "stop_at_step": stop_at_step, "tracking": trackers.context()},
         scaling_config=ScalingConfig(
             num_workers=training.num_training_workers,
             use_gpu=training.use_gpu,
@@ -163,28 +165,33 @@ def run_trainer(
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=str(output_dir),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=training.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    try:
-        result = trainer.fit()
-        if result.error:  # an aborted run can return instead of raising
-            raise result.error
-    except Exception as err:
-        from rlhf_jobs.checkpoints import CheckpointError
-        from rlhf_jobs.data import DataError
-        from rlhf_jobs.models import ModelError
+    with preemption.DriverGuard() as guard:  # SIGTERM: stop after the current step (preemption.py)
+        while True:
+            try:
+                result = make_trainer().fit()
+                if result.error:  # an aborted run can return instead of raising
+                    raise result.error
+            except Exception as err:
+                from rlhf_jobs.checkpoints import CheckpointError
+                from rlhf_jobs.data import DataError
+                from rlhf_jobs.models import ModelError
 
-        failures = list(getattr(err, "worker_failures", {}).values())
-        user_errors = ConfigError | DataError | CheckpointError | ModelError
-        user_error = next((f for f in failures if isinstance(f, user_errors)), None)
-        if user_error is not None:  # a config problem only a worker could see: one line, not a traceback
-            raise user_error from None
-        if _memory_failure(err) or any(_memory_failure(f) for f in failures):
-            raise out_of_memory(config, err) from None
-        raise
+                failures = list(getattr(err, "worker_failures", {}).values())
+                user_errors = ConfigError | DataError | CheckpointError | ModelError
+                user_error = next((f for f in failures if isinstance(f, user_errors)), None)
+                if user_error is not None:  # a config problem only a worker could see: one line, not a traceback
+                    raise user_error from None
+                if _memory_failure(err) or any(_memory_failure(f) for f in failures):
+                    raise out_of_memory(config, err) from None
+                raise
+            if not guard.restart_after((result.metrics or {}).get("reason")):
+                break
     stopped = (result.metrics or {}).get(STOPPED_METRIC)
     if stopped is not None:
         raise RunStopped(config.stage, int(stopped), str(result.metrics.get("reason", "stopped")))

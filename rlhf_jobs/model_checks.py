@@ -21,8 +21,9 @@ def empty_model(name: str, task: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from rlhf_jobs.models import adapter_base
+    from rlhf_jobs.storage import local_model
 
-    config = AutoConfig.from_pretrained(adapter_base(name) or name, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(local_model(adapter_base(name) or name), trust_remote_code=trust_remote_code)
     auto_class = AutoModelForSequenceClassification if task == "SEQ_CLS" else AutoModelForCausalLM
     if task == "SEQ_CLS":
         config.num_labels = 1

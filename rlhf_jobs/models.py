@@ -3,7 +3,8 @@
 Trainable weights are loaded in fp32 whatever dtype the checkpoint was stored in (AdamW on bf16
 weights rounds most small updates away); frozen models may be loaded in the compute dtype.
 A directory holding a LoRA adapter (`adapter_config.json`) loads as its base model with the
-adapter merged in, so a stage can start from another stage's adapter-only export.
+adapter merged in, so a stage can start from another stage's adapter-only export. An `s3://` model is
+downloaded once per node first (`storage.local_model`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from rlhf_jobs import storage
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -33,7 +36,7 @@ class ModelError(ValueError):
 def load_tokenizer(name: str, trust_remote_code: bool = False, padding_side: str = "right") -> Any:
     """A tokenizer with a pad token (EOS when the model has none), padding on `padding_side`."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(storage.local_model(name), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:  # unreachable hub, missing or incomplete directory
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"cannot load the tokenizer of {name!r}: {first_line}") from None
@@ -57,13 +60,14 @@ def bos_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 def adapter_base(name: str) -> str | None:
     """The base model of a LoRA adapter directory, or None when `name` is a plain model."""
-    path = Path(name) / ADAPTER_CONFIG
+    path = Path(storage.local_model(name)) / ADAPTER_CONFIG
     return json.loads(path.read_text())["base_model_name_or_path"] if path.is_file() else None
 
 
 def stored_dtype(name: str, trust_remote_code: bool = False) -> torch.dtype:
     """The dtype a checkpoint's weights were saved in (its config's `dtype`), fp32 when unknown."""
-    config = AutoConfig.from_pretrained(adapter_base(name) or name, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(storage.local_model(adapter_base(name) or name),
+                                        trust_remote_code=trust_remote_code)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = DTYPES.get(dtype)
@@ -71,12 +75,13 @@ def stored_dtype(name: str, trust_remote_code: bool = False) -> torch.dtype:
 
 
 def _from_pretrained(auto_class: Any, name: str, dtype: torch.dtype, **kwargs: Any) -> PreTrainedModel:
+    name = storage.local_model(name)
     base = adapter_base(name)
     if base is None:
         return auto_class.from_pretrained(name, dtype=dtype, **kwargs)
     from peft import PeftModel
 
-    model = auto_class.from_pretrained(base, dtype=dtype, **kwargs)
+    model = auto_class.from_pretrained(storage.local_model(base), dtype=dtype, **kwargs)
     return PeftModel.from_pretrained(model, name).merge_and_unload()
 
 

@@ -179,8 +179,21 @@ def plan(backend: Backend, options: PipelineOptions) -> list[StagePlan]:
 
 
 def run_pipeline(backend: Backend, options: PipelineOptions) -> dict[str, Any]:
-    """Run the planned stages in order; returns the pipeline record."""
+    """Run the planned stages in order; returns the pipeline record.
+
+    A backend with a `tracking_group` (local) groups its stages' tracker runs under that name."""
+    from rlhf_jobs import trackers
+
     plans = plan(backend, options)
+    group = getattr(backend, "tracking_group", None)
+    if group is None:
+        return _run_plans(backend, plans)
+    report_to = {name for step in plans for name in trackers.report_to_of(step.config)}
+    with trackers.pipeline_group(group, sorted(report_to)):
+        return _run_plans(backend, plans)
+
+
+def _run_plans(backend: Backend, plans: list[StagePlan]) -> dict[str, Any]:
     record = backend.load_record()
     record.setdefault("stages", {})
     record["backend"] = backend.name

@@ -721,7 +721,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                                         "data_position": data_position})
         ray.train.report({"iteration": iteration, **metrics})
 
-    logger = MetricsLogger(general.output_dir, STAGE, worker.is_main)
+    logger = MetricsLogger(general.output_dir, STAGE, worker.is_main, config, loop_config.get("tracking"))
 
     def evaluate(at_iteration: int) -> dict[str, float]:
         metrics = evaluate_held_out(models, eval_prompts, training, worker)
@@ -827,7 +827,7 @@ def save_final(config: StageConfig, models: PPOModels, marker: dict[str, Any], w
                       directory / "critic" / "value_head.safetensors")
 
     path = write_atomically(general.checkpoint_dir, write, marker)
-    progress(worker, STAGE, f"final policy written to {path}" + (f" (critic in {path / 'critic'})" if critic else ""))
+    progress(worker, STAGE, f"final policy written to {path}" + (f" (critic in {path}/critic)" if critic else ""))
 
 
 def train(config: StageConfig, stop_at_step: int | None = None) -> Any:

@@ -240,7 +240,7 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> None:
         store.save(step, tensors, extra)
         ray.train.report({"step": step, **metrics})
 
-    logger = MetricsLogger(general.output_dir, task.stage, worker.is_main)
+    logger = MetricsLogger(general.output_dir, task.stage, worker.is_main, config, loop_config.get("tracking"))
     eval_metrics: dict[str, float] = {}
 
     def run_evaluation(at_step: int) -> dict[str, float]:

@@ -19,6 +19,7 @@ class LocalBackend:
 
     def __init__(self, workdir: str | Path) -> None:
         self.workdir = Path(workdir).resolve()
+        self.tracking_group = self.workdir.name  # W&B group / MLflow parent run of the stages
 
     def stage_paths(self, stage: str) -> tuple[str, str]:
         return str(self.workdir / f"{stage}-output"), str(self.workdir / stage)
