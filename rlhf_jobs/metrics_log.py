@@ -1,9 +1,10 @@
 """Rank 0's metrics: JSON lines in `output_dir/metrics.jsonl`, and the same records to every tracker
 in `Training.report_to` (TensorBoard scalars, MLflow, W&B: `trackers.py`).
 
-With `output_dir` in object storage the files are written to its local mirror (`storage.local_dir`)
-and uploaded every `SYNC_S` seconds and at `close`; a run resumed on another machine first downloads
-the earlier `metrics.jsonl` (and the tracker run ids), so the file stays whole.
+With `output_dir` in object storage the files are written to its local mirror (`storage.local_dir`):
+`metrics.jsonl` is uploaded after every record (one small PUT per logging step, so a killed run loses no
+line a local disk would have kept), TensorBoard's files every `SYNC_S` seconds and at `close`. A run
+resumed on another machine first downloads the earlier `metrics.jsonl` (and the tracker run ids).
 """
 
 from __future__ import annotations
@@ -59,17 +60,17 @@ class MetricsLogger:
             self.writer.flush()
         for tracker in self.trackers:
             tracker.log(step, split, metrics)
-        if self.remote and time.monotonic() - self.synced_at >= SYNC_S:
-            self.sync()
+        if self.remote:
+            self.sync(tensorboard=time.monotonic() - self.synced_at >= SYNC_S)
 
-    def sync(self) -> None:
+    def sync(self, tensorboard: bool = True) -> None:
         """Upload metrics.jsonl, the tracker ids and TensorBoard's files (remote output_dir only)."""
         if not (self.enabled and self.remote):
             return
         for name in SYNCED:
             if (self.local / name).is_file():
                 storage.upload_file(self.local / name, storage.join(self.output_dir, name))
-        if (self.local / "tensorboard").is_dir():
+        if tensorboard and (self.local / "tensorboard").is_dir():
             storage.upload_tree(self.local / "tensorboard", storage.join(self.output_dir, "tensorboard"))
         self.synced_at = time.monotonic()
 
