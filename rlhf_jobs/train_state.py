@@ -24,7 +24,9 @@ from typing import Any
 
 import torch
 
+from rlhf_jobs import storage
 from rlhf_jobs.distributed import is_distributed
+from rlhf_jobs.remote_state import RemoteCheckpoints
 from rlhf_jobs.worker import Worker
 
 CHECKPOINTS = "checkpoints"
@@ -73,8 +75,10 @@ class TrainState:
     """The checkpoints of one run's `output_dir`."""
 
     def __init__(self, output_dir: str, worker: Worker, keep: int = 2) -> None:
-        self.root = Path(output_dir) / CHECKPOINTS
+        self.root = storage.local_dir(output_dir) / CHECKPOINTS  # an s3:// output_dir: its local mirror
         self.worker, self.keep = worker, keep
+        self.remote = (RemoteCheckpoints(storage.join(output_dir, CHECKPOINTS), self.root, COMPLETE)
+                       if storage.is_remote(output_dir) else None)
 
     def _complete(self) -> list[tuple[int, Path]]:
         if not self.root.is_dir():
@@ -93,6 +97,8 @@ class TrainState:
             for path in self.root.iterdir():
                 if path not in keep:
                     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            if self.remote:
+                self.remote.clean(self.keep)
         _barrier()
 
     def save(self, step: int, tensors: dict[str, Any], extra: dict[str, Any]) -> Path:
@@ -108,9 +114,14 @@ class TrainState:
         if self.worker.is_main:
             torch.save(extra, path / EXTRA)
         _barrier()
+        if self.remote:
+            self.remote.upload_shards(path)
+            _barrier()
         if self.worker.is_main:
             (path / COMPLETE).write_text(json.dumps({"step": step, "time": time.time(),
                                                      "world_size": self.worker.world_size}) + "\n")
+            if self.remote:
+                self.remote.commit(path)
         self.clean()
         return path
 
@@ -119,6 +130,9 @@ class TrainState:
         there is none. Partial checkpoints are cleaned up first."""
         import torch.distributed.checkpoint as dcp
 
+        if self.remote:
+            self.remote.download_latest()
+            _barrier()
         self.clean()
         path = self.latest()
         if path is None:

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from servers.py)
 """Object storage against a real S3-compatible server (moto's) on loopback: pre-flight errors, final
 models published atomically and read back, models downloaded once per node, and real stages that write
 to S3, are killed, resume from S3, and feed the next stage from S3."""
@@ -67,7 +68,8 @@ def test_missing_bucket_fails_in_one_line_naming_the_key(s3_env, tmp_path, tiny_
 def test_missing_remote_model_names_the_key(s3_env, tmp_path, tiny_model, capsys):
     uri = f"{prefix()}/nothing-here"
     assert main(["train", "sft", "--config_path", sft_config(tmp_path, tiny_model, base_model=uri)]) == 2
-    assert capsys.readouterr().err.strip() == f"error: General.base_model: {uri}: no model there (no objects under this prefix)"
+    expected = f"error: General.base_model: {uri}: no model there (no objects under this prefix)"
+    assert capsys.readouterr().err.strip() == expected
 
 
 # ---- final models ------------------------------------------------------------------------------------
@@ -92,9 +94,9 @@ def test_final_model_round_trip_and_replacement(s3_env):
 def test_no_marker_means_not_finished_and_not_overwritable(s3_env):
     uri = f"{prefix()}/data"
     storage.write_text(f"{uri}/users-file.txt", "keep me")
-    with pytest.raises(CheckpointError, match="has no rlhf_stage.json, so it is not a finished SFT checkpoint"):
+    with pytest.raises(CheckpointError, match=r"has no rlhf_stage\.json, so it is not a finished SFT checkpoint"):
         require_stage(uri, "sft", "General.model_pretrain")
-    with pytest.raises(CheckpointError, match="is not empty and holds no rlhf_stage.json; refusing"):
+    with pytest.raises(CheckpointError, match=r"is not empty and holds no rlhf_stage\.json; refusing"):
         write_atomically(uri, write_files(1, "x"), {"stage": "sft"})
     assert storage.read_text(f"{uri}/users-file.txt") == "keep me"
     with pytest.raises(CheckpointError, match="does not exist; run the SFT stage first"):
