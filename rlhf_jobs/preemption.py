@@ -155,12 +155,15 @@ class DriverGuard:
 
 
 def _alive(pid: int) -> bool:
+    """A running process (an exited one its parent has not reaped yet, a zombie, is not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     return True
 
 

@@ -1,8 +1,8 @@
 """Experiment trackers named in `Training.report_to`: MLflow and Weights & Biases.
 
 `MetricsLogger` (rank 0) is the one call site: every record it appends to `metrics.jsonl` also goes
-to each tracker, as `<split>/<name>` at the record's step. A run's parameters are its config
-(flattened: `Training.learning_rate`), its name is the stage, and it carries the tags
+to each tracker, as `<split>/<name>` at the record's step. A run's parameters are its config (MLflow:
+flattened, `Training.learning_rate`; W&B: the nested config), its name is the stage, and it carries the tags
 `rlhf_jobs.stage` and `rlhf_jobs.group`. A resumed run continues the same tracker run (the ids are
 kept in `output_dir/trackers.json`).
 
@@ -164,7 +164,7 @@ def end_pipeline_run(group: str, finished: bool, tracking_uri: str | None = None
 
 
 class WandbTracker:
-    def __init__(self, stage: str, params: dict[str, str], settings: Mapping[str, str], run_id: str | None,
+    def __init__(self, stage: str, params: Mapping[str, Any], settings: Mapping[str, str], run_id: str | None,
                  directory: Path) -> None:
         import wandb
 
@@ -173,7 +173,7 @@ class WandbTracker:
         self.run = wandb.init(
             project=settings.get("WANDB_PROJECT") or DEFAULT_PROJECT, entity=settings.get("WANDB_ENTITY"),
             group=group, job_type=stage, name=f"{group}-{stage}" if group else stage, tags=[stage],
-            config=params, dir=str(directory), id=run_id, resume="allow" if run_id else None,
+            config=dict(params), dir=str(directory), id=run_id, resume="allow" if run_id else None,
             settings=wandb.Settings(silent=True, console="off"),
         )
         self.run_id = self.run.id
@@ -204,7 +204,7 @@ def open_trackers(report_to: Sequence[str], stage: str, config: Mapping[str, Any
     if "mlflow" in report_to:
         trackers["mlflow"] = MLflowTracker(stage, params, settings, saved.get("mlflow"))
     if "wandb" in report_to:
-        trackers["wandb"] = WandbTracker(stage, params, settings, saved.get("wandb"), local_output)
+        trackers["wandb"] = WandbTracker(stage, config, settings, saved.get("wandb"), local_output)
     if trackers:
         local_output.mkdir(parents=True, exist_ok=True)
         saved_path.write_text(json.dumps({name: t.run_id for name, t in trackers.items()}) + "\n")

@@ -1,0 +1,84 @@
+"""Preemption: SIGTERM to a real `rlhf-jobs train` mid-epoch (sent by the preStop hook, as on Kubernetes)
+stops it after the current step with a checkpoint; the re-run continues from that step."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, local_config, write_config
+
+from rlhf_jobs import preemption
+
+
+def train_steps(metrics: Path) -> list[int]:
+    if not metrics.is_file():
+        return []
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return [r["step"] for r in records if r["split"] == "train"]
+
+
+def test_hook_with_no_driver_returns_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(preemption.PID_DIR_ENV, str(tmp_path))
+    (tmp_path / "drivers").mkdir()
+    (tmp_path / "drivers" / "999999999").write_text("a driver that is gone\n")
+    start = time.monotonic()
+    assert preemption.main(["--wait", "30"]) == 0
+    assert time.monotonic() - start < 2 and not any((tmp_path / "drivers").iterdir()), "stale pid file removed"
+
+
+def test_requested_is_false_outside_a_run() -> None:
+    assert preemption.requested() is False
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_stops_after_the_step_and_the_rerun_continues_there(tiny_model: Path,
+                                                                             tmp_path: Path) -> None:
+    config = local_config("sft", base_model=tiny_model, output_dir=tmp_path / "out", checkpoint_dir=tmp_path / "model")
+    config["Training"].update(epochs=2, logging_steps=1)  # 7 steps per epoch; checkpoints only at epoch ends
+    path = str(write_config(tmp_path / "sft.yaml", config))
+    env = {**os.environ, preemption.PID_DIR_ENV: str(tmp_path / "pids")}
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    command = [sys.executable, "-m", "rlhf_jobs.cli", "train", "sft", "--config_path", path]
+
+    log = tmp_path / "first.log"
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    deadline = time.monotonic() + 300
+    while first.poll() is None and max(train_steps(metrics), default=0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert first.poll() is None, log.read_text()[-3000:]
+    signalled_after = max(train_steps(metrics))
+    assert signalled_after < 7, "mid-epoch"
+
+    # What Kubernetes runs in the head pod before SIGTERM: SIGTERM the registered drivers, wait for them.
+    hook = subprocess.run([sys.executable, "-m", "rlhf_jobs.preemption", "--wait", "240"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert hook.returncode == 0, hook.stderr
+    assert first.wait(timeout=30) == 75, log.read_text()[-3000:]  # EX_TEMPFAIL: run it again
+    output = log.read_text()
+    stopped = re.search(r"stopped after step (\d+) \(preempted\)", output)
+    assert stopped, output[-3000:]
+    stopped_at = int(stopped.group(1))
+    done_before_stop = max(train_steps(metrics))
+    assert stopped_at == done_before_stop, "the checkpoint holds every step the run did"
+    assert signalled_after <= stopped_at <= signalled_after + 2, "it stopped within a step of the signal"
+    assert (tmp_path / "out" / "checkpoints" / f"step-{stopped_at:08d}" / "complete.json").is_file()
+    assert not any((tmp_path / "pids" / "drivers").iterdir()), "the driver unregistered itself"
+
+    second_log = tmp_path / "second.log"
+    second = subprocess.run(command, cwd=REPO, env=env, stdout=second_log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True, timeout=400)
+    assert second.returncode == 0, second_log.read_text()[-3000:]
+    assert f"resuming at epoch 1, step {stopped_at}/14" in second_log.read_text()
+    steps = train_steps(metrics)
+    steps_lost = done_before_stop - stopped_at  # steps the first run did that the second had to redo
+    assert steps_lost == 0 and sorted(steps) == list(range(1, 15)), steps
+    assert (tmp_path / "model" / "rlhf_stage.json").is_file()
+    print(f"SIGTERM after step {signalled_after}: stopped after step {stopped_at}, steps lost {steps_lost}")
