@@ -190,9 +190,12 @@ def run_trainer(
                 if _memory_failure(err) or any(_memory_failure(f) for f in failures):
                     raise out_of_memory(config, err) from None
                 raise
-            if not guard.restart_after((result.metrics or {}).get("reason")):
+            # A loop that stopped early returns {STOPPED_METRIC, "reason"} (Result.metrics only holds the
+            # metrics of the last checkpoint Ray Train registered, and the loops register none).
+            outcome = result.return_value if isinstance(result.return_value, dict) else {}
+            if not guard.restart_after(outcome.get("reason")):
                 break
-    stopped = (result.metrics or {}).get(STOPPED_METRIC)
+    stopped = outcome.get(STOPPED_METRIC)
     if stopped is not None:
-        raise RunStopped(config.stage, int(stopped), str(result.metrics.get("reason", "stopped")))
+        raise RunStopped(config.stage, int(stopped), str(outcome.get("reason", "stopped")))
     return result

@@ -688,7 +688,7 @@ def evaluate_held_out(models: PPOModels, eval_prompts: list[dict[str, Any]] | No
 # ---- worker: the training loop -----------------------------------------------------------------------------
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
+def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     # -- hyperparameters and data
     config, worker = setup_worker(loop_config)
     general, training = config.General, config.Training
@@ -788,9 +788,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
             progress(worker, STAGE, f"stopped after iteration {iteration} ({stop_reason}); "
                                     "run the same command again to continue from here")
-            logger.close()
+            logger.close(finished=False)
             ray.train.report({STOPPED_METRIC: iteration, "reason": stop_reason})
-            return
+            return {STOPPED_METRIC: iteration, "reason": stop_reason}  # rank 0's reaches the driver
 
     if not eval_metrics:
         eval_metrics = evaluate(iteration)

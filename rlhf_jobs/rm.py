@@ -120,8 +120,8 @@ class RewardTask:
         return {"reward_stats": {"mean": eval_metrics["eval_reward_mean"], "std": eval_metrics["eval_reward_std"]}}
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
-    supervised.train_supervised(loop_config, RewardTask())
+def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    return supervised.train_supervised(loop_config, RewardTask())
 
 
 def train(config: StageConfig, stop_at_step: int | None = None) -> Any:

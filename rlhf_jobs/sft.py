@@ -110,8 +110,8 @@ class SFTTask:
         return {}
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
-    supervised.train_supervised(loop_config, SFTTask())
+def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    return supervised.train_supervised(loop_config, SFTTask())
 
 
 def train(config: StageConfig, stop_at_step: int | None = None) -> Any:

@@ -201,8 +201,9 @@ def accumulate_gradients(model: torch.nn.Module, task: SupervisedTask, micro_bat
     return loss_sum, step_items
 
 
-def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> None:
-    """Worker: the training loop itself."""
+def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> dict[str, Any] | None:
+    """Worker: the training loop itself. Returns {STOPPED_METRIC, "reason"} when it stopped early (Ray Train
+    hands rank 0's return value to the driver; `Result.metrics` only holds a checkpoint's metrics)."""
     config, worker = setup_worker(loop_config)
     general, training = config.General, config.Training
     train_examples, eval_examples = loop_config["data"]["train"], loop_config["data"]["eval"]
@@ -303,11 +304,11 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> None:
         if stop_reason:
             progress(worker, task.stage, f"stopped after step {step} ({stop_reason}); "
                                          "run the same command again to continue from here")
-            logger.close()
+            logger.close(finished=False)
             import ray.train
 
             ray.train.report({STOPPED_METRIC: step, "reason": stop_reason})
-            return
+            return {STOPPED_METRIC: step, "reason": stop_reason}
 
     if saved is not None and not eval_metrics:
         eval_metrics = run_evaluation(step)
@@ -315,6 +316,7 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> None:
     marker = {"stage": task.stage, "config": config.to_dict(), "step": step, "metrics": eval_metrics,
               **task.marker_extras(eval_metrics)}
     save_final_model(config, model, tokenizer, marker, worker, task.stage)
+    return None
 
 
 def save_final_model(config: StageConfig, model: torch.nn.Module, tokenizer: Any, marker: dict[str, Any],

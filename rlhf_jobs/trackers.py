@@ -48,11 +48,28 @@ def check(report_to: Sequence[str]) -> None:
     for name in names:
         if name in PACKAGES:
             module, extra = PACKAGES[name]
-            if importlib.util.find_spec(module) is None:
+            if _missing(module):
                 raise TrackerError(
                     f"Training.report_to: {name} needs the {module} package, which is not installed "
                     f"(pip install '{extra}')"
                 )
+    if "wandb" in names and not _wandb_can_log():
+        raise TrackerError("Training.report_to: wandb needs WANDB_API_KEY (on Kubernetes from a Secret), a "
+                           "`wandb login`, or WANDB_MODE=offline")
+
+
+def _missing(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except ValueError:  # in sys.modules as None: cannot be imported
+        return True
+
+
+def _wandb_can_log() -> bool:
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return True
+    netrc = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
 def context() -> dict[str, str]:
