@@ -86,3 +86,49 @@ def test_sigterm_mid_epoch_stops_after_the_step_and_the_rerun_continues_there(ti
     assert (tmp_path / "model" / "rlhf_stage.json").is_file()
     print(f"SIGTERM after step {signalled_after}: stopped after step {stopped_at} ({latency:.1f} s later), "
           f"steps lost {steps_lost}")
+
+
+@pytest.mark.slow
+def test_a_drained_node_stops_the_run_after_its_step_and_it_continues_on_another_node(tiny_model: Path,
+                                                                                       tmp_path: Path) -> None:
+    """What a worker pod's preStop does (`ray drain-node`, reason preemption) on a real 3-node Ray cluster:
+    the run stops after the step in progress with a checkpoint, and the driver, not told to go, starts it
+    again on a replacement node (as KubeRay would add), from that step."""
+    from ray._raylet import GcsClient
+    from ray.cluster_utils import Cluster
+    from ray.core.generated import autoscaler_pb2
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        doomed = cluster.add_node(num_cpus=1)
+        config = local_config("sft", base_model=tiny_model, output_dir=tmp_path / "out",
+                              checkpoint_dir=tmp_path / "model")
+        config["Training"].update(epochs=1, logging_steps=1, num_training_workers=1)
+        path = str(write_config(tmp_path / "sft.yaml", config))
+        env = {**os.environ, "RAY_ADDRESS": cluster.address, preemption.PID_DIR_ENV: str(tmp_path / "pids")}
+        metrics, log = tmp_path / "out" / "metrics.jsonl", tmp_path / "train.log"
+        run = subprocess.Popen([sys.executable, "-m", "rlhf_jobs.cli", "train", "sft", "--config_path", path],
+                               cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
+        deadline = time.monotonic() + 300
+        while run.poll() is None and max(train_steps(metrics), default=0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert run.poll() is None, log.read_text()[-3000:]
+        drained_after = max(train_steps(metrics))
+        accepted, message = GcsClient(address=cluster.gcs_address).drain_node(
+            doomed.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+            "test: pod is terminating", int(time.time() * 1000) + 120_000)
+        assert accepted, message
+        cluster.add_node(num_cpus=1)  # the replacement pod
+        assert run.wait(timeout=400) == 0, log.read_text()[-3000:]
+        output = log.read_text()
+        stopped = re.search(r"stopped after step (\d+) \(preempted\)", output)
+        assert stopped and "a node of this run is being drained" in output, output[-3000:]
+        stopped_at = int(stopped.group(1))
+        assert drained_after <= stopped_at and f"resuming at epoch 1, step {stopped_at}/" in output
+        steps = train_steps(metrics)
+        assert sorted(steps) == list(range(1, max(steps) + 1)), f"each step once: 0 steps lost ({steps})"
+        assert (tmp_path / "model" / "rlhf_stage.json").is_file()
+        print(f"drain after step {drained_after}: stopped after step {stopped_at}, continued on the new node")
+    finally:
+        cluster.shutdown()
