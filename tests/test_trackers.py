@@ -134,12 +134,14 @@ def test_pipeline_reports_every_metric_to_mlflow_and_wandb(mlflow_server: str, t
         records = list(wandb_records(wandb_files[0]))
         (run_record,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
         assert (run_record.run_group, run_record.job_type, run_record.display_name) == ("exp7", stage, f"exp7-{stage}")
-        logged_config = {item.key: json.loads(item.value_json) for item in run_record.config.update}
+        logged_config = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in run_record.config.update}
         assert {key: logged_config[key] for key in config} == config, "the run's config"
         history: dict[str, dict[int, float]] = {}
         for record in records:
             if record.WhichOneof("record_type") == "history":
-                row = {item.key: json.loads(item.value_json) for item in record.history.item}
+                row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                       for item in record.history.item}
                 for key, value in row.items():
                     if "/" in key:
                         history.setdefault(key, {})[int(row["step"])] = value
