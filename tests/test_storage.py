@@ -156,7 +156,9 @@ def test_stages_write_to_s3_resume_from_it_and_read_from_it(s3_env, tiny_model, 
     def stage_config(stage: str, base_model: str) -> str:
         config = local_config(stage, base_model=base_model, output_dir=f"{root}/{stage}-output",
                               checkpoint_dir=f"{root}/{stage}")
-        config["Training"].update(epochs=2, save_steps=2, logging_steps=1)
+        config["Training"].update(epochs=1, save_steps=2, logging_steps=1)
+        if stage == "rm":
+            config["Training"]["max_train_steps"] = 3
         return str(write_config(tmp_path / f"{stage}.yaml", config))
 
     # SFT from a model in S3; killed (SIGKILL, the whole process group) once a checkpoint is in S3.
