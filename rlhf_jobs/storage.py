@@ -218,10 +218,15 @@ def read_text(uri: str) -> str | None:
     from pyarrow import fs
 
     remote_fs, path = filesystem(uri)
-    if remote_fs.get_file_info(path).type != fs.FileType.File:
+    try:
+        with remote_fs.open_input_stream(path) as stream:
+            return stream.read().decode()
+    except FileNotFoundError:  # none there, or deleted since it was listed
         return None
-    with remote_fs.open_input_stream(path) as stream:
-        return stream.read().decode()
+    except OSError:
+        if remote_fs.get_file_info(path).type != fs.FileType.File:
+            return None
+        raise
 
 
 def write_text(uri: str, text: str) -> None:
