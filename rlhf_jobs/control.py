@@ -8,11 +8,13 @@ SIGTERM). The decision is all-reduced, so every worker stops after the same step
 
 from __future__ import annotations
 
+from typing import Any
+
 from rlhf_jobs.distributed import all_reduce_sum
 from rlhf_jobs.launcher import STOPPED_METRIC
-from rlhf_jobs.worker import Worker
+from rlhf_jobs.worker import Worker, progress
 
-__all__ = ["STOPPED_METRIC", "StopControl"]
+__all__ = ["STOPPED_METRIC", "StopControl", "stopped"]
 
 
 def preemption_requested() -> bool:
@@ -35,3 +37,15 @@ class StopControl:
         if self.stop_at_step is not None and step >= self.stop_at_step:
             return f"--stop-at-step {self.stop_at_step}"
         return None
+
+
+def stopped(worker: Worker, stage: str, step: int, reason: str, logger: Any) -> dict[str, Any]:
+    """End a loop that stopped early (its checkpoint is written): say so, leave the tracker runs unfinished,
+    and return what the driver reads (Ray Train hands rank 0's return value to `Result.return_value`;
+    `Result.metrics` would only hold a registered checkpoint's metrics)."""
+    import ray.train
+
+    progress(worker, stage, f"stopped after step {step} ({reason}); run the same command again to continue")
+    logger.close(finished=False)
+    ray.train.report({STOPPED_METRIC: step, "reason": reason})
+    return {STOPPED_METRIC: step, "reason": reason}

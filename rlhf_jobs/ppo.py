@@ -54,7 +54,7 @@ from rlhf_jobs.adapters import add_lora, disabled_adapter
 from rlhf_jobs.batching import pad
 from rlhf_jobs.checkpoints import require_stage, write_atomically
 from rlhf_jobs.config import PPOTraining, StageConfig
-from rlhf_jobs.control import STOPPED_METRIC, StopControl
+from rlhf_jobs.control import StopControl, stopped
 from rlhf_jobs.data import PPO_SCHEMA, DataError, load_splits
 from rlhf_jobs.distributed import Moments, all_reduce_max, all_reduce_sum, global_mean_var, peak_memory_gib
 from rlhf_jobs.logprobs import entropy, selective_log_softmax
@@ -784,13 +784,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         if iteration % save_steps == 0 or iteration == iterations or stop_reason:
             save_checkpoint({**metrics, **eval_metrics})
         if stop_reason:
-            import ray.train
-
-            progress(worker, STAGE, f"stopped after iteration {iteration} ({stop_reason}); "
-                                    "run the same command again to continue from here")
-            logger.close(finished=False)
-            ray.train.report({STOPPED_METRIC: iteration, "reason": stop_reason})
-            return {STOPPED_METRIC: iteration, "reason": stop_reason}  # rank 0's reaches the driver
+            return stopped(worker, STAGE, iteration, stop_reason, logger)
 
     if not eval_metrics:
         eval_metrics = evaluate(iteration)

@@ -35,7 +35,7 @@ from rlhf_jobs import export, launcher, optim, sharding
 from rlhf_jobs.adapters import Task, add_lora
 from rlhf_jobs.checkpoints import write_atomically
 from rlhf_jobs.config import ConfigError, StageConfig, TrainingBase
-from rlhf_jobs.control import STOPPED_METRIC, StopControl
+from rlhf_jobs.control import StopControl, stopped
 from rlhf_jobs.data import RecordSchema, load_splits
 from rlhf_jobs.distributed import all_reduce_max, all_reduce_sum, peak_memory_gib
 from rlhf_jobs.metrics_log import MetricsLogger
@@ -302,13 +302,7 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> dict[
         elif (training.save_steps and step % training.save_steps == 0) or stop_reason:
             save_checkpoint({})
         if stop_reason:
-            progress(worker, task.stage, f"stopped after step {step} ({stop_reason}); "
-                                         "run the same command again to continue from here")
-            logger.close(finished=False)
-            import ray.train
-
-            ray.train.report({STOPPED_METRIC: step, "reason": stop_reason})
-            return {STOPPED_METRIC: step, "reason": stop_reason}
+            return stopped(worker, task.stage, step, stop_reason, logger)
 
     if saved is not None and not eval_metrics:
         eval_metrics = run_evaluation(step)

@@ -36,6 +36,21 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(model_dir / "model.safetensors")
 
 
+def assert_same_weights(model_dir: Path, reference_dir: Path, rtol: float, atol: float) -> None:
+    final, reference = weights(model_dir), weights(reference_dir)
+    assert final.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(final[name], tensor, rtol=rtol, atol=atol, msg=name)
+
+
+def ppo_config(tmp_path: Path, name: str, policy: Path, sft: Path, rm: Path, **training: object) -> dict:
+    config = local_config("ppo", model_name=policy, rm_name=policy, output_dir=tmp_path / name / "out",
+                          checkpoint_dir=tmp_path / name / "model")
+    config["General"].update(model_pretrain=str(sft), rm_pretrain=str(rm))
+    config["Training"].update({"eval_steps": 100, "save_critic": False, **training})
+    return config
+
+
 def run(stage: str, config: dict, path: Path, *args: str) -> None:
     assert main(["train", stage, "--config_path", str(write_config(path, config)), *args]) == 0
 
@@ -64,45 +79,34 @@ def test_sft_stopped_mid_epoch_and_resumed_equals_uninterrupted(lora, tiny_model
     for step, record in expected.items():  # dropout, data order, optimizer and schedule all restored
         assert resumed[step]["loss"] == pytest.approx(record["loss"], rel=1e-6), step
         assert resumed[step]["learning_rate"] == pytest.approx(record["learning_rate"], rel=1e-9), step
-    final, reference = weights(tmp_path / "split" / "model"), weights(tmp_path / "whole" / "model")
-    for name, tensor in reference.items():
-        torch.testing.assert_close(final[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+    assert_same_weights(tmp_path / "split" / "model", tmp_path / "whole" / "model", rtol=1e-6, atol=1e-7)
 
 
 def test_ppo_stopped_and_resumed_equals_uninterrupted(
     tiny_model: Path, sft_checkpoint: Path, rm_checkpoint: Path, tmp_path: Path
 ) -> None:
-    def ppo_config(name: str) -> dict:
-        config = local_config("ppo", model_name=tiny_model, rm_name=tiny_model, output_dir=tmp_path / name / "out",
-                              checkpoint_dir=tmp_path / name / "model")
-        config["General"].update(model_pretrain=str(sft_checkpoint), rm_pretrain=str(rm_checkpoint))
-        config["Training"].update(training_iteration=4, eval_steps=100, target_kl=0.5, save_dtype="float32",
-                                  save_critic=False)  # the adaptive KL coefficient must resume too
-        return config
-
-    run("ppo", ppo_config("whole"), tmp_path / "whole.yaml")
-    run("ppo", ppo_config("split"), tmp_path / "split.yaml", "--stop-at-step", "2")
-    run("ppo", ppo_config("split"), tmp_path / "split.yaml")
+    # target_kl: the adaptive KL coefficient must resume too
+    configs = {name: ppo_config(tmp_path, name, tiny_model, sft_checkpoint, rm_checkpoint, training_iteration=4,
+                                target_kl=0.5, save_dtype="float32") for name in ("whole", "split")}
+    run("ppo", configs["whole"], tmp_path / "whole.yaml")
+    run("ppo", configs["split"], tmp_path / "split.yaml", "--stop-at-step", "2")
+    run("ppo", configs["split"], tmp_path / "split.yaml")
     expected, resumed = records(tmp_path / "whole" / "out"), records(tmp_path / "split" / "out")
     assert sorted(resumed) == sorted(expected) == [1, 2, 3, 4]
     for step, record in expected.items():
         for name in ("score_mean", "kl", "kl_coeff", "policy_loss", "value_loss", "explained_variance", "entropy"):
             assert resumed[step][name] == pytest.approx(record[name], rel=1e-5, abs=1e-7), (step, name)
-    final, reference = weights(tmp_path / "split" / "model"), weights(tmp_path / "whole" / "model")
-    for name, tensor in reference.items():
-        torch.testing.assert_close(final[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_weights(tmp_path / "split" / "model", tmp_path / "whole" / "model", rtol=1e-5, atol=1e-6)
 
 
 def test_ppo_first_iteration_under_fsdp_matches_ddp(
     tiny_model: Path, sft_checkpoint: Path, rm_checkpoint: Path, tmp_path: Path
 ) -> None:
     for strategy in ("ddp", "fsdp"):
-        config = local_config("ppo", model_name=tiny_model, rm_name=tiny_model, output_dir=tmp_path / strategy,
-                              checkpoint_dir=tmp_path / f"{strategy}-model")
-        config["General"].update(model_pretrain=str(sft_checkpoint), rm_pretrain=str(rm_checkpoint))
-        config["Training"].update(training_iteration=1, eval_steps=100, strategy=strategy, save_critic=False)
+        config = ppo_config(tmp_path, strategy, tiny_model, sft_checkpoint, rm_checkpoint, training_iteration=1,
+                            strategy=strategy)
         run("ppo", config, tmp_path / f"{strategy}.yaml")
-    ddp, fsdp = records(tmp_path / "ddp")[1], records(tmp_path / "fsdp")[1]
+    ddp, fsdp = records(tmp_path / "ddp" / "out")[1], records(tmp_path / "fsdp" / "out")[1]
     for name in ("score_mean", "kl", "entropy", "policy_loss", "value_loss", "clip_fraction", "approx_kl",
                  "explained_variance", "response_length"):
         assert fsdp[name] == pytest.approx(ddp[name], rel=SHARDING_TOLERANCE, abs=1e-6), name
@@ -121,9 +125,7 @@ def test_fsdp_follows_the_ddp_loss_curve(stage: str, tiny_model: Path, sft_check
         assert fsdp[step]["loss"] == pytest.approx(ddp[step]["loss"], rel=SHARDING_TOLERANCE), step
     ddp_eval, fsdp_eval = records(tmp_path / "ddp" / "out", "eval"), records(tmp_path / "fsdp" / "out", "eval")
     assert fsdp_eval[6]["eval_loss"] == pytest.approx(ddp_eval[6]["eval_loss"], rel=SHARDING_TOLERANCE)
-    final, reference = weights(tmp_path / "fsdp" / "model"), weights(tmp_path / "ddp" / "model")
-    for name, tensor in reference.items():
-        torch.testing.assert_close(final[name], tensor, rtol=1e-3, atol=1e-5, msg=name)
+    assert_same_weights(tmp_path / "fsdp" / "model", tmp_path / "ddp" / "model", rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
