@@ -26,10 +26,10 @@ help: ## Show this help
 
 ##@ Local
 
-$(BIN)/rlhf-jobs: pyproject.toml
+$(BIN)/rlhf-jobs: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --retries 10 --resume-retries 10 -c constraints.txt -e '.[dev]'
 	@touch $@
 
 .PHONY: venv
@@ -68,7 +68,7 @@ BENCH_VENV ?= .venv-bench
 $(BENCH_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
-	$(BENCH_VENV)/bin/pip install --quiet -e '.[bench]' torch==2.13.0
+	$(BENCH_VENV)/bin/pip install --quiet --retries 10 --resume-retries 10 -e '.[bench]' torch==2.13.0
 	@touch $@
 
 .PHONY: bench

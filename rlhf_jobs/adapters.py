@@ -46,11 +46,15 @@ def add_lora(model: torch.nn.Module, lora: LoRA, task: Task, key: str = "Trainin
             raise AdapterError(f"{key}.target_modules: {type(model).__name__} has no module named "
                                f"{', '.join(map(repr, missing))} {hint}")
     try:
-        return get_peft_model(model, lora_config(lora, task, exclude))
+        adapted = get_peft_model(model, lora_config(lora, task, exclude))
     except (ValueError, TypeError, NotImplementedError) as err:
         raise AdapterError(
             f"{key}: cannot add LoRA to {type(model).__name__}: {str(err).splitlines()[0]} {hint}"
         ) from None
+    for parameter in adapted.parameters():  # fp32 masters: adapters and a classifier's head, over a bf16 base
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+    return adapted
 
 
 def is_adapted(model: torch.nn.Module) -> bool:

@@ -405,7 +405,7 @@ def load_models(config: StageConfig, worker: Worker, reward_stats: dict[str, flo
     rm_tokenizer = load_tokenizer(rm_path, trust, padding_side="right")
     rm_tokenizer.truncation_side = "left"
 
-    policy = load_causal_lm(policy_path, tokenizer, trust, dropout=False, dtype=frozen_dtype if lora else torch.float32)
+    policy = load_causal_lm(policy_path, tokenizer, trust, dropout=False, dtype=sharding.load_dtype(training))
     reference = None
     if lora:
         policy = add_lora(policy, lora, "CAUSAL_LM")
@@ -415,7 +415,7 @@ def load_models(config: StageConfig, worker: Worker, reward_stats: dict[str, flo
     # head then starts as the normalised score), else from the policy's backbone with a fresh value head.
     same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
     classifier = load_reward_model(rm_path if same_vocab else policy_path, tokenizer, trust, dropout=False,
-                                   dtype=frozen_dtype if lora else torch.float32)
+                                   dtype=sharding.load_dtype(training))
     critic = Critic.from_classifier(classifier, reward_stats if same_vocab else None)
     if lora:  # the transformer gets adapters; the score head stays the reward model's
         critic.classifier = add_lora(classifier, lora, "FEATURE_EXTRACTION", exclude=("score", "classifier"))

@@ -20,6 +20,7 @@ from rlhf_jobs.data import RM_SCHEMA
 from rlhf_jobs.distributed import Moments
 from rlhf_jobs.models import bos_ids, load_reward_model, load_tokenizer
 from rlhf_jobs.prompts import join_response, record_prompt
+from rlhf_jobs.sharding import load_dtype
 from rlhf_jobs.worker import Worker
 
 
@@ -73,7 +74,8 @@ class RewardTask:
         self.tokenizer = load_tokenizer(general.base_model, general.trust_remote_code)
         # Dropout off, as TRL's RewardTrainer does: scores are deterministic and training is faster
         # (bench/RESULTS.md: the whole RM throughput gap to TRL was dropout).
-        model = load_reward_model(general.base_model, self.tokenizer, general.trust_remote_code, dropout=False)
+        model = load_reward_model(general.base_model, self.tokenizer, general.trust_remote_code, dropout=False,
+                                  dtype=load_dtype(config.Training))
         return model, self.tokenizer
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ from rlhf_jobs.config import StageConfig
 from rlhf_jobs.data import SFT_SCHEMA, DataError
 from rlhf_jobs.models import bos_ids, load_causal_lm, load_tokenizer
 from rlhf_jobs.prompts import join_response, record_prompt
+from rlhf_jobs.sharding import load_dtype
 from rlhf_jobs.worker import Worker
 
 IGNORE_INDEX = -100
@@ -86,7 +87,8 @@ class SFTTask:
     def build(self, config: StageConfig, worker: Worker) -> tuple[Any, Any]:
         general = config.General
         self.tokenizer = load_tokenizer(general.base_model, general.trust_remote_code)
-        model = load_causal_lm(general.base_model, self.tokenizer, general.trust_remote_code)
+        model = load_causal_lm(general.base_model, self.tokenizer, general.trust_remote_code,
+                               dtype=load_dtype(config.Training))
         return model, self.tokenizer
 
     def collate(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:

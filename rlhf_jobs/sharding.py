@@ -29,6 +29,12 @@ def compute_dtype(training: TrainingBase) -> torch.dtype | None:
     return COMPUTE_DTYPES[training.mixed_precision]
 
 
+def load_dtype(training: TrainingBase) -> torch.dtype:
+    """The dtype to load a model that will train in: fp32 masters, except under LoRA, whose base weights
+    are frozen and may stay in the compute dtype (the adapters are fp32 either way, see `add_lora`)."""
+    return (compute_dtype(training) or torch.float32) if training.lora else torch.float32
+
+
 def hf_model(model: torch.nn.Module) -> Any:
     """The transformers model inside a peft wrapper or our Critic."""
     for attribute in ("classifier",):
