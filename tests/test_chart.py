@@ -9,6 +9,7 @@ $RLHF_KUBERAY_CRD_DIR (default ../shared/kuberay).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from pathlib import Path
@@ -25,6 +26,8 @@ from chart_helpers import (
     RAYJOB_CRD_FILE,
     REPO,
     STAGES,
+    STAGES_FILE,
+    HelmError,
     by_kind,
     core_errors,
     crd_dir,
@@ -973,3 +976,97 @@ def test_dry_run_says_it_needs_helm(tmp_path: Path, capsys: pytest.CaptureFixtur
         helm_module.Helm.__init__ = original
     error = capsys.readouterr().err
     assert "not found on PATH: the kuberay backend renders the chart with Helm, even for --dry-run" in error
+
+
+# ---- issue 12 (chart side): the stage registry, generated into the chart ------------------------------
+
+
+def test_stage_file_is_generated_from_the_registry(tmp_path: Path) -> None:
+    """helm/files/stages.json is the registry's stages in pipeline order with their inputs, and the schema's `stage`
+    enum lists them; `make schema` leaves both as they are, and a stale stage file is found."""
+    import json
+
+    from rlhf_jobs import stages
+    from rlhf_jobs.backends import chart_schema
+
+    assert chart_schema.main(["--check"]) == 0, "helm/files/stages.json or values.schema.json is stale: make schema"
+    written = json.loads(STAGES_FILE.read_text())
+    assert [entry["name"] for entry in written["stages"]] == list(stages.NAMES) == list(STAGES)
+    assert {entry["name"]: entry["inputs"] for entry in written["stages"]} == {
+        name: dict(stage.inputs) for name, stage in stages.REGISTRY.items()}
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["properties"]["stage"]["enum"] == ["", *stages.NAMES]
+    stale = json.loads(STAGES_FILE.read_text())
+    stale["stages"][-1]["inputs"].pop(next(iter(stale["stages"][-1]["inputs"])))
+    path = tmp_path / "stages.json"
+    path.write_text(chart_schema.render(stale))
+    assert chart_schema.main(["--check", "--stages", str(path)]) == 1
+    assert chart_schema.main(["--check", "--stages", str(tmp_path / "missing.json")]) == 1
+
+
+def _chart_with_stages(tmp_path: Path, entries: list[dict]) -> Path:
+    """A copy of the chart whose stage file lists `entries`."""
+    import json
+    import shutil
+
+    chart = tmp_path / "helm"
+    shutil.copytree(CHART, chart)
+    (chart / "files" / "stages.json").write_text(json.dumps({"stages": entries}))
+    return chart
+
+
+def _template(chart: Path, release: str, *sets: str) -> list[dict]:
+    args = ["template", release, str(chart), "--namespace", "rlhf"]
+    for item in sets:
+        args += ["--set", item]
+    return [doc for doc in yaml.safe_load_all(helm(*args)) if doc]
+
+
+def test_templates_take_stages_and_chaining_from_the_stage_file(tmp_path: Path) -> None:
+    """Nothing in the templates names a stage: a fourth stage in the stage file gets its release-name suffix, its
+    inputs filled from the earlier stages, the next-stage line after PPO; the first stage creates the PVC."""
+    registry = json.loads(STAGES_FILE.read_text())["stages"]
+    chart = _chart_with_stages(tmp_path / "four", [*registry, {"name": "dpo", "inputs": {"model_pretrain": "sft"}}])
+    objects = _template(chart, "rlhf-dpo", "run=exp1")
+    rayjob = one(objects, "RayJob")
+    assert rayjob["spec"]["entrypoint"].startswith("rlhf-jobs train dpo --config_path ")
+    assert rayjob["metadata"]["labels"]["rlhf-jobs.io/stage"] == "dpo"
+    assert stage_config(objects)["General"] == {"checkpoint_dir": "/mnt/rlhf/exp1/dpo",
+                                                "output_dir": "/mnt/rlhf/exp1/work/dpo",
+                                                "model_pretrain": "/mnt/rlhf/exp1/sft"}
+    assert "PersistentVolumeClaim" not in by_kind(objects)
+    notes = helm("install", "rlhf-ppo", str(chart), "--dry-run=client", "--namespace", "rlhf").split("NOTES:", 1)[1]
+    assert "Next stage: helm install rlhf-dpo ./helm -n rlhf --set run=default" in notes
+    try:
+        _template(chart, "trainer")
+        raise AssertionError("rendered without a stage")
+    except HelmError as err:
+        assert 'the release name "trainer" does not end in -sft, -rm, -ppo or -dpo' in str(err)
+        assert "--set stage=sft|rm|ppo|dpo" in str(err)
+
+    # Another order and no chaining: the first stage's release creates the PVC, PPO's inputs stay as values say.
+    reordered = [{**entry, "inputs": {}} for entry in (registry[1], registry[0], *registry[2:])]
+    chart = _chart_with_stages(tmp_path / "reordered", reordered)
+    assert one(_template(chart, f"rlhf-{reordered[0]['name']}"), "PersistentVolumeClaim")
+    assert "PersistentVolumeClaim" not in by_kind(_template(chart, "rlhf-sft"))
+    general = stage_config(_template(chart, "rlhf-ppo"))["General"]
+    assert general["model_pretrain"] == DEFAULTS["configs"]["ppo"]["General"]["model_pretrain"]
+
+    (chart / "files" / "stages.json").unlink()
+    try:
+        _template(chart, "rlhf-sft")
+        raise AssertionError("rendered without files/stages.json")
+    except HelmError as err:
+        assert "the chart has no files/stages.json (the stage registry): run `make schema`" in str(err)
+
+
+def test_report_to_may_be_one_name_as_the_trainer_reads_it(tmp_path: Path) -> None:
+    """`report_to: none` is what the trainers take (one name or a list); the generated schema refused it."""
+    config_module = pytest.importorskip("rlhf_jobs.config")
+    path = tmp_path / "config.yaml"
+    path.write_text(one(render("rlhf-sft", sets=("configs.sft.Training.report_to=none",)), "ConfigMap")["data"][
+        "config.yaml"])
+    assert config_module.load_config(path, "sft", paths=False).Training.report_to == ["none"]
+    for bad in ("configs.sft.Training.report_to=neptune", "configs.sft.Training.report_to={tensorboard,neptune}"):
+        assert "at '/configs/sft/Training/report_to'" in render_error("rlhf-sft", sets=(bad,))
+

@@ -23,18 +23,88 @@ Chart label value.
 {{- end }}
 
 {{/*
-The stage: .Values.stage, else the release name's suffix (-sft, -rm, -ppo), else fail.
+The stage registry as JSON: files/stages.json, generated from rlhf_jobs/stages.py by `make schema` (a test fails
+when it is stale). {"stages": [{"name": "sft", "inputs": {}}, ...]} in pipeline order; `inputs` maps a General
+key to the earlier stage whose final model it reads (PPO: model_pretrain -> sft, rm_pretrain -> rm).
+Use: $registry := include "rlhf-jobs.registry" . | fromJson
+*/}}
+{{- define "rlhf-jobs.registry" -}}
+{{- $text := .Files.Get "files/stages.json" }}
+{{- if not $text }}
+{{- fail "the chart has no files/stages.json (the stage registry): run `make schema`" }}
+{{- end }}
+{{- $text }}
+{{- end }}
+
+{{/*
+The registry's stage names, in pipeline order, joined by spaces ("sft rm ppo").
+*/}}
+{{- define "rlhf-jobs.stageNames" -}}
+{{- $names := list }}
+{{- range (include "rlhf-jobs.registry" . | fromJson).stages }}
+{{- $names = append $names .name }}
+{{- end }}
+{{- join " " $names }}
+{{- end }}
+
+{{/*
+The stage: .Values.stage, else the release name's suffix (-sft, -rm, -ppo: the registry's stages), else fail.
 */}}
 {{- define "rlhf-jobs.stage" -}}
 {{- if .Values.stage }}
 {{- .Values.stage }}
 {{- else }}
-{{- $suffix := regexFind "-(sft|rm|ppo)$" .Release.Name }}
+{{- $names := splitList " " (include "rlhf-jobs.stageNames" .) }}
+{{- $quoted := list }}
+{{- $suffixes := list }}
+{{- range $names }}
+{{- $quoted = append $quoted (regexQuoteMeta .) }}
+{{- $suffixes = append $suffixes (printf "-%s" .) }}
+{{- end }}
+{{- $suffix := regexFind (printf "-(%s)$" (join "|" $quoted)) .Release.Name }}
 {{- if not $suffix }}
-{{- fail (printf "cannot tell the stage: `stage` is not set and the release name %q does not end in -sft, -rm or -ppo. Set --set stage=sft|rm|ppo, or name the release after the stage (e.g. helm install rlhf-sft ./helm)." .Release.Name) }}
+{{- $listed := last $suffixes }}
+{{- if gt (len $suffixes) 1 }}
+{{- $listed = printf "%s or %s" (join ", " (initial $suffixes)) (last $suffixes) }}
+{{- end }}
+{{- fail (printf "cannot tell the stage: `stage` is not set and the release name %q does not end in %s. Set --set stage=%s, or name the release after the stage (e.g. helm install rlhf-%s ./helm)." .Release.Name $listed (join "|" $names) (first $names)) }}
 {{- end }}
 {{- trimPrefix "-" $suffix }}
 {{- end }}
+{{- end }}
+
+{{/*
+The first stage of the pipeline (its release creates the run's PVC with storage.create: auto).
+*/}}
+{{- define "rlhf-jobs.firstStage" -}}
+{{- first (splitList " " (include "rlhf-jobs.stageNames" .)) }}
+{{- end }}
+
+{{/*
+The stage after this release's one in the pipeline; empty for the last.
+*/}}
+{{- define "rlhf-jobs.nextStage" -}}
+{{- $stage := include "rlhf-jobs.stage" . }}
+{{- $names := splitList " " (include "rlhf-jobs.stageNames" .) }}
+{{- range $index, $name := $names }}
+{{- if and (eq $name $stage) (lt (add1 $index) (len $names)) }}
+{{- index $names (add1 $index) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+This release's stage's inputs from the registry, as JSON: {"model_pretrain": "sft", ...} ({} for most stages).
+*/}}
+{{- define "rlhf-jobs.stageInputs" -}}
+{{- $stage := include "rlhf-jobs.stage" . }}
+{{- $inputs := dict }}
+{{- range (include "rlhf-jobs.registry" . | fromJson).stages }}
+{{- if eq .name $stage }}
+{{- $inputs = .inputs }}
+{{- end }}
+{{- end }}
+{{- toJson $inputs }}
 {{- end }}
 
 {{/*
@@ -102,13 +172,13 @@ Claim name of the checkpoint PVC: existingClaim, else storage.name, else rlhf-<r
 {{- end }}
 
 {{/*
-"true" when this release creates the PVC: never with existingClaim; `auto` = only in the sft stage.
+"true" when this release creates the PVC: never with existingClaim; `auto` = only in the first stage (sft).
 */}}
 {{- define "rlhf-jobs.createPVC" -}}
 {{- $create := .Values.storage.create }}
 {{- if or .Values.storage.existingClaim (not (include "rlhf-jobs.usePVC" .)) }}
 {{- else if eq (toString $create) "auto" }}
-{{- if eq (include "rlhf-jobs.stage" .) "sft" }}true{{ end }}
+{{- if eq (include "rlhf-jobs.stage" .) (include "rlhf-jobs.firstStage" .) }}true{{ end }}
 {{- else if eq (toString $create) "true" }}true
 {{- end }}
 {{- end }}
@@ -129,7 +199,8 @@ Directory of this run: under storage.remote (object storage, e.g. s3://bucket/pr
 {{- end }}
 
 {{/*
-The stage's training config (YAML), with the chart's path defaults filled in.
+The stage's training config (YAML), with the chart's path defaults filled in: checkpoint_dir, output_dir, and
+each of the stage's registry inputs (PPO's model_pretrain/rm_pretrain) from the earlier stage's checkpoint_dir.
 */}}
 {{- define "rlhf-jobs.trainingConfig" -}}
 {{- $stage := include "rlhf-jobs.stage" . }}
@@ -142,14 +213,12 @@ The stage's training config (YAML), with the chart's path defaults filled in.
 {{- if not (get $general "output_dir") }}
 {{- $_ := set $general "output_dir" (printf "%s/work/%s" $runDir $stage) }}
 {{- end }}
-{{- if eq $stage "ppo" }}
-{{- range $key, $from := dict "model_pretrain" "sft" "rm_pretrain" "rm" }}
+{{- range $key, $from := include "rlhf-jobs.stageInputs" . | fromJson }}
 {{- if not (get $general $key) }}
 {{- if $.Values.chainStages }}
 {{- $_ := set $general $key (printf "%s/%s" $runDir $from) }}
 {{- else }}
 {{- $_ := set $general $key nil }}
-{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
