@@ -1070,3 +1070,134 @@ def test_report_to_may_be_one_name_as_the_trainer_reads_it(tmp_path: Path) -> No
     for bad in ("configs.sft.Training.report_to=neptune", "configs.sft.Training.report_to={tensorboard,neptune}"):
         assert "at '/configs/sft/Training/report_to'" in render_error("rlhf-sft", sets=(bad,))
 
+
+# ---- issue 14 (chart side): FSDP on Kubernetes ----------------------------------------------------------
+
+FSDP_SCENARIO = CHART / "ci" / "gpu-fsdp-values.yaml"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_gpu_fsdp_scenario(stage: str) -> None:
+    """One Ray Train worker per GPU, several of them, all mounting read-write the one ReadWriteMany claim where every
+    rank writes its checkpoint shard (output_dir/checkpoints/step-N/), /dev/shm of 16Gi."""
+    objects = rendered(stage, FSDP_SCENARIO)
+    config = stage_config(objects)
+    training = config["Training"]
+    assert (training["strategy"], training["mixed_precision"], training["gradient_checkpointing"]) == (
+        "fsdp", "bf16", True)
+    assert training["num_training_workers"] > 1 and training["resources_per_worker"]["GPU"] == 1
+    rayjob = one(objects, "RayJob")
+    (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["replicas"] == training["num_training_workers"]
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert group["rayStartParams"]["num-gpus"] == "1"  # so Ray places exactly one worker, one NCCL rank, per GPU
+    values = values_of(FSDP_SCENARIO)
+    assert config["General"]["output_dir"].startswith(values["storage"]["mountPath"] + "/")
+    for name, template in pod_templates(rayjob).items():
+        spec = template["spec"]
+        (container,) = spec["containers"]
+        volumes = {volume["name"]: volume for volume in spec["volumes"]}
+        mounts = {mount["name"]: mount for mount in container["volumeMounts"]}
+        assert volumes["checkpoints"]["persistentVolumeClaim"]["claimName"] == "rlhf-default-checkpoints", name
+        assert not volumes["checkpoints"]["persistentVolumeClaim"].get("readOnly"), name
+        assert mounts["checkpoints"] == {"name": "checkpoints", "mountPath": values["storage"]["mountPath"]}, name
+        assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}, name
+        assert container["image"].endswith("-gpu"), name
+    if stage == STAGES[0]:
+        assert one(objects, "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteMany"]
+    if stage == "ppo":
+        assert training["lora"]["target_modules"] == "all-linear"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=SCENARIO_IDS)
+def test_shm_leaves_room_in_the_worker_memory_limit(scenario: Path | None) -> None:
+    """A memory-backed /dev/shm counts against the container's memory limit: it must be well below it."""
+    config_module = pytest.importorskip("rlhf_jobs.config")
+    values = values_of(scenario)
+    for stage in STAGES:
+        memory = values["configs"][stage]["Training"]["resources_per_worker"].get("memory")
+        if memory is None or not values["shm"]["enabled"]:
+            continue
+        shm, limit = (config_module.memory_bytes(q) for q in (values["shm"]["sizeLimit"], memory))
+        assert shm <= limit / 2, f"{stage}: shm.sizeLimit {values['shm']['sizeLimit']} of a {memory} worker"
+
+
+def _values_file(tmp_path: Path, name: str, values: dict) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def _term(match_labels: dict | None = None, **fields: object) -> dict:
+    """A pod affinity term on kubernetes.io/hostname selecting the worker pods (or `match_labels`)."""
+    selector = {"matchLabels": match_labels if match_labels is not None else {"app.kubernetes.io/component": "worker"}}
+    return {"topologyKey": "kubernetes.io/hostname", "labelSelector": selector, **fields}
+
+
+def _anti_affinity(match_labels: dict | None = None, **fields: object) -> dict:
+    """worker.affinity with one required anti-affinity term."""
+    term = _term(match_labels, **fields)
+    return {"worker": {"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}}}
+
+
+def test_storage_that_the_pods_cannot_share_fails(tmp_path: Path) -> None:
+    """ReadWriteOncePod (one pod) and ReadWriteOnce with workers forced onto separate nodes cannot hold a run whose
+    head and workers all write to the volume: refused at template time, not pods Pending or ContainerCreating."""
+    message = render_error("rlhf-sft", sets=("storage.accessModes[0]=ReadWriteOncePod",))
+    assert "storage.accessModes [ReadWriteOncePod] lets one pod mount the run's PVC, and the head and the 2" in message
+    spread = _values_file(tmp_path, "spread", _anti_affinity())
+    message = render_error("rlhf-sft", (spread,), ("configs.sft.Training.num_training_workers=4",))
+    assert "storage.accessModes [ReadWriteOnce] is mounted by one node at a time" in message
+    assert "puts the 4 workers on 4 nodes" in message
+    # The shared `affinity` applies to the workers too (when worker.affinity is empty).
+    shared = _values_file(tmp_path, "shared", {"affinity": _anti_affinity()["worker"]["affinity"]})
+    assert "one node at a time" in render_error("rlhf-rm", (shared,))
+    # The FSDP scenario with its ReadWriteMany volume swapped for ReadWriteOnce, workers one per node.
+    fsdp_rwo = _values_file(tmp_path, "fsdp-rwo", {**_anti_affinity(), "storage": {"accessModes": ["ReadWriteOnce"]}})
+    assert "puts the 8 workers on 8 nodes" in render_error("rlhf-ppo", (FSDP_SCENARIO, fsdp_rwo))
+    assert one(render("rlhf-ppo", (FSDP_SCENARIO,)), "RayJob")
+
+
+@pytest.mark.parametrize(
+    ("name", "values", "sets"),
+    [
+        ("rwx", _anti_affinity(), ("storage.accessModes[0]=ReadWriteMany",)),
+        ("one-worker", _anti_affinity(), ("configs.sft.Training.num_training_workers=1",)),
+        ("existing-claim", _anti_affinity(), ("storage.existingClaim=mine",)),
+        ("remote", _anti_affinity(), ("storage.remote=s3://bucket/rlhf",)),
+        ("other-pods", _anti_affinity({"app": "other"}), ()),
+        ("other-run", _anti_affinity({"rlhf-jobs.io/run": "exp2"}), ()),
+        ("expressions", _anti_affinity({}, labelSelector={"matchExpressions": [
+            {"key": "app.kubernetes.io/component", "operator": "In", "values": ["worker"]}]}), ()),
+        ("other-namespace", _anti_affinity(namespaces=["elsewhere"]), ()),
+        ("zone", _anti_affinity(topologyKey="topology.kubernetes.io/zone"), ()),
+        ("preferred", {"worker": {"affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 100, "podAffinityTerm": _term()}]}}}}, ()),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+def test_storage_check_gives_no_verdict_where_the_pods_may_share_the_volume(
+    tmp_path: Path, name: str, values: dict, sets: tuple[str, ...]
+) -> None:
+    """ReadWriteMany, one worker, a claim the chart does not describe, object storage, anti-affinity that selects other
+    pods, in other namespaces or over wider topologies, expressions it does not interpret, preferences: all render."""
+    one(render("rlhf-sft", (_values_file(tmp_path, name, values),), sets), "RayJob")
+
+
+def test_fsdp_on_object_storage_with_a_cache_volume(tmp_path: Path, crd_file: Path) -> None:
+    """helm/README's recipe: storage.remote (each pod uploads its shards from a local mirror) and the mirror and model
+    cache ($RLHF_JOBS_CACHE_DIR) on an emptyDir rather than the container's writable layer."""
+    recipe = CHART / "README.md"
+    block = recipe.read_text().split("  ```yaml\n  env:\n", 1)[1].split("  ```\n", 1)[0]
+    values = yaml.safe_load("env:\n" + "\n".join(line.removeprefix("  ") for line in block.splitlines()))
+    values["storage"] = {"remote": "s3://bucket/rlhf", "credentialsSecret": "rlhf-s3"}
+    objects = render("rlhf-ppo", (FSDP_SCENARIO, _values_file(tmp_path, "cache", values)))
+    assert "PersistentVolumeClaim" not in by_kind(objects)
+    assert stage_config(objects)["General"]["output_dir"] == "s3://bucket/rlhf/default/work/ppo"
+    rayjob = one(objects, "RayJob")
+    worker = pod_templates(rayjob)["worker"]["spec"]
+    (container,) = worker["containers"]
+    cache = next(mount for mount in container["volumeMounts"] if mount["name"] == "cache")
+    assert {"name": "RLHF_JOBS_CACHE_DIR", "value": cache["mountPath"]} in container["env"]
+    assert next(v for v in worker["volumes"] if v["name"] == "cache")["emptyDir"]["sizeLimit"]
+    assert not crd_errors(rayjob)

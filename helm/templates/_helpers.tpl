@@ -443,3 +443,56 @@ less 10 s. Returns at once when no training runs (a finished job's cluster is de
 {{- $wait := max 0 (sub $grace 10) -}}
 ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --reason-message "pod $HOSTNAME is terminating" --deadline-remaining-seconds {{ $grace }} >/dev/null 2>&1 || true; for _ in $(seq {{ $wait }}); do pgrep -f "[R]ayTrainWorker" >/dev/null || exit 0; sleep 1; done
 {{- end }}
+
+{{/*
+Storage values that cannot work, refused before anything is created. Every Ray pod mounts the run's PVC, and
+the driver (on the head) and every training worker write under output_dir: each rank writes its own shard of
+every checkpoint into output_dir/checkpoints/step-N/ (DDP and FSDP alike). So the claim must be mountable
+read-write by the head and all the workers at once:
+- ReadWriteOncePod: one pod only (enforced by the scheduler), and there are always at least two;
+- ReadWriteOnce: one node at a time, while a required pod anti-affinity on kubernetes.io/hostname that selects
+  the worker pods puts each worker on a node of its own.
+Checked only for the PVC the chart describes (storage.accessModes); an existingClaim's modes are not visible here.
+*/}}
+{{- define "rlhf-jobs.checkStorage" -}}
+{{- if and (include "rlhf-jobs.usePVC" .) (not .Values.storage.existingClaim) }}
+{{- $modes := .Values.storage.accessModes }}
+{{- $workers := include "rlhf-jobs.numWorkers" . | int }}
+{{- if has "ReadWriteOncePod" $modes }}
+{{- fail (printf "storage.accessModes [ReadWriteOncePod] lets one pod mount the run's PVC, and the head and the %d worker(s) all mount it (every rank writes its checkpoint shard there): use ReadWriteOnce (all pods on one node) or ReadWriteMany" $workers) }}
+{{- end }}
+{{- if and (has "ReadWriteOnce" $modes) (not (has "ReadWriteMany" $modes)) (gt $workers 1) (include "rlhf-jobs.workersOnSeparateNodes" .) }}
+{{- fail (printf "storage.accessModes [ReadWriteOnce] is mounted by one node at a time, and the required podAntiAffinity on kubernetes.io/hostname in worker.affinity (or affinity) puts the %d workers on %d nodes, each writing its checkpoint shard to the PVC: use storage.accessModes [ReadWriteMany] (NFS, EFS, Filestore, CephFS...) or a preferred anti-affinity" $workers $workers) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+"true" when the worker pods' affinity has a required podAntiAffinity term on kubernetes.io/hostname whose
+matchLabels select the worker pods themselves (in this namespace). Terms with matchExpressions, label keys or
+namespace selectors are not interpreted (no verdict from them).
+*/}}
+{{- define "rlhf-jobs.workersOnSeparateNodes" -}}
+{{- $affinity := .Values.worker.affinity | default .Values.affinity | default dict }}
+{{- $labels := include "rlhf-jobs.labels" . | fromYaml }}
+{{- $_ := set $labels "app.kubernetes.io/component" "worker" }}
+{{- $labels = merge (deepCopy (.Values.worker.podLabels | default dict)) $labels }}
+{{- $separate := false }}
+{{- range (dig "podAntiAffinity" "requiredDuringSchedulingIgnoredDuringExecution" list $affinity) }}
+{{- $selector := .labelSelector | default dict }}
+{{- $plain := not (or $selector.matchExpressions .namespaceSelector .matchLabelKeys .mismatchLabelKeys) }}
+{{- $here := or (not .namespaces) (has $.Release.Namespace .namespaces) }}
+{{- if and (eq (toString .topologyKey) "kubernetes.io/hostname") $selector.matchLabels $plain $here }}
+{{- $matches := true }}
+{{- range $key, $value := $selector.matchLabels }}
+{{- if ne (toString (get $labels $key)) (toString $value) }}
+{{- $matches = false }}
+{{- end }}
+{{- end }}
+{{- if $matches }}
+{{- $separate = true }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if $separate }}true{{ end }}
+{{- end }}
