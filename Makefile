@@ -127,7 +127,7 @@ deploy-ppo: ## Install the PPO stage's RayJob (release rlhf-[RUN-]ppo; reads the
 	$(call deploy_stage,ppo)
 
 .PHONY: schema
-schema: venv ## Regenerate the stage-config part of helm/values.schema.json from rlhf_jobs/config.py
+schema: venv ## Regenerate the chart's generated files from the stage registry: values.schema.json's configs, files/stages.json
 	$(BIN)/python -m rlhf_jobs.backends.chart_schema
 
 .PHONY: lint-chart

@@ -9,6 +9,7 @@ $RLHF_KUBERAY_CRD_DIR (default ../shared/kuberay).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from pathlib import Path
@@ -25,6 +26,8 @@ from chart_helpers import (
     RAYJOB_CRD_FILE,
     REPO,
     STAGES,
+    STAGES_FILE,
+    HelmError,
     by_kind,
     core_errors,
     crd_dir,
@@ -973,3 +976,228 @@ def test_dry_run_says_it_needs_helm(tmp_path: Path, capsys: pytest.CaptureFixtur
         helm_module.Helm.__init__ = original
     error = capsys.readouterr().err
     assert "not found on PATH: the kuberay backend renders the chart with Helm, even for --dry-run" in error
+
+
+# ---- issue 12 (chart side): the stage registry, generated into the chart ------------------------------
+
+
+def test_stage_file_is_generated_from_the_registry(tmp_path: Path) -> None:
+    """helm/files/stages.json is the registry's stages in pipeline order with their inputs, and the schema's `stage`
+    enum lists them; `make schema` leaves both as they are, and a stale stage file is found."""
+    import json
+
+    from rlhf_jobs import stages
+    from rlhf_jobs.backends import chart_schema
+
+    assert chart_schema.main(["--check"]) == 0, "helm/files/stages.json or values.schema.json is stale: make schema"
+    written = json.loads(STAGES_FILE.read_text())
+    assert [entry["name"] for entry in written["stages"]] == list(stages.NAMES) == list(STAGES)
+    assert {entry["name"]: entry["inputs"] for entry in written["stages"]} == {
+        name: dict(stage.inputs) for name, stage in stages.REGISTRY.items()}
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["properties"]["stage"]["enum"] == ["", *stages.NAMES]
+    stale = json.loads(STAGES_FILE.read_text())
+    stale["stages"][-1]["inputs"].pop(next(iter(stale["stages"][-1]["inputs"])))
+    path = tmp_path / "stages.json"
+    path.write_text(chart_schema.render(stale))
+    assert chart_schema.main(["--check", "--stages", str(path)]) == 1
+    assert chart_schema.main(["--check", "--stages", str(tmp_path / "missing.json")]) == 1
+
+
+def _chart_with_stages(tmp_path: Path, entries: list[dict]) -> Path:
+    """A copy of the chart whose stage file lists `entries`."""
+    import json
+    import shutil
+
+    chart = tmp_path / "helm"
+    shutil.copytree(CHART, chart)
+    (chart / "files" / "stages.json").write_text(json.dumps({"stages": entries}))
+    return chart
+
+
+def _template(chart: Path, release: str, *sets: str) -> list[dict]:
+    args = ["template", release, str(chart), "--namespace", "rlhf"]
+    for item in sets:
+        args += ["--set", item]
+    return [doc for doc in yaml.safe_load_all(helm(*args)) if doc]
+
+
+def test_templates_take_stages_and_chaining_from_the_stage_file(tmp_path: Path) -> None:
+    """Nothing in the templates names a stage: a fourth stage in the stage file gets its release-name suffix, its
+    inputs filled from the earlier stages, the next-stage line after PPO; the first stage creates the PVC."""
+    registry = json.loads(STAGES_FILE.read_text())["stages"]
+    chart = _chart_with_stages(tmp_path / "four", [*registry, {"name": "dpo", "inputs": {"model_pretrain": "sft"}}])
+    objects = _template(chart, "rlhf-dpo", "run=exp1")
+    rayjob = one(objects, "RayJob")
+    assert rayjob["spec"]["entrypoint"].startswith("rlhf-jobs train dpo --config_path ")
+    assert rayjob["metadata"]["labels"]["rlhf-jobs.io/stage"] == "dpo"
+    assert stage_config(objects)["General"] == {"checkpoint_dir": "/mnt/rlhf/exp1/dpo",
+                                                "output_dir": "/mnt/rlhf/exp1/work/dpo",
+                                                "model_pretrain": "/mnt/rlhf/exp1/sft"}
+    assert "PersistentVolumeClaim" not in by_kind(objects)
+    notes = helm("install", "rlhf-ppo", str(chart), "--dry-run=client", "--namespace", "rlhf").split("NOTES:", 1)[1]
+    assert "Next stage: helm install rlhf-dpo ./helm -n rlhf --set run=default" in notes
+    try:
+        _template(chart, "trainer")
+        raise AssertionError("rendered without a stage")
+    except HelmError as err:
+        assert 'the release name "trainer" does not end in -sft, -rm, -ppo or -dpo' in str(err)
+        assert "--set stage=sft|rm|ppo|dpo" in str(err)
+
+    # Another order and no chaining: the first stage's release creates the PVC, PPO's inputs stay as values say.
+    reordered = [{**entry, "inputs": {}} for entry in (registry[1], registry[0], *registry[2:])]
+    chart = _chart_with_stages(tmp_path / "reordered", reordered)
+    assert one(_template(chart, f"rlhf-{reordered[0]['name']}"), "PersistentVolumeClaim")
+    assert "PersistentVolumeClaim" not in by_kind(_template(chart, "rlhf-sft"))
+    general = stage_config(_template(chart, "rlhf-ppo"))["General"]
+    assert general["model_pretrain"] == DEFAULTS["configs"]["ppo"]["General"]["model_pretrain"]
+
+    (chart / "files" / "stages.json").unlink()
+    try:
+        _template(chart, "rlhf-sft")
+        raise AssertionError("rendered without files/stages.json")
+    except HelmError as err:
+        assert "the chart has no files/stages.json (the stage registry): run `make schema`" in str(err)
+
+
+def test_report_to_may_be_one_name_as_the_trainer_reads_it(tmp_path: Path) -> None:
+    """`report_to: none` is what the trainers take (one name or a list); the generated schema refused it."""
+    config_module = pytest.importorskip("rlhf_jobs.config")
+    path = tmp_path / "config.yaml"
+    path.write_text(one(render("rlhf-sft", sets=("configs.sft.Training.report_to=none",)), "ConfigMap")["data"][
+        "config.yaml"])
+    assert config_module.load_config(path, "sft", paths=False).Training.report_to == ["none"]
+    for bad in ("configs.sft.Training.report_to=neptune", "configs.sft.Training.report_to={tensorboard,neptune}"):
+        assert "at '/configs/sft/Training/report_to'" in render_error("rlhf-sft", sets=(bad,))
+
+
+# ---- issue 14 (chart side): FSDP on Kubernetes ----------------------------------------------------------
+
+FSDP_SCENARIO = CHART / "ci" / "gpu-fsdp-values.yaml"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_gpu_fsdp_scenario(stage: str) -> None:
+    """One Ray Train worker per GPU, several of them, all mounting read-write the one ReadWriteMany claim where every
+    rank writes its checkpoint shard (output_dir/checkpoints/step-N/), /dev/shm of 16Gi."""
+    objects = rendered(stage, FSDP_SCENARIO)
+    config = stage_config(objects)
+    training = config["Training"]
+    assert (training["strategy"], training["mixed_precision"], training["gradient_checkpointing"]) == (
+        "fsdp", "bf16", True)
+    assert training["num_training_workers"] > 1 and training["resources_per_worker"]["GPU"] == 1
+    rayjob = one(objects, "RayJob")
+    (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["replicas"] == training["num_training_workers"]
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert group["rayStartParams"]["num-gpus"] == "1"  # so Ray places exactly one worker, one NCCL rank, per GPU
+    values = values_of(FSDP_SCENARIO)
+    assert config["General"]["output_dir"].startswith(values["storage"]["mountPath"] + "/")
+    for name, template in pod_templates(rayjob).items():
+        spec = template["spec"]
+        (container,) = spec["containers"]
+        volumes = {volume["name"]: volume for volume in spec["volumes"]}
+        mounts = {mount["name"]: mount for mount in container["volumeMounts"]}
+        assert volumes["checkpoints"]["persistentVolumeClaim"]["claimName"] == "rlhf-default-checkpoints", name
+        assert not volumes["checkpoints"]["persistentVolumeClaim"].get("readOnly"), name
+        assert mounts["checkpoints"] == {"name": "checkpoints", "mountPath": values["storage"]["mountPath"]}, name
+        assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}, name
+        assert container["image"].endswith("-gpu"), name
+    if stage == STAGES[0]:
+        assert one(objects, "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteMany"]
+    if stage == "ppo":
+        assert training["lora"]["target_modules"] == "all-linear"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=SCENARIO_IDS)
+def test_shm_leaves_room_in_the_worker_memory_limit(scenario: Path | None) -> None:
+    """A memory-backed /dev/shm counts against the container's memory limit: it must be well below it."""
+    config_module = pytest.importorskip("rlhf_jobs.config")
+    values = values_of(scenario)
+    for stage in STAGES:
+        memory = values["configs"][stage]["Training"]["resources_per_worker"].get("memory")
+        if memory is None or not values["shm"]["enabled"]:
+            continue
+        shm, limit = (config_module.memory_bytes(q) for q in (values["shm"]["sizeLimit"], memory))
+        assert shm <= limit / 2, f"{stage}: shm.sizeLimit {values['shm']['sizeLimit']} of a {memory} worker"
+
+
+def _values_file(tmp_path: Path, name: str, values: dict) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def _term(match_labels: dict | None = None, **fields: object) -> dict:
+    """A pod affinity term on kubernetes.io/hostname selecting the worker pods (or `match_labels`)."""
+    selector = {"matchLabels": match_labels if match_labels is not None else {"app.kubernetes.io/component": "worker"}}
+    return {"topologyKey": "kubernetes.io/hostname", "labelSelector": selector, **fields}
+
+
+def _anti_affinity(match_labels: dict | None = None, **fields: object) -> dict:
+    """worker.affinity with one required anti-affinity term."""
+    term = _term(match_labels, **fields)
+    return {"worker": {"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}}}
+
+
+def test_storage_that_the_pods_cannot_share_fails(tmp_path: Path) -> None:
+    """ReadWriteOncePod (one pod) and ReadWriteOnce with workers forced onto separate nodes cannot hold a run whose
+    head and workers all write to the volume: refused at template time, not pods Pending or ContainerCreating."""
+    message = render_error("rlhf-sft", sets=("storage.accessModes[0]=ReadWriteOncePod",))
+    assert "storage.accessModes [ReadWriteOncePod] lets one pod mount the run's PVC, and the head and the 2" in message
+    spread = _values_file(tmp_path, "spread", _anti_affinity())
+    message = render_error("rlhf-sft", (spread,), ("configs.sft.Training.num_training_workers=4",))
+    assert "storage.accessModes [ReadWriteOnce] is mounted by one node at a time" in message
+    assert "puts the 4 workers on 4 nodes" in message
+    # The shared `affinity` applies to the workers too (when worker.affinity is empty).
+    shared = _values_file(tmp_path, "shared", {"affinity": _anti_affinity()["worker"]["affinity"]})
+    assert "one node at a time" in render_error("rlhf-rm", (shared,))
+    # The FSDP scenario with its ReadWriteMany volume swapped for ReadWriteOnce, workers one per node.
+    fsdp_rwo = _values_file(tmp_path, "fsdp-rwo", {**_anti_affinity(), "storage": {"accessModes": ["ReadWriteOnce"]}})
+    assert "puts the 8 workers on 8 nodes" in render_error("rlhf-ppo", (FSDP_SCENARIO, fsdp_rwo))
+    assert one(render("rlhf-ppo", (FSDP_SCENARIO,)), "RayJob")
+
+
+@pytest.mark.parametrize(
+    ("name", "values", "sets"),
+    [
+        ("rwx", _anti_affinity(), ("storage.accessModes[0]=ReadWriteMany",)),
+        ("one-worker", _anti_affinity(), ("configs.sft.Training.num_training_workers=1",)),
+        ("existing-claim", _anti_affinity(), ("storage.existingClaim=mine",)),
+        ("remote", _anti_affinity(), ("storage.remote=s3://bucket/rlhf",)),
+        ("other-pods", _anti_affinity({"app": "other"}), ()),
+        ("other-run", _anti_affinity({"rlhf-jobs.io/run": "exp2"}), ()),
+        ("expressions", _anti_affinity({}, labelSelector={"matchExpressions": [
+            {"key": "app.kubernetes.io/component", "operator": "In", "values": ["worker"]}]}), ()),
+        ("other-namespace", _anti_affinity(namespaces=["elsewhere"]), ()),
+        ("zone", _anti_affinity(topologyKey="topology.kubernetes.io/zone"), ()),
+        ("preferred", {"worker": {"affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 100, "podAffinityTerm": _term()}]}}}}, ()),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+def test_storage_check_gives_no_verdict_where_the_pods_may_share_the_volume(
+    tmp_path: Path, name: str, values: dict, sets: tuple[str, ...]
+) -> None:
+    """ReadWriteMany, one worker, a claim the chart does not describe, object storage, anti-affinity that selects other
+    pods, in other namespaces or over wider topologies, expressions it does not interpret, preferences: all render."""
+    one(render("rlhf-sft", (_values_file(tmp_path, name, values),), sets), "RayJob")
+
+
+def test_fsdp_on_object_storage_with_a_cache_volume(tmp_path: Path, crd_file: Path) -> None:
+    """helm/README's recipe: storage.remote (each pod uploads its shards from a local mirror) and the mirror and model
+    cache ($RLHF_JOBS_CACHE_DIR) on an emptyDir rather than the container's writable layer."""
+    recipe = CHART / "README.md"
+    block = recipe.read_text().split("  ```yaml\n  env:\n", 1)[1].split("  ```\n", 1)[0]
+    values = yaml.safe_load("env:\n" + "\n".join(line.removeprefix("  ") for line in block.splitlines()))
+    values["storage"] = {"remote": "s3://bucket/rlhf", "credentialsSecret": "rlhf-s3"}
+    objects = render("rlhf-ppo", (FSDP_SCENARIO, _values_file(tmp_path, "cache", values)))
+    assert "PersistentVolumeClaim" not in by_kind(objects)
+    assert stage_config(objects)["General"]["output_dir"] == "s3://bucket/rlhf/default/work/ppo"
+    rayjob = one(objects, "RayJob")
+    worker = pod_templates(rayjob)["worker"]["spec"]
+    (container,) = worker["containers"]
+    cache = next(mount for mount in container["volumeMounts"] if mount["name"] == "cache")
+    assert {"name": "RLHF_JOBS_CACHE_DIR", "value": cache["mountPath"]} in container["env"]
+    assert next(v for v in worker["volumes"] if v["name"] == "cache")["emptyDir"]["sizeLimit"]
+    assert not crd_errors(rayjob)

@@ -23,18 +23,88 @@ Chart label value.
 {{- end }}
 
 {{/*
-The stage: .Values.stage, else the release name's suffix (-sft, -rm, -ppo), else fail.
+The stage registry as JSON: files/stages.json, generated from rlhf_jobs/stages.py by `make schema` (a test fails
+when it is stale). {"stages": [{"name": "sft", "inputs": {}}, ...]} in pipeline order; `inputs` maps a General
+key to the earlier stage whose final model it reads (PPO: model_pretrain -> sft, rm_pretrain -> rm).
+Use: $registry := include "rlhf-jobs.registry" . | fromJson
+*/}}
+{{- define "rlhf-jobs.registry" -}}
+{{- $text := .Files.Get "files/stages.json" }}
+{{- if not $text }}
+{{- fail "the chart has no files/stages.json (the stage registry): run `make schema`" }}
+{{- end }}
+{{- $text }}
+{{- end }}
+
+{{/*
+The registry's stage names, in pipeline order, joined by spaces ("sft rm ppo").
+*/}}
+{{- define "rlhf-jobs.stageNames" -}}
+{{- $names := list }}
+{{- range (include "rlhf-jobs.registry" . | fromJson).stages }}
+{{- $names = append $names .name }}
+{{- end }}
+{{- join " " $names }}
+{{- end }}
+
+{{/*
+The stage: .Values.stage, else the release name's suffix (-sft, -rm, -ppo: the registry's stages), else fail.
 */}}
 {{- define "rlhf-jobs.stage" -}}
 {{- if .Values.stage }}
 {{- .Values.stage }}
 {{- else }}
-{{- $suffix := regexFind "-(sft|rm|ppo)$" .Release.Name }}
+{{- $names := splitList " " (include "rlhf-jobs.stageNames" .) }}
+{{- $quoted := list }}
+{{- $suffixes := list }}
+{{- range $names }}
+{{- $quoted = append $quoted (regexQuoteMeta .) }}
+{{- $suffixes = append $suffixes (printf "-%s" .) }}
+{{- end }}
+{{- $suffix := regexFind (printf "-(%s)$" (join "|" $quoted)) .Release.Name }}
 {{- if not $suffix }}
-{{- fail (printf "cannot tell the stage: `stage` is not set and the release name %q does not end in -sft, -rm or -ppo. Set --set stage=sft|rm|ppo, or name the release after the stage (e.g. helm install rlhf-sft ./helm)." .Release.Name) }}
+{{- $listed := last $suffixes }}
+{{- if gt (len $suffixes) 1 }}
+{{- $listed = printf "%s or %s" (join ", " (initial $suffixes)) (last $suffixes) }}
+{{- end }}
+{{- fail (printf "cannot tell the stage: `stage` is not set and the release name %q does not end in %s. Set --set stage=%s, or name the release after the stage (e.g. helm install rlhf-%s ./helm)." .Release.Name $listed (join "|" $names) (first $names)) }}
 {{- end }}
 {{- trimPrefix "-" $suffix }}
 {{- end }}
+{{- end }}
+
+{{/*
+The first stage of the pipeline (its release creates the run's PVC with storage.create: auto).
+*/}}
+{{- define "rlhf-jobs.firstStage" -}}
+{{- first (splitList " " (include "rlhf-jobs.stageNames" .)) }}
+{{- end }}
+
+{{/*
+The stage after this release's one in the pipeline; empty for the last.
+*/}}
+{{- define "rlhf-jobs.nextStage" -}}
+{{- $stage := include "rlhf-jobs.stage" . }}
+{{- $names := splitList " " (include "rlhf-jobs.stageNames" .) }}
+{{- range $index, $name := $names }}
+{{- if and (eq $name $stage) (lt (add1 $index) (len $names)) }}
+{{- index $names (add1 $index) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+This release's stage's inputs from the registry, as JSON: {"model_pretrain": "sft", ...} ({} for most stages).
+*/}}
+{{- define "rlhf-jobs.stageInputs" -}}
+{{- $stage := include "rlhf-jobs.stage" . }}
+{{- $inputs := dict }}
+{{- range (include "rlhf-jobs.registry" . | fromJson).stages }}
+{{- if eq .name $stage }}
+{{- $inputs = .inputs }}
+{{- end }}
+{{- end }}
+{{- toJson $inputs }}
 {{- end }}
 
 {{/*
@@ -102,13 +172,13 @@ Claim name of the checkpoint PVC: existingClaim, else storage.name, else rlhf-<r
 {{- end }}
 
 {{/*
-"true" when this release creates the PVC: never with existingClaim; `auto` = only in the sft stage.
+"true" when this release creates the PVC: never with existingClaim; `auto` = only in the first stage (sft).
 */}}
 {{- define "rlhf-jobs.createPVC" -}}
 {{- $create := .Values.storage.create }}
 {{- if or .Values.storage.existingClaim (not (include "rlhf-jobs.usePVC" .)) }}
 {{- else if eq (toString $create) "auto" }}
-{{- if eq (include "rlhf-jobs.stage" .) "sft" }}true{{ end }}
+{{- if eq (include "rlhf-jobs.stage" .) (include "rlhf-jobs.firstStage" .) }}true{{ end }}
 {{- else if eq (toString $create) "true" }}true
 {{- end }}
 {{- end }}
@@ -129,7 +199,8 @@ Directory of this run: under storage.remote (object storage, e.g. s3://bucket/pr
 {{- end }}
 
 {{/*
-The stage's training config (YAML), with the chart's path defaults filled in.
+The stage's training config (YAML), with the chart's path defaults filled in: checkpoint_dir, output_dir, and
+each of the stage's registry inputs (PPO's model_pretrain/rm_pretrain) from the earlier stage's checkpoint_dir.
 */}}
 {{- define "rlhf-jobs.trainingConfig" -}}
 {{- $stage := include "rlhf-jobs.stage" . }}
@@ -142,14 +213,12 @@ The stage's training config (YAML), with the chart's path defaults filled in.
 {{- if not (get $general "output_dir") }}
 {{- $_ := set $general "output_dir" (printf "%s/work/%s" $runDir $stage) }}
 {{- end }}
-{{- if eq $stage "ppo" }}
-{{- range $key, $from := dict "model_pretrain" "sft" "rm_pretrain" "rm" }}
+{{- range $key, $from := include "rlhf-jobs.stageInputs" . | fromJson }}
 {{- if not (get $general $key) }}
 {{- if $.Values.chainStages }}
 {{- $_ := set $general $key (printf "%s/%s" $runDir $from) }}
 {{- else }}
 {{- $_ := set $general $key nil }}
-{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -373,4 +442,57 @@ less 10 s. Returns at once when no training runs (a finished job's cluster is de
 {{- $grace := int .Values.preemption.terminationGracePeriodSeconds }}
 {{- $wait := max 0 (sub $grace 10) -}}
 ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --reason-message "pod $HOSTNAME is terminating" --deadline-remaining-seconds {{ $grace }} >/dev/null 2>&1 || true; for _ in $(seq {{ $wait }}); do pgrep -f "[R]ayTrainWorker" >/dev/null || exit 0; sleep 1; done
+{{- end }}
+
+{{/*
+Storage values that cannot work, refused before anything is created. Every Ray pod mounts the run's PVC, and
+the driver (on the head) and every training worker write under output_dir: each rank writes its own shard of
+every checkpoint into output_dir/checkpoints/step-N/ (DDP and FSDP alike). So the claim must be mountable
+read-write by the head and all the workers at once:
+- ReadWriteOncePod: one pod only (enforced by the scheduler), and there are always at least two;
+- ReadWriteOnce: one node at a time, while a required pod anti-affinity on kubernetes.io/hostname that selects
+  the worker pods puts each worker on a node of its own.
+Checked only for the PVC the chart describes (storage.accessModes); an existingClaim's modes are not visible here.
+*/}}
+{{- define "rlhf-jobs.checkStorage" -}}
+{{- if and (include "rlhf-jobs.usePVC" .) (not .Values.storage.existingClaim) }}
+{{- $modes := .Values.storage.accessModes }}
+{{- $workers := include "rlhf-jobs.numWorkers" . | int }}
+{{- if has "ReadWriteOncePod" $modes }}
+{{- fail (printf "storage.accessModes [ReadWriteOncePod] lets one pod mount the run's PVC, and the head and the %d worker(s) all mount it (every rank writes its checkpoint shard there): use ReadWriteOnce (all pods on one node) or ReadWriteMany" $workers) }}
+{{- end }}
+{{- if and (has "ReadWriteOnce" $modes) (not (has "ReadWriteMany" $modes)) (gt $workers 1) (include "rlhf-jobs.workersOnSeparateNodes" .) }}
+{{- fail (printf "storage.accessModes [ReadWriteOnce] is mounted by one node at a time, and the required podAntiAffinity on kubernetes.io/hostname in worker.affinity (or affinity) puts the %d workers on %d nodes, each writing its checkpoint shard to the PVC: use storage.accessModes [ReadWriteMany] (NFS, EFS, Filestore, CephFS...) or a preferred anti-affinity" $workers $workers) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+"true" when the worker pods' affinity has a required podAntiAffinity term on kubernetes.io/hostname whose
+matchLabels select the worker pods themselves (in this namespace). Terms with matchExpressions, label keys or
+namespace selectors are not interpreted (no verdict from them).
+*/}}
+{{- define "rlhf-jobs.workersOnSeparateNodes" -}}
+{{- $affinity := .Values.worker.affinity | default .Values.affinity | default dict }}
+{{- $labels := include "rlhf-jobs.labels" . | fromYaml }}
+{{- $_ := set $labels "app.kubernetes.io/component" "worker" }}
+{{- $labels = merge (deepCopy (.Values.worker.podLabels | default dict)) $labels }}
+{{- $separate := false }}
+{{- range (dig "podAntiAffinity" "requiredDuringSchedulingIgnoredDuringExecution" list $affinity) }}
+{{- $selector := .labelSelector | default dict }}
+{{- $plain := not (or $selector.matchExpressions .namespaceSelector .matchLabelKeys .mismatchLabelKeys) }}
+{{- $here := or (not .namespaces) (has $.Release.Namespace .namespaces) }}
+{{- if and (eq (toString .topologyKey) "kubernetes.io/hostname") $selector.matchLabels $plain $here }}
+{{- $matches := true }}
+{{- range $key, $value := $selector.matchLabels }}
+{{- if ne (toString (get $labels $key)) (toString $value) }}
+{{- $matches = false }}
+{{- end }}
+{{- end }}
+{{- if $matches }}
+{{- $separate = true }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if $separate }}true{{ end }}
 {{- end }}
