@@ -12,26 +12,35 @@ from pathlib import Path
 from rlhf_jobs.stages import NAMES as STAGES
 from rlhf_jobs.tiny_model import LLAMA_SHAPES
 
+# Exceptions that mean bad input, by module: printed as one line, exit code 2, no traceback.
+USER_ERRORS = {
+    "rlhf_jobs.config": ("ConfigError",),
+    "rlhf_jobs.data": ("DataError",),
+    "rlhf_jobs.checkpoints": ("CheckpointError",),
+    "rlhf_jobs.launcher": ("ResourceError",),
+    "rlhf_jobs.backends.helm": ("HelmError",),
+    "rlhf_jobs.backends.kube": ("ClusterUnavailable",),
+    "rlhf_jobs.hub": ("ModelError",),
+}
+
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input: printed as one line, exit code 2, no traceback."""
-    from rlhf_jobs.backends.helm import HelmError
-    from rlhf_jobs.backends.kube import ClusterUnavailable
-    from rlhf_jobs.checkpoints import CheckpointError
-    from rlhf_jobs.config import ConfigError
-    from rlhf_jobs.data import DataError
-    from rlhf_jobs.launcher import ResourceError
-    from rlhf_jobs.models import ModelError
-
-    return ConfigError, DataError, CheckpointError, ResourceError, HelmError, ClusterUnavailable, ModelError
+    """The user-error classes of the modules loaded so far (one not loaded cannot have raised):
+    reporting a bad path must not first import torch, transformers and Ray."""
+    return tuple(
+        getattr(sys.modules[module], name)
+        for module, names in USER_ERRORS.items() if module in sys.modules for name in names
+    )
 
 
-def train_stage(stage: str, config_path: str, overrides: Sequence[str] = (), stop_at_step: int | None = None) -> None:
+def train_stage(stage: str, config_path: str, overrides: Sequence[str] = (), stop_at_step: int | None = None,
+                on_config_change: str = "refuse") -> None:
     """Validate everything the stage reads, then train it on Ray."""
     from rlhf_jobs import trainers
     from rlhf_jobs.config import load_config
 
-    trainers.train(load_config(config_path, stage, list(overrides)), stop_at_step=stop_at_step)
+    trainers.train(load_config(config_path, stage, list(overrides)), stop_at_step=stop_at_step,
+                   on_config_change=on_config_change)
 
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
@@ -246,7 +255,7 @@ def delete_run(args: argparse.Namespace, clients=None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "train":
-        train_stage(args.stage, args.config_path, args.overrides, args.stop_at_step)
+        train_stage(args.stage, args.config_path, args.overrides, args.stop_at_step, args.on_config_change)
     elif args.command == "check-config":
         from rlhf_jobs.config import load_config
 

@@ -148,3 +148,18 @@ def test_interrupted_ppo_resumes_without_redoing_sft_or_rm(tmp_path: Path) -> No
     resumed = steps[steps.index(done_before) + 1:]
     assert resumed and min(s for s in resumed) >= done_before - 1, "PPO restarted from scratch"
     assert (workdir / "curves.png").stat().st_size > 10_000
+
+
+def test_a_changed_or_forced_stage_moves_its_old_outputs_aside(tmp_path: Path, config_dir: Path) -> None:
+    """Nothing is deleted: the old Ray checkpoints and final model of a re-run stage are kept beside it."""
+    run = tmp_path / "run"
+    run_pipeline(RecordingBackend(run), PipelineOptions(config_dir=config_dir))
+    for name in ("rm-output", "rm"):
+        (run / name).mkdir()
+        (run / name / "weights").write_text(name)
+    changed = RecordingBackend(run)
+    run_pipeline(changed, PipelineOptions(config_dir=config_dir, overrides=["rm.Training.epochs=2"]))
+    assert changed.ran == ["rm", "ppo"]
+    for name in ("rm-output", "rm"):
+        [kept] = run.glob(f"{name}.replaced-*")
+        assert (kept / "weights").read_text() == name

@@ -151,5 +151,5 @@ def test_unloadable_base_model_is_one_clear_error(tmp_path: Path, capsys) -> Non
     empty.mkdir()
     config = local_config("sft", base_model=empty, output_dir=tmp_path / "out", checkpoint_dir=tmp_path / "model")
     assert main(["train", "sft", "--config_path", str(write_config(tmp_path / "c.yaml", config))]) == 2
-    assert f"cannot load the tokenizer of '{empty}'" in capsys.readouterr().err
+    assert f"General.base_model: {empty} is a directory but not a Hugging Face model" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
