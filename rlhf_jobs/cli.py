@@ -8,9 +8,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rlhf_jobs.stages import NAMES as STAGES
 from rlhf_jobs.tiny_model import LLAMA_SHAPES
+
+CONVERT_FORMATS = ("dolly", "oasst", "oasst-messages", "hh", "pairs")  # rlhf_jobs.convert.SOURCE_FORMATS
 
 # Exceptions that mean bad input, by module: printed as one line, exit code 2, no traceback.
 USER_ERRORS = {
@@ -82,7 +85,25 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("kind", choices=STAGES)
     convert.add_argument("--input", required=True)
     convert.add_argument("--output", required=True)
-    convert.add_argument("--format", default="auto", help="source format (default: detect)")
+    convert.add_argument(
+        "--format", default="auto", choices=("auto", *CONVERT_FORMATS),
+        help="source format: auto (detect, the default); sft: dolly, oasst, oasst-messages; rm and ppo: hh, pairs",
+    )
+
+    generate = commands.add_parser(
+        "generate", help="answers of one or several checkpoints to the same prompts, side by side, with RM scores")
+    generate.add_argument("--model", action="append", required=True, metavar="DIR",
+                          help="a trained model directory, e.g. runs/demo/sft (repeatable: one column each)")
+    prompts = generate.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompts", metavar="FILE", help='JSONL/JSON records {"prompt" | "instruction", "context"?}')
+    prompts.add_argument("--held-out", metavar="CHECKPOINT_DIR",
+                         help="the held-out split of the stage that wrote this checkpoint, e.g. runs/demo/ppo")
+    generate.add_argument("--rm", metavar="DIR", help="reward model to score with (default: a PPO model's rm_pretrain)")
+    generate.add_argument("--num", type=int, default=8, help="how many prompts (default 8; 0 = all)")
+    generate.add_argument("--output", default="samples.jsonl", help="JSONL written here (default: samples.jsonl)")
+    generate.add_argument("--max-new-tokens", type=int, help="default: the PPO config's max_new_tokens")
+    generate.add_argument("--temperature", type=float, help="default: the PPO config's temperature")
+    generate.add_argument("--seed", type=int, help="default: the PPO config's seed")
 
     pipeline = commands.add_parser("pipeline", help="run SFT -> RM -> PPO, locally or on KubeRay")
     pipeline.add_argument("--backend", choices=("local", "kuberay"), default="local")
@@ -109,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--dry-run", action="store_true",
                          help="print the manifests of every stage and exit (needs helm, no cluster)")
 
-    status = commands.add_parser("status", help="show a KubeRay pipeline run's record")
+    status = commands.add_parser("status", help="show a pipeline run's record (local: --workdir; else KubeRay)")
+    status.add_argument("--workdir", help="a local pipeline's work directory (pipeline --backend local)")
     status.add_argument("--namespace", default="rlhf")
     status.add_argument("--run", default="default")
 
@@ -139,11 +161,41 @@ def run_local_pipeline(args: argparse.Namespace) -> int:
         stages=parse_stages(args.stages), config_dir=args.config_dir, overrides=args.overrides,
         base_model=base_model, from_stage=args.from_stage,
     )
+    started = time.time()
     record = run_pipeline(backend, options)
     output_dirs = {stage: backend.stage_paths(stage)[0] for stage in STAGES}
     print("\n" + summary_table(record, output_dirs))
     print(f"\ntraining curves: {plot_curves(output_dirs, backend.workdir / 'curves.png')}")
     print(f"final models: {', '.join(backend.stage_paths(s)[1] for s in record['stages'])}")
+    samples = backend.workdir / "samples.jsonl"
+    if record["stages"].get("ppo", {}).get("finished_at", 0) > started:
+        show_samples(backend, samples)
+    elif samples.is_file():
+        print(f"sample answers: {samples}")
+    return 0
+
+
+def show_samples(backend: Any, path: Path, count: int = 5) -> None:
+    """After PPO: held-out prompts with the SFT and the PPO policy's answers and their reward-model scores."""
+    from rlhf_jobs import generate
+
+    sft, rm, ppo = (backend.stage_paths(stage)[1] for stage in STAGES)
+    samples, _ = generate.compare([sft, ppo], held_out=ppo, reward_model=rm, limit=count)
+    print(f"\n{len(samples)} held-out prompts, the SFT and the PPO policy's answers, reward-model scores:")
+    print(generate.table(samples))
+    print(f"sample answers: {generate.write_jsonl(samples, path)}")
+
+
+def local_status(workdir: str) -> int:
+    from rlhf_jobs.backends.local import LocalBackend
+    from rlhf_jobs.report import status_text
+
+    backend = LocalBackend(workdir)
+    record = backend.load_record()
+    if not record:
+        print(f"no pipeline record in {backend.workdir} (expected {backend.workdir / 'pipeline.json'})")
+        return 1
+    print(status_text(record, backend.workdir, {stage: backend.stage_paths(stage)[0] for stage in STAGES}))
     return 0
 
 
@@ -272,14 +324,24 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"tiny model written to {build_tiny_model(args.output, args.data)}")
     elif args.command == "convert":
-        from rlhf_jobs.convert import convert
+        from rlhf_jobs.convert import convert_records, report, write_conversion
 
-        count = convert(args.kind, args.input, args.output, args.format)
-        print(f"{count} {args.kind} records written to {args.output}")
+        result = convert_records(args.kind, args.input, args.format)
+        write_conversion(result, args.kind, args.input, args.output)
+        print("\n".join(report(result, args.kind, args.input, args.output, detected=args.format == "auto")))
+    elif args.command == "generate":
+        from rlhf_jobs import generate
+
+        samples, _ = generate.compare(
+            args.model, prompts_file=args.prompts, held_out=args.held_out, reward_model=args.rm, limit=args.num,
+            overrides={"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed},
+        )
+        print(generate.table(samples))
+        print(f"written: {generate.write_jsonl(samples, args.output)}")
     elif args.command == "pipeline":
         return run_local_pipeline(args) if args.backend == "local" else run_kuberay_pipeline(args)
     elif args.command == "status":
-        return show_status(args)
+        return local_status(args.workdir) if args.workdir else show_status(args)
     elif args.command == "delete":
         return delete_run(args)
     return 0
