@@ -31,6 +31,11 @@ RESUMABLE_KEYS = (
     "Training.max_failures",
     "Training.report_to",
     "Dataset.preprocessing_num_workers",
+    # Memory knobs that do not change what is computed, which the out-of-memory message advises changing
+    # before a resume (launcher.out_of_memory). Beyond PLAN.md's list.
+    "Training.gradient_checkpointing",
+    "Training.rollout_batch_size",
+    "Training.logprob_chunk_size",
 )
 # Keys of a stage's General section that name the models it starts from.
 INPUT_MODEL_KEYS = ("base_model", "model_name", "model_pretrain", "rm_name", "rm_pretrain")

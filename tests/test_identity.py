@@ -35,7 +35,8 @@ def test_same_config_resumes_and_resumable_keys_may_change(tiny_model: Path, tmp
     started_run(sft_config(tmp_path, tiny_model))
     assert identity.check(sft_config(tmp_path, tiny_model)).action == "resume"
     more_workers = sft_config(tmp_path, tiny_model, num_training_workers=1, logging_steps=1, save_steps=3,
-                              max_failures=3, resources_per_worker={"CPU": 2})
+                              max_failures=3, resources_per_worker={"CPU": 2}, report_to="none",
+                              gradient_checkpointing=True)
     assert identity.check(more_workers).action == "resume"
 
 
