@@ -122,7 +122,7 @@ def test_two_worker_run_lowers_eval_loss_and_saves_a_loadable_model(sft_checkpoi
 @pytest.mark.slow
 def test_rerun_resumes_from_the_last_checkpoint(tiny_model: Path, tmp_path: Path) -> None:
     config = local_config("sft", base_model=tiny_model, output_dir=tmp_path / "out", checkpoint_dir=tmp_path / "model")
-    config["Training"].update(epochs=2, max_train_steps=8, save_steps=2)
+    config["Training"].update(epochs=2, max_train_steps=8, save_steps=2, logging_steps=1)
     path = write_config(tmp_path / "c.yaml", config)
     assert main(["train", "sft", "--config_path", str(path), "--stop-at-step", "4"]) == 0
     first = read_metrics(tmp_path / "out")
