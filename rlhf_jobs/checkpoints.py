@@ -123,10 +123,24 @@ def check_overwritable(
         )
 
 
-def move_aside(path: str | Path) -> Path:
-    """Rename a local `path` to `<path>.replaced-<time>` beside it (never deleted); returns the new path."""
-    path = Path(path)
+def move_aside(path: str | Path) -> Path | str:
+    """Move `path` to `<path>.replaced-<time>` beside it (never deleted); returns the new location.
+
+    Locally a rename. In object storage, where there is no rename, every object is copied (server side)
+    before the old prefix is deleted, and the local mirror of the prefix (`storage.local_dir`) is moved too.
+    """
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    if storage.is_remote(path):
+        uri = str(path).rstrip("/")
+        target, number = f"{uri}.replaced-{stamp}", 1
+        while storage.exists(target):
+            target, number = f"{uri}.replaced-{stamp}-{number}", number + 1
+        _copy_prefix(uri, target)
+        storage.delete(uri)
+        if storage.local_dir(uri).exists():
+            move_aside(storage.local_dir(uri))
+        return target
+    path = Path(path)
     target = path.with_name(f"{path.name}.replaced-{stamp}")
     number = 1
     while target.exists():
@@ -134,6 +148,16 @@ def move_aside(path: str | Path) -> Path:
         number += 1
     path.rename(target)
     return target
+
+
+def _copy_prefix(source: str, target: str) -> None:
+    from pyarrow import fs
+
+    remote_fs, root = storage.filesystem(source)
+    _, target_root = storage.filesystem(target)
+    for info in remote_fs.get_file_info(fs.FileSelector(root, recursive=True, allow_not_found=True)):
+        if info.type == fs.FileType.File:
+            remote_fs.copy_file(info.path, target_root + info.path[len(root):])
 
 
 def with_run(marker: dict[str, Any]) -> dict[str, Any]:

@@ -37,13 +37,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def train_stage(stage: str, config_path: str, overrides: Sequence[str] = (), stop_at_step: int | None = None,
-                on_config_change: str = "refuse") -> None:
+                on_config_change: str = "refuse", fresh: bool = False) -> None:
     """Validate everything the stage reads, then train it on Ray."""
     from rlhf_jobs import trainers
     from rlhf_jobs.config import load_config
 
     trainers.train(load_config(config_path, stage, list(overrides)), stop_at_step=stop_at_step,
-                   on_config_change=on_config_change)
+                   on_config_change=on_config_change, fresh=fresh)
 
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stop after optimizer step (PPO: iteration) N with a checkpoint; rerun to continue")
     train.add_argument("--on-config-change", choices=("refuse", "restart"), default="refuse",
                        help="output_dir holds a run of another config: refuse (default), or restart (move it aside)")
+    train.add_argument("--fresh", action="store_true",
+                       help="start over even with the same config: move this run's output_dir and final model aside")
     _add_set(train)
 
     check = commands.add_parser("check-config", help="validate a stage config without training")
@@ -307,7 +309,8 @@ def delete_run(args: argparse.Namespace, clients=None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "train":
-        train_stage(args.stage, args.config_path, args.overrides, args.stop_at_step, args.on_config_change)
+        train_stage(args.stage, args.config_path, args.overrides, args.stop_at_step, args.on_config_change,
+                    args.fresh)
     elif args.command == "check-config":
         from rlhf_jobs.config import load_config
 

@@ -168,11 +168,12 @@ def _has_training_state(output_dir: str) -> bool:
     return Path(output_dir).is_dir() and any(Path(output_dir).iterdir())
 
 
-def check(config: StageConfig, on_config_change: str = "refuse") -> Decision:
+def check(config: StageConfig, on_config_change: str = "refuse", fresh: bool = False) -> Decision:
     """Compare the recorded identity with this config's; refuse or move aside on a change.
 
     Runs on the driver before anything is written. A restart also moves aside this run's old final
-    model in `checkpoint_dir` (trained with the old config), so nothing is ever deleted.
+    model in `checkpoint_dir` (trained with the old config), so nothing is ever deleted. `fresh`:
+    restart even with the same config (a forced re-run, e.g. the pipeline's --from-stage).
     """
     if on_config_change not in ON_CONFIG_CHANGE:
         raise ConfigError(f"--on-config-change {on_config_change!r}: expected one of {', '.join(ON_CONFIG_CHANGE)}")
@@ -180,27 +181,27 @@ def check(config: StageConfig, on_config_change: str = "refuse") -> Decision:
     new = compute(config)
     old = read(output_dir)
     if old is None and not _has_training_state(output_dir):
-        return Decision("fresh")
-    if old == new:
+        return Decision("fresh", restart_moves(config) if fresh else ())
+    if old == new and not fresh:
         return Decision("resume")
-    if on_config_change == "refuse":
+    if on_config_change == "refuse" and not fresh:
         raise ConfigError(changed_message(config, old, new))
-    if storage.is_remote(output_dir) or storage.is_remote(config.General.checkpoint_dir):
-        raise ConfigError(changed_message(config, old, new) + "; in object storage nothing can be moved "
-                          "aside (there is no rename): choose a new output_dir and checkpoint_dir to start over")
     return Decision("restart", restart_moves(config))
 
 
 def restart_moves(config: StageConfig) -> tuple[tuple[str, str], ...]:
     """Move aside `output_dir` and this run's final model in `checkpoint_dir`; (from, to) pairs."""
     moved = []
-    output_dir = Path(config.General.output_dir)
-    checkpoint_dir = Path(config.General.checkpoint_dir)
-    marker = read_marker(checkpoint_dir) if checkpoint_dir.is_dir() else None
+    output_dir, checkpoint_dir = config.General.output_dir, config.General.checkpoint_dir
+    marker = read_marker(checkpoint_dir)
     ours = marker is not None and marker.get("stage") == config.stage and (
         marker_output_dir(marker) == run_location(output_dir)
     )
     for path in (output_dir, checkpoint_dir if ours else None):
-        if path is not None and path.exists():
+        if path is not None and _exists(path):
             moved.append((str(path), str(move_aside(path))))
     return tuple(moved)
+
+
+def _exists(location: str) -> bool:
+    return storage.exists(location) if storage.is_remote(location) else Path(location).exists()

@@ -79,9 +79,10 @@ def check(config: StageConfig) -> None:
     check_models(config)
 
 
-def settle_identity(config: StageConfig, on_config_change: str = "refuse") -> identity.Decision:
-    """Resume, refuse, or (restart) move the old run aside; the last step before training."""
-    decision = identity.check(config, on_config_change)
+def settle_identity(config: StageConfig, on_config_change: str = "refuse", fresh: bool = False) -> identity.Decision:
+    """Resume, refuse, or (restart, fresh) move the old run aside; the last step before training."""
+    decision = identity.check(config, on_config_change, fresh)
     for source, target in decision.moved:
-        print(f"config changed: moved {source} aside to {target} (nothing deleted)", flush=True)
+        print(f"{'a fresh start' if fresh else 'config changed'}: moved {source} aside to {target} "
+              "(nothing deleted)", flush=True)
     return decision

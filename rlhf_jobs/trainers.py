@@ -10,11 +10,13 @@ from rlhf_jobs.config import StageConfig
 from rlhf_jobs.stages import get
 
 
-def train(config: StageConfig, stop_at_step: int | None = None, on_config_change: str = "refuse") -> Any:
+def train(config: StageConfig, stop_at_step: int | None = None, on_config_change: str = "refuse",
+          fresh: bool = False) -> Any:
     """Train a validated stage config, after the driver-side checks (nothing is written before they pass).
 
     `stop_at_step`: stop after that optimizer step (PPO: iteration) with a checkpoint, to continue later.
-    `on_config_change`: what to do when output_dir holds a run with another config (see identity.py).
+    `on_config_change`: what to do when output_dir holds a run with another config (see identity.py);
+    `fresh`: move this run's old output_dir and final model aside even with the same config.
     Pre-flight, before Ray starts: object-storage locations usable, trackers installed, directories,
     final and input models (`preflight`), then the run's identity.
     """
@@ -24,5 +26,5 @@ def train(config: StageConfig, stop_at_step: int | None = None, on_config_change
     from rlhf_jobs.model_checks import check_models
 
     check_models(config)
-    preflight.settle_identity(config, on_config_change)
+    preflight.settle_identity(config, on_config_change, fresh)
     return importlib.import_module(get(config.stage).trainer).train(config, stop_at_step=stop_at_step)

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from servers.py)
 """A changed config never resumes old training state: the run's identity in output_dir, refuse or
 restart (moving aside, never deleting), inputs re-trained upstream, the pipeline's use of restart."""
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import local_config, write_config
+from servers import s3_env, s3_server  # noqa: F401  (fixtures)
 
 from rlhf_jobs import identity
 from rlhf_jobs.checkpoints import MARKER
@@ -124,3 +126,35 @@ def test_train_refuses_a_changed_config_and_restarts_on_request(tiny_model: Path
     assert marker["config"]["Training"]["batch_size"] == 4
     assert marker["run"] == {"output_dir": str((tmp_path / "out").resolve()),
                              "identity": identity.recorded_hash(tmp_path / "out")}
+
+
+def test_fresh_moves_the_run_aside_even_with_the_same_config(tiny_model: Path, tmp_path: Path) -> None:
+    output_dir = started_run(sft_config(tmp_path, tiny_model))
+    decision = identity.check(sft_config(tmp_path, tiny_model), fresh=True)
+    assert decision.action == "restart" and not output_dir.exists()
+    [(source, target)] = decision.moved
+    assert source == str(output_dir) and (Path(target) / "ray_train" / "checkpoint_000000").is_dir()
+
+
+def test_in_object_storage_a_restart_copies_the_run_aside(s3_env, tiny_model: Path, tmp_path: Path) -> None:
+    """No rename in S3: the objects are copied under <prefix>.replaced-<time>, then the old prefix is deleted."""
+    from servers import BUCKET
+
+    from rlhf_jobs import storage
+
+    output_dir = f"s3://{BUCKET}/{tmp_path.name}/out"
+    config = local_config("sft", base_model=tiny_model, output_dir=output_dir, checkpoint_dir=tmp_path / "model")
+    first = validate_config(config, "sft", paths=False)
+    identity.record(first)
+    storage.write_text(storage.join(output_dir, "checkpoints", "step-00000002", "state.pt"), "weights")
+    config["Training"]["epochs"] = 2
+    changed = validate_config(config, "sft", paths=False)
+    with pytest.raises(ConfigError, match=r"Training\.epochs: 6 -> 2"):
+        identity.check(changed)
+    decision = identity.check(changed, "restart")
+    [(source, target)] = decision.moved
+    assert source == output_dir and target.startswith(f"{output_dir}.replaced-")
+    assert not storage.exists(output_dir)
+    assert storage.read_text(storage.join(target, "checkpoints", "step-00000002", "state.pt")) == "weights"
+    assert identity.read(target) == identity.compute(first)
+    assert identity.check(changed).action == "fresh"
