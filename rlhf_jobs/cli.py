@@ -8,30 +8,42 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rlhf_jobs.stages import NAMES as STAGES
 from rlhf_jobs.tiny_model import LLAMA_SHAPES
 
+CONVERT_FORMATS = ("dolly", "oasst", "oasst-messages", "hh", "pairs")  # rlhf_jobs.convert.SOURCE_FORMATS
+
+# Exceptions that mean bad input, by module: printed as one line, exit code 2, no traceback.
+USER_ERRORS = {
+    "rlhf_jobs.config": ("ConfigError",),
+    "rlhf_jobs.data": ("DataError",),
+    "rlhf_jobs.checkpoints": ("CheckpointError",),
+    "rlhf_jobs.launcher": ("ResourceError",),
+    "rlhf_jobs.backends.helm": ("HelmError",),
+    "rlhf_jobs.backends.kube": ("ClusterUnavailable",),
+    "rlhf_jobs.hub": ("ModelError",),
+}
+
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input: printed as one line, exit code 2, no traceback."""
-    from rlhf_jobs.backends.helm import HelmError
-    from rlhf_jobs.backends.kube import ClusterUnavailable
-    from rlhf_jobs.checkpoints import CheckpointError
-    from rlhf_jobs.config import ConfigError
-    from rlhf_jobs.data import DataError
-    from rlhf_jobs.launcher import ResourceError
-    from rlhf_jobs.models import ModelError
-
-    return ConfigError, DataError, CheckpointError, ResourceError, HelmError, ClusterUnavailable, ModelError
+    """The user-error classes of the modules loaded so far (one not loaded cannot have raised):
+    reporting a bad path must not first import torch, transformers and Ray."""
+    return tuple(
+        getattr(sys.modules[module], name)
+        for module, names in USER_ERRORS.items() if module in sys.modules for name in names
+    )
 
 
-def train_stage(stage: str, config_path: str, overrides: Sequence[str] = (), stop_at_step: int | None = None) -> None:
+def train_stage(stage: str, config_path: str, overrides: Sequence[str] = (), stop_at_step: int | None = None,
+                on_config_change: str = "refuse", fresh: bool = False) -> None:
     """Validate everything the stage reads, then train it on Ray."""
     from rlhf_jobs import trainers
     from rlhf_jobs.config import load_config
 
-    trainers.train(load_config(config_path, stage, list(overrides)), stop_at_step=stop_at_step)
+    trainers.train(load_config(config_path, stage, list(overrides)), stop_at_step=stop_at_step,
+                   on_config_change=on_config_change, fresh=fresh)
 
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stop after optimizer step (PPO: iteration) N with a checkpoint; rerun to continue")
     train.add_argument("--on-config-change", choices=("refuse", "restart"), default="refuse",
                        help="output_dir holds a run of another config: refuse (default), or restart (move it aside)")
+    train.add_argument("--fresh", action="store_true",
+                       help="start over even with the same config: move this run's output_dir and final model aside")
     _add_set(train)
 
     check = commands.add_parser("check-config", help="validate a stage config without training")
@@ -73,7 +87,25 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("kind", choices=STAGES)
     convert.add_argument("--input", required=True)
     convert.add_argument("--output", required=True)
-    convert.add_argument("--format", default="auto", help="source format (default: detect)")
+    convert.add_argument(
+        "--format", default="auto", choices=("auto", *CONVERT_FORMATS),
+        help="source format: auto (detect, the default); sft: dolly, oasst, oasst-messages; rm and ppo: hh, pairs",
+    )
+
+    generate = commands.add_parser(
+        "generate", help="answers of one or several checkpoints to the same prompts, side by side, with RM scores")
+    generate.add_argument("--model", action="append", required=True, metavar="DIR",
+                          help="a trained model directory, e.g. runs/demo/sft (repeatable: one column each)")
+    prompts = generate.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompts", metavar="FILE", help='JSONL/JSON records {"prompt" | "instruction", "context"?}')
+    prompts.add_argument("--held-out", metavar="CHECKPOINT_DIR",
+                         help="the held-out split of the stage that wrote this checkpoint, e.g. runs/demo/ppo")
+    generate.add_argument("--rm", metavar="DIR", help="reward model to score with (default: a PPO model's rm_pretrain)")
+    generate.add_argument("--num", type=int, default=8, help="how many prompts (default 8; 0 = all)")
+    generate.add_argument("--output", default="samples.jsonl", help="JSONL written here (default: samples.jsonl)")
+    generate.add_argument("--max-new-tokens", type=int, help="default: the PPO config's max_new_tokens")
+    generate.add_argument("--temperature", type=float, help="default: the PPO config's temperature")
+    generate.add_argument("--seed", type=int, help="default: the PPO config's seed")
 
     pipeline = commands.add_parser("pipeline", help="run SFT -> RM -> PPO, locally or on KubeRay")
     pipeline.add_argument("--backend", choices=("local", "kuberay"), default="local")
@@ -100,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--dry-run", action="store_true",
                          help="print the manifests of every stage and exit (needs helm, no cluster)")
 
-    status = commands.add_parser("status", help="show a KubeRay pipeline run's record")
+    status = commands.add_parser("status", help="show a pipeline run's record (local: --workdir; else KubeRay)")
+    status.add_argument("--workdir", help="a local pipeline's work directory (pipeline --backend local)")
     status.add_argument("--namespace", default="rlhf")
     status.add_argument("--run", default="default")
 
@@ -130,11 +163,41 @@ def run_local_pipeline(args: argparse.Namespace) -> int:
         stages=parse_stages(args.stages), config_dir=args.config_dir, overrides=args.overrides,
         base_model=base_model, from_stage=args.from_stage,
     )
+    started = time.time()
     record = run_pipeline(backend, options)
     output_dirs = {stage: backend.stage_paths(stage)[0] for stage in STAGES}
     print("\n" + summary_table(record, output_dirs))
     print(f"\ntraining curves: {plot_curves(output_dirs, backend.workdir / 'curves.png')}")
     print(f"final models: {', '.join(backend.stage_paths(s)[1] for s in record['stages'])}")
+    samples = backend.workdir / "samples.jsonl"
+    if record["stages"].get("ppo", {}).get("finished_at", 0) > started:
+        show_samples(backend, samples)
+    elif samples.is_file():
+        print(f"sample answers: {samples}")
+    return 0
+
+
+def show_samples(backend: Any, path: Path, count: int = 5) -> None:
+    """After PPO: held-out prompts with the SFT and the PPO policy's answers and their reward-model scores."""
+    from rlhf_jobs import generate
+
+    sft, rm, ppo = (backend.stage_paths(stage)[1] for stage in STAGES)
+    samples, _ = generate.compare([sft, ppo], held_out=ppo, reward_model=rm, limit=count)
+    print(f"\n{len(samples)} held-out prompts, the SFT and the PPO policy's answers, reward-model scores:")
+    print(generate.table(samples))
+    print(f"sample answers: {generate.write_jsonl(samples, path)}")
+
+
+def local_status(workdir: str) -> int:
+    from rlhf_jobs.backends.local import LocalBackend
+    from rlhf_jobs.report import status_text
+
+    backend = LocalBackend(workdir)
+    record = backend.load_record()
+    if not record:
+        print(f"no pipeline record in {backend.workdir} (expected {backend.workdir / 'pipeline.json'})")
+        return 1
+    print(status_text(record, backend.workdir, {stage: backend.stage_paths(stage)[0] for stage in STAGES}))
     return 0
 
 
@@ -246,7 +309,8 @@ def delete_run(args: argparse.Namespace, clients=None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "train":
-        train_stage(args.stage, args.config_path, args.overrides, args.stop_at_step)
+        train_stage(args.stage, args.config_path, args.overrides, args.stop_at_step, args.on_config_change,
+                    args.fresh)
     elif args.command == "check-config":
         from rlhf_jobs.config import load_config
 
@@ -263,14 +327,24 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"tiny model written to {build_tiny_model(args.output, args.data)}")
     elif args.command == "convert":
-        from rlhf_jobs.convert import convert
+        from rlhf_jobs.convert import convert_records, report, write_conversion
 
-        count = convert(args.kind, args.input, args.output, args.format)
-        print(f"{count} {args.kind} records written to {args.output}")
+        result = convert_records(args.kind, args.input, args.format)
+        write_conversion(result, args.kind, args.input, args.output)
+        print("\n".join(report(result, args.kind, args.input, args.output, detected=args.format == "auto")))
+    elif args.command == "generate":
+        from rlhf_jobs import generate
+
+        samples, _ = generate.compare(
+            args.model, prompts_file=args.prompts, held_out=args.held_out, reward_model=args.rm, limit=args.num,
+            overrides={"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed},
+        )
+        print(generate.table(samples))
+        print(f"written: {generate.write_jsonl(samples, args.output)}")
     elif args.command == "pipeline":
         return run_local_pipeline(args) if args.backend == "local" else run_kuberay_pipeline(args)
     elif args.command == "status":
-        return show_status(args)
+        return local_status(args.workdir) if args.workdir else show_status(args)
     elif args.command == "delete":
         return delete_run(args)
     return 0

@@ -329,7 +329,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         elif suffix == ".json":
             data = json.loads(text)
         elif suffix == ".conf":
-            data = ast.literal_eval(text)
+            data = _read_conf(path, text)
         else:
             raise ConfigError(f"{path}: unknown config format {suffix!r}; expected .conf, .yaml, .yml or .json")
     except (SyntaxError, ValueError) as err:
@@ -346,12 +346,64 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+_LITERAL_NODES = (ast.Expression, ast.Dict, ast.List, ast.Tuple, ast.Set, ast.Constant, ast.Load)
+_NODE_NAMES = {ast.Call: "a function call", ast.Name: "a name", ast.Attribute: "an attribute",
+               ast.BinOp: "arithmetic", ast.Subscript: "a subscript", ast.Lambda: "a lambda"}
+
+
+def _read_conf(path: Path, text: str) -> Any:
+    """A `.conf` file's Python literal; anything else (calls, names, arithmetic) is named with its line."""
+    tree = ast.parse(text, filename=str(path), mode="eval")
+    for node in ast.walk(tree):
+        negative_number = isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd) and isinstance(
+            node.operand, ast.Constant)
+        if isinstance(node, _LITERAL_NODES) or negative_number or isinstance(node, ast.USub | ast.UAdd):
+            continue
+        what = next((name for kind, name in _NODE_NAMES.items() if isinstance(node, kind)), "an expression")
+        segment = (ast.get_source_segment(text, node) or "").splitlines()[0][:60]
+        raise ConfigError(
+            f"{path}:{node.lineno}: only literals are allowed in a .conf file (dicts, lists, strings, numbers, "
+            f"True/False/None); found {what}: {segment}"
+        )
+    return ast.literal_eval(tree)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`Training.epochs=1` -> (["Training", "epochs"], 1); the value is read as YAML."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected KEY.PATH=VALUE, e.g. Training.epochs=1")
-    return key.strip().split("."), yaml.safe_load(value)
+    try:
+        return key.strip().split("."), yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        reason = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({reason}); quote it: KEY='\"...\"'") from None
+
+
+class Origins:
+    """Which argument a key path came from: a `--set` that set it (or a section above it), else the file."""
+
+    def __init__(self, source: str, overrides: list[str] | tuple[str, ...] = ()) -> None:
+        self.source = source
+        self.overrides = []
+        for text in overrides:
+            key, sep, _ = text.partition("=")
+            if sep and key.strip():
+                self.overrides.append((tuple(key.strip().split(".")), text))
+
+    def of(self, loc: tuple[str, ...]) -> str:
+        """`--set Training.epochs=x` when a --set wrote `loc`, else the config file."""
+        for keys, text in reversed(self.overrides):  # the last --set of a key wins
+            if tuple(loc[: len(keys)]) == keys:
+                return f"--set {text}"
+        return self.source
+
+    def __str__(self) -> str:
+        return self.source
+
+
+def _where(source: str | Origins, loc: tuple[str, ...]) -> str:
+    return source.of(loc) if isinstance(source, Origins) else str(source)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -400,36 +452,96 @@ def _is_url(location: str) -> bool:
     return "://" in location
 
 
-def check_data_paths(config: StageConfig, source: str) -> None:
+def check_data_paths(config: StageConfig, source: str | Origins) -> None:
     """Local data files must exist (URLs are checked when read)."""
     dataset = config.Dataset
     for key in ("train_file", "validation_file"):
         location = getattr(dataset, key)
         if location and not _is_url(location) and not Path(location).is_file():
-            raise ConfigError(f"{source}: Dataset.{key}: file not found: {location}")
+            raise ConfigError(f"{_where(source, ('Dataset', key))}: Dataset.{key}: file not found: {location}")
 
 
-def check_model_paths(config: StageConfig, source: str) -> None:
-    """Model paths that look local must exist (anything else is taken for a hub name)."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+MODEL_KEYS = ("base_model", "model_name", "rm_name", "model_pretrain", "rm_pretrain")
+
+
+def looks_local(location: str) -> bool:
+    """Whether a model name is meant as a local path rather than a hub id (`name` or `org/name`).
+
+    Always local: a path starting with `/`, `.` or `~`, or with two or more slashes. `runs/tiny-model`
+    is local when it exists or when `runs/` does; otherwise it could be a hub id (see models.check_hub_model).
+    """
+    if location.startswith(("/", ".", "~")) or "\\" in location or location.count("/") > 1:
+        return True
+    return Path(location).exists() or (location.count("/") == 1 and Path(location.split("/")[0]).is_dir())
+
+
+def local_model_problem(location: str) -> str | None:
+    """Why a local path is not a loadable Hugging Face model directory (None if it looks like one)."""
+    path = Path(location).expanduser()
+    if not path.exists():
+        from rlhf_jobs.hub import build_hint
+
+        return f"no such model directory: {location} (relative paths start at {Path.cwd()}){build_hint(location)}"
+    if not path.is_dir():
+        return f"{location} is a file, expected a model directory (what save_pretrained writes)"
+    missing = []
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        missing.append("config.json (nor adapter_config.json)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        missing.append("tokenizer files (tokenizer.json or tokenizer_config.json)")
+    if not any(any(path.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        missing.append("weights (*.safetensors or *.bin)")
+    if missing:
+        return (f"{location} is a directory but not a Hugging Face model: no {', no '.join(missing)} "
+                "(a model directory is what save_pretrained writes)")
+    return None
+
+
+def check_model_paths(config: StageConfig, source: str | Origins) -> None:
+    """Model paths that look local must be model directories (anything else is taken for a hub id)."""
     general = config.General
-    for key in ("base_model", "model_name", "rm_name", "model_pretrain", "rm_pretrain"):
+    for key in MODEL_KEYS:
         location = getattr(general, key, None)
-        if location and "://" in location:  # object storage: checked by storage.check_config before training
-            continue
-        looks_local = location and (location.startswith(("/", "./", "../", "~")) or Path(location).exists())
-        if looks_local and not Path(location).expanduser().exists():
-            raise ConfigError(f"{source}: General.{key}: no such model directory: {location}")
+        if location and not _is_url(location) and looks_local(location):
+            problem = local_model_problem(location)
+            if key.endswith("_pretrain") and Path(location).expanduser().is_dir():
+                continue  # a stage checkpoint: checkpoints.require_stage says which stage to run first
+            if problem:
+                raise ConfigError(f"{_where(source, ('General', key))}: General.{key}: {problem}")
 
 
-def check_paths(config: StageConfig, source: str) -> None:
+def check_paths(config: StageConfig, source: str | Origins) -> None:
     check_data_paths(config, source)
     check_model_paths(config, source)
 
 
+def _problems_message(errors: list[dict[str, Any]], config_type: type[StageConfig], stage: str,
+                      source: str | Origins) -> str:
+    """One message for every problem; those a --set caused are blamed on that --set, not the file."""
+    blamed = []
+    for error in errors:
+        loc = tuple(str(part) for part in error["loc"] if not str(part).startswith("function-after"))
+        blamed.append((_where(source, loc), _describe(error, config_type)))
+    noun = "problem" if len(blamed) == 1 else "problems"
+    origins = {origin for origin, _ in blamed}
+    if origins == {str(source)}:
+        body = "\n  ".join(problem for _, problem in blamed)
+        return f"{source}: {len(blamed)} {noun} in the {stage} config:\n  {body}"
+    if len(blamed) == 1:
+        return f"{blamed[0][0]}: {blamed[0][1]}"
+    body = "\n  ".join(f"{origin}: {problem}" for origin, problem in blamed)
+    return f"{len(blamed)} {noun} in the {stage} config ({source} and --set):\n  {body}"
+
+
 def validate_config(
-    data: dict[str, Any], stage: str, source: str = "<config>", paths: bool = True
+    data: dict[str, Any], stage: str, source: str | Origins = "<config>", paths: bool = True
 ) -> StageConfig:
-    """Validate a raw dict as the config of `stage`; one `ConfigError` for every problem found."""
+    """Validate a raw dict as the config of `stage`; one `ConfigError` for every problem found.
+
+    `source` names the file; an `Origins` also knows which keys came from --set.
+    """
     from rlhf_jobs import stages  # the registry imports this module's config types
 
     if stage not in stages.REGISTRY:
@@ -438,10 +550,7 @@ def validate_config(
     try:
         config = config_type.model_validate({**data, "stage": stage})
     except ValidationError as err:
-        problems = [_describe(e, config_type) for e in err.errors()]
-        noun = "problem" if len(problems) == 1 else "problems"
-        body = "\n  ".join(problems)
-        raise ConfigError(f"{source}: {len(problems)} {noun} in the {stage} config:\n  {body}") from None
+        raise ConfigError(_problems_message(err.errors(), config_type, stage, source)) from None
     if paths:
         check_paths(config, source)
     return config
@@ -452,4 +561,4 @@ def load_config(
 ) -> StageConfig:
     """Read, override and validate a stage config file (`paths`: check that local files exist)."""
     data = apply_overrides(read_config_file(path), overrides)
-    return validate_config(data, stage, source=str(path), paths=paths)
+    return validate_config(data, stage, source=Origins(str(path), list(overrides)), paths=paths)

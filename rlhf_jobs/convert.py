@@ -45,6 +45,14 @@ SOURCE_FORMATS: dict[str, tuple[str, ...]] = {
     "rm": ("hh", "pairs"),
     "ppo": ("hh", "pairs"),
 }
+FORMAT_DESCRIPTIONS = {
+    "dolly": "Dolly-style instruction records",
+    "oasst": "OpenAssistant message trees",
+    "oasst-messages": "OpenAssistant flat messages",
+    "hh": "Anthropic HH transcripts",
+    "pairs": "preference pairs",
+}
+ALL_FORMATS = tuple(dict.fromkeys(f for formats in SOURCE_FORMATS.values() for f in formats))
 ASSISTANT_TAG = "\n\nAssistant:"
 HUMAN_TAG = "\n\nHuman:"
 logger = logging.getLogger(__name__)
@@ -425,6 +433,29 @@ def convert_records(kind: str, input_path: str, source_format: str = "auto", *, 
     return ppo_from_hh(numbered, input_path) if source_format == "hh" else ppo_from_pairs(numbered, input_path)
 
 
+def skipped_text(result: Conversion) -> str:
+    """'3 skipped: 2 identical replies, 1 no shared prompt', or 'none skipped'."""
+    if not result.skipped:
+        return "none skipped"
+    reasons = ", ".join(f"{n} {why}" for why, n in sorted(result.skipped.items(), key=lambda item: -item[1]))
+    return f"{sum(result.skipped.values())} skipped: {reasons}"
+
+
+def report(result: Conversion, kind: str, input_path: str, output_path: str, detected: bool) -> list[str]:
+    """What `rlhf-jobs convert` prints: the source format (and whether detected), counts, skips, next step."""
+    how = "detected" if detected else "given"
+    lines = [
+        f"{input_path}: format {result.source_format} ({FORMAT_DESCRIPTIONS[result.source_format]}, {how})",
+        f"wrote {len(result.records)} {kind} record(s) to {output_path}; {skipped_text(result)}",
+    ]
+    if result.source_format == "hh":
+        lines.append(
+            "note: these prompts are raw HH transcripts (\"\\n\\nHuman: ...\\n\\nAssistant:\"): train them with "
+            "Dataset.prompt_format: raw, in every stage that reads them"
+        )
+    return lines
+
+
 def convert(
     kind: str, input_path: str, output_path: str, source_format: str = "auto", *, lang: str | None = None
 ) -> int:
@@ -432,16 +463,14 @@ def convert(
 
     Raises `DataError` (with `file:line`) for bad input and when nothing is left to write.
     """
-    result = convert_records(kind, input_path, source_format, lang=lang)
-    skipped = ", ".join(f"{n} {why}" for why, n in sorted(result.skipped.items())) or "none"
-    logger.info(
-        "%s: %d %s record(s) from %s format, skipped: %s",
-        input_path,
-        len(result.records),
-        kind,
-        result.source_format,
-        skipped,
-    )
+    return write_conversion(convert_records(kind, input_path, source_format, lang=lang), kind, input_path,
+                            output_path)
+
+
+def write_conversion(result: Conversion, kind: str, input_path: str, output_path: str) -> int:
+    """Write the records of a conversion; nothing left to write is a `DataError` saying why."""
+    logger.info("%s: %d %s record(s) from %s format, %s", input_path, len(result.records), kind,
+                result.source_format, skipped_text(result))
     if not result.records:
-        raise DataError(f"{input_path}: no {kind} records to write (skipped: {skipped})")
+        raise DataError(f"{input_path}: no {kind} records to write ({skipped_text(result)})")
     return write_jsonl(output_path, result.records)

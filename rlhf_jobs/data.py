@@ -31,6 +31,7 @@ class RecordSchema:
     one_of: tuple[tuple[str, ...], ...] = ()
     numeric: tuple[str, ...] = ()
     check: Callable[[dict[str, Any]], str | None] | None = None
+    keep: str = "head"  # which end of a too-long text the stage keeps: "head" (SFT) or "tail" (RM, PPO)
 
     def problem(self, record: Any) -> str | None:
         if not isinstance(record, dict):
@@ -79,8 +80,9 @@ RM_SCHEMA = RecordSchema(
     optional=("context", "margin"),
     numeric=("margin",),
     check=_different_pair,
+    keep="tail",
 )
-PPO_SCHEMA = RecordSchema("ppo", required=(), one_of=(("prompt", "instruction"),), optional=("context",))
+PPO_SCHEMA = RecordSchema("ppo", required=(), one_of=(("prompt", "instruction"),), optional=("context",), keep="tail")
 
 
 def _read_text(location: str) -> str:
@@ -139,19 +141,72 @@ def read_records(location: str, schema: RecordSchema) -> list[dict[str, Any]]:
     return [schema.project(record) for _, record in pairs]
 
 
+# No tokenizer we know averages more characters per token than this (byte-level BPE on English: ~4;
+# long runs of one character: up to a few dozen), so a text cut to max_tokens × this many characters
+# tokenises to the same first (or last) max_tokens tokens.
+CHARS_PER_TOKEN_BOUND = 64
+
+
+def clip_text(text: str, max_tokens: int, keep: str = "head") -> str:
+    """`text` cut to what `max_tokens` tokens can cover, keeping its head or tail.
+
+    Tokenising a 40 MB string costs gigabytes (token and offset lists); the stage keeps at most
+    max_tokens of it anyway. How many records were truncated is counted from the tokens, not here.
+    """
+    limit = max_tokens * CHARS_PER_TOKEN_BOUND
+    if len(text) <= limit:
+        return text
+    return text[:limit] if keep == "head" else text[-limit:]
+
+
+def clip_record(record: dict[str, Any], schema: RecordSchema, max_tokens: int) -> dict[str, Any]:
+    return {key: clip_text(value, max_tokens, schema.keep) if isinstance(value, str) else value
+            for key, value in record.items()}
+
+
+def truncation_note(name: str, truncated: int, total: int, key: str, max_tokens: int, keep: str) -> str | None:
+    """One line for the driver's log when records were longer than the stage's token limit."""
+    if not truncated:
+        return None
+    cut = "their end is cut" if keep == "head" else "their start is cut"
+    return (f"{name}: {truncated} of {total} record(s) longer than {key}={max_tokens} tokens "
+            f"were truncated ({cut})")
+
+
+def report_truncation(examples: list[dict[str, Any]], name: str, key: str, max_tokens: int,
+                      keep: str) -> list[dict[str, Any]]:
+    """Pop the tokenisers' `truncated` flags, print how many were set; the examples without them."""
+    truncated = sum(bool(example.pop("truncated", False)) for example in examples)
+    note = truncation_note(name, truncated, len(examples), key, max_tokens, keep)
+    if note:
+        print(note, flush=True)
+    return examples
+
+
 def load_splits(
     train_file: str,
     validation_file: str | None,
     validation_split_percentage: int,
     schema: RecordSchema,
     seed: int,
+    max_tokens: int | None = None,
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """Train and validation `datasets.Dataset`s; a seeded split when there is no validation file."""
+    """Train and validation `datasets.Dataset`s; a seeded split when there is no validation file.
+
+    With `max_tokens`, texts are first cut to what that many tokens can cover (`clip_text`), so a
+    huge record costs no more memory than a long one.
+    """
     import datasets  # slow to import; the CLI's other commands never need it
 
-    train = datasets.Dataset.from_list(read_records(train_file, schema))
+    def read(location: str) -> datasets.Dataset:
+        records = read_records(location, schema)
+        if max_tokens:
+            records = [clip_record(record, schema, max_tokens) for record in records]
+        return datasets.Dataset.from_list(records)
+
+    train = read(train_file)
     if validation_file:
-        return train, datasets.Dataset.from_list(read_records(validation_file, schema))
+        return train, read(validation_file)
     if validation_split_percentage == 0:
         return train, None
     if len(train) < 2:

@@ -7,8 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rlhf_jobs import preemption, storage, trackers
+from rlhf_jobs import identity, preemption, storage, trackers
 from rlhf_jobs.config import ConfigError, StageConfig, TrainingBase
+from rlhf_jobs.logs import install_ray_log_filter
 
 RUN_NAME = "ray_train"
 STOPPED_METRIC = "stopped_at_step"  # reported by a worker loop that stopped early (rlhf_jobs.control)
@@ -36,11 +37,13 @@ def init_ray(training: TrainingBase) -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
+        install_ray_log_filter()
         return
     # The dashboard process also serves the state API that Ray Train's placement-group cleaner polls.
     # address="local": a new in-process cluster, never one that `ray start` left running on this machine.
     ray.init(address="local", include_dashboard=True, log_to_driver=True, configure_logging=True,
              logging_level="WARNING")
+    install_ray_log_filter()
     check_local_resources(training, ray.cluster_resources())
 
 
@@ -154,8 +157,7 @@ def run_trainer(
 
     training = config.Training
     init_ray(training)
-    if not storage.is_remote(config.General.output_dir):
-        Path(config.General.output_dir).resolve().mkdir(parents=True, exist_ok=True)
+    identity.record(config)  # creates a local output_dir; records the run's identity there
     storage_path, storage_filesystem = storage.ray_storage(config.General.output_dir)
     make_trainer = lambda: TorchTrainer(  # noqa: E731  (one per attempt: a drained node's run starts again)
         train_loop,

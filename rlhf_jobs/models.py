@@ -9,7 +9,12 @@ downloaded once per node first (`storage.local_model`).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +29,10 @@ from transformers import (
 )
 
 from rlhf_jobs import storage
+from rlhf_jobs.hub import ModelError  # defined there: the driver raises it without importing torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTER_CONFIG = "adapter_config.json"
-
-
-class ModelError(ValueError):
-    """A model or tokenizer that cannot be loaded (no such directory, hub unreachable, gated...)."""
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False, padding_side: str = "right") -> Any:
@@ -38,8 +40,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, padding_side: str
     try:
         tokenizer = AutoTokenizer.from_pretrained(storage.local_model(name), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:  # unreachable hub, missing or incomplete directory
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"cannot load the tokenizer of {name!r}: {first_line}") from None
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise ModelError(f"cannot load the tokenizer of {name!r}: {detail}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
@@ -74,15 +76,18 @@ def stored_dtype(name: str, trust_remote_code: bool = False) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-def _from_pretrained(auto_class: Any, name: str, dtype: torch.dtype, **kwargs: Any) -> PreTrainedModel:
+def _from_pretrained(auto_class: Any, name: str, dtype: torch.dtype, **kwargs: Any) -> Any:
+    """The model (with `output_loading_info=True`: (model, loading info of `name` or the adapter's base))."""
     name = storage.local_model(name)
     base = adapter_base(name)
     if base is None:
         return auto_class.from_pretrained(name, dtype=dtype, **kwargs)
     from peft import PeftModel
 
-    model = auto_class.from_pretrained(storage.local_model(base), dtype=dtype, **kwargs)
-    return PeftModel.from_pretrained(model, name).merge_and_unload()
+    loaded = auto_class.from_pretrained(storage.local_model(base), dtype=dtype, **kwargs)
+    model, info = loaded if kwargs.get("output_loading_info") else (loaded, None)
+    merged = PeftModel.from_pretrained(model, name).merge_and_unload()
+    return (merged, info) if kwargs.get("output_loading_info") else merged
 
 
 def _no_dropout(model: PreTrainedModel) -> PreTrainedModel:
@@ -103,11 +108,60 @@ def load_causal_lm(name: str, tokenizer: PreTrainedTokenizerBase, trust_remote_c
 
 def load_reward_model(name: str, tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool = False,
                       dropout: bool = True, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A one-output sequence classifier; the pad token id makes it read the last real token."""
-    model = _from_pretrained(AutoModelForSequenceClassification, name, dtype, num_labels=1,
-                             trust_remote_code=trust_remote_code)
+    """A one-output sequence classifier; the pad token id makes it read the last real token.
+
+    Started from a causal LM, the score head is new: one line says so instead of transformers'
+    LOAD REPORT table (other missing, unexpected or mismatched weights are still reported).
+    """
+    with _without_load_report():
+        model, info = _from_pretrained(AutoModelForSequenceClassification, name, dtype, num_labels=1,
+                                       trust_remote_code=trust_remote_code, output_loading_info=True)
+    if adapter_base(storage.local_model(name)) is None:  # an adapter export brings its own head
+        _report_loading(name, info or {})
     model.config.pad_token_id = tokenizer.pad_token_id
     return model if dropout else _no_dropout(model)
+
+
+def _report_loading(name: str, info: dict[str, Any]) -> None:
+    missing = sorted(info.get("missing_keys") or [])
+    head = [key for key in missing if key.split(".")[0] in ("score", "classifier")]
+    if head and _is_main_process():
+        # The real stdout: Ray Train V2 echoes print() a second time through its logger.
+        stream = sys.__stdout__ or sys.stdout
+        stream.write(f"reward model from {name}: the score head ({', '.join(head)}) is new, initialised randomly\n")
+        stream.flush()
+    problems = {"missing keys": [key for key in missing if key not in head],
+                **{key.replace("_", " "): sorted(map(str, info.get(key) or []))
+                   for key in ("unexpected_keys", "mismatched_keys")}}
+    if any(problems.values()):
+        logging.getLogger(__name__).warning(
+            "loading %s as a reward model: %s", name,
+            "; ".join(f"{kind}: {', '.join(keys)}" for kind, keys in problems.items() if keys),
+        )
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _without_load_report() -> Iterator[None]:
+    """Drop transformers' LOAD REPORT warning (and only it) while loading one model."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    report_filter = _DropLoadReport()
+    logger.addFilter(report_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(report_filter)
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of the worker group, or a process outside one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 def unwrap(model: torch.nn.Module) -> Any:

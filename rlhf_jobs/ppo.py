@@ -55,7 +55,7 @@ from rlhf_jobs.batching import pad
 from rlhf_jobs.checkpoints import require_stage, write_atomically
 from rlhf_jobs.config import PPOTraining, StageConfig
 from rlhf_jobs.control import StopControl, stopped
-from rlhf_jobs.data import PPO_SCHEMA, DataError, load_splits
+from rlhf_jobs.data import PPO_SCHEMA, DataError, load_splits, report_truncation
 from rlhf_jobs.distributed import Moments, all_reduce_max, all_reduce_sum, global_mean_var, peak_memory_gib
 from rlhf_jobs.logprobs import entropy, selective_log_softmax
 from rlhf_jobs.metrics_log import MetricsLogger
@@ -314,9 +314,9 @@ def tokenize_prompts(records: Any, tokenizer: Any, style: str, max_prompt_length
     bos = bos_ids(tokenizer)
     examples = []
     for record in records:
-        ids = tokenizer(record_prompt(record, style, tokenizer), add_special_tokens=False)["input_ids"]
-        ids = ids[-(max_prompt_length - len(bos)) :]
-        examples.append({"input_ids": bos + ids, "text": tokenizer.decode(ids)})
+        full = tokenizer(record_prompt(record, style, tokenizer), add_special_tokens=False)["input_ids"]
+        ids = full[-(max_prompt_length - len(bos)) :]
+        examples.append({"input_ids": bos + ids, "text": tokenizer.decode(ids), "truncated": len(full) > len(ids)})
     return examples
 
 
@@ -331,18 +331,20 @@ def prepare(config: StageConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(general.model_pretrain or general.model_name, general.trust_remote_code)
     train, evaluation = load_splits(
         dataset.train_file, dataset.validation_file, dataset.validation_split_percentage,
-        PPO_SCHEMA, config.Training.seed,
+        PPO_SCHEMA, config.Training.seed, max_tokens=dataset.max_prompt_length,
     )
     if len(train) < config.Training.num_training_workers:
         raise DataError(
             f"{dataset.train_file}: {len(train)} prompt(s) for {config.Training.num_training_workers} workers"
         )
-    return {
-        "train": tokenize_prompts(train, tokenizer, dataset.prompt_format, dataset.max_prompt_length),
-        "eval": tokenize_prompts(evaluation, tokenizer, dataset.prompt_format, dataset.max_prompt_length)
-        if evaluation is not None else None,
-        "reward_stats": reward_stats,
+    names = {"train": dataset.train_file, "eval": dataset.validation_file or "validation split"}
+    prompts = {
+        split: report_truncation(tokenize_prompts(records, tokenizer, dataset.prompt_format, dataset.max_prompt_length),
+                                 names[split], "Dataset.max_prompt_length", dataset.max_prompt_length, PPO_SCHEMA.keep)
+        if records is not None else None
+        for split, records in (("train", train), ("eval", evaluation))
     }
+    return {**prompts, "reward_stats": reward_stats}
 
 
 def shard_order(n_prompts: int, worker: Worker, seed: int, epoch: int) -> list[int]:

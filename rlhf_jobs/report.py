@@ -44,18 +44,48 @@ def key_metrics(stage: str, metrics: list[dict[str, Any]]) -> str:
     return ", ".join(parts)
 
 
-def summary_table(record: dict[str, Any], output_dirs: dict[str, str]) -> str:
-    rows = [("stage", "status", "wall time", "key metrics")]
-    for stage, entry in record.get("stages", {}).items():
-        seconds = entry.get("seconds")
-        rows.append((
-            stage, entry.get("status", "-"), f"{seconds:.0f} s" if seconds is not None else "-",
-            key_metrics(stage, read_metrics(output_dirs[stage])),
-        ))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
+
+
+def _wall_time(entry: dict[str, Any]) -> str:
+    seconds = entry.get("seconds")
+    return f"{seconds:.0f} s" if seconds is not None else "-"
+
+
+def summary_table(record: dict[str, Any], output_dirs: dict[str, str]) -> str:
+    rows = [("stage", "status", "wall time", "key metrics")]
+    for stage, entry in record.get("stages", {}).items():
+        rows.append((stage, entry.get("status", "-"), _wall_time(entry),
+                     key_metrics(stage, read_metrics(output_dirs[stage]))))
+    return _table(rows)
+
+
+def status_text(record: dict[str, Any], workdir: str | Path, output_dirs: dict[str, str]) -> str:
+    """`rlhf-jobs status --workdir`: a local pipeline record, as the KubeRay status shows a cluster's."""
+    import time
+
+    rows = [("stage", "status", "wall time", "finished", "config", "final model", "key metrics")]
+    errors = []
+    for stage, entry in record.get("stages", {}).items():
+        finished = entry.get("finished_at")
+        rows.append((
+            stage, entry.get("status", "-"), _wall_time(entry),
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(finished)) if finished else "-",
+            entry.get("config_hash", "-"), entry.get("checkpoint", "-"),
+            key_metrics(stage, read_metrics(output_dirs[stage])),
+        ))
+        if entry.get("error") and entry.get("status") != "succeeded":
+            errors.append(f"{stage}: {entry['error'].strip().splitlines()[-1]}")
+    workdir = Path(workdir)
+    extras = [f"{what}: {workdir / name}" for what, name in (("training curves", "curves.png"),
+                                                               ("sample answers", "samples.jsonl"))
+              if (workdir / name).is_file()]
+    header = f"pipeline in {workdir} ({record.get('backend', 'local')} backend):"
+    return "\n".join([header, _table(rows), *errors, *extras])
 
 
 PANELS = tuple((title, stage.name, curves) for stage in stages.REGISTRY.values() for title, curves in stage.panels)

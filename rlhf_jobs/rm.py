@@ -44,13 +44,15 @@ def tokenize_pair(record: dict[str, Any], tokenizer: Any, style: str, max_length
     bos = bos_ids(tokenizer)
 
     def ids(response: str) -> list[int]:
-        body = tokenizer(join_response(prompt, response), add_special_tokens=False)["input_ids"]
-        return bos + body[-(max_length - len(bos)) :]
+        return tokenizer(join_response(prompt, response), add_special_tokens=False)["input_ids"]
 
+    keep = max_length - len(bos)
+    chosen, rejected = ids(record["chosen"]), ids(record["rejected"])
     return {
-        "chosen_ids": ids(record["chosen"]),
-        "rejected_ids": ids(record["rejected"]),
+        "chosen_ids": bos + chosen[-keep:],
+        "rejected_ids": bos + rejected[-keep:],
         "margin": float(record.get("margin") or 0.0),
+        "truncated": max(len(chosen), len(rejected)) > keep,
     }
 
 

@@ -38,7 +38,8 @@ def tokenize_sft(record: dict[str, Any], tokenizer: Any, style: str, max_length:
     labels += [tok if start >= len(prompt) else IGNORE_INDEX
                for tok, (start, _) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)]
     labels.append(tokenizer.eos_token_id)
-    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
+    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length],
+            "truncated": len(input_ids) > max_length}
 
 
 def pad_batch(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:

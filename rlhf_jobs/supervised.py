@@ -36,7 +36,7 @@ from rlhf_jobs.adapters import Task, add_lora
 from rlhf_jobs.checkpoints import write_atomically
 from rlhf_jobs.config import ConfigError, StageConfig, TrainingBase
 from rlhf_jobs.control import StopControl, stopped
-from rlhf_jobs.data import RecordSchema, load_splits
+from rlhf_jobs.data import RecordSchema, load_splits, report_truncation
 from rlhf_jobs.distributed import all_reduce_max, all_reduce_sum, peak_memory_gib
 from rlhf_jobs.metrics_log import MetricsLogger
 from rlhf_jobs.models import load_tokenizer, stored_dtype, unwrap
@@ -113,14 +113,16 @@ def prepare_examples(
     general, dataset = config.General, config.Dataset
     tokenizer = load_tokenizer(general.base_model, general.trust_remote_code)
     train, evaluation = load_splits(dataset.train_file, dataset.validation_file,
-                                    dataset.validation_split_percentage, schema, config.Training.seed)
+                                    dataset.validation_split_percentage, schema, config.Training.seed,
+                                    max_tokens=dataset.max_length)
 
     def tokenize_all(records: Any, name: str) -> list[dict[str, Any]]:
-        return list(records.map(
+        examples = list(records.map(
             lambda record: tokenize(record, tokenizer, dataset.prompt_format, dataset.max_length),
             remove_columns=records.column_names, num_proc=dataset.preprocessing_num_workers,
             desc=f"tokenizing {name}",
         ))
+        return report_truncation(examples, name, "Dataset.max_length", dataset.max_length, schema.keep)
 
     return {
         "train": tokenize_all(train, dataset.train_file),

@@ -5,22 +5,26 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from rlhf_jobs import storage, trackers
-from rlhf_jobs.checkpoints import check_overwritable
+from rlhf_jobs import preflight, storage, trackers
 from rlhf_jobs.config import StageConfig
 from rlhf_jobs.stages import get
 
 
-def train(config: StageConfig, stop_at_step: int | None = None) -> Any:
-    """Train a validated stage config; refuses to replace a checkpoint_dir we did not write.
+def train(config: StageConfig, stop_at_step: int | None = None, on_config_change: str = "refuse",
+          fresh: bool = False) -> Any:
+    """Train a validated stage config, after the driver-side checks (nothing is written before they pass).
 
     `stop_at_step`: stop after that optimizer step (PPO: iteration) with a checkpoint, to continue later.
-    Pre-flight, before Ray starts: object-storage locations usable, trackers installed.
+    `on_config_change`: what to do when output_dir holds a run with another config (see identity.py);
+    `fresh`: move this run's old output_dir and final model aside even with the same config.
+    Pre-flight, before Ray starts: object-storage locations usable, trackers installed, directories,
+    final and input models (`preflight`), then the run's identity.
     """
-    from rlhf_jobs.model_checks import check_models
-
     storage.check_config(config)
     trackers.check(config.Training.report_to)
-    check_overwritable(config.General.checkpoint_dir)
+    preflight.check(config)  # before importing torch: a bad path or an unreachable hub fails in seconds
+    from rlhf_jobs.model_checks import check_models
+
     check_models(config)
+    preflight.settle_identity(config, on_config_change, fresh)
     return importlib.import_module(get(config.stage).trainer).train(config, stop_at_step=stop_at_step)

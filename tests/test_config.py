@@ -48,11 +48,55 @@ def test_original_conf_format_parses_without_eval(tmp_path: Path) -> None:
     assert config.Dataset.validation_file is None
 
 
-def test_conf_with_code_is_refused(tmp_path: Path) -> None:
+def test_conf_with_code_is_refused_naming_the_line(tmp_path: Path) -> None:
     conf = tmp_path / "evil.conf"
-    conf.write_text('{"General": __import__("os").system("echo pwned")}')
-    with pytest.raises(ConfigError, match=r"evil\.conf.*not a valid \.conf config"):
+    conf.write_text('# a comment\n{\n    "General": __import__("os").system("echo pwned"),\n}\n')
+    with pytest.raises(ConfigError) as info:
         load_config(conf, "sft")
+    assert str(info.value) == (
+        f"{conf}:3: only literals are allowed in a .conf file (dicts, lists, strings, numbers, True/False/None); "
+        'found a function call: __import__("os").system("echo pwned")'
+    )
+
+
+@pytest.mark.parametrize(("text", "found"), [("os.environ['HOME']", "a subscript"), ("1e-5 * 2", "arithmetic"),
+                                             ("HOME", "a name")])
+def test_conf_non_literals_are_named(tmp_path: Path, text: str, found: str) -> None:
+    conf = tmp_path / "c.conf"
+    conf.write_text('{"General": {"output_dir": ' + text + ', "n": -1}}\n')
+    with pytest.raises(ConfigError, match=f"c\\.conf:1: only literals are allowed .*; found {found}"):
+        load_config(conf, "sft")
+
+
+def test_set_errors_are_blamed_on_the_set_argument(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(sft_dict(tmp_path)))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, "sft", ["Training.batch_size=two"])
+    message = str(info.value)
+    assert message.startswith("--set Training.batch_size=two: Training.batch_size: Input should be a valid integer")
+    assert str(path) not in message
+    with pytest.raises(ConfigError, match=r"^--set Training\.learning_rat=1: Training\.learning_rat: unknown key; "
+                                          r"did you mean 'Training\.learning_rate'"):
+        load_config(path, "sft", ["Training.learning_rat=1"])
+    with pytest.raises(ConfigError, match=r"^--set Dataset\.train_file=nowhere\.jsonl: Dataset\.train_file: file not"):
+        load_config(path, "sft", ["Dataset.train_file=nowhere.jsonl"])
+    with pytest.raises(ConfigError, match=r"^--set 'Training\.epochs=\[1': the value is not valid YAML"):
+        load_config(path, "sft", ["Training.epochs=[1"])
+
+
+def test_file_and_set_problems_each_name_their_origin(tmp_path: Path) -> None:
+    data = sft_dict(tmp_path)
+    data["Training"]["epochz"] = 1
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, "sft", ["Training.resources_per_worker.CPU=-1"])
+    lines = str(info.value).splitlines()
+    assert lines[0] == f"2 problems in the sft config ({path} and --set):"
+    assert any(line.startswith(f"  {path}: Training.epochz: unknown key") for line in lines)
+    assert any(line.startswith("  --set Training.resources_per_worker.CPU=-1: Training.resources_per_worker.CPU")
+               for line in lines)
 
 
 def test_bundled_conf_files_validate() -> None:

@@ -157,3 +157,27 @@ def test_nothing_left_to_write_is_an_error(tmp_path):
     only_identical.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "a"}) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match="no rm records to write"):
         convert("rm", str(only_identical), str(tmp_path / "out.jsonl"))
+
+
+def test_cli_says_format_counts_skips_and_the_prompt_format(tmp_path, capsys):
+    from rlhf_jobs.cli import main
+
+    output = tmp_path / "rm.jsonl"
+    assert main(["convert", "rm", "--input", str(FIXTURES / "hh.jsonl"), "--output", str(output)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{FIXTURES / 'hh.jsonl'}: format hh (Anthropic HH transcripts, detected)"
+    assert lines[1] == f"wrote 3 rm record(s) to {output}; 1 skipped: 1 identical replies"
+    assert "Dataset.prompt_format: raw" in lines[2]
+    assert main(["convert", "sft", "--input", str(FIXTURES / "dolly.jsonl"), "--output", str(output),
+                 "--format", "dolly"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("format dolly (Dolly-style instruction records, given)")
+
+
+def test_format_choices_are_listed(capsys):
+    from rlhf_jobs.cli import CONVERT_FORMATS, main
+    from rlhf_jobs.convert import ALL_FORMATS
+
+    assert CONVERT_FORMATS == ALL_FORMATS
+    with pytest.raises(SystemExit):
+        main(["convert", "sft", "--input", "a", "--output", "b", "--format", "alpaca"])
+    assert "choose from 'auto', 'dolly', 'oasst', 'oasst-messages', 'hh', 'pairs'" in capsys.readouterr().err

@@ -76,3 +76,81 @@ def test_validation_split_is_deterministic(tmp_path: Path) -> None:
     assert first[1]["instruction"] == second[1]["instruction"]
     assert set(first[0]["instruction"]).isdisjoint(first[1]["instruction"])
     assert load_splits(path, None, 0, SFT_SCHEMA, seed=3)[1] is None
+
+
+# ---- long records --------------------------------------------------------------------------------------
+
+
+def test_clipping_keeps_every_token_the_stage_keeps(tiny_model: Path) -> None:
+    """Cut to max_tokens × CHARS_PER_TOKEN_BOUND characters, a text tokenises to the same kept window."""
+    from rlhf_jobs.data import clip_record
+    from rlhf_jobs.models import load_tokenizer
+    from rlhf_jobs.ppo import tokenize_prompts
+    from rlhf_jobs.rm import tokenize_pair
+    from rlhf_jobs.sft import tokenize_sft
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    long = "The quick brown fox jumps over the lazy dog; " * 20_000 + "=" * 5_000 + " zebra " * 3_000
+    sft = {"instruction": "Tell a story.", "context": "", "response": long}
+    rm = {"prompt": long, "chosen": "Yes. " + long, "rejected": long + " No."}
+    ppo = {"prompt": long + " What next?"}
+    assert len(clip_record(sft, SFT_SCHEMA, 64)["response"]) < len(long) / 100
+    assert tokenize_sft(clip_record(sft, SFT_SCHEMA, 64), tokenizer, "instruction", 64) == tokenize_sft(
+        sft, tokenizer, "instruction", 64)
+    assert tokenize_pair(clip_record(rm, RM_SCHEMA, 64), tokenizer, "instruction", 64) == tokenize_pair(
+        rm, tokenizer, "instruction", 64)
+    assert tokenize_prompts([clip_record(ppo, PPO_SCHEMA, 32)], tokenizer, "raw", 32) == tokenize_prompts(
+        [ppo], tokenizer, "raw", 32)
+
+
+def test_truncated_records_are_counted_per_split(tiny_model: Path, tmp_path: Path, capsys) -> None:
+    import json
+
+    from rlhf_jobs.config import validate_config
+    from rlhf_jobs.sft import SFTTask
+
+    records = [{"instruction": f"q{i}", "response": "short"} for i in range(8)]
+    records[0]["response"] = records[5]["response"] = "long " * 500
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in records))
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text(json.dumps({"instruction": "v", "response": "long " * 500}) + "\n")
+    config = validate_config({
+        "General": {"base_model": str(tiny_model), "output_dir": str(tmp_path / "o"), "checkpoint_dir": "c"},
+        "Dataset": {"train_file": str(train), "validation_file": str(validation), "max_length": 64},
+    }, "sft")
+    data = SFTTask().prepare(config)
+    out = capsys.readouterr().out
+    assert f"{train}: 2 of 8 record(s) longer than Dataset.max_length=64 tokens were truncated (their end is cut)" \
+        in out
+    assert f"{validation}: 1 of 1 record(s) longer than Dataset.max_length=64 tokens" in out
+    assert all("truncated" not in example and len(example["input_ids"]) <= 64 for example in data["train"])
+
+
+def test_a_40_mb_record_costs_no_gigabytes(tiny_model: Path, tmp_path: Path) -> None:
+    """Measured: tokenising the whole 40 MB line peaked at 7.7 GB (50 s); cut first, about 0.6 GB (1 s)."""
+    import json
+    import subprocess
+    import sys
+
+    data = tmp_path / "train.jsonl"
+    with data.open("w") as handle:
+        handle.write(json.dumps({"instruction": "Repeat.", "response": "All work and no play. " * 1_820_000}) + "\n")
+        for index in range(20):
+            handle.write(json.dumps({"instruction": f"q{index}", "response": "a short answer"}) + "\n")
+    assert data.stat().st_size > 40_000_000
+    script = f"""
+import resource
+from rlhf_jobs.config import validate_config
+from rlhf_jobs.sft import SFTTask
+config = validate_config({{"General": {{"base_model": {str(tiny_model)!r}, "output_dir": "o", "checkpoint_dir": "c"}},
+                          "Dataset": {{"train_file": {str(data)!r}, "validation_split_percentage": 0,
+                                      "max_length": 256}}}}, "sft")
+SFTTask().prepare(config)
+print("peak MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+    process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert "1 of 21 record(s) longer than Dataset.max_length=256 tokens were truncated" in process.stdout
+    peak = int(process.stdout.split("peak MB")[1])
+    assert peak < 1500, f"peak RSS {peak} MB"

@@ -148,3 +148,45 @@ def test_interrupted_ppo_resumes_without_redoing_sft_or_rm(tmp_path: Path) -> No
     resumed = steps[steps.index(done_before) + 1:]
     assert resumed and min(s for s in resumed) >= done_before - 1, "PPO restarted from scratch"
     assert (workdir / "curves.png").stat().st_size > 10_000
+    # Looking at results: held-out prompts with the SFT and PPO answers and their reward-model scores.
+    assert "5 held-out prompts, the SFT and the PPO policy's answers, reward-model scores:" in second.stdout
+    samples = [json.loads(line) for line in (workdir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 5
+    assert all(set(s["answers"]) == {"sft", "ppo"} and all(isinstance(a["score"], float) for a in s["answers"].values())
+               for s in samples)
+    assert "PreemptionWatcher" not in second.stdout + second.stderr
+
+
+def test_a_changed_or_forced_stage_moves_its_old_outputs_aside(tmp_path: Path, config_dir: Path) -> None:
+    """Nothing is deleted: the old Ray checkpoints and final model of a re-run stage are kept beside it."""
+    run = tmp_path / "run"
+    run_pipeline(RecordingBackend(run), PipelineOptions(config_dir=config_dir))
+    for name in ("rm-output", "rm"):
+        (run / name).mkdir()
+        (run / name / "weights").write_text(name)
+    changed = RecordingBackend(run)
+    run_pipeline(changed, PipelineOptions(config_dir=config_dir, overrides=["rm.Training.epochs=2"]))
+    assert changed.ran == ["rm", "ppo"]
+    for name in ("rm-output", "rm"):
+        [kept] = run.glob(f"{name}.replaced-*")
+        assert (kept / "weights").read_text() == name
+
+
+def test_local_status_shows_the_record(tmp_path: Path, config_dir: Path, capsys) -> None:
+    from rlhf_jobs.cli import main
+
+    assert main(["status", "--workdir", str(tmp_path / "none")]) == 1
+    assert "no pipeline record in" in capsys.readouterr().out
+    with pytest.raises(RuntimeError):
+        run_pipeline(RecordingBackend(tmp_path / "run", fail="rm"), PipelineOptions(config_dir=config_dir))
+    capsys.readouterr()
+    assert main(["status", "--workdir", str(tmp_path / "run")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    record = json.loads((tmp_path / "run" / "pipeline.json").read_text())
+    assert lines[0] == f"pipeline in {(tmp_path / 'run').resolve()} (local backend):"
+    assert lines[1].split() == ["stage", "status", "wall", "time", "finished", "config", "final", "model", "key",
+                                "metrics"]
+    sft, rm = lines[3].split(), lines[4].split()
+    assert sft[:2] == ["sft", "succeeded"] and record["stages"]["sft"]["config_hash"] in sft
+    assert rm[:2] == ["rm", "failed"] and str((tmp_path / "run" / "rm").resolve()) in rm
+    assert lines[-1] == "rm: RuntimeError: rm crashed"

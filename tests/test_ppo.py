@@ -317,20 +317,20 @@ def metric_records(output_dir: Path, split: str) -> list[dict]:
 def test_ppo_raises_the_held_out_score_and_resumes(
     tmp_path: Path, tiny_model: Path, sft_checkpoint: Path, rm_checkpoint: Path
 ) -> None:
-    """Run part of the schedule, then rerun with the full one on the same output_dir: it resumes,
-    and the final policy (loaded from checkpoint_dir) outscores the SFT policy on held-out prompts."""
+    """Stop halfway (--stop-at-step), then rerun the same config on the same output_dir: it resumes, and
+    the final policy (loaded from checkpoint_dir) outscores the SFT policy on held-out prompts."""
     from rlhf_jobs.checkpoints import read_marker
-    from rlhf_jobs.cli import train_stage
+    from rlhf_jobs.cli import main
 
     full = ppo_config(tmp_path, tiny_model, sft_checkpoint, rm_checkpoint)
     total = full["Training"]["training_iteration"]
-    first = ppo_config(tmp_path, tiny_model, sft_checkpoint, rm_checkpoint, training_iteration=total // 2)
-    train_stage("ppo", str(write_config(tmp_path / "first.yaml", first)))
+    path = str(write_config(tmp_path / "full.yaml", full))
+    assert main(["train", "ppo", "--config_path", path, "--stop-at-step", str(total // 2)]) == 0
     output = tmp_path / "output"
     assert [r["step"] for r in metric_records(output, "train")] == list(range(1, total // 2 + 1))
-    assert read_marker(tmp_path / "policy")["iteration"] == total // 2
+    assert not (tmp_path / "policy").exists(), "a stopped run writes no final policy"
 
-    train_stage("ppo", str(write_config(tmp_path / "full.yaml", full)))
+    assert main(["train", "ppo", "--config_path", path]) == 0
     train = metric_records(output, "train")
     assert [r["step"] for r in train] == list(range(1, total + 1))  # continued at total // 2 + 1
     marker = read_marker(tmp_path / "policy")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +38,15 @@ class LocalBackend:
         os.replace(temporary, self.workdir / RECORD_FILE)
 
     def reset_stage(self, stage: str) -> None:
-        output_dir = Path(self.stage_paths(stage)[0])
-        if output_dir.exists():
-            print(f"   removing {output_dir}: its Ray checkpoints belong to an older config", flush=True)
-            shutil.rmtree(output_dir)
+        """Move the stage's old output_dir and final model aside (never deleted): it runs from scratch."""
+        from rlhf_jobs.checkpoints import move_aside
+
+        for path in map(Path, self.stage_paths(stage)):
+            if path.exists():
+                print(f"   moving {path} aside to {move_aside(path)} (an older config or a forced re-run)", flush=True)
 
     def run_stage(self, stage: str, config: dict[str, Any]) -> None:
         from rlhf_jobs import trainers
 
-        trainers.train(validate_config(config, stage, source=f"{self.workdir / RECORD_FILE} ({stage})"))
+        validated = validate_config(config, stage, source=f"{self.workdir / RECORD_FILE} ({stage})")
+        trainers.train(validated, on_config_change="restart")

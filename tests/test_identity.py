@@ -1,0 +1,160 @@
+# ruff: noqa: F811  (pytest fixtures imported from servers.py)
+"""A changed config never resumes old training state: the run's identity in output_dir, refuse or
+restart (moving aside, never deleting), inputs re-trained upstream, the pipeline's use of restart."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from conftest import local_config, write_config
+from servers import s3_env, s3_server  # noqa: F401  (fixtures)
+
+from rlhf_jobs import identity
+from rlhf_jobs.checkpoints import MARKER
+from rlhf_jobs.cli import main
+from rlhf_jobs.config import ConfigError, StageConfig, validate_config
+
+
+def sft_config(tmp_path: Path, tiny_model: Path, **training: object) -> StageConfig:
+    config = local_config("sft", base_model=tiny_model, output_dir=tmp_path / "out", checkpoint_dir=tmp_path / "model")
+    config["Training"].update(training)
+    return validate_config(config, "sft", paths=False)
+
+
+def started_run(config: StageConfig) -> Path:
+    """An output_dir as a run leaves it after its first checkpoint."""
+    output_dir = identity.record(config)
+    state = output_dir / "ray_train" / "checkpoint_000000"
+    state.mkdir(parents=True)
+    (state / "train_state.pt").write_bytes(b"weights")
+    return output_dir
+
+
+def test_same_config_resumes_and_resumable_keys_may_change(tiny_model: Path, tmp_path: Path) -> None:
+    started_run(sft_config(tmp_path, tiny_model))
+    assert identity.check(sft_config(tmp_path, tiny_model)).action == "resume"
+    more_workers = sft_config(tmp_path, tiny_model, num_training_workers=1, logging_steps=1, save_steps=3,
+                              max_failures=3, resources_per_worker={"CPU": 2}, report_to="none",
+                              gradient_checkpointing=True)
+    assert identity.check(more_workers).action == "resume"
+
+
+def test_changed_config_is_refused_with_the_changed_keys(tiny_model: Path, tmp_path: Path) -> None:
+    output_dir = started_run(sft_config(tmp_path, tiny_model))
+    changed = sft_config(tmp_path, tiny_model, batch_size=4, learning_rate=0.01)
+    with pytest.raises(ConfigError) as info:
+        identity.check(changed)
+    message = str(info.value)
+    assert message.startswith(f"General.output_dir: {output_dir} holds the training state of a different config")
+    assert "Training.batch_size: 8 -> 4" in message and "Training.learning_rate: 0.003 -> 0.01" in message
+    assert "Training.epochs" not in message
+    assert "--on-config-change restart" in message and "deletes nothing" in message
+    assert (output_dir / "ray_train" / "checkpoint_000000" / "train_state.pt").read_bytes() == b"weights"
+
+
+def test_restart_moves_the_old_run_aside(tiny_model: Path, tmp_path: Path) -> None:
+    output_dir = started_run(sft_config(tmp_path, tiny_model))
+    final = tmp_path / "model"
+    final.mkdir()
+    (final / MARKER).write_text(json.dumps({"stage": "sft", "run": {"output_dir": str(output_dir.resolve())}}))
+    decision = identity.check(sft_config(tmp_path, tiny_model, epochs=2), "restart")
+    assert decision.action == "restart"
+    moved = dict(decision.moved)
+    assert set(moved) == {str(output_dir), str(final)}
+    assert not output_dir.exists() and not final.exists()
+    assert (Path(moved[str(output_dir)]) / "ray_train" / "checkpoint_000000" / "train_state.pt").is_file()
+    assert Path(moved[str(final)]).name.startswith("model.replaced-")
+    assert identity.check(sft_config(tmp_path, tiny_model, epochs=2)).action == "fresh"
+
+
+def test_an_output_dir_without_identity_is_not_resumed(tiny_model: Path, tmp_path: Path) -> None:
+    (tmp_path / "out" / "ray_train").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"holds files but no rlhf_run\.json"):
+        identity.check(sft_config(tmp_path, tiny_model))
+
+
+def test_a_retrained_input_model_is_a_change(tiny_model: Path, tmp_path: Path) -> None:
+    sft_model = tmp_path / "sft"
+    sft_model.mkdir()
+    (sft_model / MARKER).write_text(json.dumps({"stage": "sft", "written_at": 1_700_000_000.0}))
+    config = local_config("rm", base_model=sft_model, output_dir=tmp_path / "out", checkpoint_dir=tmp_path / "rm")
+    rm = validate_config(config, "rm", paths=False)
+    started_run(rm)
+    assert identity.check(rm).action == "resume"
+    (sft_model / MARKER).write_text(json.dumps({"stage": "sft", "written_at": time.time()}))
+    with pytest.raises(ConfigError, match=r"General\.base_model \(the model there\)\.written_at: 2023-11-1"):
+        identity.check(rm)
+
+
+def test_unknown_on_config_change_value(tiny_model: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="expected one of refuse, restart"):
+        identity.check(sft_config(tmp_path, tiny_model), "delete")
+
+
+def read_steps(output_dir: Path) -> list[int]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [record["step"] for record in map(json.loads, lines) if record["split"] == "train"]
+
+
+@pytest.mark.slow
+def test_train_refuses_a_changed_config_and_restarts_on_request(tiny_model: Path, tmp_path: Path, capsys) -> None:
+    """The issue's case: a re-run with another batch size resumed the old state and stopped at a step
+    count matching neither config. Now it is refused before anything runs, or restarted from scratch."""
+    config = local_config("sft", base_model=tiny_model, output_dir=tmp_path / "out", checkpoint_dir=tmp_path / "model")
+    config["Training"].update(max_train_steps=3, logging_steps=1)
+    path = write_config(tmp_path / "sft.yaml", config)
+    assert main(["train", "sft", "--config_path", str(path)]) == 0
+    first_steps, first_model = read_steps(tmp_path / "out"), (tmp_path / "model" / MARKER).read_text()
+    assert first_steps == [1, 2, 3]
+
+    changed = ["--set", "Training.batch_size=4"]
+    assert main(["train", "sft", "--config_path", str(path), *changed]) == 2
+    err = capsys.readouterr().err
+    assert "Training.batch_size: 8 -> 4" in err and "--on-config-change restart" in err
+    assert read_steps(tmp_path / "out") == first_steps and (tmp_path / "model" / MARKER).read_text() == first_model
+
+    assert main(["train", "sft", "--config_path", str(path), *changed, "--on-config-change", "restart"]) == 0
+    assert read_steps(tmp_path / "out") == [1, 2, 3], "a fresh run, not a resumed one"
+    old_runs = sorted(tmp_path.glob("out.replaced-*"))
+    old_models = sorted(tmp_path.glob("model.replaced-*"))
+    assert len(old_runs) == len(old_models) == 1
+    assert read_steps(old_runs[0]) == first_steps and (old_models[0] / MARKER).read_text() == first_model
+    marker = json.loads((tmp_path / "model" / MARKER).read_text())
+    assert marker["config"]["Training"]["batch_size"] == 4
+    assert marker["run"] == {"output_dir": str((tmp_path / "out").resolve()),
+                             "identity": identity.recorded_hash(tmp_path / "out")}
+
+
+def test_fresh_moves_the_run_aside_even_with_the_same_config(tiny_model: Path, tmp_path: Path) -> None:
+    output_dir = started_run(sft_config(tmp_path, tiny_model))
+    decision = identity.check(sft_config(tmp_path, tiny_model), fresh=True)
+    assert decision.action == "restart" and not output_dir.exists()
+    [(source, target)] = decision.moved
+    assert source == str(output_dir) and (Path(target) / "ray_train" / "checkpoint_000000").is_dir()
+
+
+def test_in_object_storage_a_restart_copies_the_run_aside(s3_env, tiny_model: Path, tmp_path: Path) -> None:
+    """No rename in S3: the objects are copied under <prefix>.replaced-<time>, then the old prefix is deleted."""
+    from servers import BUCKET
+
+    from rlhf_jobs import storage
+
+    output_dir = f"s3://{BUCKET}/{tmp_path.name}/out"
+    config = local_config("sft", base_model=tiny_model, output_dir=output_dir, checkpoint_dir=tmp_path / "model")
+    first = validate_config(config, "sft", paths=False)
+    identity.record(first)
+    storage.write_text(storage.join(output_dir, "checkpoints", "step-00000002", "state.pt"), "weights")
+    config["Training"]["epochs"] = 2
+    changed = validate_config(config, "sft", paths=False)
+    with pytest.raises(ConfigError, match=r"Training\.epochs: 6 -> 2"):
+        identity.check(changed)
+    decision = identity.check(changed, "restart")
+    [(source, target)] = decision.moved
+    assert source == output_dir and target.startswith(f"{output_dir}.replaced-")
+    assert not storage.exists(output_dir)
+    assert storage.read_text(storage.join(target, "checkpoints", "step-00000002", "state.pt")) == "weights"
+    assert identity.read(target) == identity.compute(first)
+    assert identity.check(changed).action == "fresh"
