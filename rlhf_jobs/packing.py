@@ -5,8 +5,8 @@ transformers keeps packed sequences apart when a forward gets `position_ids` and
 `attention_mask` (`masking_utils`: a block-diagonal causal mask for sdpa/eager/flex attention,
 variable-length kernels for flash attention): every token attends to the tokens of its own
 sequence before it, at the positions it would have alone. That is the computation of a padded
-batch, without the padding. Rows are filled first-fit-decreasing up to `row_length`
-(`Dataset.max_length`), so no attention spans more tokens than in a padded batch; a row's unused
+batch, without the padding. Rows are filled first-fit-decreasing up to the longest sequence's length, the width a
+padded batch would have: fewer rows, none wider, so attention never costs more; a row's unused
 tail is a padding sequence of its own, which no real token attends to and no loss reads (made of
 the row's first token, not the pad token: transformers warns about pad tokens without a mask).
 

@@ -75,7 +75,6 @@ class RewardTask:
         # Dropout off, as TRL's RewardTrainer does: scores are deterministic and training is faster
         # (bench/RESULTS.md: the whole RM throughput gap to TRL was dropout).
         model = load_reward_model(general.base_model, self.tokenizer, general.trust_remote_code, dropout=False)
-        self.row_length = config.Dataset.max_length
         self.packed = config.Training.padding_free and packing.packing_is_exact(
             model, packing.position_scores, self.tokenizer.pad_token_id, model.config.vocab_size)
         if config.Training.padding_free and not self.packed:
@@ -88,7 +87,7 @@ class RewardTask:
         sequences = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
         margin = torch.tensor([e["margin"] for e in examples], dtype=torch.float)
         if self.packed:
-            rows = packing.pack(sequences, self.row_length)
+            rows = packing.pack(sequences, max(map(len, sequences)))
             ends = rows.starts + torch.tensor([len(s) for s in sequences]) - 1
             return {"input_ids": rows.input_ids, "position_ids": rows.position_ids, "ends": ends, "margin": margin}
         input_ids, attention_mask = pad(sequences, self.tokenizer.pad_token_id)

@@ -56,9 +56,10 @@ def pad_batch(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[s
     return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
 
 
-def packed_batch(examples: list[dict[str, list[int]]], row_length: int) -> dict[str, torch.Tensor]:
-    """The examples packed into rows of `row_length` (position ids restart per example), targets likewise."""
-    rows = packing.pack([e["input_ids"] for e in examples], row_length)
+def packed_batch(examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    """The examples packed into rows as wide as the longest (position ids restart per example), targets likewise."""
+    sequences = [e["input_ids"] for e in examples]
+    rows = packing.pack(sequences, max(map(len, sequences)))
     targets = rows.place([next_token_targets(e["labels"]) for e in examples], IGNORE_INDEX)
     return {"input_ids": rows.input_ids, "position_ids": rows.position_ids, "targets": targets}
 
@@ -105,7 +106,6 @@ class SFTTask:
         general = config.General
         self.tokenizer = load_tokenizer(general.base_model, general.trust_remote_code)
         model = load_causal_lm(general.base_model, self.tokenizer, general.trust_remote_code)
-        self.row_length = config.Dataset.max_length
         self.packed = config.Training.padding_free and packing.packing_is_exact(
             model, full_logits, self.tokenizer.pad_token_id, model.config.vocab_size)
         if config.Training.padding_free and not self.packed:
@@ -114,7 +114,7 @@ class SFTTask:
 
     def collate(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         if self.packed:
-            return packed_batch(examples, self.row_length)
+            return packed_batch(examples)
         return pad_batch(examples, self.tokenizer.pad_token_id)
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:

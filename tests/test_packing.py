@@ -56,10 +56,13 @@ def test_rows_are_filled_first_fit_decreasing() -> None:
                                                                               [1, 1, 1, -1, -1, -1]]
 
 
-def sft_examples(tokenizer, count: int = 6, max_length: int = 96) -> list[dict[str, list[int]]]:
-    records = read_records(str(SAMPLES / "sample_finetune_data.jsonl"), SFT_SCHEMA)
-    examples = [tokenize_sft(r, tokenizer, "instruction", max_length) for r in records]
-    return [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"])][:count]
+SHORT = [{"instruction": "Hi.", "response": "Hello there."}, {"instruction": "Add 2 and 2.", "response": "4"}]
+
+
+def sft_examples(tokenizer, count: int = 4, max_length: int = 160) -> list[dict[str, list[int]]]:
+    """Sample records of different lengths, and two short ones that fit beside them in a row."""
+    records = read_records(str(SAMPLES / "sample_finetune_data.jsonl"), SFT_SCHEMA)[:count] + SHORT
+    return [tokenize_sft(r, tokenizer, "instruction", max_length) for r in records]
 
 
 def test_packed_sft_loss_and_gradients_equal_padded(model_dir: Path) -> None:
@@ -71,7 +74,7 @@ def test_packed_sft_loss_and_gradients_equal_padded(model_dir: Path) -> None:
     padded_loss, padded_tokens = response_loss(model, pad_batch(examples, tokenizer.pad_token_id))
     padded_loss.backward()
     padded_grads = grads(model)
-    batch = packed_batch(examples, row_length=192)
+    batch = packed_batch(examples)
     assert batch["input_ids"].size(0) < len(examples)  # several examples share a row
     packed_loss, packed_tokens = response_loss(model, batch)
     packed_loss.backward()
@@ -104,17 +107,20 @@ def test_label_only_head_equals_the_full_head(model_dir: Path) -> None:
 def test_packed_reward_scores_and_gradients_equal_padded(model_dir: Path) -> None:
     tokenizer = load_tokenizer(str(model_dir))
     model = load_reward_model(str(model_dir), tokenizer, dropout=False)
-    records = read_records(str(SAMPLES / "sample_rm_data.jsonl"), RM_SCHEMA)[:4]
-    examples = [tokenize_pair(r, tokenizer, "instruction", 96) for r in records]
+    records = read_records(str(SAMPLES / "sample_rm_data.jsonl"), RM_SCHEMA)[:3]
+    records.append({"prompt": "Hi.", "chosen": "Hello there.", "rejected": "Go away."})
+    examples = [tokenize_pair(r, tokenizer, "instruction", 160) for r in records]
     assert packing.packing_is_exact(model, packing.position_scores, tokenizer.pad_token_id, model.config.vocab_size)
 
     task = RewardTask()
-    task.tokenizer, task.row_length = tokenizer, 192
+    task.tokenizer = tokenizer
 
     def loss_and_scores(packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
         task.packed = packed
         batch = task.collate(examples)
         assert ("ends" in batch) == packed
+        if packed:
+            assert batch["input_ids"].size(0) < 2 * len(examples)  # several sequences share a row
         chosen, rejected = task.scores(model, batch)
         loss = pairwise_loss(chosen, rejected, batch["margin"], reduction="sum")
         loss.backward()
