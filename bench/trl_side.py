@@ -118,12 +118,14 @@ def rm(settings: Settings, model_dir: Path, train_file: Path, output_dir: Path, 
     return windowed_rate(clock.ends, clock.start, [float(c) for c in counts], settings.logging_steps)
 
 
-def ppo(settings: Settings, model_dir: Path, train_file: Path, output_dir: Path) -> dict[str, float]:
+def ppo(settings: Settings, model_dir: Path, train_file: Path, output_dir: Path,
+        lora: dict[str, Any] | None = None) -> dict[str, float]:
     """Seconds per iteration and rollout tokens/s of trl.experimental.ppo.PPOTrainer.
 
     Rollout = from the start of generation to the first PPO minibatch (generation, reference and
     value forwards, reward), as our `time_rollout`; tokens = response tokens up to and including
-    the first EOS, as ours.
+    the first EOS, as ours. `lora` ({"r": ..., "alpha": ...}): TRL's `peft_config` on the policy,
+    whose reference is then the policy with its adapter disabled (its value model stays full).
     """
     from datasets import Dataset
     from trl.experimental.ppo import PPOConfig, PPOTrainer
@@ -134,7 +136,7 @@ def ppo(settings: Settings, model_dir: Path, train_file: Path, output_dir: Path)
     torch.manual_seed(settings.seed)
     tokenizer = load_tokenizer(str(model_dir), padding_side="left")
     policy = load_causal_lm(str(model_dir), tokenizer)
-    reference = load_causal_lm(str(model_dir), tokenizer)
+    reference = None if lora else load_causal_lm(str(model_dir), tokenizer)
     reward_model = load_reward_model(str(model_dir), tokenizer)
     value_model = load_reward_model(str(model_dir), tokenizer)
     prompts = tokenize_prompts(read_jsonl(train_file), tokenizer, "instruction", settings.max_prompt_length)
@@ -164,9 +166,15 @@ def ppo(settings: Settings, model_dir: Path, train_file: Path, output_dir: Path)
         disable_tqdm=True,
     )
     clock = _step_clock()
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=lora["r"], lora_alpha=lora.get("alpha", 2 * lora["r"]), target_modules="all-linear",
+                                 task_type="CAUSAL_LM")
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=reference,
                          reward_model=reward_model, value_model=value_model, train_dataset=dataset,
-                         callbacks=[clock])
+                         callbacks=[clock], peft_config=peft_config)
     accumulate = trainer.accelerator.accumulate
 
     def first_update_marks_rollout_end(*args: Any, **kwargs: Any) -> Any:
