@@ -204,10 +204,13 @@ def bench_ray(settings: Settings, model: Path, train_file: Path, work: Path, rep
 
     rows = []
     for key, label, higher in (
-        ("wall_seconds", f"SFT {settings.sft_steps} steps, wall incl. start-up (s)", False),
+        ("wall_seconds", f"SFT {settings.sft_steps} steps, wall from ray.init to fit() returning (s)", False),
         ("ray_init_seconds", "of which ray.init (local mode: importing ray.train) (s)", False),
-        ("first_window_seconds", f"start to end of the first {settings.logging_steps} steps (s)", False),
-        ("after_last_step_seconds", "last step to fit() returning (s)", False),
+        ("worker_start_seconds", "fit() to our loop running (controller, worker process, its imports) (s)", False),
+        ("first_window_seconds", f"start to the end of the first {settings.logging_steps} steps (s)", False),
+        ("after_last_step_seconds", "last step to fit() returning (final checkpoint and model, teardown) (s)", False),
+        ("shutdown_seconds", "ray.shutdown() after fit() (s)", False),
+        ("process_seconds", "the whole process: imports, data, ray.init, training, shut-down (s)", False),
         ("tokens_per_second", "steady state (label tokens/s)", True),
     ):
         rows.append(row(f"Ray Train 1 worker vs local mode: {label}", median(pick(with_ray, key)),

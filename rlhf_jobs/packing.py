@@ -5,10 +5,14 @@ transformers keeps packed sequences apart when a forward gets `position_ids` and
 `attention_mask` (`masking_utils`: a block-diagonal causal mask for sdpa/eager/flex attention,
 variable-length kernels for flash attention): every token attends to the tokens of its own
 sequence before it, at the positions it would have alone. That is the computation of a padded
-batch, without the padding. Rows are filled first-fit-decreasing up to the longest sequence's length, the width a
-padded batch would have: fewer rows, none wider, so attention never costs more; a row's unused
-tail is a padding sequence of its own, which no real token attends to and no loss reads (made of
-the row's first token, not the pad token: transformers warns about pad tokens without a mask).
+batch, without the padding. Rows are filled first-fit-decreasing; a row's unused tail is a padding
+sequence of its own, which no real token attends to and no loss reads (made of the row's first
+token, not the pad token: transformers warns about pad tokens without a mask).
+
+How wide the rows are is chosen per batch (`RowPlan`): wider rows leave less padding, but sdpa and
+eager attention compute a whole row's attention under the block mask, a cost per token that grows
+with the width (about width / (6 × hidden size) of the linear layers'); flash attention attends per
+sequence, so there the widest rows win.
 
 Whether a model honours packed positions is checked once per worker (`packing_is_exact`): two
 short sequences, packed and padded, must give the same outputs; a model that fails trains padded.
@@ -57,6 +61,37 @@ def fill_rows(lengths: list[int], row_length: int) -> list[list[int]]:
             rows[target].append(index)
             room[target] -= lengths[index]
     return rows
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """Row widths for a model: the width from the longest sequence up to `limit` with the least estimated work."""
+
+    limit: int  # the widest row (Dataset.max_length)
+    hidden_size: int
+    dense_attention: bool = True  # False for flash attention: its cost does not grow with the row
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, limit: int) -> RowPlan:
+        from rlhf_jobs.sharding import hf_model
+
+        config = hf_model(unwrap(model)).config
+        implementation = str(getattr(config, "_attn_implementation", "") or "")
+        return cls(limit, int(getattr(config, "hidden_size", 0) or 0) or 1, not implementation.startswith("flash"))
+
+    def work(self, lengths: list[int], width: int) -> float:
+        """Token positions computed, each weighted by its attention share: rows × width × (1 + width / 6h)."""
+        per_token = 1.0 + (width / (6.0 * self.hidden_size) if self.dense_attention else 0.0)
+        return len(fill_rows(lengths, width)) * width * per_token
+
+    def width(self, lengths: list[int]) -> int:
+        longest = max(lengths)
+        top = max(self.limit, longest)
+        step = max(1, longest // 8)
+        return min(range(longest, top + 1, step), key=lambda width: self.work(lengths, width))
+
+    def pack(self, sequences: list[list[int]]) -> Packed:
+        return pack(sequences, self.width([len(s) for s in sequences]))
 
 
 def pack(sequences: list[list[int]], row_length: int) -> Packed:

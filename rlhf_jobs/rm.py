@@ -77,6 +77,7 @@ class RewardTask:
         model = load_reward_model(general.base_model, self.tokenizer, general.trust_remote_code, dropout=False)
         self.packed = config.Training.padding_free and packing.packing_is_exact(
             model, packing.position_scores, self.tokenizer.pad_token_id, model.config.vocab_size)
+        self.rows = packing.RowPlan.for_model(model, config.Dataset.max_length)
         if config.Training.padding_free and not self.packed:
             progress(worker, self.stage, packing.NOT_EXACT.format(model=type(model).__name__))
         return model, self.tokenizer
@@ -87,7 +88,7 @@ class RewardTask:
         sequences = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
         margin = torch.tensor([e["margin"] for e in examples], dtype=torch.float)
         if self.packed:
-            rows = packing.pack(sequences, max(map(len, sequences)))
+            rows = self.rows.pack(sequences)
             ends = rows.starts + torch.tensor([len(s) for s in sequences]) - 1
             return {"input_ids": rows.input_ids, "position_ids": rows.position_ids, "ends": ends, "margin": margin}
         input_ids, attention_mask = pad(sequences, self.tokenizer.pad_token_id)

@@ -56,10 +56,9 @@ def pad_batch(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[s
     return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
 
 
-def packed_batch(examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-    """The examples packed into rows as wide as the longest (position ids restart per example), targets likewise."""
-    sequences = [e["input_ids"] for e in examples]
-    rows = packing.pack(sequences, max(map(len, sequences)))
+def packed_batch(examples: list[dict[str, list[int]]], plan: packing.RowPlan) -> dict[str, torch.Tensor]:
+    """The examples packed into rows (position ids restart per example), targets likewise."""
+    rows = plan.pack([e["input_ids"] for e in examples])
     targets = rows.place([next_token_targets(e["labels"]) for e in examples], IGNORE_INDEX)
     return {"input_ids": rows.input_ids, "position_ids": rows.position_ids, "targets": targets}
 
@@ -108,13 +107,14 @@ class SFTTask:
         model = load_causal_lm(general.base_model, self.tokenizer, general.trust_remote_code)
         self.packed = config.Training.padding_free and packing.packing_is_exact(
             model, full_logits, self.tokenizer.pad_token_id, model.config.vocab_size)
+        self.rows = packing.RowPlan.for_model(model, config.Dataset.max_length)
         if config.Training.padding_free and not self.packed:
             progress(worker, self.stage, packing.NOT_EXACT.format(model=type(model).__name__))
         return model, self.tokenizer
 
     def collate(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         if self.packed:
-            return packed_batch(examples)
+            return packed_batch(examples, self.rows)
         return pad_batch(examples, self.tokenizer.pad_token_id)
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
