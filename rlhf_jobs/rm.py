@@ -62,6 +62,8 @@ def score(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch
 
 class RewardTask:
     stage = "rm"
+    packed = False  # until `build` has checked the model (padded batches are always exact)
+    rows: packing.RowPlan | None = None
     lora_task = "SEQ_CLS"
     items_name = "pairs"
     eval_keys = ("pairs", "correct", "margin", "loss", "rewards", "reward_sum", "reward_squares")

@@ -90,6 +90,8 @@ def drop_unlabelled(examples: list[dict[str, list[int]]], name: str, max_length:
 
 class SFTTask:
     stage = "sft"
+    packed = False  # until `build` has checked the model (padded batches are always exact)
+    rows: packing.RowPlan | None = None
     lora_task = "CAUSAL_LM"
     items_name = "tokens"
     eval_keys = ("loss_sum", "tokens")
