@@ -27,6 +27,7 @@ class Settings:
     rm_steps: int = 60
     ppo_iterations: int = 8
     batch_size: int = 8  # SFT sequences / RM pairs per step
+    rm_batch_size: int | None = None  # RM pairs per step when not batch_size
     max_length: int = 256
     logging_steps: int = 5
     sft_learning_rate: float = 3e-3
@@ -46,12 +47,17 @@ class Settings:
     threads: int = 1  # torch threads per process/worker (ours: resources_per_worker.CPU)
     extra_rows: bool = True  # also ours on 2 workers, and TRL's SFT with loss_type="nll"
 
+    def stage_batch_size(self, stage: str) -> int:
+        return (self.rm_batch_size or self.batch_size) if stage == "rm" else self.batch_size
+
 
 # The tiny model measures overheads; the 300M one a model where the matrix multiplies and the
-# 32k-token LM head dominate. A 300M step takes seconds on this machine's CPU, so its runs are
-# shorter: fewer steps in shorter windows (still the first window dropped), fewer PPO prompts
-# and tokens, and both cores for the one training process of each side (the same on both).
-# 2 workers would need twice the memory and cores this machine has, so no extra rows there.
+# 32k-token LM head dominate. A 300M training step takes ~10-15 s on this machine's two cores, so
+# its runs are shorter, chosen so that `make bench` stays under an hour: 8 steps in windows of 2
+# (the first window still dropped), 4 RM pairs (8 sequences) per step, PPO with 8 prompts, 16 new
+# tokens, one PPO epoch of one minibatch and 4 iterations; and both cores for the one training
+# process of each side (the same on both). 2 workers would need twice the memory and cores this
+# machine has, so no extra rows there.
 MODELS = {
     "tiny": "the tiny GPT-2 (`rlhf-jobs tiny-model`: 2 layers, 128 dims, BPE vocab 2048), 0.8M parameters",
     "300m": "a random-init Llama-architecture model (`tiny_model.build_llama(dir, \"300m\")`: 20 layers, "
@@ -60,8 +66,8 @@ MODELS = {
 SIZES = {
     "tiny": Settings(),
     "300m": Settings(
-        size="300m", sft_steps=12, rm_steps=12, logging_steps=3, ppo_iterations=5, ppo_batch_size=8,
-        ppo_mini_batch_size=8, ppo_epochs=2, max_new_tokens=16, threads=2, extra_rows=False,
+        size="300m", sft_steps=8, rm_steps=8, logging_steps=2, rm_batch_size=4, ppo_iterations=4, ppo_batch_size=8,
+        ppo_mini_batch_size=8, ppo_epochs=1, max_new_tokens=16, threads=2, extra_rows=False,
     ),
 }
 

@@ -41,7 +41,7 @@ def supervised_config(stage: str, settings: Settings, model: Path, train_file: P
         "Dataset": {"train_file": str(train_file), "validation_split_percentage": 0,
                     "max_length": settings.max_length},
         "Training": {
-            **_training(settings, workers), "batch_size": settings.batch_size, "epochs": 1,
+            **_training(settings, workers), "batch_size": settings.stage_batch_size(stage), "epochs": 1,
             "max_train_steps": steps, "learning_rate": learning_rate,
             "lr_scheduler": "cosine", "warmup_ratio": settings.warmup_ratio,
             "logging_steps": settings.logging_steps, **(training or {}),

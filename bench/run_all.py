@@ -249,8 +249,9 @@ def settings_lines(settings: Settings) -> str:
     minibatches = settings.ppo_batch_size // settings.ppo_mini_batch_size
     return f"""- Model: {MODELS[settings.size]}; CPU, fp32, AdamW,
   {settings.threads} torch thread(s) per training process.
-- SFT / RM: batch {settings.batch_size}, max length {settings.max_length}, {settings.sft_steps} / {settings.rm_steps} \
-steps, windows of {settings.logging_steps} steps, cosine schedule with {settings.warmup_ratio:.0%} warm-up.
+- SFT / RM: batch {settings.batch_size} sequences / {settings.stage_batch_size("rm")} pairs, max length \
+{settings.max_length}, {settings.sft_steps} / {settings.rm_steps} steps, windows of {settings.logging_steps} steps, \
+cosine schedule with {settings.warmup_ratio:.0%} warm-up.
 - PPO: {settings.ppo_batch_size} prompts per rollout, {settings.max_new_tokens} new tokens, {settings.ppo_epochs} PPO \
 epochs × {minibatches} minibatch(es), {settings.ppo_iterations} iterations."""
 
@@ -291,7 +292,8 @@ def bench_size(size: str, stages: list[str], work: Path, repeats: int) -> list[d
     # One epoch holds every timed step, so our per-epoch checkpoint comes after them (TRL saves nothing).
     data = work / "data"
     sft_file = write_repeated(DATA / SFT_FILE, data / f"sft-{size}.jsonl", settings.sft_steps * settings.batch_size)
-    rm_file = write_repeated(DATA / RM_FILE, data / f"rm-{size}.jsonl", settings.rm_steps * settings.batch_size)
+    rm_file = write_repeated(DATA / RM_FILE, data / f"rm-{size}.jsonl",
+                             settings.rm_steps * settings.stage_batch_size("rm"))
     rows: list[dict[str, Any]] = []
     if "sft" in stages:
         rows += bench_supervised("sft", settings, model, sft_file, work, repeats)

@@ -40,9 +40,10 @@ def _step_clock() -> Any:
     return StepClock()
 
 
-def _common_args(settings: Settings, output_dir: Path, steps: int, learning_rate: float) -> dict[str, Any]:
+def _common_args(settings: Settings, output_dir: Path, steps: int, learning_rate: float,
+                 batch_size: int) -> dict[str, Any]:
     return {
-        "output_dir": str(output_dir), "per_device_train_batch_size": settings.batch_size,
+        "output_dir": str(output_dir), "per_device_train_batch_size": batch_size,
         "max_steps": steps, "learning_rate": learning_rate, "lr_scheduler_type": "cosine",
         "warmup_steps": settings.warmup_ratio,  # below 1: a ratio, rounded up as ours
         "weight_decay": settings.weight_decay,
@@ -77,7 +78,8 @@ def sft(settings: Settings, model_dir: Path, train_file: Path, output_dir: Path,
             counts.append(int((inputs["labels"][:, 1:] != -100).sum()))  # the tokens the loss is taken on
             return super().compute_loss(model, inputs, *args, **kwargs)
 
-    args = SFTConfig(**_common_args(settings, output_dir, settings.sft_steps, settings.sft_learning_rate),
+    args = SFTConfig(**_common_args(settings, output_dir, settings.sft_steps, settings.sft_learning_rate,
+                                  settings.stage_batch_size("sft")),
                      completion_only_loss=True, packing=False, dataset_num_proc=None,
                      **({"loss_type": loss_type} if loss_type else {}))
     trainer = CountingSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
@@ -110,7 +112,8 @@ def rm(settings: Settings, model_dir: Path, train_file: Path, output_dir: Path, 
             counts.append(inputs["input_ids"].size(0) // 2)  # chosen and rejected in one batch
             return super().compute_loss(model, inputs, *args, **kwargs)
 
-    args = RewardConfig(**_common_args(settings, output_dir, settings.rm_steps, settings.rm_learning_rate),
+    args = RewardConfig(**_common_args(settings, output_dir, settings.rm_steps, settings.rm_learning_rate,
+                                     settings.stage_batch_size("rm")),
                         disable_dropout=disable_dropout)
     trainer = CountingRewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                     callbacks=[clock])
