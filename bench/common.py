@@ -52,12 +52,12 @@ class Settings:
 
 
 # The tiny model measures overheads; the 300M one a model where the matrix multiplies and the
-# 32k-token LM head dominate. A 300M training step takes ~10-15 s on this machine's two cores, so
-# its runs are shorter, chosen so that `make bench` stays under an hour: 8 steps in windows of 2
-# (the first window still dropped), 4 RM pairs (8 sequences) per step, PPO with 8 prompts, 16 new
-# tokens, one PPO epoch of one minibatch and 4 iterations; and both cores for the one training
-# process of each side (the same on both). 2 workers would need twice the memory and cores this
-# machine has, so no extra rows there.
+# 32k-token LM head dominate. A 300M training step over 8 sequences took 25-60 s on this machine's
+# two cores (TRL's, with other work running), so its runs are smaller, chosen to keep `make bench`
+# around an hour: 4 SFT sequences / 2 RM pairs per step, 8 steps in windows of 2 (the first window
+# still dropped); PPO with 4 prompts, 16 new tokens, one PPO epoch of one minibatch, 4 iterations;
+# and both cores for the one training process of each side (the same on both). 2 workers would
+# need twice the memory and cores this machine has, so no extra rows there.
 MODELS = {
     "tiny": "the tiny GPT-2 (`rlhf-jobs tiny-model`: 2 layers, 128 dims, BPE vocab 2048), 0.8M parameters",
     "300m": "a random-init Llama-architecture model (`tiny_model.build_llama(dir, \"300m\")`: 20 layers, "
@@ -66,8 +66,8 @@ MODELS = {
 SIZES = {
     "tiny": Settings(),
     "300m": Settings(
-        size="300m", sft_steps=8, rm_steps=8, logging_steps=2, rm_batch_size=4, ppo_iterations=4, ppo_batch_size=8,
-        ppo_mini_batch_size=8, ppo_epochs=1, max_new_tokens=16, threads=2, extra_rows=False,
+        size="300m", batch_size=4, rm_batch_size=2, sft_steps=8, rm_steps=8, logging_steps=2, ppo_iterations=4,
+        ppo_batch_size=4, ppo_mini_batch_size=4, ppo_epochs=1, max_new_tokens=16, threads=2, extra_rows=False,
     ),
 }
 
