@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from common import DATA, SFT_FILE, read_jsonl
 
-from rlhf_jobs import sft
+from rlhf_jobs import packing, sft
 from rlhf_jobs.models import load_causal_lm, load_tokenizer
 
 
@@ -59,7 +59,8 @@ def profile(model_dir: str, batch_size: int, max_length: int, n_batches: int, re
     examples = [examples[i] for i in order]  # batches of random examples, as the training loop draws them
     chunks = [examples[i : i + batch_size] for i in range(0, batch_size * n_batches, batch_size)]
     padded = [sft.pad_batch(chunk, tokenizer.pad_token_id) for chunk in chunks]
-    packed = [sft.packed_batch(chunk) for chunk in chunks]
+    plan = packing.RowPlan.for_model(model)
+    packed = [sft.packed_batch(chunk, plan) for chunk in chunks]
     labels = sum(int((b["targets"] != sft.IGNORE_INDEX).sum()) for b in padded) / len(padded)
     tokens = {"padded": sum(b["input_ids"].numel() for b in padded) / len(padded),
               "packed": sum(b["input_ids"].numel() for b in packed) / len(packed)}

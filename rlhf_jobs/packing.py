@@ -11,8 +11,9 @@ token, not the pad token: transformers warns about pad tokens without a mask).
 
 How wide the rows are is chosen per batch (`RowPlan`): wider rows leave less padding, but sdpa and
 eager attention compute a whole row's attention under the block mask, a cost per token that grows
-with the width (about width / (6 × hidden size) of the linear layers'); flash attention attends per
-sequence, so there the widest rows win.
+with the width (about width / (6 × hidden size) of the linear layers', several times that with
+attention dropout on, which takes the unfused path and draws a mask per attention weight); flash
+attention attends per sequence, so there the widest rows win. bench/profile_sft_step.py times it.
 
 Whether a model honours packed positions is checked once per worker (`packing_is_exact`): two
 short sequences, packed and padded, must give the same outputs; a model that fails trains padded.
@@ -65,30 +66,33 @@ def fill_rows(lengths: list[int], row_length: int) -> list[list[int]]:
 
 @dataclass(frozen=True)
 class RowPlan:
-    """Row widths for a model: the width from the longest sequence up to `limit` with the least estimated work."""
+    """Row widths for a model: the width, from the longest sequence up to all of them in one row, with the
+    least estimated work."""
 
-    limit: int  # the widest row (Dataset.max_length)
     hidden_size: int
     dense_attention: bool = True  # False for flash attention: its cost does not grow with the row
+    dropout: bool = False  # dropout on in training: attention without the fused kernel, a mask per weight
+
+    DROPOUT_ATTENTION_COST = 4.0
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, limit: int) -> RowPlan:
+    def for_model(cls, model: torch.nn.Module) -> RowPlan:
         from rlhf_jobs.sharding import hf_model
 
         config = hf_model(unwrap(model)).config
         implementation = str(getattr(config, "_attn_implementation", "") or "")
-        return cls(limit, int(getattr(config, "hidden_size", 0) or 0) or 1, not implementation.startswith("flash"))
+        dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+        return cls(int(getattr(config, "hidden_size", 0) or 0) or 1, not implementation.startswith("flash"), dropout)
 
     def work(self, lengths: list[int], width: int) -> float:
         """Token positions computed, each weighted by its attention share: rows × width × (1 + width / 6h)."""
-        per_token = 1.0 + (width / (6.0 * self.hidden_size) if self.dense_attention else 0.0)
-        return len(fill_rows(lengths, width)) * width * per_token
+        share = width / (6.0 * self.hidden_size) * (self.DROPOUT_ATTENTION_COST if self.dropout else 1.0)
+        return len(fill_rows(lengths, width)) * width * (1.0 + (share if self.dense_attention else 0.0))
 
     def width(self, lengths: list[int]) -> int:
         longest = max(lengths)
-        top = max(self.limit, longest)
-        step = max(1, longest // 8)
-        return min(range(longest, top + 1, step), key=lambda width: self.work(lengths, width))
+        candidates = range(longest, sum(lengths) + longest // 8 + 1, max(1, longest // 8))
+        return min(candidates, key=lambda width: self.work(lengths, width))
 
     def pack(self, sequences: list[list[int]]) -> Packed:
         return pack(sequences, self.width([len(s) for s in sequences]))

@@ -79,7 +79,7 @@ class RewardTask:
         model = load_reward_model(general.base_model, self.tokenizer, general.trust_remote_code, dropout=False)
         self.packed = config.Training.padding_free and packing.packing_is_exact(
             model, packing.position_scores, self.tokenizer.pad_token_id, model.config.vocab_size)
-        self.rows = packing.RowPlan.for_model(model, config.Dataset.max_length)
+        self.rows = packing.RowPlan.for_model(model)
         if config.Training.padding_free and not self.packed:
             progress(worker, self.stage, packing.NOT_EXACT.format(model=type(model).__name__))
         return model, self.tokenizer

@@ -109,7 +109,7 @@ class SFTTask:
         model = load_causal_lm(general.base_model, self.tokenizer, general.trust_remote_code)
         self.packed = config.Training.padding_free and packing.packing_is_exact(
             model, full_logits, self.tokenizer.pad_token_id, model.config.vocab_size)
-        self.rows = packing.RowPlan.for_model(model, config.Dataset.max_length)
+        self.rows = packing.RowPlan.for_model(model)
         if config.Training.padding_free and not self.packed:
             progress(worker, self.stage, packing.NOT_EXACT.format(model=type(model).__name__))
         return model, self.tokenizer

@@ -70,7 +70,7 @@ def step_gradient(rank: int, world_size: int, stage: str, model_dir: str, batch_
     worker = Worker(rank, world_size, CPU)
     training = SupervisedTraining(batch_size=batch_size, gradient_accumulation_steps=accumulation, strategy=strategy)
     model = _model(stage, model_dir, task.tokenizer)
-    task.packed, task.rows = packed, packing.RowPlan.for_model(model, limit=512)  # as `build` sets them
+    task.packed, task.rows = packed, packing.RowPlan.for_model(model)  # as `build` sets them
     model = sharding.prepare(model, training, worker)
     indices, taken = supervised.step_micro_batches(list(range(8)), 0, batch_size, accumulation, worker)
     batches = [task.collate([examples[i] for i in chunk]) for chunk in indices]

@@ -59,11 +59,14 @@ def test_rows_are_filled_first_fit_decreasing() -> None:
 def test_row_width_weighs_padding_against_attention() -> None:
     lengths = [100, 70, 70, 50, 50]  # rows as wide as the longest: 4 rows, 60 padding positions
     # A wide model: attention is cheap next to the linear layers, so wider rows with less padding win.
-    assert len(packing.fill_rows(lengths, packing.RowPlan(limit=400, hidden_size=4096).width(lengths))) <= 2
+    assert len(packing.fill_rows(lengths, packing.RowPlan(hidden_size=4096).width(lengths))) <= 2
     # A narrow one: attention over a wide row costs more than the padding it saves.
-    assert packing.RowPlan(limit=400, hidden_size=8).width(lengths) == 100
+    assert packing.RowPlan(hidden_size=8).width(lengths) == 100
+    # Attention dropout makes wide rows dearer still.
+    with_dropout, without = packing.RowPlan(hidden_size=64, dropout=True), packing.RowPlan(hidden_size=64)
+    assert with_dropout.width(lengths) <= without.width(lengths)
     # Flash attention attends per sequence: the widest rows (fewest positions) win.
-    flash = packing.RowPlan(limit=400, hidden_size=8, dense_attention=False)
+    flash = packing.RowPlan(hidden_size=8, dense_attention=False)
     assert len(packing.fill_rows(lengths, flash.width(lengths))) == 1
 
 
@@ -85,7 +88,7 @@ def test_packed_sft_loss_and_gradients_equal_padded(model_dir: Path) -> None:
     padded_loss, padded_tokens = response_loss(model, pad_batch(examples, tokenizer.pad_token_id))
     padded_loss.backward()
     padded_grads = grads(model)
-    batch = packed_batch(examples, packing.RowPlan.for_model(model, limit=160))
+    batch = packed_batch(examples, packing.RowPlan.for_model(model))
     assert batch["input_ids"].size(0) < len(examples)  # several examples share a row
     packed_loss, packed_tokens = response_loss(model, batch)
     packed_loss.backward()
@@ -124,7 +127,7 @@ def test_packed_reward_scores_and_gradients_equal_padded(model_dir: Path) -> Non
     assert packing.packing_is_exact(model, packing.position_scores, tokenizer.pad_token_id, model.config.vocab_size)
 
     task = RewardTask()
-    task.tokenizer, task.rows = tokenizer, packing.RowPlan.for_model(model, limit=160)
+    task.tokenizer, task.rows = tokenizer, packing.RowPlan.for_model(model)
 
     def loss_and_scores(packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
         task.packed = packed
