@@ -72,8 +72,20 @@ $(BENCH_VENV)/.installed: pyproject.toml
 	@touch $@
 
 .PHONY: bench
-bench: $(BENCH_VENV)/.installed ## Benchmarks against TRL 1.12 in .venv-bench (about 10 min); writes bench/RESULTS.md
+bench: $(BENCH_VENV)/.installed ## Benchmarks against TRL 1.12 in .venv-bench, tiny and 300M models; writes bench/RESULTS.md
 	$(BENCH_VENV)/bin/python bench/run_all.py
+
+BENCH_MEMORY_SIZE ?= 300m
+
+.PHONY: bench-memory
+bench-memory: $(BENCH_VENV)/.installed ## Peak memory per worker and throughput, full vs LoRA vs FSDP, and TRL's PPO (BENCH_MEMORY_SIZE=300m)
+	$(BENCH_VENV)/bin/python bench/memory.py --size $(BENCH_MEMORY_SIZE)
+
+GPU_CHECK_SIZE ?= 1b
+
+.PHONY: gpu-check
+gpu-check: venv ## SFT, RM and PPO on one GPU, bf16, full and LoRA: peak GPU memory and tokens/s (needs CUDA)
+	$(BIN)/python bench/gpu_check.py --size $(GPU_CHECK_SIZE)
 
 .PHONY: bench-generation
 bench-generation: venv ## Generation time per token with and without the KV cache

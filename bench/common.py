@@ -1,4 +1,4 @@
-"""What both sides of the benchmark share: the tiny model, the data, the settings, the windows.
+"""What both sides of the benchmark share: the models, the data, the settings, the windows.
 
 Throughput is measured the same way for us and for TRL: the training run is cut into windows of
 `LOGGING_STEPS` optimizer steps (PPO: one iteration); a window's rate is what it processed divided
@@ -22,10 +22,12 @@ SFT_FILE, RM_FILE, PPO_FILE = "sample_finetune_data.jsonl", "sample_rm_data.json
 class Settings:
     """One set of hyperparameters, given to both sides."""
 
+    size: str = "tiny"  # the model: a key of MODELS
     sft_steps: int = 60
     rm_steps: int = 60
     ppo_iterations: int = 8
     batch_size: int = 8  # SFT sequences / RM pairs per step
+    rm_batch_size: int | None = None  # RM pairs per step when not batch_size
     max_length: int = 256
     logging_steps: int = 5
     sft_learning_rate: float = 3e-3
@@ -43,6 +45,44 @@ class Settings:
     ppo_learning_rate: float = 1e-4
     kl_coeff: float = 0.1
     threads: int = 1  # torch threads per process/worker (ours: resources_per_worker.CPU)
+    extra_rows: bool = True  # also ours on 2 workers, and TRL's SFT with loss_type="nll"
+
+    def stage_batch_size(self, stage: str) -> int:
+        return (self.rm_batch_size or self.batch_size) if stage == "rm" else self.batch_size
+
+
+# The tiny model measures overheads; the 300M one a model where the matrix multiplies and the
+# 32k-token LM head dominate. A 300M training step over 8 sequences took 25-60 s on this machine's
+# two cores (TRL's, with other work running), so its runs are smaller, chosen to keep `make bench`
+# around an hour: 4 SFT sequences / 2 RM pairs per step, 8 steps in windows of 2 (the first window
+# still dropped); PPO with 4 prompts, 16 new tokens, one PPO epoch of one minibatch, 4 iterations;
+# and both cores for the one training process of each side (the same on both). 2 workers would
+# need twice the memory and cores this machine has, so no extra rows there.
+MODELS = {
+    "tiny": "the tiny GPT-2 (`rlhf-jobs tiny-model`: 2 layers, 128 dims, BPE vocab 2048), 0.8M parameters",
+    "300m": "a random-init Llama-architecture model (`tiny_model.build_llama(dir, \"300m\")`: 20 layers, "
+            "1024 dims, 16 heads / 8 KV heads, vocab 32000, untied LM head), 302M parameters, stored in fp32",
+}
+SIZES = {
+    "tiny": Settings(),
+    "300m": Settings(
+        size="300m", batch_size=4, rm_batch_size=2, sft_steps=8, rm_steps=8, logging_steps=2, ppo_iterations=4,
+        ppo_batch_size=4, ppo_mini_batch_size=4, ppo_epochs=1, max_new_tokens=16, threads=2, extra_rows=False,
+    ),
+}
+
+
+def build_model(size: str, work: Path) -> Path:
+    """The benchmark's model of `size`, built once under `work` (random init, no hub)."""
+    from rlhf_jobs import tiny_model
+
+    path = work / f"model-{size}"
+    if not (path / "config.json").exists():
+        if size == "tiny":
+            tiny_model.build_tiny_model(path)
+        else:  # fp32 on disk: both sides train fp32 on CPU, whatever the loader does with bf16 checkpoints
+            tiny_model.build_llama(path, size, dtype="float32")
+    return path
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -85,3 +125,23 @@ def median(values: list[float]) -> float:
 def metrics_records(output_dir: Path, split: str = "train") -> list[dict[str, Any]]:
     path = output_dir / "metrics.jsonl"
     return [r for r in read_jsonl(path) if r.get("split") == split] if path.exists() else []
+
+
+def write_section(path: Path, name: str, text: str) -> None:
+    """Replace the `name` section of a results file (between its markers), or append it.
+
+    RESULTS.md holds the sections of several scripts (`run_all.py`: throughput, `memory.py`: memory);
+    each rewrites its own and keeps the others.
+    """
+    begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
+    block = f"{begin}\n{text.strip()}\n{end}\n"
+    current = path.read_text() if path.exists() else ""
+    if begin in current and end in current:
+        before, rest = current.split(begin, 1)
+        current = before + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        current = (current.rstrip() if current.strip() else TITLE) + "\n\n" + block
+    path.write_text(current)
+
+
+TITLE = "# Benchmark results\n\nHow each figure is measured: bench/README.md."

@@ -27,8 +27,11 @@ def _general(model: Path, run_dir: Path) -> dict[str, str]:
 
 
 def supervised_config(stage: str, settings: Settings, model: Path, train_file: Path, run_dir: Path,
-                      workers: int) -> StageConfig:
-    """The SFT or RM config of the benchmark: the same loop, its own steps and learning rate."""
+                      workers: int, training: dict[str, Any] | None = None) -> StageConfig:
+    """The SFT or RM config of the benchmark: the same loop, its own steps and learning rate.
+
+    `training`: Training keys to set besides (LoRA, strategy, mixed precision, resources...).
+    """
     steps, learning_rate = (
         (settings.sft_steps, settings.sft_learning_rate) if stage == "sft"
         else (settings.rm_steps, settings.rm_learning_rate)
@@ -38,10 +41,10 @@ def supervised_config(stage: str, settings: Settings, model: Path, train_file: P
         "Dataset": {"train_file": str(train_file), "validation_split_percentage": 0,
                     "max_length": settings.max_length},
         "Training": {
-            **_training(settings, workers), "batch_size": settings.batch_size, "epochs": 1,
+            **_training(settings, workers), "batch_size": settings.stage_batch_size(stage), "epochs": 1,
             "max_train_steps": steps, "learning_rate": learning_rate,
             "lr_scheduler": "cosine", "warmup_ratio": settings.warmup_ratio,
-            "logging_steps": settings.logging_steps,
+            "logging_steps": settings.logging_steps, **(training or {}),
         },
     }
     return validate_config(data, stage, source="<bench>")
@@ -55,7 +58,8 @@ def rm_config(settings: Settings, model: Path, train_file: Path, run_dir: Path, 
     return supervised_config("rm", settings, model, train_file, run_dir, workers)
 
 
-def ppo_config(settings: Settings, model: Path, train_file: Path, run_dir: Path, workers: int) -> StageConfig:
+def ppo_config(settings: Settings, model: Path, train_file: Path, run_dir: Path, workers: int,
+               training: dict[str, Any] | None = None) -> StageConfig:
     shutil.rmtree(run_dir, ignore_errors=True)
     data = {
         "General": {"model_name": str(model), "rm_name": str(model), "output_dir": str(run_dir / "output"),
@@ -69,6 +73,7 @@ def ppo_config(settings: Settings, model: Path, train_file: Path, run_dir: Path,
             "lr_scheduler": "constant", "kl_coeff": settings.kl_coeff, "kl_estimator": "k1",
             "max_new_tokens": settings.max_new_tokens, "temperature": 1.0, "score_clip": None,
             "missing_eos_penalty": 1.0, "eval_steps": settings.ppo_iterations,  # checkpoint/eval after the timed part
+            **(training or {}),
         },
     }
     return validate_config(data, "ppo", source="<bench>")

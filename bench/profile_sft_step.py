@@ -1,17 +1,17 @@
-"""Where our SFT step loses to TRL's: the same batches through three versions of the loss.
+"""Our SFT step, per step in one process: what padding-free packing and the label-only LM head save.
 
-- `ours`: `rlhf_jobs.sft.response_loss` as it is: logits at every position (prompt and padding
-  included), then the cross-entropy on the response tokens;
-- `use_cache=False`: the same, without building a KV cache in the training forward (TRL passes it);
-- `LM head on label positions only`: the backbone's hidden states gathered at the positions that
-  have a label, then the LM head and the cross-entropy there: the same loss, what TRL's default
-  `loss_type="chunked_nll"` does.
+The same batches through three versions of the step:
+- `padded, full LM head`: right-padded batches, logits at every position (prompt and padding
+  included), then the cross-entropy on the labelled ones (our step before packing);
+- `padded, LM head at labels`: the LM head only at the positions that predict a label
+  (`logits_to_keep`), what TRL's default `loss_type="chunked_nll"` also does;
+- `packed, LM head at labels`: what `rlhf_jobs.sft` does by default (`Training.padding_free`).
 
-Each step is forward, backward, clipping and AdamW on 1 thread; the variants alternate, medians
-are printed in ms/step, then a torch.profiler table of `ours`.
+Each step is forward, backward, clipping and AdamW; the variants alternate, medians are printed in
+ms/step and label tokens/s, then a torch.profiler table of the default step.
 
     python bench/profile_sft_step.py                     # builds the tiny model in a temp dir
-    python bench/profile_sft_step.py --model runs/bench/tiny-model --repeats 6
+    python bench/profile_sft_step.py --model runs/bench/model-300m --batches 3 --repeats 2 --threads 2
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ import argparse
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from common import DATA, SFT_FILE, read_jsonl
 
-from rlhf_jobs import sft
+from rlhf_jobs import packing, sft
 from rlhf_jobs.models import load_causal_lm, load_tokenizer
 
 
@@ -34,53 +33,59 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model dir (default: build the tiny model in a temp dir)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batches", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler table")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = args.model
         if model_dir is None:
             from rlhf_jobs.tiny_model import build_tiny_model
 
             model_dir = str(build_tiny_model(Path(scratch) / "tiny"))
-        profile(model_dir, args.batch_size, args.batches, args.repeats)
+        profile(model_dir, args.batch_size, args.max_length, args.batches, args.repeats, not args.no_profile)
 
 
-def profile(model_dir: str, batch_size: int, n_batches: int, repeats: int) -> None:
+def profile(model_dir: str, batch_size: int, max_length: int, n_batches: int, repeats: int,
+            table: bool) -> None:
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, tokenizer)
     model.train()
-    examples = [sft.tokenize_sft(r, tokenizer, "instruction", 256) for r in read_jsonl(DATA / SFT_FILE)]
-    batches = [sft.pad_batch(examples[i : i + batch_size], tokenizer.pad_token_id)
-               for i in range(0, batch_size * n_batches, batch_size)]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    examples = [sft.tokenize_sft(r, tokenizer, "instruction", max_length) for r in read_jsonl(DATA / SFT_FILE)]
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
+    examples = [examples[i] for i in order]  # batches of random examples, as the training loop draws them
+    chunks = [examples[i : i + batch_size] for i in range(0, batch_size * n_batches, batch_size)]
+    padded = [sft.pad_batch(chunk, tokenizer.pad_token_id) for chunk in chunks]
+    plan = packing.RowPlan.for_model(model)
+    packed = [sft.packed_batch(chunk, plan) for chunk in chunks]
+    labels = sum(int((b["targets"] != sft.IGNORE_INDEX).sum()) for b in padded) / len(padded)
+    tokens = {"padded": sum(b["input_ids"].numel() for b in padded) / len(padded),
+              "packed": sum(b["input_ids"].numel() for b in packed) / len(packed)}
+    print(f"per batch: {labels:.0f} label tokens; {tokens['padded']:.0f} tokens padded, "
+          f"{tokens['packed']:.0f} packed")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
-    def ours(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss_sum, tokens = sft.response_loss(model, batch)
-        return loss_sum / tokens
-
-    def no_cache(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def full_head(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        shifted = logits[:, :-1].float()
-        return torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.size(-1)),
-                                                 batch["labels"][:, 1:].reshape(-1), ignore_index=sft.IGNORE_INDEX)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(),
+                                                 ignore_index=sft.IGNORE_INDEX, reduction="sum")
 
-    def label_positions_only(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  use_cache=False).last_hidden_state
-        labels = batch["labels"][:, 1:]
-        keep = labels != sft.IGNORE_INDEX
-        logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
-        return torch.nn.functional.cross_entropy(logits, labels[keep])
+    def label_head(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sft.response_loss(model, batch)[0]
 
-    variants: dict[str, Callable[[dict[str, torch.Tensor]], torch.Tensor]] = {
-        "ours": ours, "use_cache=False": no_cache, "LM head on label positions only": label_positions_only,
+    variants = {
+        "padded, full LM head": (full_head, padded),
+        "padded, LM head at labels": (label_head, padded),
+        "packed, LM head at labels": (label_head, packed),
     }
 
-    def step(loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], batch: dict[str, torch.Tensor]) -> float:
+    def step(name: str, index: int) -> float:
+        loss_fn, batches = variants[name]
         start = time.perf_counter()
-        loss = loss_fn(batch)
+        loss = loss_fn(batches[index])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -88,25 +93,26 @@ def profile(model_dir: str, batch_size: int, n_batches: int, repeats: int) -> No
         loss.item()
         return time.perf_counter() - start
 
-    for batch in batches[:3]:  # warm-up
-        step(ours, batch)
+    step("packed, LM head at labels", 0)  # warm-up
     times: dict[str, list[float]] = {name: [] for name in variants}
     for repeat in range(repeats):
         names = list(variants) if repeat % 2 == 0 else list(reversed(variants))
         for name in names:
-            times[name].append(sum(step(variants[name], batch) for batch in batches) / len(batches))
-    base = statistics.median(times["ours"])
+            times[name].append(sum(step(name, i) for i in range(len(chunks))) / len(chunks))
+    base = statistics.median(times["padded, full LM head"])
     for name, values in times.items():
         value = statistics.median(values)
-        print(f"{name:<45} {1000 * value:7.1f} ms/step  ({value / base:.2f} × ours)")
-
+        print(f"{name:<30} {1000 * value:8.1f} ms/step {labels / value:8.0f} label tokens/s  "
+              f"({base / value:.2f} × the full-head padded step)")
+    if not table:
+        return
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     with torch_profile(activities=[ProfilerActivity.CPU]) as profiler:
-        for batch in batches[:6]:
-            step(ours, batch)
-    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        for index in range(min(len(chunks), 6)):
+            step("packed, LM head at labels", index)
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 """Benchmark against TRL: SFT tokens/s, reward-model pairs/s, PPO s/iteration and rollout tokens/s, and
-the fixed cost of Ray Train. Prints the table and writes bench/RESULTS.md (`make bench`).
+the fixed cost of Ray Train, at two model sizes. Prints the tables and writes bench/RESULTS.md (`make bench`).
 
-Same tiny model, records, prompt text, batch size, max length, steps and optimizer on both sides,
-on CPU in fp32, 1 torch thread per training process. Ours runs through `rlhf_jobs.trainers.train`
-on 1 Ray Train worker (and, as an extra line, 2 workers); TRL runs in this process. Runs alternate
-(ours, TRL, TRL, ours, ...) `--repeats` times and the medians are reported, because the machine may
-be shared. See bench/README.md for the definitions.
+Same model, records, prompt text, batch size, max length, steps and optimizer on both sides, on CPU
+in fp32, the same torch threads per training process (common.SIZES). Ours runs through
+`rlhf_jobs.trainers.train` on 1 Ray Train worker (and, as an extra line at the tiny size, 2 workers);
+TRL runs in this process. Runs alternate (ours, TRL, TRL, ours, ...) `--repeats` times and the
+medians are reported, because the machine may be shared. See bench/README.md for the definitions.
 
-    python bench/run_all.py                      # everything, 3 repeats
-    python bench/run_all.py --stages sft,ray --repeats 1
+    python bench/run_all.py                      # both sizes, everything, 3 repeats
+    python bench/run_all.py --sizes tiny --stages sft,ray --repeats 1
 """
 
 from __future__ import annotations
@@ -30,9 +30,22 @@ from typing import Any
 import ours
 import torch
 import trl_side
-from common import DATA, PPO_FILE, REPO, RM_FILE, SFT_FILE, Settings, median, write_repeated
+from common import (
+    DATA,
+    MODELS,
+    PPO_FILE,
+    REPO,
+    RM_FILE,
+    SFT_FILE,
+    SIZES,
+    Settings,
+    build_model,
+    median,
+    write_repeated,
+    write_section,
+)
 
-STAGES = ("sft", "rm", "ppo", "ray")
+STAGES = ("sft", "rm", "ppo", "ray")  # "ray" runs at the tiny size only: a fixed cost, not the model's
 
 # Why we are slower where we are, and what would close it: measured (see bench/README.md), not guessed.
 SLOWER_NOTES = {
@@ -102,15 +115,17 @@ def bench_supervised(stage: str, settings: Settings, model: Path, train_file: Pa
     counter = iter(range(10**6))
 
     def ours_run(workers: int) -> float:
-        config = make_config(settings, model, train_file, work / f"{stage}-ours-{workers}w-{next(counter)}", workers)
+        run_dir = work / f"{stage}-{settings.size}-ours-{workers}w-{next(counter)}"
+        config = make_config(settings, model, train_file, run_dir, workers)
         ours.train(config)
         return ours.supervised_rate(config, items)
 
-    runs = [lambda: ours_run(1), lambda: trl_run(settings, model, train_file, work / f"{stage}-trl")]
-    if stage == "sft":  # TRL's default chunked_nll runs the LM head on label positions only; ours on all
-        runs.append(lambda: trl_side.sft(settings, model, train_file, work / "sft-trl", loss_type="nll"))
+    trl_dir = work / f"{stage}-{settings.size}-trl"
+    runs = [lambda: ours_run(1), lambda: trl_run(settings, model, train_file, trl_dir)]
+    if stage == "sft" and settings.extra_rows:  # TRL's default chunked_nll: the LM head on label positions only
+        runs.append(lambda: trl_side.sft(settings, model, train_file, trl_dir, loss_type="nll"))
     ours_1, trl, *trl_same = alternate(repeats, *runs)
-    ours_2 = [ours_run(2) for _ in range(repeats)]
+    ours_2 = [ours_run(2) for _ in range(repeats)] if settings.extra_rows else []
     name = "SFT training" if stage == "sft" else "Reward model"
     unit = "label tokens/s" if stage == "sft" else "pairs/s"
     rows = [row(f"{name} ({unit}, higher is better)", median(ours_1), median(trl), ours_1, trl, higher_is_better=True)]
@@ -118,8 +133,9 @@ def bench_supervised(stage: str, settings: Settings, model: Path, train_file: Pa
         same = "TRL with loss_type='nll' (logits at every position, as ours)"
         rows.append(row(f"{name}, {same} ({unit})", median(ours_1), median(trl_same[0]), ours_1, trl_same[0],
                         higher_is_better=True))
-    rows.append(row(f"{name}, ours on 2 workers × 1 CPU ({unit})", median(ours_2), median(trl), ours_2, trl,
-                    higher_is_better=True))
+    if ours_2:
+        rows.append(row(f"{name}, ours on 2 workers × 1 CPU ({unit})", median(ours_2), median(trl), ours_2, trl,
+                        higher_is_better=True))
     return rows
 
 
@@ -138,29 +154,33 @@ def bench_ppo(settings: Settings, model: Path, work: Path, repeats: int) -> list
     counter = iter(range(10**6))
 
     def ours_run(workers: int) -> dict[str, float]:
-        config = ours.ppo_config(settings, model, train_file, work / f"ppo-ours-{workers}w-{next(counter)}", workers)
+        run_dir = work / f"ppo-{settings.size}-ours-{workers}w-{next(counter)}"
+        config = ours.ppo_config(settings, model, train_file, run_dir, workers)
         ours.train(config)
         return ours.ppo_figures(config)
 
-    ours_1, trl = alternate(repeats, lambda: ours_run(1), lambda: trl_side.ppo(settings, model, train_file,
-                                                                               work / "ppo-trl"))
-    ours_2 = [ours_run(2) for _ in range(repeats)]
+    trl_dir = work / f"ppo-{settings.size}-trl"
+    ours_1, trl = alternate(repeats, lambda: ours_run(1), lambda: trl_side.ppo(settings, model, train_file, trl_dir))
+    ours_2 = [ours_run(2) for _ in range(repeats)] if settings.extra_rows else []
 
     def pick(results: list[dict[str, float]], key: str) -> list[float]:
         return [r[key] for r in results]
 
     length = f"{median(pick(ours_1, 'response_length')):.1f} vs {median(pick(trl, 'response_length')):.1f}"
-    return [
+    rows = [
         row("PPO seconds per iteration (lower is better)", median(pick(ours_1, "seconds_per_iteration")),
             median(pick(trl, "seconds_per_iteration")), pick(ours_1, "seconds_per_iteration"),
             pick(trl, "seconds_per_iteration"), higher_is_better=False),
         row(f"PPO rollout tokens/s (response length {length})", median(pick(ours_1, "tokens_per_second")),
             median(pick(trl, "tokens_per_second")), pick(ours_1, "tokens_per_second"),
             pick(trl, "tokens_per_second"), higher_is_better=True),
-        row("PPO seconds per iteration, ours on 2 workers (2 × 16 prompts per iteration)",
-            median(pick(ours_2, "seconds_per_iteration")), median(pick(trl, "seconds_per_iteration")),
-            pick(ours_2, "seconds_per_iteration"), pick(trl, "seconds_per_iteration"), higher_is_better=False),
     ]
+    if ours_2:
+        rows.append(row(f"PPO seconds per iteration, ours on 2 workers (2 × {settings.ppo_batch_size} prompts per "
+                        "iteration)", median(pick(ours_2, "seconds_per_iteration")),
+                        median(pick(trl, "seconds_per_iteration")), pick(ours_2, "seconds_per_iteration"),
+                        pick(trl, "seconds_per_iteration"), higher_is_better=False))
+    return rows
 
 
 def bench_ray(settings: Settings, model: Path, train_file: Path, work: Path, repeats: int) -> list[dict[str, Any]]:
@@ -184,10 +204,13 @@ def bench_ray(settings: Settings, model: Path, train_file: Path, work: Path, rep
 
     rows = []
     for key, label, higher in (
-        ("wall_seconds", f"SFT {settings.sft_steps} steps, wall incl. start-up (s)", False),
+        ("wall_seconds", f"SFT {settings.sft_steps} steps, wall from ray.init to fit() returning (s)", False),
         ("ray_init_seconds", "of which ray.init (local mode: importing ray.train) (s)", False),
-        ("first_window_seconds", f"start to end of the first {settings.logging_steps} steps (s)", False),
-        ("after_last_step_seconds", "last step to fit() returning (s)", False),
+        ("worker_start_seconds", "fit() to our loop running (controller, worker process, its imports) (s)", False),
+        ("first_window_seconds", f"start to the end of the first {settings.logging_steps} steps (s)", False),
+        ("after_last_step_seconds", "last step to fit() returning (final checkpoint and model, teardown) (s)", False),
+        ("shutdown_seconds", "ray.shutdown() after fit() (s)", False),
+        ("process_seconds", "the whole process: imports, data, ray.init, training, shut-down (s)", False),
         ("tokens_per_second", "steady state (label tokens/s)", True),
     ):
         rows.append(row(f"Ray Train 1 worker vs local mode: {label}", median(pick(with_ray, key)),
@@ -222,37 +245,70 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(path: Path, rows: list[dict[str, Any]], info: dict[str, str], settings: Settings,
-                  repeats: int, command: str, seconds: float) -> None:
+def settings_lines(settings: Settings) -> str:
+    minibatches = settings.ppo_batch_size // settings.ppo_mini_batch_size
+    return f"""- Model: {MODELS[settings.size]}; CPU, fp32, AdamW,
+  {settings.threads} torch thread(s) per training process.
+- SFT / RM: batch {settings.batch_size} sequences / {settings.stage_batch_size("rm")} pairs, max length \
+{settings.max_length}, {settings.sft_steps} / {settings.rm_steps} steps, windows of {settings.logging_steps} steps, \
+cosine schedule with {settings.warmup_ratio:.0%} warm-up.
+- PPO: {settings.ppo_batch_size} prompts per rollout, {settings.max_new_tokens} new tokens, {settings.ppo_epochs} PPO \
+epochs × {minibatches} minibatch(es), {settings.ppo_iterations} iterations."""
+
+
+def write_results(path: Path, results: dict[str, list[dict[str, Any]]], info: dict[str, str], repeats: int,
+                  command: str, seconds: float) -> None:
+    """RESULTS.md: one section per model size (`results`: size -> rows)."""
+    rows = [r for size_rows in results.values() for r in size_rows]
     notes = [f"- **{prefix}**: {text}" for prefix, text in SLOWER_NOTES.items()
              if any(r.get("slower") and r["name"].startswith(prefix) for r in rows)]
-    text = f"""# Benchmark: rlhf-jobs vs TRL
+    sections = "\n".join(f"""
+### Model: {size}
+
+{settings_lines(SIZES[size])}
+
+{table(size_rows)}
+""" for size, size_rows in results.items())
+    text = f"""## Throughput against TRL (`make bench`)
 
 Latest figures from `{command}` ({seconds / 60:.0f} min). Reproduce with `make bench`, or
 `.venv-bench/bin/python bench/run_all.py` in a venv holding `pip install -e '.[bench]'` (trl==1.12.0).
-Definitions: bench/README.md.
 
 - Date: {info['date']}; machine: {info['cpu']}; Python {info['python']}
 - Versions: torch {info['torch']}, transformers {info['transformers']}, trl {info['trl']},
   accelerate {info['accelerate']}, ray {info['ray']}
-- Model: the tiny GPT-2 (`rlhf-jobs tiny-model`: 2 layers, 128 dims, BPE vocab 2048), CPU, fp32, AdamW,
-  1 torch thread per training process.
-- SFT / RM: batch {settings.batch_size}, max length {settings.max_length}, {settings.sft_steps} / {settings.rm_steps} \
-steps, cosine schedule with {settings.warmup_ratio:.0%} warm-up.
-- PPO: {settings.ppo_batch_size} prompts per rollout, {settings.max_new_tokens} new tokens, {settings.ppo_epochs} PPO \
-epochs × {settings.ppo_batch_size // settings.ppo_mini_batch_size} minibatches, {settings.ppo_iterations} iterations.
 - Each figure is the median of {repeats} runs, ours and TRL alternating; every run's figure is listed.
   Ratio = ours / TRL: above 1 is better for ours for rates, below 1 for seconds.
-
-{table(rows)}
-"""
+{sections}"""
     if notes:
-        text += "\n## Where we are slower, and why\n\n" + "\n".join(notes) + "\n"
-    path.write_text(text)
+        text += "\n### Where we are slower, and why\n\n" + "\n".join(notes) + "\n"
+    write_section(path, "throughput", text)
+
+
+def bench_size(size: str, stages: list[str], work: Path, repeats: int) -> list[dict[str, Any]]:
+    settings = SIZES[size]
+    torch.set_num_threads(settings.threads)  # TRL runs here; ours sets the same in each worker
+    model = build_model(size, work)
+    # One epoch holds every timed step, so our per-epoch checkpoint comes after them (TRL saves nothing).
+    data = work / "data"
+    sft_file = write_repeated(DATA / SFT_FILE, data / f"sft-{size}.jsonl", settings.sft_steps * settings.batch_size)
+    rm_file = write_repeated(DATA / RM_FILE, data / f"rm-{size}.jsonl",
+                             settings.rm_steps * settings.stage_batch_size("rm"))
+    rows: list[dict[str, Any]] = []
+    if "sft" in stages:
+        rows += bench_supervised("sft", settings, model, sft_file, work, repeats)
+    if "rm" in stages:
+        rows += bench_supervised("rm", settings, model, rm_file, work, repeats)
+    if "ppo" in stages:
+        rows += bench_ppo(settings, model, work, repeats)
+    if "ray" in stages and size == "tiny":
+        rows += bench_ray(settings, model, sft_file, work, repeats)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, from {','.join(SIZES)}")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {','.join(STAGES)}")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench")
@@ -261,48 +317,33 @@ def main() -> None:
     args = parser.parse_args()
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
-        write_results(args.output, saved["rows"], saved["info"], Settings(**saved["settings"]), saved["repeats"],
-                      saved["command"], saved["seconds"])
-        print(table(saved["rows"]))
+        write_results(args.output, saved["results"], saved["info"], saved["repeats"], saved["command"],
+                      saved["seconds"])
+        for size, rows in saved["results"].items():
+            print(f"\n{size}\n{table(rows)}")
         return
+    sizes = [s for s in args.sizes.split(",") if s]
     stages = [s for s in args.stages.split(",") if s]
-    unknown = set(stages) - set(STAGES)
-    if unknown:
-        parser.error(f"unknown stage(s) {', '.join(sorted(unknown))}; expected {', '.join(STAGES)}")
+    for name, chosen, known in (("size", sizes, SIZES), ("stage", stages, STAGES)):
+        unknown = set(chosen) - set(known)
+        if unknown:
+            parser.error(f"unknown {name}(s) {', '.join(sorted(unknown))}; expected {', '.join(known)}")
 
     for name, value in (("TRL_EXPERIMENTAL_SILENCE", "1"), ("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0"),
                         ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(name, value)
-    settings = Settings()
-    torch.set_num_threads(settings.threads)  # TRL runs here; ours sets the same in each worker
     started = time.perf_counter()
     work = args.workdir.resolve()
-    model = work / "tiny-model"
-    if not (model / "config.json").exists():
-        from rlhf_jobs.tiny_model import build_tiny_model
-
-        build_tiny_model(model)
-    # One epoch holds every timed step, so our per-epoch checkpoint comes after them (TRL saves nothing).
-    sft_file = write_repeated(DATA / SFT_FILE, work / "data" / "sft.jsonl", settings.sft_steps * settings.batch_size)
-    rm_file = write_repeated(DATA / RM_FILE, work / "data" / "rm.jsonl", settings.rm_steps * settings.batch_size)
-
-    rows: list[dict[str, Any]] = []
-    if "sft" in stages:
-        rows += bench_supervised("sft", settings, model, sft_file, work, args.repeats)
-    if "rm" in stages:
-        rows += bench_supervised("rm", settings, model, rm_file, work, args.repeats)
-    if "ppo" in stages:
-        rows += bench_ppo(settings, model, work, args.repeats)
-    if "ray" in stages:
-        rows += bench_ray(settings, model, sft_file, work, args.repeats)
+    results = {size: bench_size(size, stages, work, args.repeats) for size in sizes}
 
     command = ("python bench/run_all.py " + " ".join(sys.argv[1:])).strip()
     seconds, info = time.perf_counter() - started, machine()
-    saved = {"rows": rows, "info": info, "settings": dataclasses.asdict(settings), "repeats": args.repeats,
-             "command": command, "seconds": seconds}
+    saved = {"results": results, "info": info, "settings": {size: dataclasses.asdict(SIZES[size]) for size in sizes},
+             "repeats": args.repeats, "command": command, "seconds": seconds}
     (work / "results.json").write_text(json.dumps(saved, indent=1))
-    write_results(args.output, rows, info, settings, args.repeats, command, seconds)
-    print("\n" + table(rows))
+    write_results(args.output, results, info, args.repeats, command, seconds)
+    for size, rows in results.items():
+        print(f"\n{size}\n{table(rows)}")
     print(f"\nwritten to {args.output}")
 
 

@@ -40,9 +40,10 @@ def _step_clock() -> Any:
     return StepClock()
 
 
-def _common_args(settings: Settings, output_dir: Path, steps: int, learning_rate: float) -> dict[str, Any]:
+def _common_args(settings: Settings, output_dir: Path, steps: int, learning_rate: float,
+                 batch_size: int) -> dict[str, Any]:
     return {
-        "output_dir": str(output_dir), "per_device_train_batch_size": settings.batch_size,
+        "output_dir": str(output_dir), "per_device_train_batch_size": batch_size,
         "max_steps": steps, "learning_rate": learning_rate, "lr_scheduler_type": "cosine",
         "warmup_steps": settings.warmup_ratio,  # below 1: a ratio, rounded up as ours
         "weight_decay": settings.weight_decay,
@@ -77,7 +78,8 @@ def sft(settings: Settings, model_dir: Path, train_file: Path, output_dir: Path,
             counts.append(int((inputs["labels"][:, 1:] != -100).sum()))  # the tokens the loss is taken on
             return super().compute_loss(model, inputs, *args, **kwargs)
 
-    args = SFTConfig(**_common_args(settings, output_dir, settings.sft_steps, settings.sft_learning_rate),
+    args = SFTConfig(**_common_args(settings, output_dir, settings.sft_steps, settings.sft_learning_rate,
+                                  settings.stage_batch_size("sft")),
                      completion_only_loss=True, packing=False, dataset_num_proc=None,
                      **({"loss_type": loss_type} if loss_type else {}))
     trainer = CountingSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
@@ -110,7 +112,8 @@ def rm(settings: Settings, model_dir: Path, train_file: Path, output_dir: Path, 
             counts.append(inputs["input_ids"].size(0) // 2)  # chosen and rejected in one batch
             return super().compute_loss(model, inputs, *args, **kwargs)
 
-    args = RewardConfig(**_common_args(settings, output_dir, settings.rm_steps, settings.rm_learning_rate),
+    args = RewardConfig(**_common_args(settings, output_dir, settings.rm_steps, settings.rm_learning_rate,
+                                     settings.stage_batch_size("rm")),
                         disable_dropout=disable_dropout)
     trainer = CountingRewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                     callbacks=[clock])
@@ -118,12 +121,14 @@ def rm(settings: Settings, model_dir: Path, train_file: Path, output_dir: Path, 
     return windowed_rate(clock.ends, clock.start, [float(c) for c in counts], settings.logging_steps)
 
 
-def ppo(settings: Settings, model_dir: Path, train_file: Path, output_dir: Path) -> dict[str, float]:
+def ppo(settings: Settings, model_dir: Path, train_file: Path, output_dir: Path,
+        lora: dict[str, Any] | None = None) -> dict[str, float]:
     """Seconds per iteration and rollout tokens/s of trl.experimental.ppo.PPOTrainer.
 
     Rollout = from the start of generation to the first PPO minibatch (generation, reference and
     value forwards, reward), as our `time_rollout`; tokens = response tokens up to and including
-    the first EOS, as ours.
+    the first EOS, as ours. `lora` ({"r": ..., "alpha": ...}): TRL's `peft_config` on the policy,
+    whose reference is then the policy with its adapter disabled (its value model stays full).
     """
     from datasets import Dataset
     from trl.experimental.ppo import PPOConfig, PPOTrainer
@@ -134,7 +139,7 @@ def ppo(settings: Settings, model_dir: Path, train_file: Path, output_dir: Path)
     torch.manual_seed(settings.seed)
     tokenizer = load_tokenizer(str(model_dir), padding_side="left")
     policy = load_causal_lm(str(model_dir), tokenizer)
-    reference = load_causal_lm(str(model_dir), tokenizer)
+    reference = None if lora else load_causal_lm(str(model_dir), tokenizer)
     reward_model = load_reward_model(str(model_dir), tokenizer)
     value_model = load_reward_model(str(model_dir), tokenizer)
     prompts = tokenize_prompts(read_jsonl(train_file), tokenizer, "instruction", settings.max_prompt_length)
@@ -164,9 +169,15 @@ def ppo(settings: Settings, model_dir: Path, train_file: Path, output_dir: Path)
         disable_tqdm=True,
     )
     clock = _step_clock()
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=lora["r"], lora_alpha=lora.get("alpha", 2 * lora["r"]), target_modules="all-linear",
+                                 task_type="CAUSAL_LM")
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=reference,
                          reward_model=reward_model, value_model=value_model, train_dataset=dataset,
-                         callbacks=[clock])
+                         callbacks=[clock], peft_config=peft_config)
     accumulate = trainer.accelerator.accumulate
 
     def first_update_marks_rollout_end(*args: Any, **kwargs: Any) -> Any:

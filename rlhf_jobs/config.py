@@ -205,6 +205,10 @@ class SupervisedTraining(TrainingBase):
     batch_size: PositiveInt = Field(4, description="Sequences per worker per micro-batch.")
     epochs: PositiveInt = Field(1, description="Passes over the training data.")
     max_train_steps: PositiveInt | None = Field(None, description="Stop after N optimizer steps.")
+    padding_free: bool = Field(
+        True, description="Pack each micro-batch's sequences into as few rows as fit, none wider than a padded "
+        "batch (the same loss and gradients; used where the model keeps packed sequences apart, checked at start).",
+    )
 
 
 class SFTConfig(StageConfig):

@@ -28,10 +28,25 @@ def _quiet_ray_env() -> None:
     os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
 
 
+# A Ray started in this process (no RAY_ADDRESS) lives and dies with this process, on one machine
+# nobody drains. What it need not start (bench/ray_overhead.py measures each): the preemption
+# watcher actor (it polls for node drains), idle worker processes started ahead (every Ray Train actor
+# has its own runtime env, so none of them is ever used), the dashboard's head modules (only Ray
+# Train's placement-group cleaner, left out below, reads its state API). The controller polls the
+# workers every 0.5 s instead of 2 s, so the end of a run is noticed sooner.
+LOCAL_RAY_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_prestart_worker_first_driver": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
+_started_here = False  # whether this process started the Ray it uses
+
+
 def init_ray(training: TrainingBase) -> None:
     """Join the cluster in RAY_ADDRESS (KubeRay sets it), else start Ray in this process."""
     import ray
 
+    global _started_here
     _quiet_ray_env()
     if ray.is_initialized():
         return
@@ -39,11 +54,13 @@ def init_ray(training: TrainingBase) -> None:
         ray.init(log_to_driver=True)
         install_ray_log_filter()
         return
-    # The dashboard process also serves the state API that Ray Train's placement-group cleaner polls.
+    for name, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(name, value)
     # address="local": a new in-process cluster, never one that `ray start` left running on this machine.
-    ray.init(address="local", include_dashboard=True, log_to_driver=True, configure_logging=True,
+    ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=True,
              logging_level="WARNING")
     install_ray_log_filter()
+    _started_here = True
     check_local_resources(training, ray.cluster_resources())
 
 
@@ -139,6 +156,49 @@ def absolute_paths(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "General": general}
 
 
+def trainer_class() -> type:
+    """Ray Train's `TorchTrainer`; on a Ray started in this process, without what only a shared cluster needs.
+
+    Left out there (each is an actor process on the critical path of every run's start):
+    - the placement-group cleaner, which frees the workers' reservation if the controller dies while
+      the cluster lives on (an in-process cluster dies with this process; the cleaner also fails on
+      a machine where several Ray instances run);
+    - the Ray Data dataset manager (we pass no Ray Datasets: each worker gets its examples through
+      `train_loop_config`);
+    - resource requests to Ray Data's autoscaling coordinator (an in-process cluster has no autoscaler).
+    """
+    from ray.train.torch import TorchTrainer
+
+    if not _started_here:
+        return TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+
+    class NoAutoscalerRequests(FixedScalingPolicy):
+        def after_controller_start(self, train_run_context: Any) -> None:
+            pass
+
+        def _maybe_send_resource_request(self) -> None:
+            pass
+
+        def _send_resource_request(self) -> None:
+            pass
+
+        def _cancel_resource_request(self) -> None:
+            pass
+
+    class LocalTorchTrainer(TorchTrainer):
+        def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
+            kwargs["callbacks"] = [callback for callback in kwargs["callbacks"]
+                                   if not isinstance(callback, (DatasetsCallback, PlacementGroupCleanerCallback))]
+            if type(kwargs["scaling_policy"]) is FixedScalingPolicy:
+                kwargs["scaling_policy"] = NoAutoscalerRequests(kwargs["scaling_policy"].scaling_config)
+            return super()._initialize_and_run_controller(**kwargs)
+
+    return LocalTorchTrainer
+
+
 def run_trainer(
     config: StageConfig,
     train_loop: Callable[[dict[str, Any]], None],
@@ -153,13 +213,12 @@ def run_trainer(
     with a checkpoint, `OutOfMemory` when its workers were killed for memory.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     training = config.Training
     init_ray(training)
     identity.record(config)  # creates a local output_dir; records the run's identity there
     storage_path, storage_filesystem = storage.ray_storage(config.General.output_dir)
-    make_trainer = lambda: TorchTrainer(  # noqa: E731  (one per attempt: a drained node's run starts again)
+    make_trainer = lambda: trainer_class()(  # noqa: E731  (one per attempt: a drained node's run starts again)
         train_loop,
         train_loop_config={"stage": config.stage, "config": absolute_paths(config.to_dict()), "data": data,
                            "stop_at_step": stop_at_step, "tracking": trackers.context()},

@@ -19,10 +19,25 @@ OPTIMIZER_TABLE: dict[str, type[torch.optim.Optimizer]] = {
 SCHEDULER_NAMES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
 
+FUSABLE = ("AdamW", "Adam")
+
+
+def fusable(parameters: list[torch.nn.Parameter]) -> bool:
+    """Whether torch's fused Adam(W) kernel takes these: plain (not FSDP-sharded) float tensors on CPU or CUDA."""
+    from torch.distributed.tensor import DTensor
+
+    return all(not isinstance(p, DTensor) and p.is_floating_point() and p.device.type in ("cpu", "cuda")
+               for p in parameters)
+
+
 def build_optimizer(
     model: torch.nn.Module, training: TrainingBase, learning_rate: float | None = None
 ) -> torch.optim.Optimizer:
-    """Optimizer from the fixed table; weight decay on matrices only (not biases or norms)."""
+    """Optimizer from the fixed table; weight decay on matrices only (not biases or norms).
+
+    Adam and AdamW use torch's fused kernel where it applies (the same update in one pass over each
+    tensor instead of one per operation: about 3 × faster on CPU, bench/README.md).
+    """
     decay, no_decay = [], []
     for _, parameter in model.named_parameters():
         if parameter.requires_grad:
@@ -31,7 +46,9 @@ def build_optimizer(
         {"params": decay, "weight_decay": training.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return OPTIMIZER_TABLE[training.optimizer](groups, lr=learning_rate or training.learning_rate)
+    fused = training.optimizer in FUSABLE and fusable(decay + no_decay)
+    return OPTIMIZER_TABLE[training.optimizer](groups, lr=learning_rate or training.learning_rate,
+                                               **({"fused": True} if fused else {}))
 
 
 def warmup_steps(training: TrainingBase, total_steps: int) -> int:

@@ -131,8 +131,8 @@ def response_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor], wid
     """The model's logits at the `width + 1` last positions only (`logits_to_keep`), where it supports that."""
     hf_model = sharding.hf_model(unwrap(model))
     if "logits_to_keep" in inspect.signature(hf_model.forward).parameters:
-        return model(**inputs, logits_to_keep=width + 1).logits
-    return model(**inputs).logits
+        return model(**inputs, use_cache=False, logits_to_keep=width + 1).logits
+    return model(**inputs, use_cache=False).logits
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -279,10 +279,11 @@ class Critic(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor | None = None, score: bool = False) -> torch.Tensor:
         if score:  # the classifier's own score (the reward model, when the adapter is disabled)
-            return self.classifier(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+            return self.classifier(input_ids=input_ids, attention_mask=attention_mask,
+                                   use_cache=False).logits.squeeze(-1).float()
         transformer = sharding.hf_model(self.classifier).base_model
-        hidden = transformer(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=position_ids).last_hidden_state
+        hidden = transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).last_hidden_state
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
 
@@ -389,7 +390,8 @@ class PPOModels:
     @torch.no_grad()
     def reward_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.reward_model is not None:
-            return self.reward_model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+            return self.reward_model(input_ids=input_ids, attention_mask=attention_mask,
+                                     use_cache=False).logits.squeeze(-1).float()
         critic = unwrap(self.critic)
         with disabled_adapter(critic.classifier):
             return critic(input_ids=input_ids, attention_mask=attention_mask, score=True)

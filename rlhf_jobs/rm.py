@@ -2,8 +2,9 @@
 
 Each pair becomes `prompt + chosen` and `prompt + rejected` (the same prompt format as SFT
 and PPO, so the model scores what the policy will write). Both go through the model in one
-right-padded batch; the score is read at the last real token. The loss is the Bradley-Terry
-`-logsigmoid(r_chosen - r_rejected - margin)`.
+right-padded batch, or packed padding-free (`Training.padding_free`, `rlhf_jobs.packing`) where
+the model keeps packed sequences apart; the score is read at the last real token. The loss is the
+Bradley-Terry `-logsigmoid(r_chosen - r_rejected - margin)`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rlhf_jobs import supervised
+from rlhf_jobs import packing, supervised
 from rlhf_jobs.batching import pad
 from rlhf_jobs.config import StageConfig
 from rlhf_jobs.data import RM_SCHEMA
@@ -21,7 +22,7 @@ from rlhf_jobs.distributed import Moments
 from rlhf_jobs.models import bos_ids, load_reward_model, load_tokenizer
 from rlhf_jobs.prompts import join_response, record_prompt
 from rlhf_jobs.sharding import load_dtype
-from rlhf_jobs.worker import Worker
+from rlhf_jobs.worker import Worker, progress
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
@@ -64,6 +65,8 @@ def score(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch
 
 class RewardTask:
     stage = "rm"
+    packed = False  # until `build` has checked the model (padded batches are always exact)
+    rows: packing.RowPlan | None = None
     lora_task = "SEQ_CLS"
     items_name = "pairs"
     eval_keys = ("pairs", "correct", "margin", "loss", "rewards", "reward_sum", "reward_squares")
@@ -78,17 +81,31 @@ class RewardTask:
         # (bench/RESULTS.md: the whole RM throughput gap to TRL was dropout).
         model = load_reward_model(general.base_model, self.tokenizer, general.trust_remote_code, dropout=False,
                                   dtype=load_dtype(config.Training))
+        self.packed = config.Training.padding_free and packing.packing_is_exact(
+            model, packing.position_scores, self.tokenizer.pad_token_id, model.config.vocab_size)
+        self.rows = packing.RowPlan.for_model(model)
+        if config.Training.padding_free and not self.packed:
+            progress(worker, self.stage, packing.NOT_EXACT.format(model=type(model).__name__))
         return model, self.tokenizer
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Chosen sequences first, then rejected ones, in one padded batch."""
+        """Chosen sequences first, then rejected ones, in one padded batch or packed rows (with where
+        each sequence ends)."""
         sequences = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
-        input_ids, attention_mask = pad(sequences, self.tokenizer.pad_token_id)
         margin = torch.tensor([e["margin"] for e in examples], dtype=torch.float)
+        if self.packed:
+            rows = self.rows.pack(sequences)
+            ends = rows.starts + torch.tensor([len(s) for s in sequences]) - 1
+            return {"input_ids": rows.input_ids, "position_ids": rows.position_ids, "ends": ends, "margin": margin}
+        input_ids, attention_mask = pad(sequences, self.tokenizer.pad_token_id)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin}
 
     def scores(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        rewards = score(model, batch["input_ids"], batch["attention_mask"])
+        if "ends" in batch:
+            inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+            rewards = packing.position_scores(model, inputs).flatten()[batch["ends"]].float()
+        else:
+            rewards = score(model, batch["input_ids"], batch["attention_mask"])
         pairs = batch["margin"].size(0)
         return rewards[:pairs], rewards[pairs:]
 

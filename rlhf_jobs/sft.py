@@ -6,6 +6,10 @@ for BOS, the prompt and the padding, so the model learns to answer, not to repea
 The boundary comes from character offsets, never from searching for template tokens (which can
 also occur inside the prompt). The loss is summed over label tokens; the shared loop divides by
 the label tokens of the whole optimizer step.
+
+A micro-batch is packed padding-free (`Training.padding_free`, `rlhf_jobs.packing`) where the model
+keeps packed sequences apart, else right-padded. Either way the LM head runs only at the positions
+that predict a label (`logits_to_keep`), not at the prompt and padding positions.
 """
 
 from __future__ import annotations
@@ -15,14 +19,14 @@ from typing import Any
 
 import torch
 
-from rlhf_jobs import supervised
+from rlhf_jobs import packing, supervised
 from rlhf_jobs.batching import pad
 from rlhf_jobs.config import StageConfig
 from rlhf_jobs.data import SFT_SCHEMA, DataError
 from rlhf_jobs.models import bos_ids, load_causal_lm, load_tokenizer
 from rlhf_jobs.prompts import join_response, record_prompt
 from rlhf_jobs.sharding import load_dtype
-from rlhf_jobs.worker import Worker
+from rlhf_jobs.worker import Worker, progress
 
 IGNORE_INDEX = -100
 
@@ -42,23 +46,37 @@ def tokenize_sft(record: dict[str, Any], tokenizer: Any, style: str, max_length:
             "truncated": len(input_ids) > max_length}
 
 
+def next_token_targets(labels: list[int]) -> list[int]:
+    """What each position predicts: the next token's label (-100 at the last position)."""
+    return [*labels[1:], IGNORE_INDEX]
+
+
 def pad_batch(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad input_ids (pad id) and labels (-100); attention mask marks real tokens."""
+    """Right-padded input_ids (pad id) and targets (-100); the attention mask marks real tokens."""
     input_ids, attention_mask = pad([e["input_ids"] for e in examples], pad_token_id)
-    labels, _ = pad([e["labels"] for e in examples], IGNORE_INDEX)
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    targets, _ = pad([next_token_targets(e["labels"]) for e in examples], IGNORE_INDEX)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
+
+
+def packed_batch(examples: list[dict[str, list[int]]], plan: packing.RowPlan) -> dict[str, torch.Tensor]:
+    """The examples packed into rows (position ids restart per example), targets likewise."""
+    rows = plan.pack([e["input_ids"] for e in examples])
+    targets = rows.place([next_token_targets(e["labels"]) for e in examples], IGNORE_INDEX)
+    return {"input_ids": rows.input_ids, "position_ids": rows.position_ids, "targets": targets}
 
 
 def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of token losses, number of label tokens): next-token cross-entropy on labels != -100."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shifted_logits = logits[:, :-1].float()
-    shifted_labels = batch["labels"][:, 1:]
-    loss_sum = torch.nn.functional.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.size(-1)), shifted_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum",
-    )
-    return loss_sum, (shifted_labels != IGNORE_INDEX).sum()
+    """(sum of token losses, number of label tokens): next-token cross-entropy where targets != -100,
+    the LM head applied at those positions only."""
+    targets = batch["targets"]
+    keep = targets != IGNORE_INDEX
+    logits = packing.lm_logits(model, {k: v for k, v in batch.items() if k != "targets"}, keep)
+    loss_sum = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return loss_sum, keep.sum()
+
+
+def full_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**inputs, use_cache=False).logits
 
 
 def drop_unlabelled(examples: list[dict[str, list[int]]], name: str, max_length: int) -> list[dict[str, list[int]]]:
@@ -74,6 +92,8 @@ def drop_unlabelled(examples: list[dict[str, list[int]]], name: str, max_length:
 
 class SFTTask:
     stage = "sft"
+    packed = False  # until `build` has checked the model (padded batches are always exact)
+    rows: packing.RowPlan | None = None
     lora_task = "CAUSAL_LM"
     items_name = "tokens"
     eval_keys = ("loss_sum", "tokens")
@@ -90,13 +110,20 @@ class SFTTask:
         self.tokenizer = load_tokenizer(general.base_model, general.trust_remote_code)
         model = load_causal_lm(general.base_model, self.tokenizer, general.trust_remote_code,
                                dtype=load_dtype(config.Training))
+        self.packed = config.Training.padding_free and packing.packing_is_exact(
+            model, full_logits, self.tokenizer.pad_token_id, model.config.vocab_size)
+        self.rows = packing.RowPlan.for_model(model)
+        if config.Training.padding_free and not self.packed:
+            progress(worker, self.stage, packing.NOT_EXACT.format(model=type(model).__name__))
         return model, self.tokenizer
 
     def collate(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        if self.packed:
+            return packed_batch(examples, self.rows)
         return pad_batch(examples, self.tokenizer.pad_token_id)
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
-        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return int((batch["targets"] != IGNORE_INDEX).sum())
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return response_loss(model, batch)[0]

@@ -20,7 +20,7 @@ import torch
 from conftest import SAMPLES
 from process_group import run_processes
 
-from rlhf_jobs import ppo, sharding, supervised
+from rlhf_jobs import packing, ppo, sharding, supervised
 from rlhf_jobs.config import SupervisedTraining
 from rlhf_jobs.models import load_causal_lm, load_reward_model, load_tokenizer, unwrap
 from rlhf_jobs.worker import Worker
@@ -63,13 +63,15 @@ def _model(stage: str, model_dir: str, tokenizer: Any) -> torch.nn.Module:
 
 
 def step_gradient(rank: int, world_size: int, stage: str, model_dir: str, batch_size: int, accumulation: int,
-                  strategy: str) -> dict[str, Any]:
+                  strategy: str, packed: bool = False) -> dict[str, Any]:
     """One optimizer step's gradient (full tensors) with the given layout, through the trainer's own code."""
     task = _task(stage, model_dir)
     examples = _examples(stage, task.tokenizer, 8)
     worker = Worker(rank, world_size, CPU)
     training = SupervisedTraining(batch_size=batch_size, gradient_accumulation_steps=accumulation, strategy=strategy)
-    model = sharding.prepare(_model(stage, model_dir, task.tokenizer), training, worker)
+    model = _model(stage, model_dir, task.tokenizer)
+    task.packed, task.rows = packed, packing.RowPlan.for_model(model)  # as `build` sets them
+    model = sharding.prepare(model, training, worker)
     indices, taken = supervised.step_micro_batches(list(range(8)), 0, batch_size, accumulation, worker)
     batches = [task.collate([examples[i] for i in chunk]) for chunk in indices]
     _, items = supervised.accumulate_gradients(model, task, batches, training, worker)
@@ -86,6 +88,11 @@ def test_the_same_global_batch_gives_the_same_gradient_in_every_layout(stage: st
         "batch 4 × accumulation 2": run_processes(step_gradient, 1, stage, str(tiny_model), 4, 2, "ddp"),
         "batch 4 × 2 workers (DDP)": run_processes(step_gradient, 2, stage, str(tiny_model), 4, 1, "ddp"),
         "batch 4 × 2 workers (FSDP)": run_processes(step_gradient, 2, stage, str(tiny_model), 4, 1, "fsdp"),
+        "batch 8 × 1 worker, packed": run_processes(step_gradient, 1, stage, str(tiny_model), 8, 1, "ddp", True),
+        "batch 4 × 2 workers (DDP), packed": run_processes(step_gradient, 2, stage, str(tiny_model), 4, 1, "ddp",
+                                                           True),
+        "batch 4 × 2 workers (FSDP), packed": run_processes(step_gradient, 2, stage, str(tiny_model), 4, 1, "fsdp",
+                                                            True),
     }
     reference = layouts["batch 8 × 1 worker"][0]
     assert reference["taken"] == 8

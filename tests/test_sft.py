@@ -53,14 +53,15 @@ def test_chat_format_uses_the_tokenizer_template(tokenizer) -> None:
 def test_padding_is_ignored_and_loss_matches_hand_computation() -> None:
     batch = pad_batch([{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]},
                        {"input_ids": [8, 9], "labels": [IGNORE_INDEX, 9]}], pad_token_id=0)
-    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX, 9, IGNORE_INDEX]]
+    # what each position predicts: the next token's label
+    assert batch["targets"].tolist() == [[6, 7, IGNORE_INDEX], [9, IGNORE_INDEX, IGNORE_INDEX]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
 
     vocab = 10
     logits = torch.randn(2, 3, vocab)
 
     class Fixed(torch.nn.Module):
-        def forward(self, input_ids, attention_mask):
+        def forward(self, input_ids, attention_mask, **kwargs):
             return type("Out", (), {"logits": logits})()
 
     loss_sum, tokens = response_loss(Fixed(), batch)
