@@ -81,6 +81,10 @@ BENCH_MEMORY_SIZE ?= 300m
 bench-memory: $(BENCH_VENV)/.installed ## Peak memory per worker and throughput, full vs LoRA vs FSDP, and TRL's PPO (BENCH_MEMORY_SIZE=300m)
 	$(BENCH_VENV)/bin/python bench/memory.py --size $(BENCH_MEMORY_SIZE)
 
+.PHONY: bench-faults
+bench-faults: venv ## Steps redone after SIGINT/SIGKILL of the driver and SIGKILL of one worker (tiny SFT, 2 workers)
+	$(BIN)/python bench/faults.py
+
 GPU_CHECK_SIZE ?= 1b
 
 .PHONY: gpu-check

@@ -38,6 +38,7 @@ STAGES = ("sft", "rm", "ppo")
 VARIANTS: dict[str, tuple[int, dict[str, Any]]] = {
     "full": (1, {}),
     "lora": (1, {"lora": {"r": 16}}),
+    "ddp": (2, {}),  # full copies on each of 2 workers: what FSDP is compared with (issue 14)
     "fsdp": (2, {"strategy": "fsdp"}),
     "lora+fsdp": (2, {"lora": {"r": 16}, "strategy": "fsdp"}),
 }

@@ -39,6 +39,9 @@ LOCAL_RAY_ENV = {
     "RAY_prestart_worker_first_driver": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
+# Set with LOCAL_RAY_ENV, so that a child process joining a real cluster (RAY_ADDRESS) drops them again:
+# a drained node must stop its run there.
+LOCAL_RAY_MARKER = "RLHF_JOBS_LOCAL_RAY_ENV"
 _started_here = False  # whether this process started the Ray it uses
 
 
@@ -51,11 +54,14 @@ def init_ray(training: TrainingBase) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
+        if os.environ.pop(LOCAL_RAY_MARKER, None):  # inherited from a parent that ran an in-process Ray
+            for name in LOCAL_RAY_ENV:
+                os.environ.pop(name, None)
         ray.init(log_to_driver=True)
         install_ray_log_filter()
         return
-    for name, value in LOCAL_RAY_ENV.items():
-        os.environ.setdefault(name, value)
+    if not any(name in os.environ for name in LOCAL_RAY_ENV):
+        os.environ.update(LOCAL_RAY_ENV, **{LOCAL_RAY_MARKER: "1"})
     # address="local": a new in-process cluster, never one that `ray start` left running on this machine.
     ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=True,
              logging_level="WARNING")

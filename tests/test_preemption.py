@@ -79,7 +79,8 @@ def test_sigterm_mid_epoch_stops_after_the_step_and_the_rerun_continues_there(ti
     second = subprocess.run(command, cwd=REPO, env=env, stdout=second_log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True, timeout=400)
     assert second.returncode == 0, second_log.read_text()[-3000:]
-    assert f"resuming at epoch 1, step {stopped_at}/14" in second_log.read_text()
+    # 7 steps per epoch: under load the stop can land in the second epoch
+    assert re.search(rf"resuming at epoch \d, step {stopped_at}/14", second_log.read_text())
     steps = train_steps(metrics)
     steps_lost = done_before_stop - stopped_at  # steps the first run did that the second had to redo
     assert steps_lost == 0 and sorted(steps) == list(range(1, 15)), steps
@@ -97,7 +98,10 @@ def test_a_drained_node_stops_the_run_after_its_step_and_it_continues_on_another
     from ray._raylet import GcsClient
     from ray.cluster_utils import Cluster
     from ray.core.generated import autoscaler_pb2
+    from ray.experimental import internal_kv
 
+    # Cluster.shutdown resets this process's internal-KV client: keep the in-process Ray of earlier tests usable.
+    kv_client = internal_kv.internal_kv_get_gcs_client()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     try:
         doomed = cluster.add_node(num_cpus=1)
@@ -132,3 +136,5 @@ def test_a_drained_node_stops_the_run_after_its_step_and_it_continues_on_another
         print(f"drain after step {drained_after}: stopped after step {stopped_at}, continued on the new node")
     finally:
         cluster.shutdown()
+        if kv_client is not None:
+            internal_kv._initialize_internal_kv(kv_client)
