@@ -247,6 +247,10 @@ def test_entrypoint_config_and_mounts(stage: str, scenario: Path | None) -> None
         assert container["securityContext"]["capabilities"]["drop"] == ["ALL"], group
         assert volumes["dshm"]["emptyDir"]["medium"] == "Memory", group
         assert mounts["dshm"]["mountPath"] == "/dev/shm", group
+        # The object-storage mirror and model cache on an emptyDir, where $RLHF_JOBS_CACHE_DIR points.
+        assert "emptyDir" in volumes["cache"], group
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["RLHF_JOBS_CACHE_DIR"] == mounts["cache"]["mountPath"] == values["cache"]["mountPath"], group
     submitter = pod_templates(one(render(f"rlhf-{stage}", sets=("job.submissionMode=K8sJobMode",)), "RayJob"))
     assert submitter["submitter"]["spec"]["restartPolicy"] == "Never"
 
@@ -867,13 +871,48 @@ def test_preemption_grace_period_and_drain_on_stop(crd_file: Path) -> None:
     assert command[:2] == ["/bin/bash", "-c"]
     assert "ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION" in command[2]
     assert "--deadline-remaining-seconds 900" in command[2] and "$(seq 890)" in command[2]
-    assert "lifecycle" not in templates["head"]["spec"]["containers"][0]
+    # Head: the preStop hook stops the driver after its step (grace period less 10 s), and `ray job stop` waits
+    # the grace period before SIGKILL; workers run no driver, so neither is set there.
+    head = templates["head"]["spec"]["containers"][0]
+    assert head["lifecycle"]["preStop"]["exec"]["command"] == [
+        "python", "-m", "rlhf_jobs.preemption", "--wait", "890"]
+    assert {"name": "RAY_JOB_STOP_WAIT_TIME_S", "value": "900"} in head["env"]
+    worker_env = {e["name"] for e in templates["worker"]["spec"]["containers"][0]["env"]}
+    assert "RAY_JOB_STOP_WAIT_TIME_S" not in worker_env
     assert not crd_errors(one(objects, "RayJob"))
-    default = pod_templates(one(render("rlhf-ppo"), "RayJob"))["worker"]["spec"]
-    assert default["terminationGracePeriodSeconds"] == DEFAULTS["preemption"]["terminationGracePeriodSeconds"] > 30
+    defaults = pod_templates(one(render("rlhf-ppo"), "RayJob"))
+    default = defaults["worker"]["spec"]
+    grace = DEFAULTS["preemption"]["terminationGracePeriodSeconds"]
+    assert default["terminationGracePeriodSeconds"] == grace > 30
+    head = defaults["head"]["spec"]["containers"][0]
+    assert head["lifecycle"]["preStop"]["exec"]["command"][-2:] == ["--wait", str(grace - 10)]
+    assert {"name": "RAY_JOB_STOP_WAIT_TIME_S", "value": str(grace)} in head["env"]
     off = pod_templates(one(render("rlhf-ppo", sets=("preemption.drainOnStop=false",)), "RayJob"))["worker"]
     assert "lifecycle" not in off["spec"]["containers"][0]
+    off = pod_templates(one(render("rlhf-ppo", sets=("preemption.stopDriverOnStop=false",)), "RayJob"))["head"]
+    assert "lifecycle" not in off["spec"]["containers"][0]
+    assert {"name": "RAY_JOB_STOP_WAIT_TIME_S", "value": str(grace)} in off["spec"]["containers"][0]["env"]
+    # The user's `env` comes later, so it may override the wait (Kubernetes keeps the last of a name).
+    head_env = pod_templates(one(render("rlhf-ppo", sets=("env[0].name=RAY_JOB_STOP_WAIT_TIME_S", "env[0].value=60")),
+                                 "RayJob"))["head"]["spec"]["containers"][0]["env"]
+    assert [e["value"] for e in head_env if e["name"] == "RAY_JOB_STOP_WAIT_TIME_S"][-1] == "60"
     assert "minimum: got 10, want 30" in render_error("rlhf-ppo", sets=("preemption.terminationGracePeriodSeconds=10",))
+
+
+def test_head_pre_stop_is_the_preemption_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head's preStop command is `python -m rlhf_jobs.preemption` with arguments its parser takes: with no driver
+    registered in the pod (a finished job's cluster) it returns 0 at once."""
+    import time
+
+    from rlhf_jobs import preemption
+
+    command = pod_templates(one(render("rlhf-sft"), "RayJob"))["head"]["spec"]["containers"][0]["lifecycle"]
+    argv = command["preStop"]["exec"]["command"]
+    assert argv[:3] == ["python", "-m", preemption.__name__]
+    monkeypatch.setenv(preemption.PID_DIR_ENV, str(tmp_path))
+    started = time.monotonic()
+    assert preemption.main(argv[3:]) == 0
+    assert time.monotonic() - started < 5
 
 
 def test_drain_on_stop_script_is_valid_bash(tmp_path: Path) -> None:
@@ -1186,10 +1225,10 @@ def test_storage_check_gives_no_verdict_where_the_pods_may_share_the_volume(
 
 def test_fsdp_on_object_storage_with_a_cache_volume(tmp_path: Path, crd_file: Path) -> None:
     """helm/README's recipe: storage.remote (each pod uploads its shards from a local mirror) and the mirror and model
-    cache ($RLHF_JOBS_CACHE_DIR) on an emptyDir rather than the container's writable layer."""
+    cache ($RLHF_JOBS_CACHE_DIR) on a size-limited emptyDir rather than the container's writable layer."""
     recipe = CHART / "README.md"
-    block = recipe.read_text().split("  ```yaml\n  env:\n", 1)[1].split("  ```\n", 1)[0]
-    values = yaml.safe_load("env:\n" + "\n".join(line.removeprefix("  ") for line in block.splitlines()))
+    block = recipe.read_text().split("  ```yaml\n  cache:\n", 1)[1].split("  ```\n", 1)[0]
+    values = yaml.safe_load("cache:\n" + "\n".join(line.removeprefix("  ") for line in block.splitlines()))
     values["storage"] = {"remote": "s3://bucket/rlhf", "credentialsSecret": "rlhf-s3"}
     objects = render("rlhf-ppo", (FSDP_SCENARIO, _values_file(tmp_path, "cache", values)))
     assert "PersistentVolumeClaim" not in by_kind(objects)
@@ -1201,3 +1240,37 @@ def test_fsdp_on_object_storage_with_a_cache_volume(tmp_path: Path, crd_file: Pa
     assert {"name": "RLHF_JOBS_CACHE_DIR", "value": cache["mountPath"]} in container["env"]
     assert next(v for v in worker["volumes"] if v["name"] == "cache")["emptyDir"]["sizeLimit"]
     assert not crd_errors(rayjob)
+
+
+# ---- chart follow-ups to issue 16: the head's preStop and stop wait, the cache volume ----------------------------
+
+
+def test_cache_volume_values(crd_file: Path) -> None:
+    """$RLHF_JOBS_CACHE_DIR (storage.py's mirror and model cache) is an emptyDir mounted in the head and worker pods,
+    never in the submitter; it can be moved, size-limited or turned off."""
+    objects = render("rlhf-rm", sets=("cache.mountPath=/scratch/rlhf", "cache.sizeLimit=50Gi",
+                                      "job.submissionMode=K8sJobMode"))
+    rayjob = one(objects, "RayJob")
+    templates = pod_templates(rayjob)
+    for group in ("head", "worker"):
+        spec = templates[group]["spec"]
+        (container,) = spec["containers"]
+        assert {"name": "cache", "mountPath": "/scratch/rlhf"} in container["volumeMounts"], group
+        assert {"name": "cache", "emptyDir": {"sizeLimit": "50Gi"}} in spec["volumes"], group
+        assert {"name": "RLHF_JOBS_CACHE_DIR", "value": "/scratch/rlhf"} in container["env"], group
+    submitter = templates["submitter"]["spec"]
+    assert "volumes" not in submitter and "RLHF_JOBS_CACHE_DIR" not in dumps(submitter)
+    assert not crd_errors(rayjob)
+    default = pod_templates(one(render("rlhf-rm"), "RayJob"))["worker"]["spec"]
+    assert {"name": "cache", "emptyDir": {}} in default["volumes"]  # no size limit unless asked
+    off = one(render("rlhf-rm", sets=("cache.enabled=false",)), "RayJob")
+    assert "RLHF_JOBS_CACHE_DIR" not in dumps(off) and "cache" not in dumps(off)
+    assert not crd_errors(off)
+    # The recipe this replaces (extraVolumes + extraVolumeMounts named `cache`) would make a duplicate volume, which
+    # the API server rejects only when KubeRay creates the pods: refused at install time instead.
+    assert "name a volume `cache`" in render_error("rlhf-rm", sets=("extraVolumes[0].name=cache",
+                                                                      "extraVolumes[0].emptyDir.sizeLimit=1Gi"))
+    one(render("rlhf-rm", sets=("cache.enabled=false", "extraVolumes[0].name=cache",
+                                "extraVolumes[0].emptyDir.sizeLimit=1Gi")), "RayJob")
+    assert "at '/cache/sizeLimit'" in render_error("rlhf-rm", sets=("cache.sizeLimit=lots",))
+    assert "at '/cache/mountPath'" in render_error("rlhf-rm", sets=("cache.mountPath=relative",))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -133,6 +134,19 @@ def test_image_has_the_lora_extra(image: str) -> None:
         name, version = requirement.split("==")
         out = run_in(image, f"python -c 'import importlib.metadata as m; print(m.version(\"{name}\"))'")
         assert out.strip() == version, requirement
+
+
+def test_image_has_the_tracker_clients(image: str) -> None:
+    """Training.report_to: mlflow / wandb need their clients: the image installs pyproject's `mlflow` and `wandb`
+    extras, at versions their requirements allow, and both import."""
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    requirements = [*extras["mlflow"], *extras["wandb"]]
+    script = ("import importlib.metadata as m, sys; from packaging.requirements import Requirement; "
+              "import mlflow, wandb; "
+              "bad = [r for r in map(Requirement, sys.argv[1:]) if not r.specifier.contains(m.version(r.name))]; "
+              "print('bad', bad)")
+    out = run_in(image, shlex.join(["python", "-c", script, *requirements]))
+    assert out.strip().endswith("bad []"), out
 
 
 def test_entrypoints_and_pinned_stack(image: str) -> None:

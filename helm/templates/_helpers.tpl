@@ -313,7 +313,7 @@ Head rayStartParams: the dashboard on all interfaces; no CPUs/GPUs for Ray tasks
 {{- end }}
 
 {{/*
-Volumes shared by the head, worker and submitter pods: the checkpoint PVC, the config, /dev/shm.
+Volumes of the head and worker pods: the checkpoint PVC, the config, /dev/shm, the cache ($RLHF_JOBS_CACHE_DIR).
 */}}
 {{- define "rlhf-jobs.volumes" -}}
 {{- if include "rlhf-jobs.usePVC" . }}
@@ -330,6 +330,14 @@ Volumes shared by the head, worker and submitter pods: the checkpoint PVC, the c
     medium: Memory
     {{- with .Values.shm.sizeLimit }}
     sizeLimit: {{ . }}
+    {{- end }}
+{{- end }}
+{{- if .Values.cache.enabled }}
+- name: cache
+  emptyDir:
+    {{- with .Values.cache.sizeLimit }}
+    sizeLimit: {{ . }}
+    {{- else }} {}
     {{- end }}
 {{- end }}
 {{- with .Values.extraVolumes }}
@@ -349,6 +357,10 @@ Volumes shared by the head, worker and submitter pods: the checkpoint PVC, the c
 - name: dshm
   mountPath: /dev/shm
 {{- end }}
+{{- if .Values.cache.enabled }}
+- name: cache
+  mountPath: {{ .Values.cache.mountPath }}
+{{- end }}
 {{- with .Values.extraVolumeMounts }}
 {{ toYaml . }}
 {{- end }}
@@ -364,6 +376,10 @@ Environment of the Ray containers; `--set env[0].value=1` gives a number, Kubern
   value: {{ .Values.run | quote }}
 - name: RLHF_JOBS_RUN_DIR
   value: {{ include "rlhf-jobs.runDir" . | quote }}
+{{- if .Values.cache.enabled }}
+- name: RLHF_JOBS_CACHE_DIR
+  value: {{ .Values.cache.mountPath | quote }}
+{{- end }}
 {{- range $name, $value := dict "AWS_ENDPOINT_URL" .Values.storage.endpointURL "AWS_REGION" .Values.storage.region "MLFLOW_TRACKING_URI" .Values.tracking.mlflow.trackingURI "MLFLOW_EXPERIMENT_NAME" .Values.tracking.mlflow.experimentName "WANDB_PROJECT" .Values.tracking.wandb.project "WANDB_ENTITY" .Values.tracking.wandb.entity "WANDB_MODE" .Values.tracking.wandb.mode }}
 {{- if $value }}
 - name: {{ $name }}
@@ -434,13 +450,20 @@ then the user's `envFrom`.
 {{- end }}
 
 {{/*
+Seconds a preStop hook may wait for training to stop: the grace period less 10 s, left for Ray to shut down.
+*/}}
+{{- define "rlhf-jobs.preStopWait" -}}
+{{- max 0 (sub (int .Values.preemption.terminationGracePeriodSeconds) 10) }}
+{{- end }}
+
+{{/*
 Worker preStop: drain this pod's Ray node (Ray Train's preemption watcher sees it and the training loop can
 finish its step and checkpoint), then wait while training workers still run here, at most the grace period
 less 10 s. Returns at once when no training runs (a finished job's cluster is deleted without delay).
 */}}
 {{- define "rlhf-jobs.drainOnStop" -}}
 {{- $grace := int .Values.preemption.terminationGracePeriodSeconds }}
-{{- $wait := max 0 (sub $grace 10) -}}
+{{- $wait := include "rlhf-jobs.preStopWait" . -}}
 ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --reason-message "pod $HOSTNAME is terminating" --deadline-remaining-seconds {{ $grace }} >/dev/null 2>&1 || true; for _ in $(seq {{ $wait }}); do pgrep -f "[R]ayTrainWorker" >/dev/null || exit 0; sleep 1; done
 {{- end }}
 
