@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 from conftest import REPO, local_config, write_config
 
-from rlhf_jobs import preemption
+from rlhf_jobs import launcher, preemption
 
 
 def train_steps(metrics: Path) -> list[int]:
@@ -90,18 +91,21 @@ def test_sigterm_mid_epoch_stops_after_the_step_and_the_rerun_continues_there(ti
 
 
 @pytest.mark.slow
-def test_a_drained_node_stops_the_run_after_its_step_and_it_continues_on_another_node(tiny_model: Path,
-                                                                                       tmp_path: Path) -> None:
+def test_a_drained_node_stops_the_run_after_its_step_and_it_continues_on_another_node(
+        tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What a worker pod's preStop does (`ray drain-node`, reason preemption) on a real 3-node Ray cluster:
     the run stops after the step in progress with a checkpoint, and the driver, not told to go, starts it
     again on a replacement node (as KubeRay would add), from that step."""
     from ray._raylet import GcsClient
     from ray.cluster_utils import Cluster
     from ray.core.generated import autoscaler_pb2
-    from ray.experimental import internal_kv
-
-    # Cluster.shutdown resets this process's internal-KV client: keep the in-process Ray of earlier tests usable.
-    kv_client = internal_kv.internal_kv_get_gcs_client()
+    # One Ray per machine, as on a real node: Cluster.shutdown resets this process's KV client under an
+    # in-process Ray left by earlier tests (the next in-process run starts a new one), and the cluster's
+    # raylets, started from this process, must not inherit the in-process settings (no preemption watcher).
+    if ray.is_initialized():
+        ray.shutdown()
+    for name in (*launcher.LOCAL_RAY_ENV, launcher.LOCAL_RAY_MARKER):
+        monkeypatch.delenv(name, raising=False)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     try:
         doomed = cluster.add_node(num_cpus=1)
@@ -136,5 +140,3 @@ def test_a_drained_node_stops_the_run_after_its_step_and_it_continues_on_another
         print(f"drain after step {drained_after}: stopped after step {stopped_at}, continued on the new node")
     finally:
         cluster.shutdown()
-        if kv_client is not None:
-            internal_kv._initialize_internal_kv(kv_client)

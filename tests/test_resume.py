@@ -125,7 +125,9 @@ def test_fsdp_follows_the_ddp_loss_curve(stage: str, tiny_model: Path, sft_check
         assert fsdp[step]["loss"] == pytest.approx(ddp[step]["loss"], rel=SHARDING_TOLERANCE), step
     ddp_eval, fsdp_eval = records(tmp_path / "ddp" / "out", "eval"), records(tmp_path / "fsdp" / "out", "eval")
     assert fsdp_eval[6]["eval_loss"] == pytest.approx(ddp_eval[6]["eval_loss"], rel=SHARDING_TOLERANCE)
-    assert_same_weights(tmp_path / "fsdp" / "model", tmp_path / "ddp" / "model", rtol=1e-3, atol=1e-5)
+    # atol 1e-4: Adam turns rounding-level gradient differences (DDP uses the fused AdamW kernel, FSDP's DTensors
+    # the foreach one) into steps of up to lr on weights whose gradients are near zero (biases: seen 2.3e-5)
+    assert_same_weights(tmp_path / "fsdp" / "model", tmp_path / "ddp" / "model", rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
