@@ -48,7 +48,7 @@ def logged_steps(output_dir: Path) -> list[int]:
 
 
 def train_command(config: Path) -> list[str]:
-    return [sys.executable, "-m", "rlhf_jobs.cli", "train", "sft", "--config", str(config)]
+    return [sys.executable, "-m", "rlhf_jobs.cli", "train", "sft", "--config_path", str(config)]
 
 
 def wait_for_step(process: subprocess.Popen, output_dir: Path, step: int, timeout: float = 600) -> None:
