@@ -404,12 +404,12 @@ def load_models(config: StageConfig, worker: Worker, reward_stats: dict[str, flo
     policy_path = general.model_pretrain or general.model_name
     rm_path = general.rm_pretrain or general.rm_name
     trust, lora = general.trust_remote_code, training.lora
-    frozen_dtype = sharding.compute_dtype(training) or torch.float32
+    frozen_dtype, trained_dtype = sharding.frozen_dtype(training), sharding.load_dtype(training)
     tokenizer = load_tokenizer(policy_path, trust, padding_side="left")
     rm_tokenizer = load_tokenizer(rm_path, trust, padding_side="right")
     rm_tokenizer.truncation_side = "left"
 
-    policy = load_causal_lm(policy_path, tokenizer, trust, dropout=False, dtype=sharding.load_dtype(training))
+    policy = load_causal_lm(policy_path, tokenizer, trust, dropout=False, dtype=trained_dtype)
     reference = None
     if lora:
         policy = add_lora(policy, lora, "CAUSAL_LM")
@@ -419,7 +419,7 @@ def load_models(config: StageConfig, worker: Worker, reward_stats: dict[str, flo
     # head then starts as the normalised score), else from the policy's backbone with a fresh value head.
     same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
     classifier = load_reward_model(rm_path if same_vocab else policy_path, tokenizer, trust, dropout=False,
-                                   dtype=sharding.load_dtype(training))
+                                   dtype=trained_dtype)
     critic = Critic.from_classifier(classifier, reward_stats if same_vocab else None)
     if lora:  # the transformer gets adapters; the score head stays the reward model's
         critic.classifier = add_lora(classifier, lora, "FEATURE_EXTRACTION", exclude=("score", "classifier"))

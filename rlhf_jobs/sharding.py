@@ -29,10 +29,15 @@ def compute_dtype(training: TrainingBase) -> torch.dtype | None:
     return COMPUTE_DTYPES[training.mixed_precision]
 
 
+def frozen_dtype(training: TrainingBase) -> torch.dtype:
+    """The dtype of weights that never train: the compute dtype under mixed precision, else fp32."""
+    return compute_dtype(training) or torch.float32
+
+
 def load_dtype(training: TrainingBase) -> torch.dtype:
     """The dtype to load a model that will train in: fp32 masters, except under LoRA, whose base weights
     are frozen and may stay in the compute dtype (the adapters are fp32 either way, see `add_lora`)."""
-    return (compute_dtype(training) or torch.float32) if training.lora else torch.float32
+    return frozen_dtype(training) if training.lora else torch.float32
 
 
 def hf_model(model: torch.nn.Module) -> Any:

@@ -222,10 +222,15 @@ def ray_cluster(image: str) -> Iterator[dict[str, Any]]:
                  "two 1-CPU workers to join", names["head"])
         yield names
     finally:
-        containers = [names["head"], *names["workers"]]
-        subprocess.run(["docker", "rm", "--force", "--volumes", *containers], capture_output=True, check=False)
-        subprocess.run(["docker", "network", "rm", names["network"]], capture_output=True, check=False)
-        subprocess.run(["docker", "volume", "rm", "--force", names["volume"]], capture_output=True, check=False)
+        remove_cluster(names)
+
+
+def remove_cluster(names: dict[str, Any]) -> None:
+    """Remove a container cluster's head, workers, network and volume (whatever of them exists)."""
+    containers = [names["head"], *names["workers"]]
+    subprocess.run(["docker", "rm", "--force", "--volumes", *containers], capture_output=True, check=False)
+    subprocess.run(["docker", "network", "rm", names["network"]], capture_output=True, check=False)
+    subprocess.run(["docker", "volume", "rm", "--force", names["volume"]], capture_output=True, check=False)
 
 
 def wait_for(ready: Callable[[], bool], what: str, container: str, timeout: float = 120) -> None:
@@ -431,10 +436,7 @@ def limited_cluster(image: str) -> Iterator[dict[str, Any]]:
                  "two 1-CPU workers to join", names["head"], timeout=300)
         yield names
     finally:
-        containers = [names["head"], *names["workers"]]
-        subprocess.run(["docker", "rm", "--force", "--volumes", *containers], capture_output=True, check=False)
-        subprocess.run(["docker", "network", "rm", names["network"]], capture_output=True, check=False)
-        subprocess.run(["docker", "volume", "rm", "--force", names["volume"]], capture_output=True, check=False)
+        remove_cluster(names)
 
 
 def test_three_stages_fit_the_kind_memory_limits(image: str, limited_cluster: dict[str, Any]) -> None:
