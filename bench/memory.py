@@ -46,13 +46,14 @@ VARIANTS: dict[str, tuple[int, dict[str, Any]]] = {
     "full+bf16": (1, {"mixed_precision": "bf16", "gradient_checkpointing": True}),
     "lora+bf16": (1, {"lora": {"r": 16}, "mixed_precision": "bf16", "gradient_checkpointing": True}),
     "ddp": (2, {}),  # full copies on each of 2 workers: what FSDP is compared with (issue 14)
+    "ddp+bf16": (2, {"mixed_precision": "bf16", "gradient_checkpointing": True}),
     "fsdp": (2, {"strategy": "fsdp"}),
     "fsdp+bf16": (2, {"strategy": "fsdp", "mixed_precision": "bf16", "gradient_checkpointing": True}),
     "lora+fsdp": (2, {"lora": {"r": 16}, "strategy": "fsdp"}),
 }
 DEFAULT_VARIANTS = ("full", "lora", "fsdp")
 # What a variant's peak is divided by in the table (same knobs, everything trained, one copy per worker).
-BASELINE = {"lora+gc": "full+gc", "lora+bf16": "full+bf16", "fsdp": "ddp", "fsdp+bf16": "ddp", "lora+fsdp": "ddp"}
+BASELINE = {"lora+gc": "full+gc", "lora+bf16": "full+bf16", "fsdp": "ddp", "fsdp+bf16": "ddp+bf16", "lora+fsdp": "ddp"}
 TRAIN_WORKER = "ray::RayTrainWorker"
 
 

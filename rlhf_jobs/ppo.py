@@ -409,12 +409,16 @@ def load_models(config: StageConfig, worker: Worker, reward_stats: dict[str, flo
     rm_tokenizer = load_tokenizer(rm_path, trust, padding_side="right")
     rm_tokenizer.truncation_side = "left"
 
+    # Each model is distributed as soon as it is loaded: under FSDP a worker then never holds more than one
+    # full model besides the shards of those before it (loading all four first peaked at four full copies).
     policy = load_causal_lm(policy_path, tokenizer, trust, dropout=False, dtype=trained_dtype)
-    reference = None
     if lora:
         policy = add_lora(policy, lora, "CAUSAL_LM")
-    else:
+    policy = sharding.prepare(policy, training, worker)
+    reference = None
+    if not lora:
         reference = frozen(load_causal_lm(policy_path, tokenizer, trust, dropout=False, dtype=frozen_dtype))
+        reference = sharding.prepare(reference, training, worker, trainable=False)
     # The critic reads the policy's tokens: it starts from the RM when they share a vocabulary (its value
     # head then starts as the normalised score), else from the policy's backbone with a fresh value head.
     same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
@@ -423,15 +427,13 @@ def load_models(config: StageConfig, worker: Worker, reward_stats: dict[str, flo
     critic = Critic.from_classifier(classifier, reward_stats if same_vocab else None)
     if lora:  # the transformer gets adapters; the score head stays the reward model's
         critic.classifier = add_lora(classifier, lora, "FEATURE_EXTRACTION", exclude=("score", "classifier"))
+    critic = sharding.prepare(critic, training, worker)
     reward_model = None
     if not (lora and same_vocab):
         reward_model = frozen(load_reward_model(rm_path, rm_tokenizer, trust, dropout=False, dtype=frozen_dtype))
+        reward_model = sharding.prepare(reward_model, training, worker, trainable=False)
     return PPOModels(
-        policy=sharding.prepare(policy, training, worker),
-        critic=sharding.prepare(critic, training, worker),
-        reference=sharding.prepare(reference, training, worker, trainable=False) if reference is not None else None,
-        reward_model=sharding.prepare(reward_model, training, worker, trainable=False)
-        if reward_model is not None else None,
+        policy=policy, critic=critic, reference=reference, reward_model=reward_model,
         tokenizer=tokenizer, rm_tokenizer=rm_tokenizer,
     )
 

@@ -38,3 +38,32 @@ def test_an_in_process_ray_starts_no_cluster_helpers(monkeypatch: pytest.MonkeyP
     assert isinstance(policy, FixedScalingPolicy) and type(policy) is not FixedScalingPolicy
     policy.after_controller_start(None)  # no AutoscalingCoordinator actor is created
     assert policy._coordinator_client is None
+
+
+def test_sharded_cpu_workers_return_freed_memory_to_the_system(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FSDP on CPU: glibc's fixed mmap threshold, so the full weights freed after sharding leave the process;
+    nothing for DDP or GPUs, and a value the user set is kept."""
+    from rlhf_jobs.config import SupervisedTraining
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    fsdp = SupervisedTraining(strategy="fsdp", num_training_workers=2)
+    assert launcher.worker_env(fsdp) == {"MALLOC_MMAP_THRESHOLD_": "1048576"}
+    assert launcher.worker_env(SupervisedTraining(num_training_workers=2)) == {}
+    gpu = SupervisedTraining(strategy="fsdp", num_training_workers=2, resources_per_worker={"CPU": 1, "GPU": 1})
+    assert launcher.worker_env(gpu) == {}
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert launcher.worker_env(fsdp) == {}
+
+
+def test_ray_trains_controller_needs_no_torch() -> None:
+    """The backend config Ray Train unpickles in its controller process imports no torch (a fresh process
+    pays ~3 s for it on the critical path of every run's start); runs on 1 and 2 workers use it throughout."""
+    import subprocess
+    import sys
+
+    code = ("import pickle, sys; from rlhf_jobs.ray_backend import LazyTorchConfig; "
+            "data = pickle.dumps(LazyTorchConfig(backend='gloo')); "
+            "sys.modules.pop('rlhf_jobs.ray_backend'); config = pickle.loads(data); config.backend_cls; "
+            "print(config.backend, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["gloo", "False"]
