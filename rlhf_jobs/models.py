@@ -97,9 +97,24 @@ def _no_dropout(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+def _fused_activations(model: PreTrainedModel) -> PreTrainedModel:
+    """GPT-2's tanh-approximated GELU (`gelu_new`, `gelu_fast`), written as six element-wise operations
+    forward and more backward, as PyTorch's single fused `gelu(approximate="tanh")`: the same function
+    (transformers' `gelu_pytorch_tanh`; outputs equal to rounding, ~1e-7), a quarter of a tiny GPT-2's
+    training step on CPU. The config is left as it is, so a saved model is unchanged."""
+    from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
+
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) in (NewGELUActivation, FastGELUActivation):
+                setattr(module, name, GELUTanh())
+    return model
+
+
 def load_causal_lm(name: str, tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool = False,
                    dropout: bool = True, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    model = _from_pretrained(AutoModelForCausalLM, name, dtype, trust_remote_code=trust_remote_code)
+    model = _fused_activations(_from_pretrained(AutoModelForCausalLM, name, dtype,
+                                                trust_remote_code=trust_remote_code))
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -118,6 +133,7 @@ def load_reward_model(name: str, tokenizer: PreTrainedTokenizerBase, trust_remot
                                        trust_remote_code=trust_remote_code, output_loading_info=True)
     if adapter_base(storage.local_model(name)) is None:  # an adapter export brings its own head
         _report_loading(name, info or {})
+    model = _fused_activations(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model if dropout else _no_dropout(model)
 

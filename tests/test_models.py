@@ -185,3 +185,26 @@ def test_running_out_of_memory_is_one_line_with_advice(tiny_llama: Path, tmp_pat
     assert last.startswith("error: sft: the workers ran out of memory") and "Training.lora" in last
     assert "Training.strategy: fsdp" in last and "resumes from the last checkpoint" in last
     assert len(result.stderr.strip().splitlines()) < 15, result.stderr
+
+
+def test_gpt2_gelu_runs_fused_and_saves_unchanged(tiny_model: Path, tmp_path: Path) -> None:
+    """GPT-2's `gelu_new` runs as PyTorch's fused tanh GELU: the same outputs and gradients as transformers'
+    own module (to rounding), and a saved model keeps its config."""
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    ours = load_causal_lm(str(tiny_model), tokenizer)
+    stock = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert any(isinstance(m, GELUTanh) for m in ours.modules())
+    assert not any(isinstance(m, NewGELUActivation) for m in ours.modules())
+    assert any(isinstance(m, NewGELUActivation) for m in stock.modules())
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7]])
+    for model in (ours, stock):
+        model(input_ids=ids, labels=ids).loss.backward()
+    torch.testing.assert_close(ours(input_ids=ids).logits, stock(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    grads = {name: p.grad for name, p in stock.named_parameters()}
+    for name, parameter in ours.named_parameters():
+        torch.testing.assert_close(parameter.grad, grads[name], rtol=1e-4, atol=1e-6)
+    ours.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["activation_function"] == "gelu_new"
