@@ -199,7 +199,8 @@ def watch(spec: dict[str, Any], limit_gib: float) -> dict[str, Any]:
     lines = [line for line in output if line.startswith("RESULT ")]
     result: dict[str, Any] = {"sampled_gib": max(peaks.values(), default=0) / 2**20, "workers": len(peaks)}
     if over:
-        result["error"] = f"stopped: its processes held {over:.1f} GiB (> --limit-gib {limit_gib:g})"
+        result["error"] = (f"stopped: its processes held {over:.1f} GiB (> --limit-gib {limit_gib:g}), "
+                           f"{result['sampled_gib']:.2f} GiB per worker by then")
     elif child.returncode or not lines:
         tail = "".join(output[-30:])
         result["error"] = f"failed (exit {child.returncode})"

@@ -50,38 +50,34 @@ STAGES = ("sft", "rm", "ppo", "ray")  # "ray" runs at the tiny size only: a fixe
 # Why we are slower where we are, and what would close it: measured (see bench/README.md), not guessed.
 SLOWER_NOTES = {
     "SFT": (
-        "TRL 1.12's SFTTrainer defaults to `loss_type=\"chunked_nll\"`: it runs the LM head (128 × 2048 "
-        "weights here, more than one transformer block's 197k) only at the positions that have a label, a quarter "
-        "of the padded tokens in this data; ours computes the logits at every position, prompt and padding "
-        "included. The row with TRL's `loss_type=\"nll\"` (the same computation as ours) shows ours ahead "
-        "there. Measured in one process (Ray Train local mode, same batches, alternating): ours ~2.9-3.0k, "
-        "ours with the LM head on label positions only ~3.7-3.9k, TRL ~3.1k label tokens/s "
-        "(`bench/profile_sft_step.py` times the three losses per step). What closes it: in "
-        "`rlhf_jobs.sft.response_loss`, gather the backbone's hidden states at `labels != -100` and apply "
-        "the LM head there (inside the module that DDP wraps, so gradients still synchronise). "
-        "`use_cache=False` in the training forward alone measured 0-3%, within the noise."
+        "both sides run the LM head only at labelled positions (TRL 1.12's default `chunked_nll`; ours gathers "
+        "the hidden states at the labels inside the module DDP wraps); ours also packs sequences into rows without "
+        "padding (exact: checked against padded outputs at start) and runs GPT-2's tanh GELU as one fused op. "
+        "Where a row still shows ours slower, `bench/profile_sft_step.py` times the step's parts in one process."
     ),
     "Reward model": (
-        "both sides train the reward model with dropout off (TRL's `disable_dropout=True` default; ours "
-        "since 4ba7123). With dropout on, drawing the masks (`aten::bernoulli_`) was ~11% of a step's CPU "
-        "time on 1 thread and ours ran at 0.74 × TRL; `trl_side.rm(..., disable_dropout=False)` "
-        "reproduces that side. If this row shows ours slower, profile the step as bench/profile_sft_step.py "
-        "does for SFT."
+        "both sides train with dropout off (TRL's `disable_dropout=True` default). Ours packs chosen and "
+        "rejected sequences without padding and reads each sequence's last token; if this row shows ours "
+        "slower, profile the step as bench/profile_sft_step.py does for SFT."
     ),
     "PPO": (
-        "per iteration our rollout does one more policy forward than TRL (TRL takes the old log-probs from "
-        "`generate`'s scores) and re-tokenises the text for the reward model."
+        "about 70% of our iteration is the update, the policy's and the critic's forward and backward over prompt "
+        "and response (`bench/profile_ppo_step.py`): compute both sides do, ours with the LM head at response "
+        "positions only. Per iteration our rollout does one more policy forward than TRL (TRL takes the old "
+        "log-probs from `generate`'s logits, which at a large vocabulary costs memory ours does not spend) and "
+        "re-tokenises the text for the reward model, which is what lets the reward model have its own tokenizer."
     ),
     "Ray Train": (
-        "the fixed cost is start-up and tear-down, not the steps (the steady-state line is the same loop "
-        "on a worker and in-process): `ray.init` starts GCS, raylet and dashboard processes; then the "
-        "Train controller and the worker actor start as new processes that import torch, transformers and "
-        "ray.train (3.4-4 s for that import alone on this machine), reserve a placement group and load "
-        "the model; at the end the checkpoint is persisted to `output_dir` and the worker group torn down. "
-        "What closes it: one Ray session for all stages (the local pipeline runs SFT, RM and PPO in one "
-        "driver, so only the first stage pays `ray.init`), and for a 1-worker run on a laptop Ray Train V2's "
-        "local mode (`ScalingConfig(num_workers=0)`: our loop runs there unchanged), at the price of "
-        "resume from `output_dir` and failure restarts, which local mode does not do."
+        "the fixed cost is start-up and tear-down, not the steps (the steady-state line is the same loop on a "
+        "worker and in-process): `ray.init` starts GCS, raylet, dashboard and agent processes; then Ray Train's "
+        "controller starts as a new process (it no longer imports torch: `rlhf_jobs.ray_backend`), reserves the "
+        "placement group and starts the worker and a synchronisation actor, each a fresh process; the worker "
+        "imports torch and transformers (6-9 s on this machine's two cores, shared with the others starting), "
+        "sets up the process group and loads the model. Local mode pays none of these: one process, imports "
+        "done by the driver. What would close the rest: worker processes started with the imports done before "
+        "the run needs them (Ray's `preload_python_modules` only helps if Ray Train's actors could reuse them, "
+        "which their per-actor runtime environments prevent), or Ray Train's local mode for one-worker runs, at "
+        "the price of Ray's out-of-memory handling and failure restarts."
     ),
 }
 
