@@ -88,6 +88,14 @@ def train(config: StageConfig) -> float:
     return time.perf_counter() - start
 
 
+def drop_weights(config: StageConfig) -> None:
+    """A finished run's final model and checkpoints, once its metrics are read: at 300M each run holds
+    5-8 GB, and `make bench` makes nine of them at that size."""
+    output = Path(config.General.output_dir)
+    for path in (Path(config.General.checkpoint_dir), output / "checkpoints", output / "ray_train"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def supervised_rate(config: StageConfig, items: str) -> float:
     """Median `{items}_per_second` of the logging windows after the first (written by supervised.py)."""
     records = metrics_records(Path(config.General.output_dir))

@@ -117,7 +117,9 @@ def bench_supervised(stage: str, settings: Settings, model: Path, train_file: Pa
         run_dir = work / f"{stage}-{settings.size}-ours-{workers}w-{next(counter)}"
         config = make_config(settings, model, train_file, run_dir, workers)
         ours.train(config)
-        return ours.supervised_rate(config, items)
+        rate = ours.supervised_rate(config, items)
+        ours.drop_weights(config)
+        return rate
 
     trl_dir = work / f"{stage}-{settings.size}-trl"
     runs = [lambda: ours_run(1), lambda: trl_run(settings, model, train_file, trl_dir)]
@@ -156,7 +158,9 @@ def bench_ppo(settings: Settings, model: Path, work: Path, repeats: int) -> list
         run_dir = work / f"ppo-{settings.size}-ours-{workers}w-{next(counter)}"
         config = ours.ppo_config(settings, model, train_file, run_dir, workers)
         ours.train(config)
-        return ours.ppo_figures(config)
+        figures = ours.ppo_figures(config)
+        ours.drop_weights(config)
+        return figures
 
     trl_dir = work / f"ppo-{settings.size}-trl"
     ours_1, trl = alternate(repeats, lambda: ours_run(1), lambda: trl_side.ppo(settings, model, train_file, trl_dir))
