@@ -51,7 +51,7 @@ _started_here = False  # whether this process started the Ray it uses
 # stay in the process. A fixed 1 MiB threshold returns every freed tensor above it to the system.
 # Measured (bench/memory.py, 0.47B PPO, FSDP, 2 CPU workers): 9.6 GiB per worker while loading without it,
 # 4.6 GiB with it. Only where sharding is meant to save host memory (FSDP on CPU): each large allocation
-# then costs page faults, a few percent of a step. A value the user set wins.
+# then costs fresh pages from the kernel (its effect on step time was not measured). A value the user set wins.
 SHARDED_CPU_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 
