@@ -106,10 +106,13 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     logged = max((r.get("memory_peak_gib") or 0.0 for r in records), default=float("nan"))
     if spec["stage"] == "ppo":
         figures = ours.ppo_figures(config)
-        return {"logged_gib": logged, "rate": figures["seconds_per_iteration"], "unit": "s/iteration",
-                "rollout_tokens_per_second": figures["tokens_per_second"]}
-    items = "tokens" if spec["stage"] == "sft" else "pairs"
-    return {"logged_gib": logged, "rate": ours.supervised_rate(config, items), "unit": f"{items}/s"}
+        result = {"logged_gib": logged, "rate": figures["seconds_per_iteration"], "unit": "s/iteration",
+                  "rollout_tokens_per_second": figures["tokens_per_second"]}
+    else:
+        items = "tokens" if spec["stage"] == "sft" else "pairs"
+        result = {"logged_gib": logged, "rate": ours.supervised_rate(config, items), "unit": f"{items}/s"}
+    ours.drop_weights(config)  # as run_all.py: a 0.47B PPO run leaves several GB of models and checkpoints
+    return result
 
 
 def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
