@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import time
@@ -147,22 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_local_pipeline(args: argparse.Namespace) -> int:
     from rlhf_jobs.backends.local import LocalBackend
-    from rlhf_jobs.pipeline import PipelineOptions, parse_stages, run_pipeline
+    from rlhf_jobs.pipeline import PipelineOptions, parse_stages, resolve_configs, run_pipeline
     from rlhf_jobs.report import plot_curves, summary_table
 
     backend = LocalBackend(args.workdir)
-    base_model = args.base_model
-    if args.tiny_model:
-        from rlhf_jobs.tiny_model import build_tiny_model
-
-        base_model = str(backend.workdir / "tiny-model")
-        if not (backend.workdir / "tiny-model" / "config.json").is_file():
-            print(f"building the tiny model in {base_model}", flush=True)
-            build_tiny_model(base_model)
+    base_model = str(backend.workdir / "tiny-model") if args.tiny_model else args.base_model
     options = PipelineOptions(
         stages=parse_stages(args.stages), config_dir=args.config_dir, overrides=args.overrides,
         base_model=base_model, from_stage=args.from_stage,
     )
+    if args.tiny_model and not (backend.workdir / "tiny-model" / "config.json").is_file():
+        from rlhf_jobs.tiny_model import build_tiny_model
+
+        resolve_configs(backend, dataclasses.replace(options, check_models=False))  # bad input fails before the build
+        print(f"building the tiny model in {base_model}", flush=True)
+        build_tiny_model(base_model)
     started = time.time()
     record = run_pipeline(backend, options)
     output_dirs = {stage: backend.stage_paths(stage)[0] for stage in STAGES}

@@ -11,6 +11,7 @@ import ast
 import difflib
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -387,19 +388,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 class Origins:
     """Which argument a key path came from: a `--set` that set it (or a section above it), else the file."""
 
-    def __init__(self, source: str, overrides: list[str] | tuple[str, ...] = ()) -> None:
+    def __init__(self, source: str, overrides: Sequence[str] = (), shown: Sequence[str] | None = None) -> None:
+        """`shown[i]`: how to name `overrides[i]` (default `--set TEXT`), e.g. as typed on a pipeline's command line."""
         self.source = source
         self.overrides = []
-        for text in overrides:
+        labels = shown if shown is not None else [f"--set {text}" for text in overrides]
+        for text, label in zip(overrides, labels, strict=True):
             key, sep, _ = text.partition("=")
             if sep and key.strip():
-                self.overrides.append((tuple(key.strip().split(".")), text))
+                self.overrides.append((tuple(key.strip().split(".")), label))
 
     def of(self, loc: tuple[str, ...]) -> str:
         """`--set Training.epochs=x` when a --set wrote `loc`, else the config file."""
-        for keys, text in reversed(self.overrides):  # the last --set of a key wins
+        for keys, label in reversed(self.overrides):  # the last --set of a key wins
             if tuple(loc[: len(keys)]) == keys:
-                return f"--set {text}"
+                return label
         return self.source
 
     def __str__(self) -> str:

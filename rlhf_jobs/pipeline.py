@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from rlhf_jobs import stages as registry
 from rlhf_jobs.config import (
     ConfigError,
+    Origins,
     apply_overrides,
     check_data_paths,
     check_model_paths,
@@ -70,6 +71,7 @@ class PipelineOptions:
     base_model: str | None = None
     from_stage: str | None = None
     check_paths: bool = True
+    check_models: bool = True  # False: the base model is not there yet (--tiny-model builds it after this check)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -83,15 +85,27 @@ def parse_stages(text: str) -> list[str]:
 
 def split_overrides(overrides: Sequence[str], stage: str) -> list[str]:
     """`--set sft.Training.epochs=1` applies to sft only; `--set Training.epochs=1` to every stage."""
+    return [applied for applied, _ in stage_overrides(overrides, stage)]
+
+
+def stage_overrides(overrides: Sequence[str], stage: str) -> list[tuple[str, str]]:
+    """(what applies to `stage`'s config, the --set as typed) for every --set that reaches `stage`."""
     selected = []
     for text in overrides:
         head, _, rest = text.partition(".")
         if head in STAGES:
             if head == stage:
-                selected.append(rest)
+                selected.append((rest, text))
         else:
-            selected.append(text)
+            selected.append((text, text))
     return selected
+
+
+def stage_origins(config_file: Path, overrides: Sequence[str], stage: str) -> Origins:
+    """Blames a bad value on the --set as typed and the stage config it went into, else on that file."""
+    selected = stage_overrides(overrides, stage)
+    return Origins(str(config_file), [applied for applied, _ in selected],
+                   shown=[f"--set {typed} (for {config_file})" for _, typed in selected])
 
 
 def config_hash(config: dict[str, Any], upstream: Sequence[str]) -> str:
@@ -129,7 +143,7 @@ def resolve_configs(backend: Backend, options: PipelineOptions) -> dict[str, dic
             raise ConfigError(f"{_config_file(options.config_dir, stage)}: {err}") from None
         resolved[stage] = config
     for stage in options.stages:
-        source = str(_config_file(options.config_dir, stage))
+        source = stage_origins(_config_file(options.config_dir, stage), options.overrides, stage)
         config = validate_config(resolved[stage], stage, source=source, paths=False)
         if options.check_paths:
             # Every stage's data now; models only for the first stage (the others come from it).
@@ -138,7 +152,7 @@ def resolve_configs(backend: Backend, options: PipelineOptions) -> dict[str, dic
             read_records(config.Dataset.train_file, records)
             if config.Dataset.validation_file:
                 read_records(config.Dataset.validation_file, records)
-            if stage == options.stages[0]:
+            if stage == options.stages[0] and options.check_models:
                 check_model_paths(config, source)
     return resolved
 

@@ -110,11 +110,36 @@ def test_bad_data_of_a_later_stage_fails_before_anything_runs(tmp_path: Path, co
     assert backend.ran == [] and not (tmp_path / "run").exists()
 
 
-def test_bad_override_names_the_stage_config(tmp_path: Path, config_dir: Path) -> None:
-    expected = r"(?s)rm\.yaml.*Training\.epochz: unknown key; did you mean 'Training\.epochs'"
+def test_bad_override_names_the_set_and_the_stage_config(tmp_path: Path, config_dir: Path) -> None:
+    expected = (r"^--set rm\.Training\.epochz=2 \(for .*/rm\.yaml\): Training\.epochz: unknown key; "
+                r"did you mean 'Training\.epochs'")
+    backend = RecordingBackend(tmp_path / "run")
     with pytest.raises(ConfigError, match=expected):
+        run_pipeline(backend, PipelineOptions(config_dir=config_dir, overrides=["rm.Training.epochz=2"]))
+    assert backend.ran == []
+
+
+def test_bad_override_for_every_stage_names_the_first_stage_it_breaks(tmp_path: Path, config_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^--set Training\.epochs=zero \(for .*/sft\.yaml\): Training\.epochs"):
         run_pipeline(RecordingBackend(tmp_path / "run"), PipelineOptions(config_dir=config_dir,
-                                                                          overrides=["rm.Training.epochz=2"]))
+                                                                          overrides=["Training.epochs=zero"]))
+    missing = tmp_path / "nowhere.jsonl"
+    with pytest.raises(ConfigError, match=rf"^--set ppo\.Dataset\.train_file={missing} \(for .*/ppo\.yaml\): "
+                                          r"Dataset\.train_file: file not found"):
+        run_pipeline(RecordingBackend(tmp_path / "run"), PipelineOptions(
+            config_dir=config_dir, overrides=[f"ppo.Dataset.train_file={missing}"]))
+
+
+def test_a_bad_config_fails_before_the_tiny_model_is_built(tmp_path: Path, config_dir: Path) -> None:
+    workdir = tmp_path / "demo"
+    done = subprocess.run(
+        [sys.executable, "-m", "rlhf_jobs.cli", "pipeline", "--backend", "local", "--workdir", str(workdir),
+         "--config-dir", str(config_dir), "--tiny-model", "--set", "Training.epochz=1"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--set Training.epochz=1 (for " in done.stderr + done.stdout
+    assert not (workdir / "tiny-model").exists()
 
 
 @pytest.mark.slow
