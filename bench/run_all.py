@@ -77,10 +77,14 @@ SLOWER_NOTES = {
         "placement group and starts the worker and a synchronisation actor, each a fresh process; the worker "
         "imports torch and transformers (6-9 s on this machine's two cores, shared with the others starting), "
         "sets up the process group and loads the model. Local mode pays none of these: one process, imports "
-        "done by the driver. What would close the rest: worker processes started with the imports done before "
-        "the run needs them (Ray's `preload_python_modules` only helps if Ray Train's actors could reuse them, "
-        "which their per-actor runtime environments prevent), or Ray Train's local mode for one-worker runs, at "
-        "the price of Ray's out-of-memory handling and failure restarts."
+        "done by the driver. Counted with `ray_overhead.py --processes`: the processes Ray and Ray Train start "
+        "before our loop runs use about 20 CPU seconds (Ray's services ~6, controller ~3, synchronisation actor "
+        "~2.5, the worker's start and imports ~8): 10 s of both cores before the first step, the bar's whole +10 s. "
+        "Tried and not kept: idle workers started ahead (`RAY_prestart_worker_first_driver`) are not taken by "
+        "Ray Train's controller or workers even when no Ray Train variable makes their runtime environments "
+        "differ, so Ray's `preload_python_modules` cannot import torch ahead for them. What would close it: "
+        "Ray Train's local mode for one-worker runs (no worker processes, at the price of Ray's out-of-memory "
+        "handling and failure restarts), or more cores for the start-up processes to overlap."
     ),
 }
 
