@@ -87,6 +87,19 @@ def init_ray(training: TrainingBase) -> None:
     check_local_resources(training, ray.cluster_resources())
 
 
+def check_in_process(training: TrainingBase) -> None:
+    """`--in-process` runs the stage's one worker in this process (Ray Train's local mode); refuse what it cannot."""
+    if os.environ.get("RAY_ADDRESS"):
+        raise ConfigError(f"--in-process runs the stage in this process, but RAY_ADDRESS={os.environ['RAY_ADDRESS']} "
+                          "names a Ray cluster to run it on: unset RAY_ADDRESS or drop --in-process")
+    if training.num_training_workers != 1:
+        raise ConfigError("--in-process runs one worker, in this process: Training.num_training_workers must be 1 "
+                          f"(got {training.num_training_workers}); drop --in-process to use Ray Train workers")
+    if training.strategy == "fsdp":
+        raise ConfigError("--in-process runs one worker, and Training.strategy: fsdp shards a model over several; "
+                          "use Training.strategy: ddp (the default) or drop --in-process")
+
+
 def check_local_resources(training: TrainingBase, available: dict[str, float]) -> None:
     wanted = training.resources_per_worker.ray_resources()
     workers = training.num_training_workers
@@ -121,7 +134,7 @@ def _memory_failure(error: BaseException) -> bool:
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if any(word in f"{type(error).__name__}: {error}" for word in MEMORY_WORDS):
+        if isinstance(error, MemoryError) or any(word in f"{type(error).__name__}: {error}" for word in MEMORY_WORDS):
             return True
         error = error.__cause__ or error.__context__
     return False
@@ -179,7 +192,7 @@ def absolute_paths(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "General": general}
 
 
-def trainer_class() -> type:
+def trainer_class(in_process: bool = False) -> type:
     """Ray Train's `TorchTrainer`; on a Ray started in this process, without what only a shared cluster needs.
 
     Left out there (each is an actor process on the critical path of every run's start):
@@ -192,7 +205,7 @@ def trainer_class() -> type:
     """
     from ray.train.torch import TorchTrainer
 
-    if not _started_here:
+    if in_process or not _started_here:
         return TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
@@ -228,28 +241,34 @@ def run_trainer(
     data: dict[str, Any] | None = None,
     run_name: str = RUN_NAME,
     stop_at_step: int | None = None,
+    in_process: bool = False,
 ) -> Any:
     """Run `train_loop` on `num_training_workers` Ray Train workers; resume from `output_dir`.
 
     `data` (prepared on the driver) reaches every worker through Ray's object store, so
     only the driver needs to reach the data files. Raises `RunStopped` when the run ended early
     with a checkpoint, `OutOfMemory` when its workers were killed for memory.
+    `in_process`: the one worker is this process (Ray Train's local mode, `check_in_process`): no Ray
+    is started, the same loop runs here.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     training = config.Training
-    init_ray(training)
+    if in_process:
+        check_in_process(training)
+    else:
+        init_ray(training)
     identity.record(config)  # creates a local output_dir; records the run's identity there
     storage_path, storage_filesystem = storage.ray_storage(config.General.output_dir)
-    make_trainer = lambda: trainer_class()(  # noqa: E731  (one per attempt: a drained node's run starts again)
+    make_trainer = lambda: trainer_class(in_process)(  # noqa: E731  (one per attempt: a drained node's run restarts)
         train_loop,
         torch_config=LazyTorchConfig(),
         train_loop_config={"stage": config.stage, "config": absolute_paths(config.to_dict()), "data": data,
                            "stop_at_step": stop_at_step, "tracking": trackers.context()},
         scaling_config=ScalingConfig(
-            num_workers=training.num_training_workers,
+            num_workers=0 if in_process else training.num_training_workers,  # 0: Ray Train's local mode
             use_gpu=training.use_gpu,
-            resources_per_worker=training.resources_per_worker.ray_resources(),
+            resources_per_worker=None if in_process else training.resources_per_worker.ray_resources(),
         ),
         run_config=RunConfig(
             name=run_name,
@@ -260,7 +279,8 @@ def run_trainer(
             worker_runtime_env={"env_vars": worker_env(training)},
         ),
     )
-    with preemption.DriverGuard() as guard:  # SIGTERM: stop after the current step (preemption.py)
+    guard_type = preemption.InProcessGuard if in_process else preemption.DriverGuard
+    with guard_type() as guard:  # SIGTERM: stop after the current step (preemption.py)
         while True:
             try:
                 result = make_trainer().fit()

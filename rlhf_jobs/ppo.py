@@ -830,6 +830,7 @@ def save_final(config: StageConfig, models: PPOModels, marker: dict[str, Any], w
     progress(worker, STAGE, f"final policy written to {path}" + (f" (critic in {path}/critic)" if critic else ""))
 
 
-def train(config: StageConfig, stop_at_step: int | None = None) -> Any:
+def train(config: StageConfig, stop_at_step: int | None = None, in_process: bool = False) -> Any:
     """Driver: validate checkpoints and data (errors surface before Ray starts), then train."""
-    return launcher.run_trainer(config, train_loop, data=prepare(config), stop_at_step=stop_at_step)
+    return launcher.run_trainer(config, train_loop, data=prepare(config), stop_at_step=stop_at_step,
+                                in_process=in_process)

@@ -151,6 +151,36 @@ class DriverGuard:
         self._pid_file.unlink(missing_ok=True)
 
 
+class InProcessGuard:
+    """`DriverGuard` for a run whose one worker is this process (`rlhf-jobs train --in-process`): the loop
+    runs in the main thread, so SIGTERM marks this process's stop request directly (no Ray to tell)."""
+
+    def __init__(self) -> None:
+        self.signalled = False
+        self._previous: Any = None
+
+    def __enter__(self) -> InProcessGuard:
+        _worker.update(signalled=False, checked_at=float("-inf"))
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        if self.signalled:
+            raise SystemExit(128 + signum)
+        self.signalled = _worker["signalled"] = True
+        print("SIGTERM: training stops after the current step and writes a checkpoint "
+              "(send SIGTERM again to exit at once)", file=sys.stderr, flush=True)
+
+    def restart_after(self, stop_reason: str | None) -> bool:
+        return False  # no node of this run can be drained
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        _worker["signalled"] = False
+
+
 # ---- preStop hook --------------------------------------------------------------------------------
 
 

@@ -145,5 +145,5 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     return supervised.train_supervised(loop_config, RewardTask())
 
 
-def train(config: StageConfig, stop_at_step: int | None = None) -> Any:
-    return supervised.run(config, RewardTask(), train_loop, stop_at_step)
+def train(config: StageConfig, stop_at_step: int | None = None, in_process: bool = False) -> Any:
+    return supervised.run(config, RewardTask(), train_loop, stop_at_step, in_process)

@@ -144,5 +144,5 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     return supervised.train_supervised(loop_config, SFTTask())
 
 
-def train(config: StageConfig, stop_at_step: int | None = None) -> Any:
-    return supervised.run(config, SFTTask(), train_loop, stop_at_step)
+def train(config: StageConfig, stop_at_step: int | None = None, in_process: bool = False) -> Any:
+    return supervised.run(config, SFTTask(), train_loop, stop_at_step, in_process)

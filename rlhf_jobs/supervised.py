@@ -131,10 +131,11 @@ def prepare_examples(
     }
 
 
-def run(config: StageConfig, task: SupervisedTask, train_loop: Any, stop_at_step: int | None = None) -> Any:
+def run(config: StageConfig, task: SupervisedTask, train_loop: Any, stop_at_step: int | None = None,
+        in_process: bool = False) -> Any:
     """Driver: prepare the data (errors surface here, before Ray starts), then train."""
     data = task.prepare(config)
-    return launcher.run_trainer(config, train_loop, data=data, stop_at_step=stop_at_step)
+    return launcher.run_trainer(config, train_loop, data=data, stop_at_step=stop_at_step, in_process=in_process)
 
 
 # ---- worker -------------------------------------------------------------------------------------------

@@ -15,10 +15,13 @@ runs redo more steps than the checkpoint interval.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +69,15 @@ class ModelState:
                        optim_state_dict=state["optimizer"], options=self._options())
 
 
+@contextlib.contextmanager
+def _alone_is_fine() -> Iterator[None]:
+    """Without a process group (`rlhf-jobs train --in-process`) torch.distributed.checkpoint warns, at every
+    save and load, that it works in one process, which is what we want."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
+        yield
+
+
 def _barrier() -> None:
     if is_distributed():
         torch.distributed.barrier()
@@ -110,7 +122,8 @@ class TrainState:
             shutil.rmtree(path, ignore_errors=True)  # a partial one from a killed attempt
             path.mkdir(parents=True)
         _barrier()
-        dcp.save(tensors, checkpoint_id=str(path))
+        with _alone_is_fine():
+            dcp.save(tensors, checkpoint_id=str(path))
         if self.worker.is_main:
             torch.save(extra, path / EXTRA)
         _barrier()
@@ -137,5 +150,6 @@ class TrainState:
         path = self.latest()
         if path is None:
             return None
-        dcp.load(tensors, checkpoint_id=str(path))
+        with _alone_is_fine():
+            dcp.load(tensors, checkpoint_id=str(path))
         return torch.load(path / EXTRA, map_location="cpu", weights_only=False)

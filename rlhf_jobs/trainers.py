@@ -11,15 +11,20 @@ from rlhf_jobs.stages import get
 
 
 def train(config: StageConfig, stop_at_step: int | None = None, on_config_change: str = "refuse",
-          fresh: bool = False) -> Any:
+          fresh: bool = False, in_process: bool = False) -> Any:
     """Train a validated stage config, after the driver-side checks (nothing is written before they pass).
 
     `stop_at_step`: stop after that optimizer step (PPO: iteration) with a checkpoint, to continue later.
     `on_config_change`: what to do when output_dir holds a run with another config (see identity.py);
-    `fresh`: move this run's old output_dir and final model aside even with the same config.
+    `fresh`: move this run's old output_dir and final model aside even with the same config;
+    `in_process`: run the one worker in this process (`launcher.check_in_process`).
     Pre-flight, before Ray starts: object-storage locations usable, trackers installed, directories,
     final and input models (`preflight`), then the run's identity.
     """
+    if in_process:
+        from rlhf_jobs.launcher import check_in_process
+
+        check_in_process(config.Training)
     storage.check_config(config)
     trackers.check(config.Training.report_to)
     preflight.check(config)  # before importing torch: a bad path or an unreachable hub fails in seconds
@@ -27,4 +32,5 @@ def train(config: StageConfig, stop_at_step: int | None = None, on_config_change
 
     check_models(config)
     preflight.settle_identity(config, on_config_change, fresh)
-    return importlib.import_module(get(config.stage).trainer).train(config, stop_at_step=stop_at_step)
+    trainer = importlib.import_module(get(config.stage).trainer)
+    return trainer.train(config, stop_at_step=stop_at_step, in_process=in_process)

@@ -49,11 +49,13 @@ def setup_worker(loop_config: dict[str, Any]) -> tuple[StageConfig, Worker]:
 def _quiet_report_logs() -> None:
     """Ray Train V2 logs every `report` and checkpoint at INFO, which drowns the progress lines.
 
-    The report line comes from a logger named after its source file, hence the path lookup.
+    The report line comes from a logger named after its source file, hence the path lookup; in local mode
+    (`--in-process`) from train_fn_utils' logger.
     """
     import importlib.util
 
-    logging.getLogger("ray.train.v2._internal.execution.storage").setLevel(logging.WARNING)
+    for name in ("storage", "train_fn_utils"):
+        logging.getLogger(f"ray.train.v2._internal.execution.{name}").setLevel(logging.WARNING)
     spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
     if spec and spec.origin:
         logging.getLogger(spec.origin).setLevel(logging.WARNING)
