@@ -1,9 +1,9 @@
 """One SFT run of our loop, with Ray Train workers (`--mode ray`) or in Ray Train V2's local mode
-(`--mode local`: `ScalingConfig(num_workers=0)` runs the same train function in this process, no
-Ray started, no worker actor). run_all.py starts it in a fresh process per run, so Ray's start-up
-and shut-down are part of what `ray` measures. Prints one `RESULT {json}` line; with `--processes`
-also where the time goes: every process Ray starts for the run, when it appeared and the CPU
-seconds it used.
+(`--mode local`, what `rlhf-jobs train --in-process` does: `ScalingConfig(num_workers=0)` runs the
+same train function in this process, no Ray started, no worker actor). run_all.py starts it in a
+fresh process per run, so Ray's start-up and shut-down are part of what `ray` measures. Prints one
+`RESULT {json}` line; with `--processes` also where the time goes: every process Ray starts for the
+run, when it appeared and the CPU seconds it used.
 
     python bench/ray_overhead.py --mode ray --model runs/bench/model-tiny \\
         --train-file runs/bench/data/sft-tiny.jsonl --run-dir runs/bench/ray-overhead --steps 60 --processes
@@ -113,17 +113,9 @@ def run(mode: str, model: Path, train_file: Path, run_dir: Path, settings: Setti
         import ray
 
         ray.shutdown()
-    else:
-        from ray.train import RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
-
+    else:  # what `rlhf-jobs train --in-process` runs
         ray_ready = time.perf_counter()
-        TorchTrainer(
-            timed_loop,
-            train_loop_config={"stage": config.stage, "config": config.to_dict(), "data": data},
-            scaling_config=ScalingConfig(num_workers=0),
-            run_config=RunConfig(name=launcher.RUN_NAME, storage_path=str(Path(config.General.output_dir))),
-        ).fit()
+        launcher.run_trainer(config, timed_loop, data=data, in_process=True)
         fitted = time.perf_counter()
     end = time.perf_counter()
     if watcher:

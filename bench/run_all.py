@@ -82,9 +82,10 @@ SLOWER_NOTES = {
         "~2.5, the worker's start and imports ~8): 10 s of both cores before the first step, the bar's whole +10 s. "
         "Tried and not kept: idle workers started ahead (`RAY_prestart_worker_first_driver`) are not taken by "
         "Ray Train's controller or workers even when no Ray Train variable makes their runtime environments "
-        "differ, so Ray's `preload_python_modules` cannot import torch ahead for them. What would close it: "
-        "Ray Train's local mode for one-worker runs (no worker processes, at the price of Ray's out-of-memory "
-        "handling and failure restarts), or more cores for the start-up processes to overlap."
+        "differ, so Ray's `preload_python_modules` cannot import torch ahead for them. What avoids it: Ray Train's "
+        "local mode for one-worker runs, the `local mode` column here, offered as `rlhf-jobs train --in-process` "
+        "(no worker processes, at the price of Ray's out-of-memory handling and failure restarts), or more "
+        "cores for the start-up processes to overlap."
     ),
 }
 

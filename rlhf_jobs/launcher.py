@@ -98,6 +98,13 @@ def check_in_process(training: TrainingBase) -> None:
     if training.strategy == "fsdp":
         raise ConfigError("--in-process runs one worker, and Training.strategy: fsdp shards a model over several; "
                           "use Training.strategy: ddp (the default) or drop --in-process")
+    if training.use_gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--in-process: Training.resources_per_worker asks for a GPU (GPU: "
+                              f"{training.resources_per_worker.GPU:g}) but this process sees none "
+                              "(torch.cuda.is_available() is False); drop GPU or run where one is visible")
 
 
 def check_local_resources(training: TrainingBase, available: dict[str, float]) -> None:
@@ -264,7 +271,7 @@ def run_trainer(
         train_loop,
         torch_config=LazyTorchConfig(),
         train_loop_config={"stage": config.stage, "config": absolute_paths(config.to_dict()), "data": data,
-                           "stop_at_step": stop_at_step, "tracking": trackers.context()},
+                           "stop_at_step": stop_at_step, "tracking": trackers.context(), "in_process": in_process},
         scaling_config=ScalingConfig(
             num_workers=0 if in_process else training.num_training_workers,  # 0: Ray Train's local mode
             use_gpu=training.use_gpu,

@@ -42,7 +42,11 @@ def setup_worker(loop_config: dict[str, Any]) -> tuple[StageConfig, Worker]:
     if not training.use_gpu:
         torch.set_num_threads(max(1, int(training.resources_per_worker.CPU)))
     seed_everything(training.seed)
-    worker = Worker(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device())
+    if loop_config.get("in_process") and training.use_gpu:  # no Ray to assign one: the first visible GPU
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = ray.train.torch.get_device()
+    worker = Worker(context.get_world_rank(), context.get_world_size(), device)
     return config, worker
 
 

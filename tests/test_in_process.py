@@ -65,7 +65,8 @@ def test_in_process_ppo_stopped_and_resumed_matches_one_ray_worker(tiny_model: P
     ({"num_training_workers": 2}, r"--in-process runs one worker.*num_training_workers must be 1 \(got 2\)"),
     ({"strategy": "fsdp"}, r"--in-process runs one worker, and Training\.strategy: fsdp"),
     ({"RAY_ADDRESS": "ray://head:10001"}, r"RAY_ADDRESS=ray://head:10001 names a Ray cluster"),
-], ids=["two-workers", "fsdp", "cluster"])
+    ({"resources_per_worker": {"CPU": 1, "GPU": 1}}, r"asks for a GPU .* but this process sees none"),
+], ids=["two-workers", "fsdp", "cluster", "no-gpu"])
 def test_in_process_refuses_what_it_cannot_run_before_writing_anything(
         change: dict, expected: str, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
