@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--base-model", help="start SFT/RM/PPO from this model instead of the configs' one")
     local.add_argument("--tiny-model", action="store_true",
                        help="build the tiny model into WORKDIR/tiny-model (once) and use it as --base-model")
+    local.add_argument("--in-process", action="store_true",
+                       help="run each stage's one worker in this process, as `train --in-process` does (every stage "
+                            "needs Training.num_training_workers 1)")
     cluster = pipeline.add_argument_group("kuberay backend")
     cluster.add_argument("--namespace", default="rlhf", help="Kubernetes namespace (default: rlhf)")
     cluster.add_argument("--run", default="default", help="pipeline run name; checkpoints go to <pvc>/<run>/")
@@ -155,7 +158,7 @@ def run_local_pipeline(args: argparse.Namespace) -> int:
     from rlhf_jobs.pipeline import PipelineOptions, parse_stages, resolve_configs, run_pipeline
     from rlhf_jobs.report import plot_curves, summary_table
 
-    backend = LocalBackend(args.workdir)
+    backend = LocalBackend(args.workdir, in_process=args.in_process)
     base_model = str(backend.workdir / "tiny-model") if args.tiny_model else args.base_model
     options = PipelineOptions(
         stages=parse_stages(args.stages), config_dir=args.config_dir, overrides=args.overrides,
@@ -346,7 +349,12 @@ def run(args: argparse.Namespace) -> int:
         print(generate.table(samples))
         print(f"written: {generate.write_jsonl(samples, args.output)}")
     elif args.command == "pipeline":
-        return run_local_pipeline(args) if args.backend == "local" else run_kuberay_pipeline(args)
+        if args.backend == "local":
+            return run_local_pipeline(args)
+        if args.in_process:
+            print("error: --in-process runs the stages in this process: it is for --backend local", file=sys.stderr)
+            return 2
+        return run_kuberay_pipeline(args)
     elif args.command == "status":
         return local_status(args.workdir) if args.workdir else show_status(args)
     elif args.command == "delete":

@@ -215,3 +215,27 @@ def test_local_status_shows_the_record(tmp_path: Path, config_dir: Path, capsys)
     assert sft[:2] == ["sft", "succeeded"] and record["stages"]["sft"]["config_hash"] in sft
     assert rm[:2] == ["rm", "failed"] and str((tmp_path / "run" / "rm").resolve()) in rm
     assert lines[-1] == "rm: RuntimeError: rm crashed"
+
+
+def test_in_process_pipeline_refuses_a_stage_it_cannot_run_before_any_runs(tmp_path: Path, config_dir: Path) -> None:
+    backend = RecordingBackend(tmp_path / "run")
+    backend.in_process = True
+    with pytest.raises(ConfigError, match=r"^ppo stage: --in-process runs one worker.*must be 1 \(got 2\)"):
+        run_pipeline(backend, PipelineOptions(config_dir=config_dir, overrides=["ppo.Training.num_training_workers=2"]))
+    assert backend.ran == []
+
+
+@pytest.mark.slow
+def test_in_process_pipeline_runs_every_stage_without_ray(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    command = [sys.executable, "-m", "rlhf_jobs.cli", "pipeline", "--backend", "local", "--workdir", str(workdir),
+               "--tiny-model", "--in-process", "--set", "Training.num_training_workers=1",
+               "--set", "sft.Training.epochs=1", "--set", "rm.Training.epochs=1",
+               "--set", "ppo.Training.training_iteration=2"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads((workdir / "pipeline.json").read_text())
+    assert {stage: entry["status"] for stage, entry in record["stages"].items()} == {
+        "sft": "succeeded", "rm": "succeeded", "ppo": "succeeded"}
+    assert "RayTrainWorker" not in done.stdout + done.stderr, "no Ray worker started"
+    assert (workdir / "ppo" / "rlhf_stage.json").is_file()

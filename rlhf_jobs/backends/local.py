@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rlhf_jobs.config import validate_config
+from rlhf_jobs.config import ConfigError, validate_config
 from rlhf_jobs.pipeline import PipelineOptions, resolve_configs
 
 RECORD_FILE = "pipeline.json"
@@ -16,15 +16,25 @@ RECORD_FILE = "pipeline.json"
 class LocalBackend:
     name = "local"
 
-    def __init__(self, workdir: str | Path) -> None:
+    def __init__(self, workdir: str | Path, in_process: bool = False) -> None:
         self.workdir = Path(workdir).resolve()
         self.tracking_group = self.workdir.name  # W&B group / MLflow parent run of the stages
+        self.in_process = in_process  # each stage's one worker in this process (`rlhf-jobs train --in-process`)
 
     def stage_paths(self, stage: str) -> tuple[str, str]:
         return str(self.workdir / f"{stage}-output"), str(self.workdir / stage)
 
     def stage_configs(self, options: PipelineOptions) -> dict[str, dict[str, Any]]:
-        return resolve_configs(self, options)
+        configs = resolve_configs(self, options)
+        if self.in_process:  # every stage that will run, before the first one starts
+            from rlhf_jobs.launcher import check_in_process
+
+            for stage in options.stages:
+                try:
+                    check_in_process(validate_config(configs[stage], stage, paths=False).Training)
+                except ConfigError as err:
+                    raise ConfigError(f"{stage} stage: {err}") from None
+        return configs
 
     def load_record(self) -> dict[str, Any]:
         path = self.workdir / RECORD_FILE
@@ -49,4 +59,4 @@ class LocalBackend:
         from rlhf_jobs import trainers
 
         validated = validate_config(config, stage, source=f"{self.workdir / RECORD_FILE} ({stage})")
-        trainers.train(validated, on_config_change="restart")
+        trainers.train(validated, on_config_change="restart", in_process=self.in_process)
