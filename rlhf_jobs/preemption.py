@@ -37,6 +37,7 @@ NAMESPACE = "rlhf_jobs"
 POLL_S = 0.5
 PID_DIR_ENV = "RLHF_JOBS_PID_DIR"
 PREEMPTED = "preempted"  # the stop reason `control.StopControl` reports for `requested()`
+STOPPING = "SIGTERM: training stops after the current step and writes a checkpoint (send SIGTERM again to exit at once)"
 
 
 def _stop_key(job_id: str) -> str:
@@ -119,8 +120,7 @@ class DriverGuard:
             raise SystemExit(128 + signum)
         self.signalled = True
         self._wake.set()  # the KV write happens on a thread: no RPC inside a signal handler
-        print("SIGTERM: training stops after the current step and writes a checkpoint "
-              "(send SIGTERM again to exit at once)", file=sys.stderr, flush=True)
+        print(STOPPING, file=sys.stderr, flush=True)
 
     def restart_after(self, stop_reason: str | None) -> bool:
         """After a run ended: start it again? Yes when it stopped for a node drain while this driver
@@ -169,8 +169,7 @@ class InProcessGuard:
         if self.signalled:
             raise SystemExit(128 + signum)
         self.signalled = _worker["signalled"] = True
-        print("SIGTERM: training stops after the current step and writes a checkpoint "
-              "(send SIGTERM again to exit at once)", file=sys.stderr, flush=True)
+        print(STOPPING, file=sys.stderr, flush=True)
 
     def restart_after(self, stop_reason: str | None) -> bool:
         return False  # no node of this run can be drained
