@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_local_pipeline(args: argparse.Namespace) -> int:
     from rlhf_jobs.backends.local import LocalBackend
-    from rlhf_jobs.pipeline import PipelineOptions, parse_stages, resolve_configs, run_pipeline
+    from rlhf_jobs.pipeline import PipelineOptions, parse_stages, run_pipeline
     from rlhf_jobs.report import plot_curves, summary_table
 
     backend = LocalBackend(args.workdir, in_process=args.in_process)
@@ -167,7 +167,7 @@ def run_local_pipeline(args: argparse.Namespace) -> int:
     if args.tiny_model and not (backend.workdir / "tiny-model" / "config.json").is_file():
         from rlhf_jobs.tiny_model import build_tiny_model
 
-        resolve_configs(backend, dataclasses.replace(options, check_models=False))  # bad input fails before the build
+        backend.stage_configs(dataclasses.replace(options, check_models=False))  # bad input fails before the build
         print(f"building the tiny model in {base_model}", flush=True)
         build_tiny_model(base_model)
     started = time.time()

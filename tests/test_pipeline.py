@@ -140,6 +140,13 @@ def test_a_bad_config_fails_before_the_tiny_model_is_built(tmp_path: Path, confi
     assert done.returncode == 2, done.stdout + done.stderr
     assert "--set Training.epochz=1 (for " in done.stderr + done.stdout
     assert not (workdir / "tiny-model").exists()
+    # configs/local asks for 2 workers: --in-process says so before building the model too
+    in_process = subprocess.run(
+        [sys.executable, "-m", "rlhf_jobs.cli", "pipeline", "--backend", "local", "--workdir", str(workdir),
+         "--tiny-model", "--in-process"], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert in_process.returncode == 2, in_process.stdout + in_process.stderr
+    assert "sft stage: --in-process runs one worker" in in_process.stderr
+    assert not (workdir / "tiny-model").exists()
 
 
 @pytest.mark.slow
