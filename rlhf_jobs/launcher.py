@@ -255,15 +255,13 @@ def run_trainer(
     `data` (prepared on the driver) reaches every worker through Ray's object store, so
     only the driver needs to reach the data files. Raises `RunStopped` when the run ended early
     with a checkpoint, `OutOfMemory` when its workers were killed for memory.
-    `in_process`: the one worker is this process (Ray Train's local mode, `check_in_process`): no Ray
-    is started, the same loop runs here.
+    `in_process`: the one worker is this process (Ray Train's local mode; `trainers.train` has run
+    `check_in_process`): no Ray is started, the same loop runs here.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     training = config.Training
-    if in_process:
-        check_in_process(training)
-    else:
+    if not in_process:
         init_ray(training)
     identity.record(config)  # creates a local output_dir; records the run's identity there
     storage_path, storage_filesystem = storage.ray_storage(config.General.output_dir)
