@@ -122,7 +122,7 @@ kind-up: ## Create a kind cluster, install the KubeRay operator and load our ima
 kind-down: ## Delete the kind cluster
 	$(KIND) delete cluster --name $(KIND_CLUSTER)
 
-# Release names as the submitter gives them (rlhf_jobs/backends/helm.py release_name): rlhf-<stage> for the
+# Release names as the submitter gives them (rlhf_jobs/pipeline/backends/helm.py release_name): rlhf-<stage> for the
 # default run, rlhf-<run>-<stage> otherwise, so `make deploy-sft RUN=exp1` and `make pipeline RUN=exp1` share one.
 release = $(if $(filter default,$(RUN)),rlhf-$(1),rlhf-$(RUN)-$(1))
 define deploy_stage
@@ -144,7 +144,7 @@ deploy-ppo: ## Install the PPO stage's RayJob (release rlhf-[RUN-]ppo; reads the
 
 .PHONY: schema
 schema: venv ## Regenerate the chart's generated files from the stage registry: values.schema.json's configs, files/stages.json
-	$(BIN)/python -m rlhf_jobs.backends.chart_schema
+	$(BIN)/python -m rlhf_jobs.tools.chart_schema
 
 .PHONY: lint-chart
 lint-chart: ## helm lint --strict the chart for each stage

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
-from rlhf_jobs.models import load_tokenizer
-from rlhf_jobs.prompts import instruction_prompt
+from rlhf_jobs.core.prompts import instruction_prompt
+from rlhf_jobs.engine.models import load_tokenizer
 
 
 class StepClock(StoppingCriteria):
@@ -61,7 +61,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = args.model
         if model_dir is None:
-            from rlhf_jobs.tiny_model import build_tiny_model
+            from rlhf_jobs.tools.tiny_model import build_tiny_model
 
             model_dir = str(build_tiny_model(Path(scratch) / "tiny"))
         tokenizer = load_tokenizer(model_dir, padding_side="left")

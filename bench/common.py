@@ -74,7 +74,7 @@ SIZES = {
 
 def build_model(size: str, work: Path) -> Path:
     """The benchmark's model of `size`, built once under `work` (random init, no hub)."""
-    from rlhf_jobs import tiny_model
+    from rlhf_jobs.tools import tiny_model
 
     path = work / f"model-{size}"
     if not (path / "config.json").exists():

@@ -39,7 +39,7 @@ def require_cuda() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="1b", help="a key of rlhf_jobs.tiny_model.LLAMA_SHAPES")
+    parser.add_argument("--size", default="1b", help="a key of rlhf_jobs.tools.tiny_model.LLAMA_SHAPES")
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--variants", default="full,lora", help=f"from {', '.join(VARIANTS)} (1 GPU: full, lora)")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "gpu-check")

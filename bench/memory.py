@@ -76,7 +76,7 @@ def device_training(device: str) -> dict[str, Any]:
 
 def model_dir(size: str, work: Path, device: str) -> Path:
     """A random-init Llama of `size`, stored in bf16 (as real checkpoints are) on GPU, fp32 on CPU."""
-    from rlhf_jobs import tiny_model
+    from rlhf_jobs.tools import tiny_model
 
     dtype = "bfloat16" if device == "cuda" else "float32"
     path = work / f"llama-{size}-{dtype}"
@@ -275,7 +275,7 @@ def write_results(path: Path, rows: list[dict[str, Any]], size: str, device: str
     text = f"""## Memory per worker (`make bench-memory`)
 
 Latest figures from `{command}` ({seconds / 60:.0f} min), {device.upper()}, a random-init Llama-architecture model
-of size `{size}` (`rlhf_jobs.tiny_model.build_llama`). Full = every weight trained (DDP), LoRA = `Training.lora:
+of size `{size}` (`rlhf_jobs.tools.tiny_model.build_llama`). Full = every weight trained (DDP), LoRA = `Training.lora:
 {{r: 16}}` on all linear layers, FSDP = `Training.strategy: fsdp` over 2 workers. SFT/RM: batch
 {settings.batch_size}, max length {settings.max_length}, {settings.sft_steps} steps; PPO: {settings.ppo_batch_size}
 prompts, {settings.max_new_tokens} new tokens, {settings.ppo_epochs} PPO epoch, {settings.ppo_iterations} iterations;
@@ -288,7 +288,7 @@ prompts, {settings.max_new_tokens} new tokens, {settings.ppo_epochs} PPO epoch, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="300m", help="a key of rlhf_jobs.tiny_model.LLAMA_SHAPES (tiny, 300m, 1b...)")
+    parser.add_argument("--size", default="300m", help="a key of tiny_model.LLAMA_SHAPES (tiny, 300m, 1b...)")
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"from {', '.join(VARIANTS)}")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

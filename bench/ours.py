@@ -10,7 +10,8 @@ from typing import Any
 
 from common import Settings, median, metrics_records
 
-from rlhf_jobs.config import StageConfig, validate_config
+from rlhf_jobs.core.config import StageConfig
+from rlhf_jobs.core.loading import validate_config
 
 
 def _training(settings: Settings, workers: int) -> dict[str, Any]:
@@ -80,11 +81,11 @@ def ppo_config(settings: Settings, model: Path, train_file: Path, run_dir: Path,
 
 
 def train(config: StageConfig) -> float:
-    """Run the stage through `rlhf_jobs.trainers.train` (Ray Train workers); wall seconds."""
-    from rlhf_jobs import trainers
+    """Run the stage through `rlhf_jobs.train.train` (Ray Train workers); wall seconds."""
+    from rlhf_jobs.train import train as train_stage
 
     start = time.perf_counter()
-    trainers.train(config)
+    train_stage(config)
     return time.perf_counter() - start
 
 

@@ -1,6 +1,6 @@
 """Where one PPO iteration of ours spends its time, phase by phase, in one process (no Ray).
 
-The bench's PPO settings (common.SIZES) on its model, through `rlhf_jobs.ppo`'s own functions:
+The bench's PPO settings (common.SIZES) on its model, through `rlhf_jobs.algorithms.ppo`'s own functions:
 generation, the four rollout forwards (policy, reference, critic, reward model), and the update
 (policy and critic forward/backward, clipping, optimizer steps). Medians over the iterations after
 the first, in seconds and as a share of the iteration.
@@ -21,9 +21,10 @@ import torch
 from common import DATA, PPO_FILE, REPO, SIZES, build_model, read_jsonl
 from ours import ppo_config
 
-from rlhf_jobs import optim, ppo
-from rlhf_jobs.models import unwrap
-from rlhf_jobs.worker import Worker
+from rlhf_jobs.algorithms import ppo
+from rlhf_jobs.engine import optim
+from rlhf_jobs.engine.models import unwrap
+from rlhf_jobs.engine.worker import Worker
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ The same batches through three versions of the step:
   included), then the cross-entropy on the labelled ones (our step before packing);
 - `padded, LM head at labels`: the LM head only at the positions that predict a label
   (`logits_to_keep`), what TRL's default `loss_type="chunked_nll"` also does;
-- `packed, LM head at labels`: what `rlhf_jobs.sft` does by default (`Training.padding_free`).
+- `packed, LM head at labels`: what `rlhf_jobs.algorithms.sft` does by default (`Training.padding_free`).
 
 Each step is forward, backward, clipping and AdamW; the variants alternate, medians are printed in
 ms/step and label tokens/s, then a torch.profiler table of the default step.
@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from common import DATA, SFT_FILE, read_jsonl
 
-from rlhf_jobs import packing, sft
-from rlhf_jobs.models import load_causal_lm, load_tokenizer
+from rlhf_jobs.algorithms import sft
+from rlhf_jobs.engine import packing
+from rlhf_jobs.engine.models import load_causal_lm, load_tokenizer
 
 
 def main() -> None:
@@ -43,7 +44,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = args.model
         if model_dir is None:
-            from rlhf_jobs.tiny_model import build_tiny_model
+            from rlhf_jobs.tools.tiny_model import build_tiny_model
 
             model_dir = str(build_tiny_model(Path(scratch) / "tiny"))
         profile(model_dir, args.batch_size, args.max_length, args.batches, args.repeats, not args.no_profile)

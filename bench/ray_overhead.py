@@ -25,7 +25,8 @@ from typing import Any  # noqa: E402
 from common import Settings, metrics_records  # noqa: E402
 from ours import sft_config, supervised_rate  # noqa: E402
 
-from rlhf_jobs import launcher, sft  # noqa: E402
+from rlhf_jobs.algorithms import sft  # noqa: E402
+from rlhf_jobs.engine import launcher  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 

@@ -3,7 +3,7 @@ the fixed cost of Ray Train, at two model sizes. Prints the tables and writes be
 
 Same model, records, prompt text, batch size, max length, steps and optimizer on both sides, on CPU
 in fp32, the same torch threads per training process (common.SIZES). Ours runs through
-`rlhf_jobs.trainers.train` on 1 Ray Train worker (and, as an extra line at the tiny size, 2 workers);
+`rlhf_jobs.train.train` on 1 Ray Train worker (and, as an extra line at the tiny size, 2 workers);
 TRL runs in this process. Runs alternate (ours, TRL, TRL, ours, ...) `--repeats` times and the
 medians are reported, because the machine may be shared. See bench/README.md for the definitions.
 
@@ -73,7 +73,7 @@ SLOWER_NOTES = {
     "Ray Train": (
         "the fixed cost is start-up and tear-down, not the steps (the steady-state line is the same loop on a "
         "worker and in-process): `ray.init` starts GCS, raylet, dashboard and agent processes; then Ray Train's "
-        "controller starts as a new process (it no longer imports torch: `rlhf_jobs.ray_backend`), reserves the "
+        "controller starts as a new process (it no longer imports torch: `rlhf_jobs.engine.ray_backend`), reserves the "
         "placement group and starts the worker and a synchronisation actor, each a fresh process; the worker "
         "imports torch and transformers (6-9 s on this machine's two cores, shared with the others starting), "
         "sets up the process group and loads the model. Local mode pays none of these: one process, imports "
@@ -147,10 +147,10 @@ def bench_supervised(stage: str, settings: Settings, model: Path, train_file: Pa
 
 def bench_ppo(settings: Settings, model: Path, work: Path, repeats: int) -> list[dict[str, Any]]:
     try:
-        from rlhf_jobs import ppo  # noqa: F401
+        from rlhf_jobs.algorithms import ppo  # noqa: F401
     except ImportError as err:
-        print(f"PPO: skipped, rlhf_jobs.ppo does not import ({err})")
-        return [{"name": "PPO", "skipped": f"rlhf_jobs.ppo does not import: {err}"}]
+        print(f"PPO: skipped, rlhf_jobs.algorithms.ppo does not import ({err})")
+        return [{"name": "PPO", "skipped": f"rlhf_jobs.algorithms.ppo does not import: {err}"}]
     try:
         import trl.experimental.ppo
     except ImportError as err:

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from common import Settings, median, read_jsonl, windowed_rate
 
-from rlhf_jobs.models import load_causal_lm, load_reward_model, load_tokenizer
-from rlhf_jobs.prompts import join_response, record_prompt
+from rlhf_jobs.core.prompts import join_response, record_prompt
+from rlhf_jobs.engine.models import load_causal_lm, load_reward_model, load_tokenizer
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -134,7 +134,7 @@ def ppo(settings: Settings, model_dir: Path, train_file: Path, output_dir: Path,
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as module
 
-    from rlhf_jobs.ppo import response_mask, tokenize_prompts
+    from rlhf_jobs.algorithms.ppo import response_mask, tokenize_prompts
 
     torch.manual_seed(settings.seed)
     tokenizer = load_tokenizer(str(model_dir), padding_side="left")

@@ -11,39 +11,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rlhf_jobs.stages import NAMES as STAGES
-from rlhf_jobs.tiny_model import LLAMA_SHAPES
+from rlhf_jobs.core.errors import OutOfMemory, RunStopped, UserError
+from rlhf_jobs.core.stages import NAMES as STAGES
+from rlhf_jobs.tools.tiny_model import LLAMA_SHAPES
 
-CONVERT_FORMATS = ("dolly", "oasst", "oasst-messages", "hh", "pairs")  # rlhf_jobs.convert.SOURCE_FORMATS
-
-# Exceptions that mean bad input, by module: printed as one line, exit code 2, no traceback.
-USER_ERRORS = {
-    "rlhf_jobs.config": ("ConfigError",),
-    "rlhf_jobs.data": ("DataError",),
-    "rlhf_jobs.checkpoints": ("CheckpointError",),
-    "rlhf_jobs.launcher": ("ResourceError",),
-    "rlhf_jobs.backends.helm": ("HelmError",),
-    "rlhf_jobs.backends.kube": ("ClusterUnavailable",),
-    "rlhf_jobs.hub": ("ModelError",),
-}
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """The user-error classes of the modules loaded so far (one not loaded cannot have raised):
-    reporting a bad path must not first import torch, transformers and Ray."""
-    return tuple(
-        getattr(sys.modules[module], name)
-        for module, names in USER_ERRORS.items() if module in sys.modules for name in names
-    )
-
+CONVERT_FORMATS = ("dolly", "oasst", "oasst-messages", "hh", "pairs")  # rlhf_jobs.tools.convert.SOURCE_FORMATS
 
 def train_stage(stage: str, config_path: str, overrides: Sequence[str] = (), stop_at_step: int | None = None,
                 on_config_change: str = "refuse", fresh: bool = False, in_process: bool = False) -> None:
     """Validate everything the stage reads, then train it on Ray."""
-    from rlhf_jobs import trainers
-    from rlhf_jobs.config import load_config
+    from rlhf_jobs.core.loading import load_config
+    from rlhf_jobs.train import train
 
-    trainers.train(load_config(config_path, stage, list(overrides)), stop_at_step=stop_at_step,
+    train(load_config(config_path, stage, list(overrides)), stop_at_step=stop_at_step,
                    on_config_change=on_config_change, fresh=fresh, in_process=in_process)
 
 
@@ -154,9 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_local_pipeline(args: argparse.Namespace) -> int:
-    from rlhf_jobs.backends.local import LocalBackend
-    from rlhf_jobs.pipeline import PipelineOptions, parse_stages, run_pipeline
-    from rlhf_jobs.report import plot_curves, summary_table
+    from rlhf_jobs.pipeline.backends.local import LocalBackend
+    from rlhf_jobs.pipeline.plan import PipelineOptions, parse_stages, run_pipeline
+    from rlhf_jobs.pipeline.report import plot_curves, summary_table
 
     backend = LocalBackend(args.workdir, in_process=args.in_process)
     base_model = str(backend.workdir / "tiny-model") if args.tiny_model else args.base_model
@@ -165,7 +145,7 @@ def run_local_pipeline(args: argparse.Namespace) -> int:
         base_model=base_model, from_stage=args.from_stage,
     )
     if args.tiny_model and not (backend.workdir / "tiny-model" / "config.json").is_file():
-        from rlhf_jobs.tiny_model import build_tiny_model
+        from rlhf_jobs.tools.tiny_model import build_tiny_model
 
         backend.stage_configs(dataclasses.replace(options, check_models=False))  # bad input fails before the build
         print(f"building the tiny model in {base_model}", flush=True)
@@ -186,7 +166,7 @@ def run_local_pipeline(args: argparse.Namespace) -> int:
 
 def show_samples(backend: Any, path: Path, count: int = 5) -> None:
     """After PPO: held-out prompts with the SFT and the PPO policy's answers and their reward-model scores."""
-    from rlhf_jobs import generate
+    from rlhf_jobs.tools import generate
 
     sft, rm, ppo = (backend.stage_paths(stage)[1] for stage in STAGES)
     samples, _ = generate.compare([sft, ppo], held_out=ppo, reward_model=rm, limit=count)
@@ -196,8 +176,8 @@ def show_samples(backend: Any, path: Path, count: int = 5) -> None:
 
 
 def local_status(workdir: str) -> int:
-    from rlhf_jobs.backends.local import LocalBackend
-    from rlhf_jobs.report import status_text
+    from rlhf_jobs.pipeline.backends.local import LocalBackend
+    from rlhf_jobs.pipeline.report import status_text
 
     backend = LocalBackend(workdir)
     record = backend.load_record()
@@ -210,11 +190,11 @@ def local_status(workdir: str) -> int:
 
 def run_kuberay_pipeline(args: argparse.Namespace, clients=None, helm=None, sleep=time.sleep) -> int:
     """`rlhf-jobs pipeline --backend kuberay`: the stages as RayJobs, chained, recorded in a ConfigMap."""
-    from rlhf_jobs.backends.helm import Helm, HelmError
-    from rlhf_jobs.backends.kube import Clients, ClusterUnavailable
-    from rlhf_jobs.backends.kuberay import KubeRayBackend, status_table
-    from rlhf_jobs.backends.rayjob import StageFailed, WatchSettings
-    from rlhf_jobs.pipeline import PipelineOptions, parse_stages, run_pipeline
+    from rlhf_jobs.pipeline.backends.helm import Helm, HelmError
+    from rlhf_jobs.pipeline.backends.kube import Clients, ClusterUnavailable
+    from rlhf_jobs.pipeline.backends.kuberay import KubeRayBackend, status_table
+    from rlhf_jobs.pipeline.backends.rayjob import StageFailed, WatchSettings
+    from rlhf_jobs.pipeline.plan import PipelineOptions, parse_stages, run_pipeline
 
     helm = helm or Helm(args.chart)
     options = PipelineOptions(stages=parse_stages(args.stages), overrides=args.overrides,
@@ -257,8 +237,8 @@ def start_runner(args: argparse.Namespace, clients=None) -> int:
 
     import yaml
 
-    from rlhf_jobs.backends import runner
-    from rlhf_jobs.backends.kube import Clients
+    from rlhf_jobs.pipeline.backends import runner
+    from rlhf_jobs.pipeline.backends.kube import Clients
 
     extra = ["--stages", args.stages, "--timeout", str(int(args.timeout))]
     extra += [arg for item in args.overrides for arg in ("--set", item)]
@@ -281,10 +261,10 @@ def start_runner(args: argparse.Namespace, clients=None) -> int:
 
 def show_status(args: argparse.Namespace, clients=None) -> int:
     """`rlhf-jobs status`: a KubeRay run's record, from wherever a kubeconfig (or in-cluster config) reaches."""
-    from rlhf_jobs.backends import runner
-    from rlhf_jobs.backends.helm import Helm
-    from rlhf_jobs.backends.kube import Clients
-    from rlhf_jobs.backends.kuberay import KubeRayBackend, status_table
+    from rlhf_jobs.pipeline.backends import runner
+    from rlhf_jobs.pipeline.backends.helm import Helm
+    from rlhf_jobs.pipeline.backends.kube import Clients
+    from rlhf_jobs.pipeline.backends.kuberay import KubeRayBackend, status_table
 
     clients = clients or Clients.from_environment()
     backend = KubeRayBackend(clients, Helm(), args.namespace, args.run)
@@ -301,9 +281,9 @@ def show_status(args: argparse.Namespace, clients=None) -> int:
 
 def delete_run(args: argparse.Namespace, clients=None) -> int:
     """`rlhf-jobs delete`: uninstall a run's releases and its record; the checkpoint PVC is kept."""
-    from rlhf_jobs.backends.helm import Helm
-    from rlhf_jobs.backends.kube import Clients
-    from rlhf_jobs.backends.kuberay import KubeRayBackend
+    from rlhf_jobs.pipeline.backends.helm import Helm
+    from rlhf_jobs.pipeline.backends.kube import Clients
+    from rlhf_jobs.pipeline.backends.kuberay import KubeRayBackend
 
     backend = KubeRayBackend(clients or Clients.from_environment(), Helm(args.chart), args.namespace, args.run)
     for release, uninstalled in backend.uninstall():
@@ -319,13 +299,13 @@ def run(args: argparse.Namespace) -> int:
         train_stage(args.stage, args.config_path, args.overrides, args.stop_at_step, args.on_config_change,
                     args.fresh, args.in_process)
     elif args.command == "check-config":
-        from rlhf_jobs.config import load_config
+        from rlhf_jobs.core.loading import load_config
 
         config = load_config(args.config_path, args.stage, args.overrides, paths=not args.no_check_paths)
         print(f"{args.config_path}: valid {args.stage} config")
         print(config.model_dump_json(indent=2, exclude={"stage"}))
     elif args.command == "tiny-model":
-        from rlhf_jobs.tiny_model import build_llama, build_tiny_model, parameter_count
+        from rlhf_jobs.tools.tiny_model import build_llama, build_tiny_model, parameter_count
 
         if args.llama:
             path = build_llama(args.output, args.llama, data=args.data)
@@ -334,13 +314,13 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"tiny model written to {build_tiny_model(args.output, args.data)}")
     elif args.command == "convert":
-        from rlhf_jobs.convert import convert_records, report, write_conversion
+        from rlhf_jobs.tools.convert import convert_records, report, write_conversion
 
         result = convert_records(args.kind, args.input, args.format)
         write_conversion(result, args.kind, args.input, args.output)
         print("\n".join(report(result, args.kind, args.input, args.output, detected=args.format == "auto")))
     elif args.command == "generate":
-        from rlhf_jobs import generate
+        from rlhf_jobs.tools import generate
 
         samples, _ = generate.compare(
             args.model, prompts_file=args.prompts, held_out=args.held_out, reward_model=args.rm, limit=args.num,
@@ -364,11 +344,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from rlhf_jobs.launcher import OutOfMemory, RunStopped
-
     try:
         return run(args)
-    except user_errors() as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RunStopped as stopped:

@@ -32,7 +32,7 @@ CHART = REPO / "helm"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 HELM = shutil.which("helm")
 STAGES_FILE = CHART / "files" / "stages.json"
-# The registry's stages as the chart knows them (generated from rlhf_jobs/stages.py by `make schema`).
+# The registry's stages as the chart knows them (generated from rlhf_jobs/core/stages.py by `make schema`).
 STAGES = tuple(stage["name"] for stage in json.loads(STAGES_FILE.read_text())["stages"])
 
 CRD_DIR_ENV = "RLHF_KUBERAY_CRD_DIR"

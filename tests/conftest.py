@@ -24,7 +24,7 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from rlhf_jobs.tiny_model import build_tiny_model
+    from rlhf_jobs.tools.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
@@ -32,7 +32,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-init Llama-architecture model (~0.35M parameters) stored in bf16, with a tokenizer that adds BOS."""
-    from rlhf_jobs.tiny_model import build_llama
+    from rlhf_jobs.tools.tiny_model import build_llama
 
     return build_llama(tmp_path_factory.mktemp("llama") / "model", "tiny")
 

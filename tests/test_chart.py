@@ -569,7 +569,7 @@ def test_bad_combinations_fail(sets: tuple[str, ...], message: str) -> None:
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=SCENARIO_IDS)
 @pytest.mark.parametrize("stage", STAGES)
 def test_rendered_config_passes_the_trainer_validator(stage: str, scenario: Path | None, tmp_path: Path) -> None:
-    config_module = pytest.importorskip("rlhf_jobs.config")
+    config_module = pytest.importorskip("rlhf_jobs.core.loading")
     path = tmp_path / "config.yaml"
     path.write_text(one(rendered(stage, scenario), "ConfigMap")["data"]["config.yaml"])
     config = config_module.load_config(path, stage, paths=False)
@@ -580,7 +580,7 @@ def test_rendered_config_passes_the_trainer_validator(stage: str, scenario: Path
 def test_trainer_rejects_what_the_chart_cannot_know(tmp_path: Path) -> None:
     """The generated schema checks every key and type; rules across keys (warmup_ratio or warmup_steps, not both)
     are the trainers'. Both run before anything is scheduled: `rlhf-jobs check-config` on the rendered file."""
-    config_module = pytest.importorskip("rlhf_jobs.config")
+    config_module = pytest.importorskip("rlhf_jobs.core.loading")
     path = tmp_path / "config.yaml"
     objects = render("rlhf-sft", sets=("configs.sft.Training.warmup_steps=3",))  # the default has warmup_ratio
     path.write_text(one(objects, "ConfigMap")["data"]["config.yaml"])
@@ -623,8 +623,8 @@ def test_chart_filled_paths_may_be_empty_or_null_and_numbers_may_be_strings() ->
 
 def test_values_schema_is_generated_from_the_config_models(tmp_path: Path) -> None:
     """`make schema` leaves the committed file unchanged; a stale file (a config key the models lack) is found."""
-    from rlhf_jobs import stages
-    from rlhf_jobs.backends import chart_schema
+    from rlhf_jobs.core import stages
+    from rlhf_jobs.tools import chart_schema
 
     assert chart_schema.main(["--check"]) == 0, "helm/values.schema.json is stale: run `make schema`"
     stale = yaml.safe_load((CHART / "values.schema.json").read_text())
@@ -727,7 +727,7 @@ def test_gpu_scenario_runs_the_gpu_image_that_make_images_builds(stage: str) -> 
 @pytest.mark.parametrize("stage", STAGES)
 def test_make_deploy_names_releases_like_the_submitter(stage: str, run: str) -> None:
     """Fault 4: `make deploy-sft RUN=exp1` and `make pipeline RUN=exp1` must manage the same release."""
-    from rlhf_jobs.backends.helm import release_name
+    from rlhf_jobs.pipeline.backends.helm import release_name
 
     commands = make_dry_run(f"deploy-{stage}", f"RUN={run}")
     helm_line = next(line for line in commands.splitlines() if "upgrade --install" in line)
@@ -875,7 +875,7 @@ def test_preemption_grace_period_and_drain_on_stop(crd_file: Path) -> None:
     # the grace period before SIGKILL; workers run no driver, so neither is set there.
     head = templates["head"]["spec"]["containers"][0]
     assert head["lifecycle"]["preStop"]["exec"]["command"] == [
-        "python", "-m", "rlhf_jobs.preemption", "--wait", "890"]
+        "python", "-m", "rlhf_jobs.engine.preemption", "--wait", "890"]
     assert {"name": "RAY_JOB_STOP_WAIT_TIME_S", "value": "900"} in head["env"]
     worker_env = {e["name"] for e in templates["worker"]["spec"]["containers"][0]["env"]}
     assert "RAY_JOB_STOP_WAIT_TIME_S" not in worker_env
@@ -900,11 +900,11 @@ def test_preemption_grace_period_and_drain_on_stop(crd_file: Path) -> None:
 
 
 def test_head_pre_stop_is_the_preemption_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The head's preStop command is `python -m rlhf_jobs.preemption` with arguments its parser takes: with no driver
-    registered in the pod (a finished job's cluster) it returns 0 at once."""
+    """The head's preStop command is `python -m rlhf_jobs.engine.preemption` with arguments its parser takes: with no
+    driver registered in the pod (a finished job's cluster) it returns 0 at once."""
     import time
 
-    from rlhf_jobs import preemption
+    from rlhf_jobs.engine import preemption
 
     command = pod_templates(one(render("rlhf-sft"), "RayJob"))["head"]["spec"]["containers"][0]["lifecycle"]
     argv = command["preStop"]["exec"]["command"]
@@ -985,7 +985,7 @@ def _fake_helm(tmp_path: Path, version: str) -> str:
 @pytest.mark.parametrize(
     ("version", "ok"), [("v3.9.4", False), ("v3.10.3", False), ("v3.11.0", True), ("v4.1.4", True)])
 def test_helm_minimum_version_is_checked(tmp_path: Path, version: str, ok: bool) -> None:
-    from rlhf_jobs.backends.helm import MIN_VERSION, Helm, HelmError
+    from rlhf_jobs.pipeline.backends.helm import MIN_VERSION, Helm, HelmError
 
     assert MIN_VERSION == (3, 11, 0)  # --set-json (3.10); helm template's default Kubernetes 1.26 (3.11)
     helm_cli = Helm(binary=_fake_helm(tmp_path, version))
@@ -1000,8 +1000,8 @@ def test_helm_minimum_version_is_checked(tmp_path: Path, version: str, ok: bool)
 
 def test_dry_run_says_it_needs_helm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`--dry-run` needs no cluster, but it renders with helm: the message says so."""
-    from rlhf_jobs.backends import helm as helm_module
     from rlhf_jobs.cli import main
+    from rlhf_jobs.pipeline.backends import helm as helm_module
 
     original = helm_module.Helm.__init__
 
@@ -1025,8 +1025,8 @@ def test_stage_file_is_generated_from_the_registry(tmp_path: Path) -> None:
     enum lists them; `make schema` leaves both as they are, and a stale stage file is found."""
     import json
 
-    from rlhf_jobs import stages
-    from rlhf_jobs.backends import chart_schema
+    from rlhf_jobs.core import stages
+    from rlhf_jobs.tools import chart_schema
 
     assert chart_schema.main(["--check"]) == 0, "helm/files/stages.json or values.schema.json is stale: make schema"
     written = json.loads(STAGES_FILE.read_text())
@@ -1101,7 +1101,7 @@ def test_templates_take_stages_and_chaining_from_the_stage_file(tmp_path: Path) 
 
 def test_report_to_may_be_one_name_as_the_trainer_reads_it(tmp_path: Path) -> None:
     """`report_to: none` is what the trainers take (one name or a list); the generated schema refused it."""
-    config_module = pytest.importorskip("rlhf_jobs.config")
+    config_module = pytest.importorskip("rlhf_jobs.core.loading")
     path = tmp_path / "config.yaml"
     path.write_text(one(render("rlhf-sft", sets=("configs.sft.Training.report_to=none",)), "ConfigMap")["data"][
         "config.yaml"])
@@ -1151,7 +1151,7 @@ def test_gpu_fsdp_scenario(stage: str) -> None:
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=SCENARIO_IDS)
 def test_shm_leaves_room_in_the_worker_memory_limit(scenario: Path | None) -> None:
     """A memory-backed /dev/shm counts against the container's memory limit: it must be well below it."""
-    config_module = pytest.importorskip("rlhf_jobs.config")
+    config_module = pytest.importorskip("rlhf_jobs.core.config")
     values = values_of(scenario)
     for stage in STAGES:
         memory = values["configs"][stage]["Training"]["resources_per_worker"].get("memory")

@@ -8,13 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_jobs.config import (
-    ConfigError,
-    ResourcesPerWorker,
-    load_config,
-    memory_bytes,
-    validate_config,
-)
+from rlhf_jobs.core.config import ResourcesPerWorker, memory_bytes
+from rlhf_jobs.core.errors import ConfigError
+from rlhf_jobs.core.loading import load_config, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 

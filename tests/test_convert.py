@@ -1,4 +1,4 @@
-"""`rlhf_jobs.convert`: public data set formats -> stage record files, on small fixtures."""
+"""`rlhf_jobs.tools.convert`: public data set formats -> stage record files, on small fixtures."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_jobs.convert import convert, convert_records, detect_format, split_hh
-from rlhf_jobs.data import PPO_SCHEMA, RM_SCHEMA, SFT_SCHEMA, DataError, read_records
+from rlhf_jobs.core.data import PPO_SCHEMA, RM_SCHEMA, SFT_SCHEMA, read_records
+from rlhf_jobs.core.errors import DataError
+from rlhf_jobs.tools.convert import convert, convert_records, detect_format, split_hh
 
 FIXTURES = Path(__file__).parent / "fixtures" / "convert"
 SCHEMAS = {"sft": SFT_SCHEMA, "rm": RM_SCHEMA, "ppo": PPO_SCHEMA}
@@ -175,7 +176,7 @@ def test_cli_says_format_counts_skips_and_the_prompt_format(tmp_path, capsys):
 
 def test_format_choices_are_listed(capsys):
     from rlhf_jobs.cli import CONVERT_FORMATS, main
-    from rlhf_jobs.convert import ALL_FORMATS
+    from rlhf_jobs.tools.convert import ALL_FORMATS
 
     assert CONVERT_FORMATS == ALL_FORMATS
     with pytest.raises(SystemExit):

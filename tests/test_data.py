@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_jobs.data import PPO_SCHEMA, RM_SCHEMA, SFT_SCHEMA, DataError, load_splits, read_records
+from rlhf_jobs.core.data import PPO_SCHEMA, RM_SCHEMA, SFT_SCHEMA, load_splits, read_records
+from rlhf_jobs.core.errors import DataError
 
 
 def write(path: Path, text: str) -> str:
@@ -83,11 +84,11 @@ def test_validation_split_is_deterministic(tmp_path: Path) -> None:
 
 def test_clipping_keeps_every_token_the_stage_keeps(tiny_model: Path) -> None:
     """Cut to max_tokens × CHARS_PER_TOKEN_BOUND characters, a text tokenises to the same kept window."""
-    from rlhf_jobs.data import clip_record
-    from rlhf_jobs.models import load_tokenizer
-    from rlhf_jobs.ppo import tokenize_prompts
-    from rlhf_jobs.rm import tokenize_pair
-    from rlhf_jobs.sft import tokenize_sft
+    from rlhf_jobs.algorithms.ppo import tokenize_prompts
+    from rlhf_jobs.algorithms.rm import tokenize_pair
+    from rlhf_jobs.algorithms.sft import tokenize_sft
+    from rlhf_jobs.core.data import clip_record
+    from rlhf_jobs.engine.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model))
     long = "The quick brown fox jumps over the lazy dog; " * 20_000 + "=" * 5_000 + " zebra " * 3_000
@@ -106,8 +107,8 @@ def test_clipping_keeps_every_token_the_stage_keeps(tiny_model: Path) -> None:
 def test_truncated_records_are_counted_per_split(tiny_model: Path, tmp_path: Path, capsys) -> None:
     import json
 
-    from rlhf_jobs.config import validate_config
-    from rlhf_jobs.sft import SFTTask
+    from rlhf_jobs.algorithms.sft import SFTTask
+    from rlhf_jobs.core.loading import validate_config
 
     records = [{"instruction": f"q{i}", "response": "short"} for i in range(8)]
     records[0]["response"] = records[5]["response"] = "long " * 500
@@ -141,8 +142,8 @@ def test_a_40_mb_record_costs_no_gigabytes(tiny_model: Path, tmp_path: Path) -> 
     assert data.stat().st_size > 40_000_000
     script = f"""
 import resource
-from rlhf_jobs.config import validate_config
-from rlhf_jobs.sft import SFTTask
+from rlhf_jobs.core.loading import validate_config
+from rlhf_jobs.algorithms.sft import SFTTask
 config = validate_config({{"General": {{"base_model": {str(tiny_model)!r}, "output_dir": "o", "checkpoint_dir": "c"}},
                           "Dataset": {{"train_file": {str(data)!r}, "validation_split_percentage": 0,
                                       "max_length": 256}}}}, "sft")

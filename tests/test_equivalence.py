@@ -20,10 +20,11 @@ import torch
 from conftest import SAMPLES
 from process_group import run_processes
 
-from rlhf_jobs import packing, ppo, sharding, supervised
-from rlhf_jobs.config import SupervisedTraining
-from rlhf_jobs.models import load_causal_lm, load_reward_model, load_tokenizer, unwrap
-from rlhf_jobs.worker import Worker
+from rlhf_jobs.algorithms import ppo, supervised
+from rlhf_jobs.core.config import SupervisedTraining
+from rlhf_jobs.engine import packing, sharding
+from rlhf_jobs.engine.models import load_causal_lm, load_reward_model, load_tokenizer, unwrap
+from rlhf_jobs.engine.worker import Worker
 
 CPU = torch.device("cpu")
 # Loose enough for float summation order (gloo sums, different batch shapes), tight enough that
@@ -37,8 +38,8 @@ def sample_records(name: str, count: int) -> list[dict[str, Any]]:
 
 
 def _task(stage: str, model_dir: str) -> Any:
-    from rlhf_jobs.rm import RewardTask
-    from rlhf_jobs.sft import SFTTask
+    from rlhf_jobs.algorithms.rm import RewardTask
+    from rlhf_jobs.algorithms.sft import SFTTask
 
     task = SFTTask() if stage == "sft" else RewardTask()
     task.tokenizer = load_tokenizer(model_dir)
@@ -46,8 +47,8 @@ def _task(stage: str, model_dir: str) -> Any:
 
 
 def _examples(stage: str, tokenizer: Any, count: int) -> list[dict[str, Any]]:
-    from rlhf_jobs.rm import tokenize_pair
-    from rlhf_jobs.sft import tokenize_sft
+    from rlhf_jobs.algorithms.rm import tokenize_pair
+    from rlhf_jobs.algorithms.sft import tokenize_sft
 
     if stage == "sft":
         records = sample_records("sample_finetune_data.jsonl", count)

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_jobs import generate, ppo
+from rlhf_jobs.algorithms import ppo
 from rlhf_jobs.cli import main
-from rlhf_jobs.config import PPOTraining
-from rlhf_jobs.models import bos_ids, load_tokenizer
+from rlhf_jobs.core.config import PPOTraining
+from rlhf_jobs.engine.models import bos_ids, load_tokenizer
+from rlhf_jobs.tools import generate
 
 PROMPTS = [{"instruction": "Give me a tip for sleeping well."}, {"prompt": "What is a good breakfast?"},
            {"instruction": "Summarise this.", "context": "Cats sleep a lot."}]
@@ -77,7 +78,7 @@ def test_answers_side_by_side_scored_like_ppo(
 
 @pytest.mark.slow
 def test_held_out_split_of_a_checkpoint(sft_checkpoint: Path, rm_checkpoint: Path, tmp_path: Path, capsys) -> None:
-    from rlhf_jobs.data import SFT_SCHEMA, load_splits
+    from rlhf_jobs.core.data import SFT_SCHEMA, load_splits
 
     marker = json.loads((sft_checkpoint / "rlhf_stage.json").read_text())
     dataset = marker["config"]["Dataset"]

@@ -12,10 +12,12 @@ import pytest
 from conftest import local_config, write_config
 from servers import s3_env, s3_server  # noqa: F401  (fixtures)
 
-from rlhf_jobs import identity
-from rlhf_jobs.checkpoints import MARKER
 from rlhf_jobs.cli import main
-from rlhf_jobs.config import ConfigError, StageConfig, validate_config
+from rlhf_jobs.core.config import StageConfig
+from rlhf_jobs.core.errors import ConfigError
+from rlhf_jobs.core.loading import validate_config
+from rlhf_jobs.store import identity, markers
+from rlhf_jobs.store.markers import MARKER
 
 
 def sft_config(tmp_path: Path, tiny_model: Path, **training: object) -> StageConfig:
@@ -125,7 +127,7 @@ def test_train_refuses_a_changed_config_and_restarts_on_request(tiny_model: Path
     marker = json.loads((tmp_path / "model" / MARKER).read_text())
     assert marker["config"]["Training"]["batch_size"] == 4
     assert marker["run"] == {"output_dir": str((tmp_path / "out").resolve()),
-                             "identity": identity.recorded_hash(tmp_path / "out")}
+                             "identity": markers.recorded_hash(tmp_path / "out")}
 
 
 def test_fresh_moves_the_run_aside_even_with_the_same_config(tiny_model: Path, tmp_path: Path) -> None:
@@ -140,7 +142,7 @@ def test_in_object_storage_a_restart_copies_the_run_aside(s3_env, tiny_model: Pa
     """No rename in S3: the objects are copied under <prefix>.replaced-<time>, then the old prefix is deleted."""
     from servers import BUCKET
 
-    from rlhf_jobs import storage
+    from rlhf_jobs.store import storage
 
     output_dir = f"s3://{BUCKET}/{tmp_path.name}/out"
     config = local_config("sft", base_model=tiny_model, output_dir=output_dir, checkpoint_dir=tmp_path / "model")
@@ -156,5 +158,5 @@ def test_in_object_storage_a_restart_copies_the_run_aside(s3_env, tiny_model: Pa
     assert source == output_dir and target.startswith(f"{output_dir}.replaced-")
     assert not storage.exists(output_dir)
     assert storage.read_text(storage.join(target, "checkpoints", "step-00000002", "state.pt")) == "weights"
-    assert identity.read(target) == identity.compute(first)
+    assert markers.read_identity(target) == identity.compute(first)
     assert identity.check(changed).action == "fresh"

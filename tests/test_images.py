@@ -282,7 +282,7 @@ def test_sft_through_ray_job_submit_on_a_container_cluster(image: str, ray_clust
 
 def test_image_carries_helm_and_the_chart_for_the_runner(image: str) -> None:
     """The runner Job runs `rlhf-jobs pipeline --backend kuberay` in the image: helm and the chart must be there."""
-    from rlhf_jobs.backends.helm import MIN_VERSION
+    from rlhf_jobs.pipeline.backends.helm import MIN_VERSION
 
     out = run_in(image, "set -e; helm version --template '{{ .Version }}'; echo; echo $RLHF_JOBS_CHART; "
                         "rlhf-jobs pipeline --backend kuberay --dry-run --run exp1 > /tmp/m.yaml; "
@@ -341,7 +341,7 @@ KIND_VALUES = REPO / "helm" / "ci" / "kind-values.yaml"
 
 
 def quantity_bytes(value: str | int) -> int:
-    from rlhf_jobs.config import memory_bytes
+    from rlhf_jobs.core.config import memory_bytes
 
     return memory_bytes(value)
 

@@ -15,12 +15,12 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from rlhf_jobs.backends.helm import config_sets, release_name
-from rlhf_jobs.backends.kube import Clients, with_retries
-from rlhf_jobs.backends.kuberay import KubeRayBackend, PreflightError
-from rlhf_jobs.backends.rayjob import StageFailed, WatchSettings, watch_rayjob
 from rlhf_jobs.cli import run_kuberay_pipeline
-from rlhf_jobs.pipeline import PipelineOptions, plan, run_pipeline
+from rlhf_jobs.pipeline.backends.helm import config_sets, release_name
+from rlhf_jobs.pipeline.backends.kube import Clients, with_retries
+from rlhf_jobs.pipeline.backends.kuberay import KubeRayBackend, PreflightError
+from rlhf_jobs.pipeline.backends.rayjob import StageFailed, WatchSettings, watch_rayjob
+from rlhf_jobs.pipeline.plan import PipelineOptions, plan, run_pipeline
 
 NS = "rlhf"
 
@@ -576,17 +576,18 @@ def main_with(fake, helm, cli: list[str]) -> int:
     import sys
 
     from rlhf_jobs import cli as cli_module
+    from rlhf_jobs.core.errors import UserError
 
     args = cli_module.build_parser().parse_args(cli)
     try:
         return cli_module.run_kuberay_pipeline(args, clients=fake, helm=helm)
-    except cli_module.user_errors() as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
 
 def test_runner_needs_the_service_account_of_rbac_yaml() -> None:
-    from rlhf_jobs.backends import runner
+    from rlhf_jobs.pipeline.backends import runner
 
     _backend, _helm, fake, _ = make_backend({}, core=FakeCoreWithAccounts(accounts=()))
     fake.batch = FakeBatch()
@@ -599,8 +600,8 @@ def test_rbac_yaml_grants_what_the_submitter_needs() -> None:
     """k8s/rbac.yaml's Role covers every permission the preflight checks, for the runner's ServiceAccount."""
     from pathlib import Path
 
-    from rlhf_jobs.backends import runner
-    from rlhf_jobs.backends.kuberay import NEEDED_PERMISSIONS
+    from rlhf_jobs.pipeline.backends import runner
+    from rlhf_jobs.pipeline.backends.kuberay import NEEDED_PERMISSIONS
 
     documents = list(yaml.safe_load_all((Path(__file__).parents[1] / "k8s" / "rbac.yaml").read_text()))
     (role,) = [d for d in documents if d["kind"] == "Role"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf_jobs import launcher
+from rlhf_jobs.engine import launcher
 
 
 def test_a_joined_cluster_gets_the_stock_trainer(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -43,7 +43,7 @@ def test_an_in_process_ray_starts_no_cluster_helpers(monkeypatch: pytest.MonkeyP
 def test_sharded_cpu_workers_return_freed_memory_to_the_system(monkeypatch: pytest.MonkeyPatch) -> None:
     """FSDP on CPU: glibc's fixed mmap threshold, so the full weights freed after sharding leave the process;
     nothing for DDP or GPUs, and a value the user set is kept."""
-    from rlhf_jobs.config import SupervisedTraining
+    from rlhf_jobs.core.config import SupervisedTraining
 
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     fsdp = SupervisedTraining(strategy="fsdp", num_training_workers=2)
@@ -61,9 +61,9 @@ def test_ray_trains_controller_needs_no_torch() -> None:
     import subprocess
     import sys
 
-    code = ("import pickle, sys; from rlhf_jobs.ray_backend import LazyTorchConfig; "
+    code = ("import pickle, sys; from rlhf_jobs.engine.ray_backend import LazyTorchConfig; "
             "data = pickle.dumps(LazyTorchConfig(backend='gloo')); "
-            "sys.modules.pop('rlhf_jobs.ray_backend'); config = pickle.loads(data); config.backend_cls; "
+            "sys.modules.pop('rlhf_jobs.engine.ray_backend'); config = pickle.loads(data); config.backend_cls; "
             "print(config.backend, 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["gloo", "False"]

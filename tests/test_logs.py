@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import local_config, write_config
 
-from rlhf_jobs.logs import is_noise
+from rlhf_jobs.engine.logs import is_noise
 
 # As Ray 2.60 forwards them to the driver (seen at every stage start, and on every resume).
 PREEMPTION_LINE = (

@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import local_config, write_config
 
+from rlhf_jobs.algorithms.rm import tokenize_pair
+from rlhf_jobs.algorithms.sft import IGNORE_INDEX, tokenize_sft
 from rlhf_jobs.cli import main
-from rlhf_jobs.config import LoRA, SupervisedTraining
-from rlhf_jobs.export import exportable
-from rlhf_jobs.models import bos_ids, load_causal_lm, load_reward_model, load_tokenizer, stored_dtype
-from rlhf_jobs.rm import tokenize_pair
-from rlhf_jobs.sft import IGNORE_INDEX, tokenize_sft
+from rlhf_jobs.core.config import LoRA, SupervisedTraining
+from rlhf_jobs.engine.export import exportable
+from rlhf_jobs.engine.models import bos_ids, load_causal_lm, load_reward_model, load_tokenizer, stored_dtype
 
 RECORD = {"instruction": "Name a colour.", "context": None, "response": "Blue."}
 PAIR = {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "I will not."}
@@ -77,7 +77,7 @@ def test_merged_lora_export_is_a_plain_model_with_the_adapter_model_outputs(
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from rlhf_jobs.adapters import lora_config
+    from rlhf_jobs.engine.adapters import lora_config
 
     tokenizer = load_tokenizer(str(tiny_llama))
     torch.manual_seed(0)
@@ -139,7 +139,7 @@ def test_rollout_batch_larger_than_the_experience_batch_is_a_config_error(tmp_pa
 
 
 def test_fsdp_refuses_a_model_without_decoder_layers() -> None:
-    from rlhf_jobs.sharding import ShardingError, check_shardable
+    from rlhf_jobs.engine.sharding import ShardingError, check_shardable
 
     with pytest.raises(ShardingError, match="declares none"):
         check_shardable(torch.nn.Sequential(torch.nn.Linear(2, 2)))
@@ -149,7 +149,7 @@ def test_adapter_only_export_loads_as_its_merged_base(tiny_llama: Path, tmp_path
     """export: adapter writes the adapter alone; a later stage (or models.load_*) reads it merged."""
     from peft import get_peft_model
 
-    from rlhf_jobs.adapters import lora_config
+    from rlhf_jobs.engine.adapters import lora_config
 
     tokenizer = load_tokenizer(str(tiny_llama))
     model = get_peft_model(load_causal_lm(str(tiny_llama), tokenizer), lora_config(LoRA(r=4), "CAUSAL_LM")).eval()

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf_jobs import packing
-from rlhf_jobs.data import RM_SCHEMA, SFT_SCHEMA, read_records
-from rlhf_jobs.models import load_causal_lm, load_reward_model, load_tokenizer
-from rlhf_jobs.rm import RewardTask, pairwise_loss, tokenize_pair
-from rlhf_jobs.sft import IGNORE_INDEX, full_logits, packed_batch, pad_batch, response_loss, tokenize_sft
+from rlhf_jobs.algorithms.rm import RewardTask, pairwise_loss, tokenize_pair
+from rlhf_jobs.algorithms.sft import IGNORE_INDEX, full_logits, packed_batch, pad_batch, response_loss, tokenize_sft
+from rlhf_jobs.core.data import RM_SCHEMA, SFT_SCHEMA, read_records
+from rlhf_jobs.engine import packing
+from rlhf_jobs.engine.models import load_causal_lm, load_reward_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "examples" / "data"
@@ -21,7 +21,7 @@ SAMPLES = REPO / "examples" / "data"
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from rlhf_jobs.tiny_model import build_llama
+    from rlhf_jobs.tools.tiny_model import build_llama
 
     return build_llama(tmp_path_factory.mktemp("llama") / "model", "tiny")
 

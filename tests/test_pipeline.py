@@ -13,10 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
-from rlhf_jobs.backends.local import LocalBackend
-from rlhf_jobs.config import ConfigError
-from rlhf_jobs.data import DataError
-from rlhf_jobs.pipeline import PipelineOptions, plan, run_pipeline
+from rlhf_jobs.core.errors import ConfigError, DataError
+from rlhf_jobs.pipeline.backends.local import LocalBackend
+from rlhf_jobs.pipeline.plan import PipelineOptions, plan, run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 

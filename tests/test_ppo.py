@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import local_config, write_config
 
-from rlhf_jobs import ppo
-from rlhf_jobs.batching import pad
-from rlhf_jobs.distributed import global_mean_var
-from rlhf_jobs.worker import Worker
+from rlhf_jobs.algorithms import ppo
+from rlhf_jobs.engine.batching import pad
+from rlhf_jobs.engine.distributed import global_mean_var
+from rlhf_jobs.engine.worker import Worker
 
 CPU = torch.device("cpu")
 
@@ -220,7 +220,7 @@ def test_every_prompt_is_used_each_epoch_across_workers() -> None:
 
 
 def test_prompts_are_left_truncated_and_the_text_matches_the_ids(tiny_model: Path) -> None:
-    from rlhf_jobs.models import load_tokenizer
+    from rlhf_jobs.engine.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model))
     records = [{"prompt": "Describe the weather today in a few words.", "context": None}]
@@ -245,7 +245,7 @@ def ppo_config(tmp_path: Path, model: Path, sft: Path | str | None, rm: Path | s
 
 
 def test_local_config_and_conf_sample_validate(repo_root: Path) -> None:
-    from rlhf_jobs.config import load_config
+    from rlhf_jobs.core.loading import load_config
 
     conf = load_config(repo_root / "configs" / "ppo.conf", "ppo", paths=False)
     assert conf.General.model_pretrain is None and conf.Training.experience_batch_size > 0
@@ -259,8 +259,8 @@ def test_local_config_and_conf_sample_validate(repo_root: Path) -> None:
 def test_pretrain_path_without_marker_names_the_stage_to_run_first(
     tmp_path: Path, tiny_model: Path, key: str, stage_words: str
 ) -> None:
-    from rlhf_jobs.checkpoints import CheckpointError
     from rlhf_jobs.cli import train_stage
+    from rlhf_jobs.core.errors import CheckpointError
 
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
@@ -278,8 +278,8 @@ def held_out_scores(policy_dir: Path, rm_dir: Path, config: dict, samples: int =
     """Mean RM score of `samples` sampled responses per held-out prompt, same seeds for every policy."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from rlhf_jobs.data import PPO_SCHEMA, load_splits
-    from rlhf_jobs.models import load_tokenizer
+    from rlhf_jobs.core.data import PPO_SCHEMA, load_splits
+    from rlhf_jobs.engine.models import load_tokenizer
 
     dataset, training = config["Dataset"], config["Training"]
     _, held_out = load_splits(dataset["train_file"], None, dataset["validation_split_percentage"], PPO_SCHEMA,
@@ -319,8 +319,8 @@ def test_ppo_raises_the_held_out_score_and_resumes(
 ) -> None:
     """Stop halfway (--stop-at-step), then rerun the same config on the same output_dir: it resumes, and
     the final policy (loaded from checkpoint_dir) outscores the SFT policy on held-out prompts."""
-    from rlhf_jobs.checkpoints import read_marker
     from rlhf_jobs.cli import main
+    from rlhf_jobs.store.markers import read_marker
 
     full = ppo_config(tmp_path, tiny_model, sft_checkpoint, rm_checkpoint)
     total = full["Training"]["training_iteration"]

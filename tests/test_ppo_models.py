@@ -11,13 +11,13 @@ import pytest
 import torch
 from conftest import local_config
 
-from rlhf_jobs import ppo
-from rlhf_jobs.batching import pad
-from rlhf_jobs.config import validate_config
-from rlhf_jobs.logprobs import entropy, selective_log_softmax
-from rlhf_jobs.models import load_tokenizer
-from rlhf_jobs.prompts import record_prompt
-from rlhf_jobs.worker import Worker
+from rlhf_jobs.algorithms import ppo
+from rlhf_jobs.core.loading import validate_config
+from rlhf_jobs.core.prompts import record_prompt
+from rlhf_jobs.engine.batching import pad
+from rlhf_jobs.engine.logprobs import entropy, selective_log_softmax
+from rlhf_jobs.engine.models import load_tokenizer
+from rlhf_jobs.engine.worker import Worker
 
 CPU = torch.device("cpu")
 WORKER = Worker(0, 1, CPU)

@@ -15,7 +15,7 @@ import pytest
 import ray
 from conftest import REPO, local_config, write_config
 
-from rlhf_jobs import launcher, preemption
+from rlhf_jobs.engine import control, launcher, preemption
 
 
 def train_steps(metrics: Path) -> list[int]:
@@ -35,7 +35,7 @@ def test_hook_with_no_driver_returns_at_once(tmp_path: Path, monkeypatch: pytest
 
 
 def test_requested_is_false_outside_a_run() -> None:
-    assert preemption.requested() is False
+    assert control.stop_requested() is False
 
 
 @pytest.mark.slow
@@ -59,7 +59,7 @@ def test_sigterm_mid_epoch_stops_after_the_step_and_the_rerun_continues_there(ti
     assert signalled_after < 7, "mid-epoch"
 
     # What Kubernetes runs in the head pod before SIGTERM: SIGTERM the registered drivers, wait for them.
-    hook = subprocess.run([sys.executable, "-m", "rlhf_jobs.preemption", "--wait", "240"], env=env, cwd=REPO,
+    hook = subprocess.run([sys.executable, "-m", "rlhf_jobs.engine.preemption", "--wait", "240"], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert hook.returncode == 0, hook.stderr
     assert first.wait(timeout=30) == 75, log.read_text()[-3000:]  # EX_TEMPFAIL: run it again

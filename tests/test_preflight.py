@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import local_config, write_config
 
-from rlhf_jobs.checkpoints import MARKER
 from rlhf_jobs.cli import main
+from rlhf_jobs.store.markers import MARKER
 
 
 def finished_model(tiny_model: Path, directory: Path, stage: str, output_dir: Path) -> Path:

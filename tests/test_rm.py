@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf_jobs.batching import pad
-from rlhf_jobs.data import RM_SCHEMA, read_records
-from rlhf_jobs.models import load_reward_model, load_tokenizer
-from rlhf_jobs.rm import pairwise_loss, score, tokenize_pair
+from rlhf_jobs.algorithms.rm import pairwise_loss, score, tokenize_pair
+from rlhf_jobs.core.data import RM_SCHEMA, read_records
+from rlhf_jobs.engine.batching import pad
+from rlhf_jobs.engine.models import load_reward_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_reward_model_learns_the_preference_and_reloads(rm_checkpoint: Path) -> 
     tokenizer = AutoTokenizer.from_pretrained(rm_checkpoint)
     config = marker["config"]
     records = read_records(str(REPO / config["Dataset"]["train_file"]), RM_SCHEMA)
-    from rlhf_jobs.data import load_splits
+    from rlhf_jobs.core.data import load_splits
 
     _, held_out = load_splits(config["Dataset"]["train_file"], None, config["Dataset"]["validation_split_percentage"],
                               RM_SCHEMA, config["Training"]["seed"])

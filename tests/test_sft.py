@@ -11,10 +11,10 @@ import yaml
 from conftest import local_config, write_config
 from transformers import AutoModelForCausalLM
 
+from rlhf_jobs.algorithms.sft import IGNORE_INDEX, pad_batch, response_loss, tokenize_sft
 from rlhf_jobs.cli import main
-from rlhf_jobs.models import load_tokenizer
-from rlhf_jobs.prompts import RESPONSE_KEY, instruction_prompt
-from rlhf_jobs.sft import IGNORE_INDEX, pad_batch, response_loss, tokenize_sft
+from rlhf_jobs.core.prompts import RESPONSE_KEY, instruction_prompt
+from rlhf_jobs.engine.models import load_tokenizer
 
 
 @pytest.fixture(scope="module")

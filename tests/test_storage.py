@@ -19,9 +19,11 @@ import pytest
 from conftest import REPO, local_config, write_config
 from servers import BUCKET, s3_env, s3_server  # noqa: F401  (fixtures)
 
-from rlhf_jobs import storage
-from rlhf_jobs.checkpoints import CheckpointError, read_marker, require_stage, write_atomically
 from rlhf_jobs.cli import main
+from rlhf_jobs.core.errors import CheckpointError
+from rlhf_jobs.store import storage
+from rlhf_jobs.store.checkpoints import require_stage, write_atomically
+from rlhf_jobs.store.markers import read_marker
 
 
 def prefix() -> str:

@@ -17,7 +17,7 @@ from conftest import REPO, local_config, write_config
 from servers import mlflow_server  # noqa: F401
 
 from rlhf_jobs.cli import main
-from rlhf_jobs.trackers import flat_params
+from rlhf_jobs.store.trackers import flat_params
 
 
 def sft_config(tmp_path: Path, tiny_model: Path) -> str:
@@ -98,8 +98,8 @@ def test_pipeline_reports_every_metric_to_mlflow_and_wandb(mlflow_server: str, t
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow.tracking import MlflowClient
 
-    from rlhf_jobs.backends.local import LocalBackend
-    from rlhf_jobs.pipeline import PipelineOptions, run_pipeline
+    from rlhf_jobs.pipeline.backends.local import LocalBackend
+    from rlhf_jobs.pipeline.plan import PipelineOptions, run_pipeline
 
     experiment = f"test-{tmp_path.name}"
     for name, value in {"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_EXPERIMENT_NAME": experiment,

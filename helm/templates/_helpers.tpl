@@ -23,7 +23,7 @@ Chart label value.
 {{- end }}
 
 {{/*
-The stage registry as JSON: files/stages.json, generated from rlhf_jobs/stages.py by `make schema` (a test fails
+The stage registry as JSON: files/stages.json, generated from rlhf_jobs/core/stages.py by `make schema` (a test fails
 when it is stale). {"stages": [{"name": "sft", "inputs": {}}, ...]} in pipeline order; `inputs` maps a General
 key to the earlier stage whose final model it reads (PPO: model_pretrain -> sft, rm_pretrain -> rm).
 Use: $registry := include "rlhf-jobs.registry" . | fromJson

@@ -1,0 +1,837 @@
+"""PPO: optimise the SFT policy against the reward model, on Ray Train. Read it top to bottom.
+
+Every worker holds four models: the **policy** (trainable, DDP), a frozen **reference** copy of
+the initial policy, the **critic** (trainable, DDP: the reward model's backbone with its score
+head applied at every position, so values start out as reward-model scores) and the frozen
+**reward model**. Frozen models are in eval mode under `torch.no_grad`; dropout is off in all four
+(PPO's ratio must compare the same function at rollout and at update time).
+
+One iteration (`train_loop`, steps 1-5):
+
+1. **Rollout** (`collect_experience`). Each worker takes the next `experience_batch_size` prompts of
+   its shard (`rank::world_size` of a per-epoch seeded shuffle, so every prompt is used every epoch),
+   left-padded and left-truncated to `max_prompt_length`, and samples responses in one batched
+   `generate` with the KV cache. Tokens after the first EOS are padding (the EOS itself is part of
+   the response). One forward over prompt + response gives the log-probs of the response tokens
+   under the policy and the reference (temperature-scaled logits, the same in rollout and update)
+   and the critic's value of each response token. The reward model scores the decoded
+   `prompt_text + response_text`, re-tokenised with its own tokenizer.
+2. **Rewards** (`compute_rewards`). Per token: `-kl_coeff × KL` (k1 `logp - ref_logp`, or k3
+   `(r - 1) - log r` with `r = exp(ref_logp - logp)`); the score (`shape_scores`: normalised with the
+   reward model's recorded mean/std, clipped to ±`score_clip`, minus `missing_eos_penalty` without EOS)
+   is added at the last response token.
+3. **Advantages** (`compute_gae`). GAE(`gamma`, `lam`) over the response tokens (the value after the
+   last one is 0); returns = advantages + values; advantages whitened with the mean/variance of ALL workers.
+4. **Update** (`ppo_update`). `ppo_epochs` passes over shuffled minibatches of `mini_batch_size`:
+   per-token ratio `exp(logp_new - logp_old)`, clipped surrogate loss and clipped value loss, both masked
+   means over response tokens. One backward of `policy_loss + vf_coef × value_loss` fills the gradients
+   of the two separate models, each clipped to `max_grad_norm` and stepped by its own optimizer
+   (`learning_rate` / `critic_learning_rate`). Prompt and padding tokens never contribute.
+5. **KL control** (optional, `target_kl`): Ziegler et al.'s adaptive coefficient; then the metrics
+   (`iteration_metrics`, over all workers).
+
+Metrics go to `metrics.jsonl` and TensorBoard every iteration; the held-out prompts are scored
+(`eval_score_mean`, split "eval") at the start, every `eval_steps` iterations and at the end. Ray
+Train checkpoints (policy, critic, optimizers, schedulers, KL coefficient, iteration, data
+position) every `save_steps` (default `eval_steps`) iterations and at the end; a rerun with the
+same `output_dir` resumes. The final policy + tokenizer are written to `checkpoint_dir`
+(atomically, with the `rlhf_stage.json` marker) and the critic to `checkpoint_dir/critic`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rlhf_jobs.core.config import PPOTraining, StageConfig
+from rlhf_jobs.core.data import PPO_SCHEMA, load_splits, report_truncation
+from rlhf_jobs.core.errors import DataError
+from rlhf_jobs.core.prompts import record_prompt
+from rlhf_jobs.engine import export, launcher, optim, sharding
+from rlhf_jobs.engine.adapters import add_lora, disabled_adapter
+from rlhf_jobs.engine.batching import pad
+from rlhf_jobs.engine.control import StopControl, stopped
+from rlhf_jobs.engine.distributed import Moments, all_reduce_max, all_reduce_sum, global_mean_var, peak_memory_gib
+from rlhf_jobs.engine.logprobs import entropy, selective_log_softmax
+from rlhf_jobs.engine.models import bos_ids, load_causal_lm, load_reward_model, load_tokenizer, stored_dtype, unwrap
+from rlhf_jobs.engine.train_state import ModelState, TrainState
+from rlhf_jobs.engine.worker import Worker, progress, setup_worker
+from rlhf_jobs.store.checkpoints import require_stage, write_atomically
+from rlhf_jobs.store.metrics_log import MetricsLogger
+
+STAGE = "ppo"
+
+
+# ---- masked statistics ------------------------------------------------------------------------------
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    return (values * mask).sum() if dim is None else (values * mask).sum(dim)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `values` where `mask` is 1 (over everything, or along `dim`)."""
+    return masked_sum(values, mask, dim) / (mask.sum() if dim is None else mask.sum(dim)).clamp(min=1)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Population variance of the masked values."""
+    mean = masked_mean(values, mask)
+    return masked_mean((values - mean) ** 2, mask)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  stats: tuple[float, float] | None = None) -> torch.Tensor:
+    """(values - mean) / std over the masked entries (mean kept if not shift_mean); 0 outside the mask.
+
+    `stats` = (mean, var) computed elsewhere, e.g. over all workers by `global_mean_var`.
+    """
+    mean, var = stats if stats is not None else (masked_mean(values, mask), masked_var(values, mask))
+    whitened = (values - mean) * torch.rsqrt(torch.as_tensor(var, dtype=values.dtype) + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+# ---- the pieces of the algorithm ---------------------------------------------------------------------
+
+
+def response_mask(response: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """1 for response tokens up to and including the first EOS, 0 after it."""
+    is_eos = (response == eos_token_id).long()
+    eos_before = is_eos.cumsum(dim=1) - is_eos
+    return (eos_before == 0).long()
+
+
+def response_slice(per_position: torch.Tensor, width: int) -> torch.Tensor:
+    """The positions that predict the `width` response tokens of prompt + response.
+
+    The token at position P + t is predicted at position P + t - 1, so the slice is `[:, P - 1 : -1]`.
+    """
+    return per_position[:, -width - 1 : -1]
+
+
+def response_logprobs(logits: torch.Tensor, response: torch.Tensor, temperature: float,
+                      chunk_size: int = 256) -> torch.Tensor:
+    """Log-probs of `response` from the logits of prompt + response (all positions, or only the last
+    `width + 1` as `logits_to_keep` returns them: the response slice is the same).
+
+    Logits are divided by the sampling temperature, in rollout and update alike; the log-softmax is
+    computed in fp32 a chunk of positions at a time (`logprobs.selective_log_softmax`).
+    """
+    return selective_log_softmax(response_slice(logits, response.size(1)), response, temperature, chunk_size)
+
+
+def response_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor], width: int) -> torch.Tensor:
+    """The model's logits at the `width + 1` last positions only (`logits_to_keep`), where it supports that."""
+    hf_model = sharding.hf_model(unwrap(model))
+    if "logits_to_keep" in inspect.signature(hf_model.forward).parameters:
+        return model(**inputs, use_cache=False, logits_to_keep=width + 1).logits
+    return model(**inputs, use_cache=False).logits
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL(policy || reference) estimate from sampled tokens: k1 = log(p/q), k3 = (r - 1) - log r, r = q/p."""
+    if estimator == "k1":
+        return logp - ref_logp
+    if estimator == "k3":
+        log_ratio = ref_logp - logp
+        return log_ratio.exp() - 1 - log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected k1 or k3")
+
+
+def compute_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
+                    kl_coeff: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rewards, non-score rewards): -kl_coeff × KL per response token, plus the score at the last one."""
+    non_score = -kl_coeff * kl * mask
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards = non_score.clone()
+    rewards[torch.arange(rewards.size(0)), last] += score
+    return rewards, non_score
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) by generalised advantage estimation over the response tokens.
+
+    δ_t = r_t + γ V_{t+1} - V_t and A_t = δ_t + γλ A_{t+1}, with V and A zero past the last
+    response token (the episode ends there). Returns = advantages + values.
+    """
+    values, rewards = values * mask, rewards * mask
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        next_value = values[:, t]
+        advantages[:, t] = next_advantage
+    return advantages, (advantages + values) * mask
+
+
+MAX_LOG_RATIO = 20.0  # exp(20) ≈ 5e8: far outside any clip range, and no overflow to inf
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                cliprange: float, tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate: masked mean of max(-A·ratio, -A·clip(ratio, 1 ± ε)), per token.
+
+    `tokens`: divide the masked sums by this count instead of `mask.sum()` (a micro-batch's share of its
+    minibatch's mean). The log-ratio is clamped to ±20 before `exp` (as OpenRLHF does).
+    """
+    tokens = mask.sum().clamp(min=1) if tokens is None else tokens
+    log_ratio = (logp - old_logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_sum(torch.max(unclipped, clipped), mask) / tokens
+    with torch.no_grad():
+        stats = {
+            "clip_fraction": masked_sum((clipped > unclipped).float(), mask) / tokens,
+            "approx_kl": masked_sum(0.5 * log_ratio**2, mask) / tokens,
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float,
+    tokens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """0.5 × masked mean of max((V - R)², (clip(V, V_old ± ε) - R)²); `tokens` as in `policy_loss`."""
+    tokens = mask.sum().clamp(min=1) if tokens is None else tokens
+    clipped_values = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_sum(torch.max(unclipped_error, clipped_error), mask) / tokens
+    with torch.no_grad():
+        stats = {"value_clip_fraction": masked_sum((clipped_error > unclipped_error).float(), mask) / tokens}
+    return loss, stats
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019): kl_coeff *= 1 + clip(KL / target - 1, ±0.2) × n_steps / horizon."""
+
+    def __init__(self, kl_coeff: float, target: float | None, horizon: int) -> None:
+        self.value, self.target, self.horizon = kl_coeff, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        if self.target is None:
+            return
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = state["value"]
+
+
+# ---- models ----------------------------------------------------------------------------------------------
+
+
+def score_head(classifier: torch.nn.Module) -> torch.nn.Linear:
+    """The one-output linear head of a transformers sequence classifier (`score` in most architectures)."""
+    hf_model = sharding.hf_model(classifier)
+    head = getattr(hf_model, "score", None) or getattr(hf_model, "classifier", None)
+    if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
+        raise TypeError(f"{type(hf_model).__name__} has no one-output linear score head")
+    return head
+
+
+class Critic(torch.nn.Module):
+    """A value per position: a sequence classifier's transformer and a value head of its own.
+
+    The value head starts as the classifier's score head rescaled by the reward model's recorded
+    statistics, `(score - mean) / std`, so the critic's first value at the last response token is the
+    normalised score the rewards use. The classifier's own head stays frozen: with LoRA the critic's
+    base model, adapter disabled, is the reward model itself (`forward(..., score=True)`).
+    """
+
+    def __init__(self, classifier: torch.nn.Module, value_head: torch.nn.Linear) -> None:
+        super().__init__()
+        self.classifier, self.value_head = classifier, value_head
+        score_head(classifier).requires_grad_(False)
+
+    @classmethod
+    def from_classifier(cls, classifier: torch.nn.Module, reward_stats: dict[str, float] | None = None) -> Critic:
+        """The value head = the classifier's score head, rescaled to `(score - mean) / std`."""
+        head = score_head(classifier)
+        mean, std = (reward_stats["mean"], max(reward_stats["std"], 1e-6)) if reward_stats else (0.0, 1.0)
+        value_head = torch.nn.Linear(head.in_features, 1, dtype=torch.float32, device=head.weight.device)
+        with torch.no_grad():
+            value_head.weight.copy_(head.weight.float() / std)
+            bias = head.bias.float() if head.bias is not None else torch.zeros(1, device=head.weight.device)
+            value_head.bias.copy_((bias - mean) / std)
+        return cls(classifier, value_head)
+
+    def skeleton(self) -> Critic:
+        """An empty (meta-device) critic of the same structure, to gather a sharded one into."""
+        with torch.device("meta"):
+            value_head = torch.nn.Linear(self.value_head.in_features, 1, dtype=torch.float32)
+        return Critic(export.skeleton(self.classifier), value_head)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None, score: bool = False) -> torch.Tensor:
+        if score:  # the classifier's own score (the reward model, when the adapter is disabled)
+            return self.classifier(input_ids=input_ids, attention_mask=attention_mask,
+                                   use_cache=False).logits.squeeze(-1).float()
+        transformer = sharding.hf_model(self.classifier).base_model
+        hidden = transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).last_hidden_state
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def sequence_inputs(query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor,
+                    mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Left-padded prompt + right-padded response, with positions counted from the first real token
+    (as `generate` counts them for left-padded prompts)."""
+    attention_mask = torch.cat([query_mask, mask], dim=1)
+    return {
+        "input_ids": torch.cat([query, response], dim=1),
+        "attention_mask": attention_mask,
+        "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0),
+    }
+
+
+# ---- driver: data -------------------------------------------------------------------------------------------
+
+
+def tokenize_prompts(records: Any, tokenizer: Any, style: str, max_prompt_length: int) -> list[dict[str, Any]]:
+    """[BOS] + prompt ids, left-truncated to max_prompt_length, and the text of exactly those prompt ids
+    (what the RM sees, before its own BOS)."""
+    bos = bos_ids(tokenizer)
+    examples = []
+    for record in records:
+        full = tokenizer(record_prompt(record, style, tokenizer), add_special_tokens=False)["input_ids"]
+        ids = full[-(max_prompt_length - len(bos)) :]
+        examples.append({"input_ids": bos + ids, "text": tokenizer.decode(ids), "truncated": len(full) > len(ids)})
+    return examples
+
+
+def prepare(config: StageConfig) -> dict[str, Any]:
+    """On the driver: check the SFT/RM checkpoints, read and tokenise prompts, read the RM's score stats."""
+    general, dataset = config.General, config.Dataset
+    if general.model_pretrain:
+        require_stage(general.model_pretrain, "sft", "General.model_pretrain")
+    reward_stats = None
+    if general.rm_pretrain:
+        reward_stats = require_stage(general.rm_pretrain, "rm", "General.rm_pretrain").get("reward_stats")
+    tokenizer = load_tokenizer(general.model_pretrain or general.model_name, general.trust_remote_code)
+    train, evaluation = load_splits(
+        dataset.train_file, dataset.validation_file, dataset.validation_split_percentage,
+        PPO_SCHEMA, config.Training.seed, max_tokens=dataset.max_prompt_length,
+    )
+    if len(train) < config.Training.num_training_workers:
+        raise DataError(
+            f"{dataset.train_file}: {len(train)} prompt(s) for {config.Training.num_training_workers} workers"
+        )
+    names = {"train": dataset.train_file, "eval": dataset.validation_file or "validation split"}
+    prompts = {
+        split: report_truncation(tokenize_prompts(records, tokenizer, dataset.prompt_format, dataset.max_prompt_length),
+                                 names[split], "Dataset.max_prompt_length", dataset.max_prompt_length, PPO_SCHEMA.keep)
+        if records is not None else None
+        for split, records in (("train", train), ("eval", evaluation))
+    }
+    return {**prompts, "reward_stats": reward_stats}
+
+
+def shard_order(n_prompts: int, worker: Worker, seed: int, epoch: int) -> list[int]:
+    """This worker's prompt indices for `epoch`: rank::world_size of a seeded shuffle, padded so shards are equal."""
+    order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    shard_size = math.ceil(n_prompts / worker.world_size)
+    order += order[: shard_size * worker.world_size - n_prompts]
+    return order[worker.rank :: worker.world_size]
+
+
+def prompt_batch(examples: list[dict[str, Any]], worker: Worker, seed: int, position: int,
+                 size: int) -> list[dict[str, Any]]:
+    """The `size` prompts after the first `position` of this worker's endless stream (epoch after epoch)."""
+    shard_size = math.ceil(len(examples) / worker.world_size)
+    batch = []
+    for index in range(position, position + size):
+        epoch, offset = divmod(index, shard_size)
+        batch.append(examples[shard_order(len(examples), worker, seed, epoch)[offset]])
+    return batch
+
+
+# ---- worker: models and optimizers ---------------------------------------------------------------------------
+
+
+@dataclass
+class PPOModels:
+    policy: torch.nn.Module  # trainable; wrapped (DDP) or sharded (FSDP)
+    critic: Critic  # trainable, likewise
+    reference: torch.nn.Module | None  # None with LoRA: the policy with its adapter disabled
+    reward_model: torch.nn.Module | None  # None with LoRA when it shares the critic's base model
+    tokenizer: Any  # the policy's, left padding
+    rm_tokenizer: Any  # the reward model's, right padding, left truncation
+
+    @torch.no_grad()
+    def reference_logits(self, inputs: dict[str, torch.Tensor], width: int) -> torch.Tensor:
+        if self.reference is not None:
+            return response_logits(self.reference, inputs, width)
+        policy = unwrap(self.policy)
+        with disabled_adapter(policy):
+            return response_logits(policy, inputs, width)
+
+    @torch.no_grad()
+    def reward_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.reward_model is not None:
+            return self.reward_model(input_ids=input_ids, attention_mask=attention_mask,
+                                     use_cache=False).logits.squeeze(-1).float()
+        critic = unwrap(self.critic)
+        with disabled_adapter(critic.classifier):
+            return critic(input_ids=input_ids, attention_mask=attention_mask, score=True)
+
+
+def load_models(config: StageConfig, worker: Worker, reward_stats: dict[str, float] | None) -> PPOModels:
+    """The models on this worker. Trainable weights in fp32; frozen ones in the compute dtype under mixed
+    precision. With LoRA, one base model serves as policy and reference, another as critic and reward model."""
+    general, training = config.General, config.Training
+    policy_path = general.model_pretrain or general.model_name
+    rm_path = general.rm_pretrain or general.rm_name
+    trust, lora = general.trust_remote_code, training.lora
+    frozen_dtype, trained_dtype = sharding.frozen_dtype(training), sharding.load_dtype(training)
+    tokenizer = load_tokenizer(policy_path, trust, padding_side="left")
+    rm_tokenizer = load_tokenizer(rm_path, trust, padding_side="right")
+    rm_tokenizer.truncation_side = "left"
+
+    # Each model is distributed as soon as it is loaded: under FSDP a worker then never holds more than one
+    # full model besides the shards of those before it (loading all four first peaked at four full copies).
+    policy = load_causal_lm(policy_path, tokenizer, trust, dropout=False, dtype=trained_dtype)
+    if lora:
+        policy = add_lora(policy, lora, "CAUSAL_LM")
+    policy = sharding.prepare(policy, training, worker)
+    reference = None
+    if not lora:
+        reference = frozen(load_causal_lm(policy_path, tokenizer, trust, dropout=False, dtype=frozen_dtype))
+        reference = sharding.prepare(reference, training, worker, trainable=False)
+    # The critic reads the policy's tokens: it starts from the RM when they share a vocabulary (its value
+    # head then starts as the normalised score), else from the policy's backbone with a fresh value head.
+    same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
+    classifier = load_reward_model(rm_path if same_vocab else policy_path, tokenizer, trust, dropout=False,
+                                   dtype=trained_dtype)
+    critic = Critic.from_classifier(classifier, reward_stats if same_vocab else None)
+    if lora:  # the transformer gets adapters; the score head stays the reward model's
+        critic.classifier = add_lora(classifier, lora, "FEATURE_EXTRACTION", exclude=("score", "classifier"))
+    critic = sharding.prepare(critic, training, worker)
+    reward_model = None
+    if not (lora and same_vocab):
+        reward_model = frozen(load_reward_model(rm_path, rm_tokenizer, trust, dropout=False, dtype=frozen_dtype))
+        reward_model = sharding.prepare(reward_model, training, worker, trainable=False)
+    return PPOModels(
+        policy=policy, critic=critic, reference=reference, reward_model=reward_model,
+        tokenizer=tokenizer, rm_tokenizer=rm_tokenizer,
+    )
+
+
+@dataclass
+class Optimizers:
+    """The policy's and the critic's optimizer and schedule, the KL coefficient and the fp16 loss scaler."""
+
+    policy: torch.optim.Optimizer
+    critic: torch.optim.Optimizer
+    policy_schedule: Any
+    critic_schedule: Any
+    kl_control: AdaptiveKLController
+    scaler: torch.amp.GradScaler | None
+
+    @classmethod
+    def build(cls, models: PPOModels, training: PPOTraining, total_updates: int, device: torch.device) -> Optimizers:
+        policy = optim.build_optimizer(models.policy, training)
+        critic = optim.build_optimizer(models.critic, training, training.critic_learning_rate)
+        return cls(policy, critic, optim.build_scheduler(policy, training, total_updates),
+                   optim.build_scheduler(critic, training, total_updates),
+                   AdaptiveKLController(training.kl_coeff, training.target_kl, training.kl_horizon),
+                   optim.grad_scaler(training, device))
+
+    def state_dict(self) -> dict[str, Any]:
+        """What resumes besides the tensors (those go through `train_state.ModelState`)."""
+        return {"policy_scheduler": self.policy_schedule.state_dict(),
+                "critic_scheduler": self.critic_schedule.state_dict(), "kl_control": self.kl_control.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        optim.restore_scheduler(self.policy_schedule, state["policy_scheduler"])
+        optim.restore_scheduler(self.critic_schedule, state["critic_scheduler"])
+        self.kl_control.load_state_dict(state["kl_control"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+# ---- worker: rollout ---------------------------------------------------------------------------------------------
+
+
+def generation_settings(training: PPOTraining, tokenizer: Any) -> dict[str, Any]:
+    return dict(
+        do_sample=True, temperature=training.temperature, top_k=training.top_k or None, top_p=training.top_p,
+        max_new_tokens=training.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, use_cache=True,
+    )
+
+
+@torch.no_grad()
+def generate_responses(models: PPOModels, prompts: list[dict[str, Any]], training: PPOTraining,
+                       device: torch.device) -> list[list[int]]:
+    """Sampled response ids per prompt, up to and including the first EOS (a sharded policy is gathered
+    once for the whole call)."""
+    tokenizer = models.tokenizer
+    query, query_mask = pad([p["input_ids"] for p in prompts], tokenizer.pad_token_id, side="left", device=device)
+    model = unwrap(models.policy)
+    model.eval()
+    with sharding.gathered(model), optim.autocast(training, device):
+        output = model.generate(input_ids=query, attention_mask=query_mask,
+                                **generation_settings(training, tokenizer))
+    model.train()
+    response = output[:, query.size(1) :]
+    lengths = response_mask(response, tokenizer.eos_token_id).sum(1)
+    return [tokens[: int(length)].tolist() for tokens, length in zip(response, lengths, strict=True)]
+
+
+@torch.no_grad()
+def score_responses(models: PPOModels, prompts: list[dict[str, Any]], response: torch.Tensor, mask: torch.Tensor,
+                    training: PPOTraining, device: torch.device) -> torch.Tensor:
+    """The reward model's score of [BOS] prompt text + response text (EOS dropped), in its own tokens."""
+    texts = [
+        prompt["text"] + models.tokenizer.decode(tokens[: int(length)].tolist(), skip_special_tokens=True)
+        for prompt, tokens, length in zip(prompts, response, mask.sum(1), strict=True)
+    ]
+    rm_tokenizer = models.rm_tokenizer
+    config = sharding.hf_model(unwrap(models.critic if models.reward_model is None else models.reward_model)).config
+    room = (getattr(config, "max_position_embeddings", None) or 1024) - len(bos := bos_ids(rm_tokenizer))
+    sequences = [bos + ids[-room:] for ids in rm_tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    input_ids, attention_mask = pad(sequences, rm_tokenizer.pad_token_id, device=device)
+    with optim.autocast(training, device):
+        return models.reward_scores(input_ids, attention_mask)
+
+
+def shape_scores(raw: torch.Tensor, has_eos: torch.Tensor, reward_stats: dict[str, float] | None,
+                 training: PPOTraining) -> torch.Tensor:
+    """The score PPO optimises: normalised with the RM's statistics, clipped, minus the missing-EOS penalty."""
+    shaped = raw
+    if reward_stats:
+        shaped = (shaped - reward_stats["mean"]) / max(reward_stats["std"], 1e-6)
+    if training.score_clip:
+        shaped = shaped.clamp(-training.score_clip, training.score_clip)
+    return shaped - training.missing_eos_penalty * (~has_eos).float()
+
+
+@dataclass
+class Experience:
+    """One rollout batch: the sampled responses and what the frozen copies said about them."""
+
+    inputs: dict[str, torch.Tensor]  # prompt + response: input_ids, attention_mask, position_ids
+    response: torch.Tensor
+    mask: torch.Tensor  # float, 1 on response tokens up to and including the first EOS
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor
+    old_values: torch.Tensor
+    entropy: torch.Tensor  # masked mean over the batch
+    raw_score: torch.Tensor
+    has_eos: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.response.size(0)
+
+
+def row_chunks(size: int, chunk: int) -> list[slice]:
+    return [slice(start, start + chunk) for start in range(0, size, chunk)]
+
+
+@torch.no_grad()
+def collect_experience(models: PPOModels, prompts: list[dict[str, Any]], training: PPOTraining,
+                       device: torch.device) -> Experience:
+    """Generate, then the four rollout forwards, `rollout_batch_size` prompts at a time."""
+    chunk = training.rollout_batch_size or len(prompts)
+    responses = [ids for rows in row_chunks(len(prompts), chunk)
+                 for ids in generate_responses(models, prompts[rows], training, device)]
+    return judge_responses(models, prompts, responses, training, device)
+
+
+@torch.no_grad()
+def judge_responses(models: PPOModels, prompts: list[dict[str, Any]], responses: list[list[int]],
+                    training: PPOTraining, device: torch.device) -> Experience:
+    """What the policy, the reference, the critic and the reward model say about sampled responses,
+    `rollout_batch_size` sequences per forward."""
+    tokenizer, chunk = models.tokenizer, training.rollout_batch_size or len(prompts)
+    query, query_mask = pad([p["input_ids"] for p in prompts], tokenizer.pad_token_id, side="left", device=device)
+    response, mask = pad(responses, tokenizer.pad_token_id, device=device)
+    inputs = sequence_inputs(query, query_mask, response, mask)
+    width, temperature, chunk_size = response.size(1), training.temperature, training.logprob_chunk_size
+    maskf = mask.float()
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in ("old_logp", "ref_logp", "values", "entropy", "raw")}
+    for rows in row_chunks(len(prompts), chunk):
+        sub = {key: value[rows] for key, value in inputs.items()}
+        with optim.autocast(training, device):
+            logits = response_logits(unwrap(models.policy), sub, width)
+            parts["old_logp"].append(response_logprobs(logits, response[rows], temperature, chunk_size))
+            parts["entropy"].append(entropy(response_slice(logits, width), temperature, chunk_size))
+            del logits
+            parts["ref_logp"].append(response_logprobs(models.reference_logits(sub, width), response[rows],
+                                                       temperature, chunk_size))
+            parts["values"].append(response_slice(unwrap(models.critic)(**sub), width))
+            parts["raw"].append(score_responses(models, prompts[rows], response[rows], mask[rows], training, device))
+    joined = {name: torch.cat(values) for name, values in parts.items()}
+    has_eos = ((response == tokenizer.eos_token_id) & (mask == 1)).any(1)
+    return Experience(inputs, response, maskf, joined["old_logp"], joined["ref_logp"], joined["values"] * maskf,
+                      masked_mean(joined["entropy"], maskf), joined["raw"], has_eos)
+
+
+# ---- worker: update ------------------------------------------------------------------------------------------------
+
+UPDATE_STATS = ("policy_loss", "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl")
+
+
+def ppo_update(models: PPOModels, optimizers: Optimizers, batch: Experience, advantages: torch.Tensor,
+               returns: torch.Tensor, training: PPOTraining) -> dict[str, float]:
+    """`ppo_epochs` passes of clipped policy and value updates over shuffled minibatches, each split into
+    `gradient_accumulation_steps` micro-batches; the mean of each statistic over the updates."""
+    mini_batch_size = training.mini_batch_size or batch.size
+    micro_size = mini_batch_size // training.gradient_accumulation_steps
+    updates = training.ppo_epochs * (batch.size // mini_batch_size)
+    sums = dict.fromkeys(UPDATE_STATS, 0.0)
+    width, device, scaler = batch.response.size(1), batch.response.device, optimizers.scaler
+    for _ in range(training.ppo_epochs):
+        for rows in torch.randperm(batch.size).split(mini_batch_size):
+            tokens = batch.mask[rows].sum().clamp(min=1)  # each micro-batch adds its share of the minibatch mean
+            micro_batches = rows.split(micro_size)
+            for index, micro in enumerate(micro_batches):
+                minibatch = {key: value[micro] for key, value in batch.inputs.items()}
+                mask, last = batch.mask[micro], index == len(micro_batches) - 1
+                with contextlib.ExitStack() as stack:
+                    for model in (models.policy, models.critic):
+                        stack.enter_context(sharding.gradient_sync(model, last))
+                    stack.enter_context(optim.autocast(training, device))
+                    logp = response_logprobs(response_logits(models.policy, minibatch, width), batch.response[micro],
+                                             training.temperature, training.logprob_chunk_size)
+                    values = response_slice(models.critic(**minibatch), width)
+                    pg_loss, pg_stats = policy_loss(logp, batch.old_logp[micro], advantages[micro], mask,
+                                                    training.cliprange, tokens)
+                    vf_loss, vf_stats = value_loss(values, batch.old_values[micro], returns[micro], mask,
+                                                   training.cliprange_value, tokens)
+                    loss = pg_loss + training.vf_coef * vf_loss
+                    (scaler.scale(loss) if scaler else loss).backward()
+                for name, value in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg_stats, **vf_stats}.items():
+                    sums[name] += value.item() / updates
+            optim.step([(optimizers.policy, models.policy), (optimizers.critic, models.critic)], training, scaler)
+            optimizers.policy_schedule.step()
+            optimizers.critic_schedule.step()
+    return sums
+
+
+# ---- worker: metrics and evaluation ----------------------------------------------------------------------------
+
+
+def iteration_metrics(batch: Experience, kl: torch.Tensor, non_score: torch.Tensor, returns: torch.Tensor,
+                      update_stats: dict[str, float], worker: Worker) -> dict[str, float]:
+    """The iteration's debug variables over ALL workers (the update's statistics averaged over workers)."""
+    device = batch.mask.device
+    _, returns_var = global_mean_var(returns, batch.mask, device)
+    _, residual_var = global_mean_var(returns - batch.old_values, batch.mask, device)
+    score = Moments().add(batch.raw_score).reduce(device)
+    reduced = all_reduce_sum([
+        kl.sum().item(), non_score.sum().item(), batch.entropy.item(), batch.mask.sum().item(),
+        batch.has_eos.float().sum().item(), *update_stats.values(),
+    ], device)
+    kl_sum, non_score_sum, entropy_sum, tokens, eos_count = reduced[:5]
+    (memory,) = all_reduce_max([peak_memory_gib(device)], device)
+    sequences = score.count
+    return {
+        "score_mean": score.mean, "score_std": score.std,
+        "kl": kl_sum / sequences, "non_score_reward": non_score_sum / sequences,
+        "entropy": entropy_sum / worker.world_size,
+        **{name: value / worker.world_size for name, value in zip(update_stats, reduced[5:], strict=True)},
+        "explained_variance": 1.0 - residual_var / returns_var if returns_var > 0 else 0.0,
+        "response_length": tokens / sequences, "eos_fraction": eos_count / sequences,
+        "memory_peak_gib": memory,
+    }
+
+
+def evaluate_held_out(models: PPOModels, eval_prompts: list[dict[str, Any]] | None, training: PPOTraining,
+                      worker: Worker) -> dict[str, float]:
+    """Mean RM score of sampled responses to this worker's share of the held-out prompts (fixed seed)."""
+    if not eval_prompts:
+        return {}
+    shard = eval_prompts[worker.rank :: worker.world_size]
+    chunk = training.rollout_batch_size or training.experience_batch_size
+    if sharding.is_sharded(unwrap(models.policy)):  # every worker must run the same forwards
+        most = math.ceil(len(eval_prompts) / worker.world_size)
+        shard, real = shard + eval_prompts[: most - len(shard)], len(shard)
+    else:
+        real = len(shard)
+    scores, length = Moments(), 0.0
+    devices = [worker.device] if worker.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(training.seed + 7919 * (worker.rank + 1))
+        for rows in row_chunks(len(shard), chunk):
+            prompts = shard[rows]
+            response, mask = pad(generate_responses(models, prompts, training, worker.device),
+                                 models.tokenizer.pad_token_id, device=worker.device)
+            raw = score_responses(models, prompts, response, mask, training, worker.device)
+            keep = max(0, min(real - rows.start, len(prompts)))  # padding prompts count for nothing
+            scores.add(raw[:keep])
+            length += mask[:keep].sum().item()
+    scores.reduce(worker.device)
+    (length,) = all_reduce_sum([length], worker.device)
+    return {"eval_score_mean": scores.mean, "eval_score_std": scores.std,
+            "eval_response_length": length / max(scores.count, 1)}
+
+
+# ---- worker: the training loop -----------------------------------------------------------------------------
+
+
+def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    # -- hyperparameters and data
+    config, worker = setup_worker(loop_config)
+    general, training = config.General, config.Training
+    train_prompts, eval_prompts = loop_config["data"]["train"], loop_config["data"]["eval"]
+    reward_stats = loop_config["data"]["reward_stats"] if training.normalize_score else None
+    batch_size = training.experience_batch_size
+    prompts_per_worker = math.ceil(len(train_prompts) / worker.world_size)
+    iterations = training.training_iteration or training.epochs * math.ceil(prompts_per_worker / batch_size)
+    updates_per_iteration = batch_size // (training.mini_batch_size or batch_size)
+    save_steps = training.save_steps or training.eval_steps
+
+    # -- models, optimizers, resume
+    models = load_models(config, worker, reward_stats)
+    optimizers = Optimizers.build(models, training, iterations * updates_per_iteration * training.ppo_epochs,
+                                  worker.device)
+    store = TrainState(general.output_dir, worker)
+    tensors = {"policy": ModelState(models.policy, optimizers.policy, trainable_only=True),
+               "critic": ModelState(models.critic, optimizers.critic, trainable_only=True)}
+    iteration, data_position = 0, 0
+    saved = store.load(tensors)
+    if saved:
+        optimizers.load_state_dict(saved)
+        iteration, data_position = saved["iteration"], saved["data_position"]
+        progress(worker, STAGE, f"resuming at iteration {iteration}/{iterations}")
+
+    def save_checkpoint(metrics: dict[str, Any]) -> None:
+        import ray.train
+
+        store.save(iteration, tensors, {**optimizers.state_dict(), "iteration": iteration,
+                                        "data_position": data_position})
+        ray.train.report({"iteration": iteration, **metrics})
+
+    logger = MetricsLogger(general.output_dir, STAGE, worker.is_main, config, loop_config.get("tracking"))
+
+    def evaluate(at_iteration: int) -> dict[str, float]:
+        metrics = evaluate_held_out(models, eval_prompts, training, worker)
+        if metrics:
+            logger.log(at_iteration, metrics, split="eval")
+            progress(worker, STAGE, f"eval at iteration {at_iteration}: score {metrics['eval_score_mean']:.4f}")
+        return metrics
+
+    progress(worker, STAGE, f"{len(train_prompts)} prompts, {worker.world_size} worker(s) × {batch_size} per "
+                            f"rollout, {iterations} iterations")
+    eval_metrics = evaluate(iteration) if saved is None else {}
+    stop = StopControl(worker, loop_config.get("stop_at_step"))
+    while iteration < iterations:
+        # Seeded per iteration and rank: responses differ across workers, and a resumed run samples the same.
+        torch.manual_seed(training.seed + 100_003 * iteration + worker.rank)
+
+        # -- 1. rollout
+        start = time.perf_counter()
+        prompts = prompt_batch(train_prompts, worker, training.seed, data_position, batch_size)
+        batch = collect_experience(models, prompts, training, worker.device)
+        time_rollout = time.perf_counter() - start
+
+        # -- 2. rewards and 3. advantages
+        kl = kl_estimate(batch.old_logp, batch.ref_logp, training.kl_estimator) * batch.mask
+        scores = shape_scores(batch.raw_score, batch.has_eos, reward_stats, training)
+        rewards, non_score = compute_rewards(scores, kl, batch.mask, optimizers.kl_control.value)
+        if training.whiten_rewards:
+            rewards = masked_whiten(rewards, batch.mask, shift_mean=False,
+                                    stats=global_mean_var(rewards, batch.mask, worker.device))
+        advantages, returns = compute_gae(rewards, batch.old_values, batch.mask, training.gamma, training.lam)
+        advantages = masked_whiten(advantages, batch.mask, stats=global_mean_var(advantages, batch.mask, worker.device))
+
+        # -- 4. update
+        start = time.perf_counter()
+        update_stats = ppo_update(models, optimizers, batch, advantages, returns, training)
+        time_update = time.perf_counter() - start
+        iteration, data_position = iteration + 1, data_position + batch_size
+
+        # -- 5. KL control and metrics (over all workers)
+        metrics = iteration_metrics(batch, kl, non_score, returns, update_stats, worker)
+        sequences = batch_size * worker.world_size
+        metrics |= {
+            "kl_coeff": optimizers.kl_control.value, "learning_rate": optimizers.policy_schedule.get_last_lr()[0],
+            "time_rollout": time_rollout, "time_update": time_update,
+            "tokens_per_second": metrics["response_length"] * sequences / max(time_rollout, 1e-9),
+            "epoch": data_position / prompts_per_worker,
+        }
+        optimizers.kl_control.update(metrics["kl"], sequences)
+        logger.log(iteration, metrics)
+        progress(
+            worker, STAGE,
+            f"iteration {iteration}/{iterations} score {metrics['score_mean']:.3f} kl {metrics['kl']:.3f} "
+            f"entropy {metrics['entropy']:.2f} pg {metrics['policy_loss']:.3f} vf {metrics['value_loss']:.3f} "
+            f"clip {metrics['clip_fraction']:.2f} len {metrics['response_length']:.1f} "
+            f"rollout {time_rollout:.1f}s update {time_update:.1f}s {metrics['tokens_per_second']:.0f} tok/s",
+        )
+        stop_reason = stop.should_stop(iteration) if iteration < iterations else None
+        if iteration % training.eval_steps == 0 or iteration == iterations:
+            eval_metrics = evaluate(iteration)
+        if iteration % save_steps == 0 or iteration == iterations or stop_reason:
+            save_checkpoint({**metrics, **eval_metrics})
+        if stop_reason:
+            return stopped(worker, STAGE, iteration, stop_reason, logger)
+
+    if not eval_metrics:
+        eval_metrics = evaluate(iteration)
+    logger.close()
+    save_final(config, models, {"stage": STAGE, "config": config.to_dict(), "iteration": iteration,
+                                "metrics": eval_metrics}, worker)
+
+
+def save_final(config: StageConfig, models: PPOModels, marker: dict[str, Any], worker: Worker) -> None:
+    """The final policy (+ tokenizer) in checkpoint_dir; the critic in checkpoint_dir/critic (its transformer
+    as a sequence classifier, and `value_head.safetensors`). Every rank calls it (sharded models are gathered)."""
+    general, training = config.General, config.Training
+    policy = export.gathered_model(models.policy, worker)
+    critic = export.gathered_model(models.critic, worker, unwrap(models.critic).skeleton) \
+        if training.save_critic else None
+    if not worker.is_main:
+        return
+    dtype = export.save_dtype(training, stored_dtype(general.model_pretrain or general.model_name,
+                                                     general.trust_remote_code))
+    policy = export.exportable(policy, training, dtype)
+    tokenizer = models.tokenizer
+
+    def write(directory: Any) -> None:
+        tokenizer.padding_side = "right"
+        policy.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        if critic is not None:
+            from safetensors.torch import save_file
+
+            export.exportable(critic.classifier, training, dtype).save_pretrained(directory / "critic")
+            tokenizer.save_pretrained(directory / "critic")
+            save_file({name: tensor.detach().float().contiguous().cpu()
+                       for name, tensor in critic.value_head.state_dict().items()},
+                      directory / "critic" / "value_head.safetensors")
+
+    path = write_atomically(general.checkpoint_dir, write, marker)
+    progress(worker, STAGE, f"final policy written to {path}" + (f" (critic in {path}/critic)" if critic else ""))
+
+
+def train(config: StageConfig, stop_at_step: int | None = None, in_process: bool = False) -> Any:
+    """Driver: validate checkpoints and data (errors surface before Ray starts), then train."""
+    return launcher.run_trainer(config, train_loop, data=prepare(config), stop_at_step=stop_at_step,
+                                in_process=in_process)

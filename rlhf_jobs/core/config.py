@@ -1,0 +1,306 @@
+"""Training configs: one typed model per stage (what every key means, its type and default).
+
+Reading files, `--set` overrides and the messages for invalid values live in `loading.py`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+OPTIMIZERS = ("AdamW", "Adam", "SGD", "RMSprop")
+LR_SCHEDULERS = ("linear", "cosine", "constant")
+PROMPT_FORMATS = ("instruction", "chat", "raw")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors.
+
+    Lax typing on purpose: YAML reads `1e-5` as a string, and users write `epochs: 3.0`.
+    Values that cannot be converted (`batch_size: two`) are still errors.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---- resources ------------------------------------------------------------------------------------
+
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$")
+_QUANTITY_FACTORS = {
+    None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
+}
+
+
+def memory_bytes(value: int | str) -> int:
+    """Bytes from an int or a Kubernetes quantity such as `4Gi` or `512M`."""
+    if isinstance(value, int):
+        return value
+    match = _QUANTITY.match(value)
+    if not match:
+        raise ValueError(f"expected bytes as an integer or a quantity like '4Gi', got {value!r}")
+    return int(float(match.group(1)) * _QUANTITY_FACTORS[match.group(2)])
+
+
+class ResourcesPerWorker(Section):
+    """What one Ray Train worker reserves; on Kubernetes, what each worker pod requests."""
+
+    CPU: PositiveFloat = Field(1.0, description="CPU cores per worker.")
+    GPU: NonNegativeFloat = Field(0.0, description="GPUs per worker; > 0 trains on CUDA.")
+    memory: int | str | None = Field(
+        None, description="Memory per worker: bytes, or a Kubernetes quantity like '4Gi'.",
+        json_schema_extra={"pattern": _QUANTITY.pattern},  # for the chart's generated values schema
+    )
+
+    @field_validator("memory")
+    @classmethod
+    def _memory_parses(cls, value: int | str | None) -> int | str | None:
+        if value is not None and memory_bytes(value) <= 0:
+            raise ValueError("must be positive")
+        return value
+
+    def ray_resources(self) -> dict[str, float]:
+        """The `resources_per_worker` dict that Ray's ScalingConfig takes."""
+        resources = {"CPU": self.CPU}
+        if self.GPU:
+            resources["GPU"] = self.GPU
+        if self.memory is not None:
+            resources["memory"] = float(memory_bytes(self.memory))
+        return resources
+
+
+# ---- sections shared by the stages ---------------------------------------------------------------
+
+REPORT_TO = ("tensorboard", "mlflow", "wandb", "none")
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class LoRA(Section):
+    """Low-rank adapters (peft) instead of full fine-tuning; the same block for SFT, RM and PPO."""
+
+    r: PositiveInt = Field(16, description="Rank of the adapters.")
+    alpha: PositiveFloat = Field(32.0, description="Scaling numerator: the update is scaled by alpha / r.")
+    dropout: Annotated[float, Field(ge=0, lt=1)] = Field(0.0, description="Dropout on the adapters' input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]), or all-linear."
+    )
+    export: Literal["merged", "adapter"] = Field(
+        "merged", description="Final model: merged into a plain Hugging Face model, or the adapter alone."
+    )
+
+
+class TrainingBase(Section):
+    """Optimisation and Ray Train settings every stage shares."""
+
+    optimizer: Literal[OPTIMIZERS] = Field("AdamW", description="Optimizer, by name.")
+    learning_rate: PositiveFloat = Field(1e-5, description="Peak learning rate.")
+    lr_scheduler: Literal[LR_SCHEDULERS] = Field("linear", description="Decay after warmup.")
+    weight_decay: NonNegativeFloat = Field(
+        0.0, description="Decoupled weight decay; never applied to biases and norm weights."
+    )
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.0, description="Share of the steps spent warming up (exclusive with warmup_steps)."
+    )
+    warmup_steps: NonNegativeInt = Field(0, description="Warmup steps (exclusive with warmup_ratio).")
+    gradient_accumulation_steps: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
+    max_grad_norm: PositiveFloat | None = Field(1.0, description="Gradient clipping; None disables.")
+    num_training_workers: PositiveInt = Field(1, description="Ray Train workers (DDP ranks).")
+    resources_per_worker: ResourcesPerWorker = Field(
+        default_factory=ResourcesPerWorker, description="Resources each worker reserves."
+    )
+    seed: NonNegativeInt = Field(42, description="Seed for data order, splits and initialisation.")
+    logging_steps: PositiveInt = Field(10, description="Log training metrics every N optimizer steps.")
+    save_steps: PositiveInt | None = Field(
+        None, description="Ray Train checkpoint every N steps; None = at the end of each epoch."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast dtype.")
+    max_failures: NonNegativeInt = Field(
+        1, description="Times Ray Train restarts crashed workers from the last checkpoint."
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: a full copy per worker; fsdp: parameters, gradients and optimizer state sharded."
+    )
+    lora: LoRA | None = Field(None, description="Train LoRA adapters instead of every weight; None = full.")
+    save_dtype: Literal[SAVE_DTYPES] = Field(
+        "auto", description="dtype of the final model; auto = the dtype the base checkpoint was stored in."
+    )
+    report_to: list[Literal[REPORT_TO]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Where metrics go besides metrics.jsonl: tensorboard, mlflow, wandb, none.",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> TrainingBase:
+        if self.warmup_ratio and self.warmup_steps:
+            raise ValueError("set warmup_ratio or warmup_steps, not both")
+        return self
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.resources_per_worker.GPU > 0
+
+
+class StageConfig(Section):
+    """Root of a stage config: General / Dataset / Training."""
+
+    stage: str = ""  # filled in by the loader; not read from the file
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"stage"})
+
+
+# ---- SFT ----------------------------------------------------------------------------------------
+
+
+class ModelGeneral(Section):
+    base_model: str = Field(description="Hub name or local path of the model to start from.")
+    output_dir: str = Field(description="Ray Train checkpoints (for resume), metrics.jsonl, TensorBoard.")
+    checkpoint_dir: str = Field(description="Where the final Hugging Face model is written.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
+
+
+class DataFiles(Section):
+    """Where a stage's records are, how validation is held out, how prompts are formatted."""
+
+    train_file: str = Field(description="JSON array or JSONL file: local path or URL.")
+    validation_file: str | None = Field(None, description="Validation data; None = split train_file.")
+    validation_split_percentage: Annotated[int, Field(ge=0, le=50)] = Field(
+        5, description="Share of train_file held out when there is no validation_file."
+    )
+    prompt_format: Literal[PROMPT_FORMATS] = Field(
+        "instruction", description="instruction template, the tokenizer's chat template, or raw text."
+    )
+
+
+class TextDataset(DataFiles):
+    max_length: PositiveInt = Field(512, description="Tokens per sequence (prompt + response).")
+    preprocessing_num_workers: PositiveInt | None = Field(None, description="Processes for tokenizing.")
+
+
+class SupervisedTraining(TrainingBase):
+    batch_size: PositiveInt = Field(4, description="Sequences per worker per micro-batch.")
+    epochs: PositiveInt = Field(1, description="Passes over the training data.")
+    max_train_steps: PositiveInt | None = Field(None, description="Stop after N optimizer steps.")
+    padding_free: bool = Field(
+        True, description="Pack each micro-batch's sequences into as few rows as fit, none wider than a padded "
+        "batch (the same loss and gradients; used where the model keeps packed sequences apart, checked at start).",
+    )
+
+
+class SFTConfig(StageConfig):
+    General: ModelGeneral
+    Dataset: TextDataset
+    Training: SupervisedTraining = Field(default_factory=SupervisedTraining)
+
+
+# ---- reward model ---------------------------------------------------------------------------------
+
+
+class RMConfig(StageConfig):
+    General: ModelGeneral
+    Dataset: TextDataset
+    Training: SupervisedTraining = Field(default_factory=SupervisedTraining)
+
+
+# ---- PPO ----------------------------------------------------------------------------------------
+
+
+class PPOGeneral(Section):
+    model_name: str = Field(description="Base policy (hub name or path); used as is if model_pretrain is None.")
+    model_pretrain: str | None = Field(None, description="SFT checkpoint_dir to start the policy from.")
+    rm_name: str = Field(description="Base reward model; used as is if rm_pretrain is None.")
+    rm_pretrain: str | None = Field(None, description="Reward-model checkpoint_dir to score with.")
+    output_dir: str = Field(description="Ray Train checkpoints (for resume), metrics.jsonl, TensorBoard.")
+    checkpoint_dir: str = Field(description="Where the final policy is written.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
+
+
+class PromptDataset(DataFiles):
+    validation_split_percentage: Annotated[int, Field(ge=0, le=50)] = Field(
+        10, description="Share of the prompts held out to measure the reward on unseen prompts."
+    )
+    max_prompt_length: PositiveInt = Field(128, description="Prompts are left-truncated to this length.")
+
+
+class PPOTraining(TrainingBase):
+    experience_batch_size: PositiveInt = Field(8, description="Prompts per worker per rollout.")
+    rollout_batch_size: PositiveInt | None = Field(
+        None, description="Prompts per generate call and per rollout forward; None = experience_batch_size."
+    )
+    logprob_chunk_size: PositiveInt = Field(
+        256, description="Token positions per chunk when computing log-probs over the vocabulary."
+    )
+    save_critic: bool = Field(True, description="Also write the trained critic to checkpoint_dir/critic.")
+    mini_batch_size: PositiveInt | None = Field(
+        None, description="Sequences per PPO update step; None = experience_batch_size (one minibatch)."
+    )
+    epochs: PositiveInt | None = Field(1, description="Passes over the prompts (unless training_iteration).")
+    training_iteration: PositiveInt | None = Field(None, description="PPO iterations; overrides epochs.")
+    ppo_epochs: PositiveInt = Field(4, description="Optimisation passes over each rollout.")
+    learning_rate: PositiveFloat = Field(1e-5, description="Policy learning rate.")
+    lr_scheduler: Literal[LR_SCHEDULERS] = Field(
+        "constant", description="Schedule over the PPO updates (constant: the usual choice for PPO)."
+    )
+    save_steps: PositiveInt | None = Field(
+        None, description="Ray Train checkpoint every N iterations; None = every eval_steps iterations."
+    )
+    critic_learning_rate: PositiveFloat | None = Field(None, description="Critic LR; None = learning_rate.")
+    kl_coeff: NonNegativeFloat = Field(0.05, description="Weight of the per-token KL penalty.")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="KL estimate in the reward.")
+    target_kl: PositiveFloat | None = Field(None, description="Adaptive KL controller target; None = fixed.")
+    kl_horizon: PositiveInt = Field(10000, description="Adaptive KL controller horizon (samples).")
+    gamma: Annotated[float, Field(ge=0, le=1)] = Field(1.0, description="Discount.")
+    lam: Annotated[float, Field(ge=0, le=1)] = Field(0.95, description="GAE lambda.")
+    cliprange: PositiveFloat = Field(0.2, description="Policy ratio clip.")
+    cliprange_value: PositiveFloat = Field(0.2, description="Value clip around the rollout values.")
+    vf_coef: PositiveFloat = Field(0.1, description="Weight of the value loss.")
+    max_new_tokens: PositiveInt = Field(32, description="Response length cap.")
+    temperature: PositiveFloat = Field(1.0, description="Sampling temperature.")
+    top_k: NonNegativeInt = Field(0, description="Top-k sampling; 0 disables.")
+    top_p: Annotated[float, Field(gt=0, le=1)] = Field(1.0, description="Nucleus sampling.")
+    normalize_score: bool = Field(True, description="Normalise scores with the RM's recorded mean/std.")
+    score_clip: PositiveFloat | None = Field(5.0, description="Clip (normalised) scores to ±score_clip.")
+    missing_eos_penalty: NonNegativeFloat = Field(1.0, description="Subtracted from the score without EOS.")
+    whiten_rewards: bool = Field(False, description="Whiten per-token rewards before GAE.")
+    eval_steps: PositiveInt = Field(5, description="Score held-out prompts every N iterations.")
+
+    @model_validator(mode="after")
+    def _length_known(self) -> PPOTraining:
+        if self.epochs is None and self.training_iteration is None:
+            raise ValueError("set epochs or training_iteration")
+        if self.rollout_batch_size and self.rollout_batch_size > self.experience_batch_size:
+            raise ValueError(
+                f"rollout_batch_size ({self.rollout_batch_size}) must not exceed "
+                f"experience_batch_size ({self.experience_batch_size})"
+            )
+        if self.mini_batch_size and self.experience_batch_size % self.mini_batch_size:
+            raise ValueError(
+                f"mini_batch_size ({self.mini_batch_size}) must divide "
+                f"experience_batch_size ({self.experience_batch_size})"
+            )
+        mini_batch_size = self.mini_batch_size or self.experience_batch_size
+        if mini_batch_size % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) must divide the "
+                f"mini-batch ({mini_batch_size} sequences): each update is split into that many micro-batches"
+            )
+        return self
+
+
+class PPOConfig(StageConfig):
+    General: PPOGeneral
+    Dataset: PromptDataset
+    Training: PPOTraining = Field(default_factory=PPOTraining)

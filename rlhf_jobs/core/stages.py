@@ -1,0 +1,108 @@
+"""The stage registry: every fact about a pipeline stage, in one place.
+
+Adding a stage (DPO, GRPO, ...) means one `Stage` entry here, its config type in `config.py`,
+its record schema in `data.py`, its trainer module and its tests. The CLI's choices, the
+pipeline's chaining, the converters' kinds, the summary table, the curves and the chart's
+generated schema all read this registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rlhf_jobs.core.config import PPOConfig, RMConfig, SFTConfig, StageConfig
+from rlhf_jobs.core.data import PPO_SCHEMA, RM_SCHEMA, SFT_SCHEMA, RecordSchema
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One figure of the summary table: `label first → last` of a metric."""
+
+    label: str
+    metric: str
+    split: str = "eval"
+    fmt: str = "{:.3f}"
+    last_only: bool = False
+    fallback: tuple[str, str] | None = None  # (metric, split) shown when `metric` was never logged
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One line of a panel in the curves PNG."""
+
+    metric: str
+    split: str
+    label: str
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A model the stage trains: the first set General key of `keys` names it; `task` is its head."""
+
+    keys: tuple[str, ...]
+    task: str  # CAUSAL_LM or SEQ_CLS
+
+    def name(self, general: object) -> str:
+        return next(value for key in self.keys if (value := getattr(general, key, None)))
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    title: str
+    config_type: type[StageConfig]
+    records: RecordSchema
+    trainer: str  # module with `train(config)`, imported only when training
+    # General keys naming the model(s) the stage starts from (what --base-model replaces).
+    base_model_keys: tuple[str, ...]
+    # General keys that read an earlier stage's final model: key -> that stage's name.
+    inputs: dict[str, str] = field(default_factory=dict)
+    trained: tuple[TrainedModel, ...] = ()
+    step_name: str = "optimizer step"
+    summary: tuple[Summary, ...] = ()
+    panels: tuple[tuple[str, tuple[Curve, ...]], ...] = ()
+
+
+REGISTRY: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage(
+            name="sft", title="SFT", config_type=SFTConfig, records=SFT_SCHEMA, trainer="rlhf_jobs.algorithms.sft",
+            base_model_keys=("base_model",), trained=(TrainedModel(("base_model",), "CAUSAL_LM"),),
+            summary=(Summary("eval loss", "eval_loss"),),
+            panels=(("SFT loss", (Curve("loss", "train", "train loss"), Curve("eval_loss", "eval", "eval loss"))),),
+        ),
+        Stage(
+            name="rm", title="reward model", config_type=RMConfig, records=RM_SCHEMA, trainer="rlhf_jobs.algorithms.rm",
+            base_model_keys=("base_model",), trained=(TrainedModel(("base_model",), "SEQ_CLS"),),
+            summary=(Summary("accuracy", "eval_accuracy", fmt="{:.2f}"),
+                     Summary("margin", "eval_margin", fmt="{:.2f}")),
+            panels=(("Reward model", (Curve("eval_accuracy", "eval", "eval accuracy"),
+                                      Curve("loss", "train", "train loss"))),),
+        ),
+        Stage(
+            name="ppo", title="PPO", config_type=PPOConfig, records=PPO_SCHEMA, trainer="rlhf_jobs.algorithms.ppo",
+            base_model_keys=("model_name", "rm_name"),
+            inputs={"model_pretrain": "sft", "rm_pretrain": "rm"},
+            # The critic trains on the reward model's backbone.
+            trained=(TrainedModel(("model_pretrain", "model_name"), "CAUSAL_LM"),
+                     TrainedModel(("rm_pretrain", "rm_name"), "SEQ_CLS")),
+            step_name="iteration",
+            summary=(Summary("reward", "eval_score_mean", fallback=("score_mean", "train")),
+                     Summary("KL", "kl", split="train", last_only=True)),
+            panels=(
+                ("PPO reward", (Curve("score_mean", "train", "rollout score"),
+                                Curve("eval_score_mean", "eval", "held-out score"))),
+                ("PPO KL to reference", (Curve("kl", "train", "KL"),)),
+            ),
+        ),
+    )
+}
+
+NAMES: tuple[str, ...] = tuple(REGISTRY)
+
+
+def get(name: str) -> Stage:
+    if name not in REGISTRY:
+        raise KeyError(f"unknown stage {name!r}; expected one of {', '.join(NAMES)}")
+    return REGISTRY[name]

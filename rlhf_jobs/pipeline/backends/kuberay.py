@@ -1,0 +1,247 @@
+"""KubeRay backend: one Helm release (one RayJob) per stage, chained through the shared PVC.
+
+For each stage the backend installs or upgrades the chart's release, watches the RayJob to its end,
+then deletes the finished stage's RayCluster so the next stage gets its CPUs/GPUs at once. The pipeline
+record lives in a ConfigMap per run, so re-running the same command skips finished stages,
+re-attaches to a RayJob still running the same config, and replaces one that failed or runs another
+config. Every stage's trainer runs with `--on-config-change restart`: a changed config moves the old
+Ray checkpoints on the PVC aside instead of resuming them; the same config resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from rlhf_jobs.core.errors import ConfigError
+from rlhf_jobs.core.loading import validate_config
+from rlhf_jobs.core.stages import NAMES as STAGES
+from rlhf_jobs.pipeline.backends.helm import Helm, HelmError, config_sets, release_name
+from rlhf_jobs.pipeline.backends.kube import (
+    FORBIDDEN,
+    NOT_FOUND,
+    Clients,
+    ClusterUnavailable,
+    api_status,
+    field,
+    unless_absent,
+    with_retries,
+)
+from rlhf_jobs.pipeline.backends.rayjob import (
+    COMPLETE,
+    SUCCEEDED,
+    RayJobs,
+    StageFailed,
+    WatchSettings,
+    config_hash,
+    deployment_status,
+    is_finished,
+    watch_rayjob,
+)
+from rlhf_jobs.pipeline.plan import PipelineOptions
+
+CRD_NAME = "rayjobs.ray.io"
+RECORD_KEY = "record.json"
+OPERATOR_HINT = (
+    "install the KubeRay operator: helm repo add kuberay https://ray-project.github.io/kuberay-helm/ && "
+    "helm install kuberay-operator kuberay/kuberay-operator --version 1.7.0 -n kuberay-system --create-namespace"
+)
+# What the pipeline sets in every stage's release, whatever the user's values say.
+PIPELINE_SETS = ("job.onConfigChange=restart",)
+# RBAC the submitter needs in the namespace (k8s/rbac.yaml grants it): (API group, resource[/subresource], verb).
+NEEDED_PERMISSIONS = (
+    ("ray.io", "rayjobs", "create"), ("ray.io", "rayjobs", "get"), ("ray.io", "rayjobs", "delete"),
+    ("ray.io", "rayclusters", "delete"), ("", "configmaps", "create"), ("", "configmaps", "update"),
+    ("", "secrets", "create"), ("", "persistentvolumeclaims", "create"), ("", "pods", "list"),
+    ("", "pods/log", "get"),
+)
+
+
+class PreflightError(ClusterUnavailable):
+    """The cluster is not ready for the pipeline; nothing was created."""
+
+
+@dataclass
+class RenderedStage:
+    release: str
+    rayjob: str
+    config: dict[str, Any]
+    config_hash: str
+    manifests: list[dict[str, Any]]
+
+
+class KubeRayBackend:
+    name = "kuberay"
+
+    def __init__(self, clients: Clients | None, helm: Helm, namespace: str, run: str,
+                 values: Sequence[str] = (), watch: WatchSettings | None = None,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clients, self.helm, self.namespace, self.run = clients, helm, namespace, run
+        self.values, self.watch = list(values), watch or WatchSettings()
+        self.sleep, self.clock = sleep, clock
+        self.rendered: dict[str, RenderedStage] = {}
+        self.overrides: Sequence[str] = ()
+        self.fresh: set[str] = set()  # stages whose existing RayJob must not be re-attached to
+
+    @property
+    def record_name(self) -> str:
+        return f"rlhf-{self.run}-pipeline"
+
+    @property
+    def rayjobs(self) -> RayJobs:
+        return RayJobs(self.clients, self.namespace, self.sleep)
+
+    def sets(self, stage: str) -> list[str]:
+        """--set-json arguments of a stage's release: the pipeline's overrides and settings."""
+        return [*config_sets(stage, self.overrides), *(f"{key}={json.dumps(value)}" for key, value in
+                                                         (item.split("=", 1) for item in PIPELINE_SETS))]
+
+    # -- rendering (no cluster needed) --
+
+    def render(self, stage: str) -> RenderedStage:
+        release = release_name(stage, self.run)
+        manifests = self.helm.template(release, self.namespace, self.run, self.values, self.sets(stage))
+        rayjobs = [m for m in manifests if m.get("kind") == "RayJob"]
+        config_maps = [m for m in manifests if m.get("kind") == "ConfigMap" and "config.yaml" in (m.get("data") or {})]
+        if len(rayjobs) != 1 or len(config_maps) != 1:
+            raise HelmError(f"chart rendered {len(rayjobs)} RayJob(s) and {len(config_maps)} training "
+                            f"ConfigMap(s) for {release}; expected one of each")
+        config = yaml.safe_load(config_maps[0]["data"]["config.yaml"])
+        return RenderedStage(release, rayjobs[0]["metadata"]["name"], config, config_hash(rayjobs[0]) or "",
+                             manifests)
+
+    def stage_configs(self, options: PipelineOptions) -> dict[str, dict[str, Any]]:
+        self.overrides = options.overrides
+        configs = {}
+        for stage in STAGES:
+            rendered = self.rendered[stage] = self.render(stage)
+            source = f"helm template {rendered.release} (configs.{stage})"
+            try:
+                validate_config(rendered.config, stage, source=source, paths=False)
+            except ConfigError:
+                if stage in options.stages:
+                    raise
+            configs[stage] = rendered.config
+        return configs
+
+    def stage_paths(self, stage: str) -> tuple[str, str]:
+        general = self.rendered[stage].config["General"]
+        return general["output_dir"], general["checkpoint_dir"]
+
+    # -- cluster checks --
+
+    def preflight(self) -> None:
+        """Namespace, KubeRay CRD and RBAC, checked before anything is created; every problem at once."""
+        from kubernetes import client
+
+        problems = []
+        checks = [(lambda: self.clients.core.read_namespace(self.namespace),
+                   f"namespace {self.namespace!r} not found: kubectl create namespace {self.namespace}"),
+                  (lambda: self.clients.apiext.read_custom_resource_definition(CRD_NAME),
+                   f"the KubeRay CRD {CRD_NAME} is not installed: {OPERATOR_HINT}")]
+        for call, missing in checks:
+            try:
+                with_retries(call, sleep=self.sleep)
+            except Exception as err:
+                if api_status(err) == NOT_FOUND:
+                    problems.append(missing)
+                elif api_status(err) != FORBIDDEN:  # may lack read rights on these yet have everything needed
+                    raise
+        for group, resource, verb in NEEDED_PERMISSIONS:
+            resource, _, sub_resource = resource.partition("/")
+            review = client.V1SelfSubjectAccessReview(spec=client.V1SelfSubjectAccessReviewSpec(
+                resource_attributes=client.V1ResourceAttributes(
+                    namespace=self.namespace, group=group, resource=resource, subresource=sub_resource or None,
+                    verb=verb)))
+            answer = with_retries(lambda r=review: self.clients.authz.create_self_subject_access_review(r),
+                                  sleep=self.sleep)
+            if not answer.status.allowed:
+                kind = f"{resource}.{group}" if group else resource
+                problems.append(f"RBAC: not allowed to {verb} {kind}{'/' + sub_resource if sub_resource else ''} "
+                                f"in namespace {self.namespace} (see k8s/rbac.yaml)")
+        if problems:
+            raise PreflightError("the cluster is not ready; nothing was created:\n  " + "\n  ".join(problems))
+
+    # -- the pipeline record, in a ConfigMap --
+
+    def load_record(self) -> dict[str, Any]:
+        config_map = unless_absent(
+            lambda: self.clients.core.read_namespaced_config_map(self.record_name, self.namespace), sleep=self.sleep)
+        data = field(config_map, "data") or {}
+        return json.loads(data.get(RECORD_KEY, "{}"))
+
+    def save_record(self, record: dict[str, Any]) -> None:
+        body = {
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": self.record_name, "namespace": self.namespace,
+                         "labels": {"app.kubernetes.io/managed-by": "rlhf-jobs", "rlhf-jobs.io/run": self.run}},
+            "data": {RECORD_KEY: json.dumps(record, indent=2, default=str)},
+        }
+        replaced = unless_absent(lambda: self.clients.core.replace_namespaced_config_map(
+            self.record_name, self.namespace, body), sleep=self.sleep)
+        if replaced is None:
+            with_retries(lambda: self.clients.core.create_namespaced_config_map(self.namespace, body),
+                         sleep=self.sleep)
+
+    def delete_record(self) -> bool:
+        return unless_absent(lambda: self.clients.core.delete_namespaced_config_map(
+            self.record_name, self.namespace), sleep=self.sleep) is not None
+
+    # -- running a stage --
+
+    def reset_stage(self, stage: str) -> None:
+        """The stage must run afresh (its config or an earlier stage changed, or --from-stage): never re-attach to
+        its existing RayJob. Its trainer runs with `--on-config-change restart`, which moves Ray checkpoints of
+        another config on the PVC aside (never deletes them) instead of resuming from them."""
+        print(f"   {stage}: a new RayJob; its trainer moves Ray checkpoints of another config aside "
+              f"(--on-config-change restart)", flush=True)
+        self.fresh.add(stage)
+
+    def run_stage(self, stage: str, config: dict[str, Any]) -> None:
+        rendered, jobs = self.rendered[stage], self.rayjobs
+        existing = jobs.get(rendered.rayjob)
+        same = existing is not None and config_hash(existing) == rendered.config_hash and stage not in self.fresh
+        deployment = deployment_status(existing)
+        if same and deployment == COMPLETE and (existing.get("status") or {}).get("jobStatus") == SUCCEEDED:
+            print(f"   RayJob {self.namespace}/{rendered.rayjob} already succeeded with this config")
+            job = existing
+        else:
+            if same and not is_finished(existing):
+                print(f"   re-attaching to RayJob {self.namespace}/{rendered.rayjob} ({deployment or 'Pending'})")
+            else:
+                if existing is not None:
+                    why = deployment if is_finished(existing) else f"{deployment or 'Pending'}, another config"
+                    print(f"   deleting RayJob {rendered.rayjob} ({why}) to start a new one", flush=True)
+                    jobs.delete(rendered.rayjob)
+                print(f"   helm upgrade --install {rendered.release} -n {self.namespace}", flush=True)
+                self.helm.upgrade_install(rendered.release, self.namespace, self.run, self.values, self.sets(stage))
+            try:
+                job = watch_rayjob(self.clients, self.namespace, rendered.rayjob, stage, self.watch,
+                                   clock=self.clock, sleep=self.sleep)
+            except StageFailed as failure:
+                raise StageFailed(f"{failure}\n{jobs.logs_tail(rendered.rayjob)}") from None
+        self.fresh.discard(stage)
+        cluster = jobs.free_cluster(job)
+        if cluster:
+            print(f"   deleted RayCluster {cluster}: its CPUs/GPUs are free for the next stage", flush=True)
+
+    def uninstall(self) -> list[tuple[str, bool]]:
+        """Uninstall every stage's release of the run (the PVC is kept: the chart marks it so)."""
+        return [(release, self.helm.uninstall(release, self.namespace))
+                for release in (release_name(stage, self.run) for stage in STAGES)]
+
+
+def status_table(run: str, namespace: str, record: dict[str, Any]) -> str:
+    rows = [("stage", "status", "seconds", "config", "checkpoint")]
+    for stage, entry in record.get("stages", {}).items():
+        rows.append((stage, entry.get("status", "-"), str(entry.get("seconds", "-")),
+                     entry.get("config_hash", "-"), entry.get("checkpoint", "-")))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    errors = [f"{s}: {e['error']}" for s, e in record.get("stages", {}).items() if e.get("error")]
+    return "\n".join([f"run {run!r} in {namespace}:", *lines, *errors])

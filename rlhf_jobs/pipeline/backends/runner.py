@@ -1,0 +1,134 @@
+"""The pipeline runner: `rlhf-jobs pipeline --backend kuberay` as a Kubernetes Job inside the cluster.
+
+A three-stage run takes hours; the runner takes the laptop out of it. `--in-cluster` writes the values files
+into a ConfigMap and starts a Job, with the trainer image (which carries helm and the chart), that runs the
+same pipeline command with the ServiceAccount of k8s/rbac.yaml. `rlhf-jobs status` reads the run's record
+from anywhere; running the same command again replaces a finished runner Job, and the new one resumes:
+finished stages are skipped, a running RayJob of the same config is re-attached to.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from rlhf_jobs.pipeline.backends.kube import Clients, ClusterUnavailable, field, unless_absent, with_retries
+
+SERVICE_ACCOUNT = "rlhf-submitter"  # k8s/rbac.yaml
+VALUES_DIR = "/etc/rlhf-runner"
+
+
+class RunnerActive(ClusterUnavailable):
+    """A runner Job of this run is still running; nothing was changed."""
+
+
+def runner_name(run: str) -> str:
+    return f"rlhf-{run}-runner"
+
+
+def pipeline_args(namespace: str, run: str, values: Sequence[str], extra: Sequence[str]) -> list[str]:
+    """The command the runner pod runs: the pipeline, with the values files where the ConfigMap mounts them."""
+    args = ["rlhf-jobs", "pipeline", "--backend", "kuberay", "--namespace", namespace, "--run", run]
+    for index, _ in enumerate(values):
+        args += ["--values", f"{VALUES_DIR}/values-{index}.yaml"]
+    return [*args, *extra]
+
+
+def manifests(namespace: str, run: str, image: str, values: Mapping[str, str], extra: Sequence[str] = (),
+              service_account: str = SERVICE_ACCOUNT, pull_policy: str = "IfNotPresent") -> list[dict[str, Any]]:
+    """The runner's ConfigMap (the values files, by position) and Job."""
+    name = runner_name(run)
+    labels = {"app.kubernetes.io/name": "rlhf-jobs", "app.kubernetes.io/component": "pipeline-runner",
+              "app.kubernetes.io/part-of": "rlhf-jobs", "app.kubernetes.io/managed-by": "rlhf-jobs",
+              "rlhf-jobs.io/run": run}
+    config_map = {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "data": {f"values-{index}.yaml": text for index, text in enumerate(values.values())},
+    }
+    container = {
+        "name": "pipeline",
+        "image": image,
+        "imagePullPolicy": pull_policy,
+        "command": pipeline_args(namespace, run, list(values), extra),
+        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+        "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
+                            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}},
+        "volumeMounts": [{"name": "values", "mountPath": VALUES_DIR, "readOnly": True}],
+    }
+    job = {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {
+            # A pod lost with its node: the next one resumes where the record says.
+            "backoffLimit": 3,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "serviceAccountName": service_account,
+                    "automountServiceAccountToken": True,  # in-cluster config: the submitter talks to the API
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000,
+                                        "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [container],
+                    "volumes": [{"name": "values", "configMap": {"name": name}}],
+                },
+            },
+        },
+    }
+    return [config_map, job]
+
+
+def job_state(job: Any) -> str:
+    """`running`, `succeeded` or `failed` from a Job's status."""
+    status = field(job, "status") or {}
+    if field(status, "active"):
+        return "running"
+    for condition in field(status, "conditions") or []:
+        if field(condition, "status") == "True" and field(condition, "type") in ("Complete", "Failed"):
+            return "succeeded" if field(condition, "type") == "Complete" else "failed"
+    return "running" if not (field(status, "succeeded") or field(status, "failed")) else "failed"
+
+
+def read_job(clients: Clients, namespace: str, run: str, sleep: Callable[[float], None] = time.sleep) -> Any:
+    return unless_absent(lambda: clients.batch.read_namespaced_job(runner_name(run), namespace), sleep=sleep)
+
+
+def submit(clients: Clients, objects: list[dict[str, Any]], sleep: Callable[[float], None] = time.sleep,
+           wait_seconds: float = 120.0) -> str:
+    """Create the runner's ConfigMap and Job, replacing a finished Job of the same run; refuse a running one."""
+    config_map, job = objects
+    namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
+    run = job["metadata"]["labels"]["rlhf-jobs.io/run"]
+    problems = []
+    if unless_absent(lambda: clients.core.read_namespace(namespace), sleep=sleep) is None:
+        problems.append(f"namespace {namespace!r} not found: kubectl create namespace {namespace}")
+    elif unless_absent(lambda: clients.core.read_namespaced_service_account(SERVICE_ACCOUNT, namespace),
+                       sleep=sleep) is None:
+        problems.append(f"ServiceAccount {namespace}/{SERVICE_ACCOUNT} not found: kubectl apply -f k8s/rbac.yaml "
+                        f"(its namespace: {namespace})")
+    if problems:
+        raise ClusterUnavailable("the cluster is not ready; nothing was created:\n  " + "\n  ".join(problems))
+    existing = read_job(clients, namespace, run, sleep)
+    if existing is not None:
+        state = job_state(existing)
+        if state == "running":
+            raise RunnerActive(f"runner Job {namespace}/{name} is still running: kubectl logs -n {namespace} -f "
+                               f"job/{name}; stop it with kubectl delete job -n {namespace} {name}")
+        print(f"deleting the {state} runner Job {name}; the new one resumes where it stopped")
+        unless_absent(lambda: clients.batch.delete_namespaced_job(name, namespace, propagation_policy="Foreground"),
+                      sleep=sleep)
+        waited = 0.0
+        while read_job(clients, namespace, run, sleep) is not None:
+            if waited >= wait_seconds:
+                raise ClusterUnavailable(f"runner Job {namespace}/{name} is still being deleted")
+            sleep(1.0)
+            waited += 1.0
+    replaced = unless_absent(lambda: clients.core.replace_namespaced_config_map(name, namespace, config_map),
+                             sleep=sleep)
+    if replaced is None:
+        with_retries(lambda: clients.core.create_namespaced_config_map(namespace, config_map), sleep=sleep)
+    with_retries(lambda: clients.batch.create_namespaced_job(namespace, job), sleep=sleep)
+    return name

@@ -1,0 +1,187 @@
+"""Final models on disk or in object storage: atomic writes and the `rlhf_stage.json` marker later stages check.
+
+On a local disk a model is swapped into place by a rename. In object storage (`s3://...`), where there
+is no rename, the marker is the commit: an old model's marker is deleted before its files are replaced,
+the new files are uploaded, and the new marker is written last; readers require the marker.
+
+The marker also says which run wrote the model: the run's `output_dir` and the identity hash
+recorded there (see `markers.py`, `identity.py`). A final model is only ever replaced by the run that wrote it;
+anything else in `checkpoint_dir` is refused, or (this run's old model, on a restart) moved aside.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rlhf_jobs.core.errors import CheckpointError
+from rlhf_jobs.store import storage
+from rlhf_jobs.store.markers import MARKER, marker_output_dir, read_marker, recorded_hash, run_location
+
+MODEL_NAMES = {"sft": "SFT model", "rm": "reward model", "ppo": "PPO policy"}  # what each stage leaves
+
+
+def require_stage(directory: str | Path, stage: str, key: str) -> dict[str, Any]:
+    """The marker of `directory`, which must be a finished `stage` checkpoint."""
+    from rlhf_jobs.core.stages import get
+
+    directory = str(directory) if storage.is_remote(directory) else Path(directory)
+    command, title = f"rlhf-jobs train {stage}", get(stage).title
+    found = storage.exists(directory) if isinstance(directory, str) else directory.is_dir()
+    if not found:
+        raise CheckpointError(
+            f"{key}: {directory} does not exist; run the {title} stage first ({command})"
+        )
+    marker = read_marker(directory)
+    if marker is None:
+        raise CheckpointError(
+            f"{key}: {directory} has no {MARKER}, so it is not a finished {title} "
+            f"checkpoint; run the {title} stage first ({command})"
+        )
+    if marker.get("stage") != stage:
+        raise CheckpointError(
+            f"{key}: {directory} holds a {marker.get('stage')!r} checkpoint, expected {stage!r}"
+        )
+    return marker
+
+
+def describe(marker: dict[str, Any]) -> str:
+    """'the final SFT model of the run in /x/sft-output, written 2026-01-02 03:04'."""
+    stage = MODEL_NAMES.get(str(marker.get("stage")), f"{marker.get('stage')!r} model")
+    written = marker.get("written_at")
+    when = f", written {time.strftime('%Y-%m-%d %H:%M', time.localtime(written))}" if written else ""
+    output_dir = marker_output_dir(marker)
+    run = f" of the run in {output_dir}" if output_dir else ""
+    return f"the final {stage}{run}{when}"
+
+
+def check_overwritable(
+    directory: str | Path,
+    key: str = "General.checkpoint_dir",
+    stage: str | None = None,
+    output_dir: str | Path | None = None,
+) -> None:
+    """Refuse to replace what this run did not write: data without a marker, another stage's model,
+    or a model of another run (another `output_dir`). `stage`/`output_dir` None skip those checks."""
+    if storage.is_remote(directory):
+        if not storage.exists(str(directory)):
+            return
+    else:
+        directory = Path(directory)
+        if directory.is_file():
+            raise CheckpointError(f"{key}: {directory} is a file, expected a directory")
+        if not directory.is_dir() or not any(directory.iterdir()):
+            return
+    marker = read_marker(directory)
+    if marker is None:
+        raise CheckpointError(
+            f"{key}: {directory} is not empty and holds no {MARKER}; refusing to overwrite it "
+            "(point checkpoint_dir elsewhere or empty it)"
+        )
+    if stage is not None and marker.get("stage") != stage:
+        raise CheckpointError(
+            f"{key}: {directory} holds {describe(marker)}; refusing to replace it with the "
+            f"{MODEL_NAMES.get(stage, stage)} (point checkpoint_dir elsewhere)"
+        )
+    theirs = marker_output_dir(marker)
+    if output_dir is not None and theirs is not None and theirs != run_location(output_dir):
+        raise CheckpointError(
+            f"{key}: {directory} holds {describe(marker)}, not of this run (General.output_dir "
+            f"{run_location(output_dir)}); refusing to replace it (point checkpoint_dir elsewhere, "
+            "or use that run's output_dir to resume it)"
+        )
+
+
+def move_aside(path: str | Path) -> Path | str:
+    """Move `path` to `<path>.replaced-<time>` beside it (never deleted); returns the new location.
+
+    Locally a rename. In object storage, where there is no rename, every object is copied (server side)
+    before the old prefix is deleted, and the local mirror of the prefix (`storage.local_dir`) is moved too.
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if storage.is_remote(path):
+        uri = str(path).rstrip("/")
+        target, number = f"{uri}.replaced-{stamp}", 1
+        while storage.exists(target):
+            target, number = f"{uri}.replaced-{stamp}-{number}", number + 1
+        _copy_prefix(uri, target)
+        storage.delete(uri)
+        if storage.local_dir(uri).exists():
+            move_aside(storage.local_dir(uri))
+        return target
+    path = Path(path)
+    target = path.with_name(f"{path.name}.replaced-{stamp}")
+    number = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.replaced-{stamp}-{number}")
+        number += 1
+    path.rename(target)
+    return target
+
+
+def _copy_prefix(source: str, target: str) -> None:
+    from pyarrow import fs
+
+    remote_fs, root = storage.filesystem(source)
+    _, target_root = storage.filesystem(target)
+    for info in remote_fs.get_file_info(fs.FileSelector(root, recursive=True, allow_not_found=True)):
+        if info.type == fs.FileType.File:
+            remote_fs.copy_file(info.path, target_root + info.path[len(root):])
+
+
+def with_run(marker: dict[str, Any]) -> dict[str, Any]:
+    """The marker plus `run`: the output_dir of the run writing it and the identity recorded there."""
+    output_dir = (marker.get("config") or {}).get("General", {}).get("output_dir")
+    if not output_dir:
+        return marker
+    return {**marker, "run": {"output_dir": run_location(output_dir), "identity": recorded_hash(output_dir)}}
+
+
+def write_atomically(directory: str | Path, write: Callable[[Path], None], marker: dict[str, Any]) -> Path | str:
+    """Fill a temp dir beside `directory` with `write`, add the marker, then swap it into place.
+
+    A crash leaves either the old directory or the new one, never a half-written model. The marker
+    gains `run` (output_dir, identity) when its `config` names an output_dir.
+    """
+    output_dir = (marker.get("config") or {}).get("General", {}).get("output_dir")
+    check_overwritable(directory, stage=marker.get("stage"), output_dir=output_dir)
+    marker = with_run(marker)
+    if storage.is_remote(directory):
+        return _write_remote(str(directory), write, marker)
+    directory = Path(directory).resolve()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:8]
+    staging = directory.with_name(f".{directory.name}.tmp-{token}")
+    write(staging)
+    (staging / MARKER).write_text(json.dumps({**marker, "written_at": time.time()}, indent=2) + "\n")
+    previous = directory.with_name(f".{directory.name}.old-{token}")
+    if directory.exists():
+        directory.rename(previous)
+    staging.rename(directory)
+    shutil.rmtree(previous, ignore_errors=True)
+    return directory
+
+
+def _write_remote(uri: str, write: Callable[[Path], None], marker: dict[str, Any]) -> str:
+    """Write locally, then publish to `uri`: old marker deleted first, files, new marker last.
+
+    A crash leaves no marker (readers refuse the directory and say which stage to run), never a
+    marker beside half a model.
+    """
+    cache = storage.cache_root()
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix="publish-") as temporary:
+        staging = Path(temporary) / "model"
+        write(staging)
+        storage.delete(storage.join(uri, MARKER))
+        storage.delete(uri)
+        storage.upload_tree(staging, uri, skip=(MARKER,))
+        text = json.dumps({**marker, "written_at": time.time()}, indent=2) + "\n"
+        storage.write_text(storage.join(uri, MARKER), text)
+    return uri

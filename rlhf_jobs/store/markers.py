@@ -1,0 +1,62 @@
+"""The two files that say what a directory holds, and the primitives that read them.
+
+- `rlhf_stage.json` (`MARKER`) in a final model's directory: the stage that wrote it, its config and final
+  metrics, and the run (`output_dir` + identity hash) that wrote it. Later stages require it.
+- `rlhf_run.json` (`IDENTITY_FILE`) in a run's `output_dir`: the run's identity (`identity.py`), so that a
+  changed config never resumes old state.
+
+`checkpoints.py` writes the first and `identity.py` the second; both read through here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from rlhf_jobs.store import storage
+
+MARKER = "rlhf_stage.json"
+IDENTITY_FILE = "rlhf_run.json"
+
+
+def read_marker(directory: str | Path) -> dict[str, Any] | None:
+    if storage.is_remote(directory):
+        text = storage.read_text(storage.join(str(directory), MARKER))
+        return json.loads(text) if text is not None else None
+    path = Path(directory) / MARKER
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_location(output_dir: str | Path) -> str:
+    """How a run's output_dir is recorded and compared: absolute locally, the URI as is in object storage."""
+    return str(output_dir).rstrip("/") if storage.is_remote(output_dir) else str(Path(output_dir).resolve())
+
+
+def marker_output_dir(marker: dict[str, Any]) -> str | None:
+    """The `output_dir` of the run that wrote a final model (older markers: from its config)."""
+    run = marker.get("run") or {}
+    if run.get("output_dir"):
+        return str(run["output_dir"])
+    output_dir = (marker.get("config") or {}).get("General", {}).get("output_dir")
+    return run_location(output_dir) if output_dir else None
+
+
+def read_identity(output_dir: str | Path) -> dict[str, Any] | None:
+    """The identity recorded in `output_dir` (a local path or an object-storage URI), or None."""
+    if storage.is_remote(output_dir):
+        text = storage.read_text(storage.join(str(output_dir), IDENTITY_FILE))
+    else:
+        path = Path(output_dir) / IDENTITY_FILE
+        text = path.read_text() if path.is_file() else None
+    return json.loads(text)["identity"] if text is not None else None
+
+
+def digest(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def recorded_hash(output_dir: str | Path) -> str | None:
+    identity = read_identity(output_dir)
+    return digest(identity) if identity is not None else None
