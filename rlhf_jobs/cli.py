@@ -13,9 +13,11 @@ from typing import Any
 
 from rlhf_jobs.core.errors import OutOfMemory, RunStopped, UserError
 from rlhf_jobs.core.stages import NAMES as STAGES
+from rlhf_jobs.core.stages import get as get_stage
+from rlhf_jobs.tools.convert import ALL_FORMATS as CONVERT_FORMATS
+from rlhf_jobs.tools.convert import source_formats
 from rlhf_jobs.tools.tiny_model import LLAMA_SHAPES
 
-CONVERT_FORMATS = ("dolly", "oasst", "oasst-messages", "hh", "pairs")  # rlhf_jobs.tools.convert.SOURCE_FORMATS
 
 def train_stage(stage: str, config_path: str, overrides: Sequence[str] = (), stop_at_step: int | None = None,
                 on_config_change: str = "refuse", fresh: bool = False, in_process: bool = False) -> None:
@@ -74,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--output", required=True)
     convert.add_argument(
         "--format", default="auto", choices=("auto", *CONVERT_FORMATS),
-        help="source format: auto (detect, the default); sft: dolly, oasst, oasst-messages; rm and ppo: hh, pairs",
+        help="source format: auto (detect, the default); "
+             + "; ".join(f"{kind}: {', '.join(source_formats(kind))}" for kind in STAGES),
     )
 
     generate = commands.add_parser(
@@ -152,25 +155,34 @@ def run_local_pipeline(args: argparse.Namespace) -> int:
         build_tiny_model(base_model)
     started = time.time()
     record = run_pipeline(backend, options)
-    output_dirs = {stage: backend.stage_paths(stage)[0] for stage in STAGES}
+    output_dirs = {stage: backend.stage_paths(stage)[0] for stage in record["stages"]}
     print("\n" + summary_table(record, output_dirs))
     print(f"\ntraining curves: {plot_curves(output_dirs, backend.workdir / 'curves.png')}")
     print(f"final models: {', '.join(backend.stage_paths(s)[1] for s in record['stages'])}")
-    samples = backend.workdir / "samples.jsonl"
-    if record["stages"].get("ppo", {}).get("finished_at", 0) > started:
-        show_samples(backend, samples)
-    elif samples.is_file():
-        print(f"sample answers: {samples}")
+    for stage, entry in record["stages"].items():
+        if get_stage(stage).compare_with is None:
+            continue
+        samples = backend.workdir / f"{stage}-samples.jsonl"
+        if entry.get("finished_at", 0) > started:
+            show_samples(stage, entry["config"], samples)
+        elif samples.is_file():
+            print(f"sample answers: {samples}")
     return 0
 
 
-def show_samples(backend: Any, path: Path, count: int = 5) -> None:
-    """After PPO: held-out prompts with the SFT and the PPO policy's answers and their reward-model scores."""
+def show_samples(stage: str, config: dict[str, Any], path: Path, count: int = 5) -> None:
+    """After a policy stage (PPO): held-out prompts with the answers of the model it started from and of its
+    result, scored by its reward model."""
     from rlhf_jobs.tools import generate
 
-    sft, rm, ppo = (backend.stage_paths(stage)[1] for stage in STAGES)
-    samples, _ = generate.compare([sft, ppo], held_out=ppo, reward_model=rm, limit=count)
-    print(f"\n{len(samples)} held-out prompts, the SFT and the PPO policy's answers, reward-model scores:")
+    entry, general = get_stage(stage), config["General"]
+    start, result = general.get(entry.compare_with), general["checkpoint_dir"]
+    started_from = get_stage(entry.inputs[entry.compare_with]).product if start else "base model"
+    samples, _ = generate.compare([start or general[entry.base_model_keys[0]], result], held_out=result,
+                                  reward_model=general.get(entry.reward_key) if entry.reward_key else None,
+                                  limit=count)
+    print(f"\n{len(samples)} held-out prompts, the answers of the {started_from} and of the {entry.product}, "
+          "reward-model scores:")
     print(generate.table(samples))
     print(f"sample answers: {generate.write_jsonl(samples, path)}")
 
@@ -184,7 +196,7 @@ def local_status(workdir: str) -> int:
     if not record:
         print(f"no pipeline record in {backend.workdir} (expected {backend.workdir / 'pipeline.json'})")
         return 1
-    print(status_text(record, backend.workdir, {stage: backend.stage_paths(stage)[0] for stage in STAGES}))
+    print(status_text(record, backend.workdir, {stage: backend.stage_paths(stage)[0] for stage in record["stages"]}))
     return 0
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from rlhf_jobs.core.errors import ConfigError, DataError
+from rlhf_jobs.core.errors import CheckpointError, ConfigError, DataError
 from rlhf_jobs.pipeline.backends.local import LocalBackend
 from rlhf_jobs.pipeline.plan import PipelineOptions, plan, run_pipeline
 
@@ -180,12 +180,67 @@ def test_interrupted_ppo_resumes_without_redoing_sft_or_rm(tmp_path: Path) -> No
     assert resumed and min(s for s in resumed) >= done_before - 1, "PPO restarted from scratch"
     assert (workdir / "curves.png").stat().st_size > 10_000
     # Looking at results: held-out prompts with the SFT and PPO answers and their reward-model scores.
-    assert "5 held-out prompts, the SFT and the PPO policy's answers, reward-model scores:" in second.stdout
-    samples = [json.loads(line) for line in (workdir / "samples.jsonl").read_text().splitlines()]
+    assert "5 held-out prompts, the answers of the SFT model and of the PPO policy, reward-model scores:" in second.stdout
+    samples = [json.loads(line) for line in (workdir / "ppo-samples.jsonl").read_text().splitlines()]
     assert len(samples) == 5
     assert all(set(s["answers"]) == {"sft", "ppo"} and all(isinstance(a["score"], float) for a in s["answers"].values())
                for s in samples)
     assert "PreemptionWatcher" not in second.stdout + second.stderr
+
+
+def test_a_subset_of_stages_reads_a_finished_model_from_elsewhere(tmp_path: Path, config_dir: Path) -> None:
+    """`--stages sft,ppo` with an existing reward model: no rm config needed, PPO reads the SFT model of this run
+    and the reward model its config names."""
+    (config_dir / "rm.yaml").unlink()
+    reward_model = tmp_path / "elsewhere" / "rm"
+    reward_model.mkdir(parents=True)
+    (reward_model / "rlhf_stage.json").write_text(json.dumps({"stage": "rm"}))
+    backend = RecordingBackend(tmp_path / "run")
+    run_pipeline(backend, PipelineOptions(stages=["sft", "ppo"], config_dir=config_dir,
+                                          overrides=[f"ppo.General.rm_pretrain={reward_model}"]))
+    assert backend.ran == ["sft", "ppo"]
+    ppo = backend.configs["ppo"]["General"]
+    assert (ppo["model_pretrain"], ppo["rm_pretrain"]) == (str((tmp_path / "run" / "sft").resolve()),
+                                                          str(reward_model))
+
+
+def test_a_subset_whose_input_is_missing_fails_before_anything_runs(tmp_path: Path, config_dir: Path) -> None:
+    backend = RecordingBackend(tmp_path / "run")
+    missing = tmp_path / "no-rm-here"
+    with pytest.raises(CheckpointError, match=rf"ppo\.yaml\): General\.rm_pretrain: {missing} does not exist; "
+                                              r"run the reward model stage first"):
+        run_pipeline(backend, PipelineOptions(stages=["sft", "ppo"], config_dir=config_dir,
+                                              overrides=[f"ppo.General.rm_pretrain={missing}"]))
+    assert backend.ran == [] and not (tmp_path / "run").exists()
+
+
+def test_a_stage_runs_on_the_models_earlier_runs_of_the_pipeline_finished(tmp_path: Path, config_dir: Path) -> None:
+    run_pipeline(RecordingBackend(tmp_path / "run"), PipelineOptions(config_dir=config_dir))
+    for stage in ("sft", "rm"):  # what the real trainers would have left
+        (tmp_path / "run" / stage).mkdir()
+        (tmp_path / "run" / stage / "rlhf_stage.json").write_text(json.dumps({"stage": stage}))
+    (config_dir / "sft.yaml").unlink()
+    (config_dir / "rm.yaml").unlink()
+    again = RecordingBackend(tmp_path / "run")
+    run_pipeline(again, PipelineOptions(stages=["ppo"], config_dir=config_dir))
+    assert again.ran == [], "ppo alone, same config and the same finished inputs: nothing to do"
+    changed = RecordingBackend(tmp_path / "run")
+    run_pipeline(changed, PipelineOptions(stages=["ppo"], config_dir=config_dir, overrides=["Training.epochs=2"]))
+    work = (tmp_path / "run").resolve()
+    assert changed.ran == ["ppo"]
+    assert (changed.configs["ppo"]["General"]["model_pretrain"], changed.configs["ppo"]["General"]["rm_pretrain"]) \
+        == (str(work / "sft"), str(work / "rm"))
+
+
+def test_a_stage_hash_covers_only_the_stages_it_reads_from(tmp_path: Path, config_dir: Path) -> None:
+    """A reward model that does not start from the SFT model is not re-trained when the SFT config changes."""
+    rm = yaml.safe_load((config_dir / "rm.yaml").read_text())
+    rm["General"]["base_model"] = "gpt2"
+    (config_dir / "rm.yaml").write_text(yaml.safe_dump(rm))
+    run_pipeline(RecordingBackend(tmp_path / "run"), PipelineOptions(config_dir=config_dir))
+    changed = RecordingBackend(tmp_path / "run")
+    run_pipeline(changed, PipelineOptions(config_dir=config_dir, overrides=["sft.Training.epochs=2"]))
+    assert changed.ran == ["sft", "ppo"]
 
 
 def test_a_changed_or_forced_stage_moves_its_old_outputs_aside(tmp_path: Path, config_dir: Path) -> None:

@@ -173,7 +173,6 @@ def check_data_paths(config: StageConfig, source: str | Origins) -> None:
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
-MODEL_KEYS = ("base_model", "model_name", "rm_name", "model_pretrain", "rm_pretrain")
 
 
 def looks_local(location: str) -> bool:
@@ -214,15 +213,18 @@ def local_model_problem(location: str) -> str | None:
     return None
 
 
-def check_model_paths(config: StageConfig, source: str | Origins) -> None:
-    """Model paths that look local must be model directories (anything else is taken for a hub id)."""
+def check_model_paths(config: StageConfig, source: str | Origins, keys: Sequence[str] | None = None) -> None:
+    """Model paths that look local must be model directories (anything else is taken for a hub id).
+
+    `keys`: only these General keys (default: every model key of the stage)."""
     general = config.General
-    for key in MODEL_KEYS:
+    inputs = stages.get(config.stage).inputs
+    for key in stages.get(config.stage).model_keys if keys is None else keys:
         location = getattr(general, key, None)
         if location and not _is_url(location) and looks_local(location):
             problem = local_model_problem(location)
-            if key.endswith("_pretrain") and Path(location).expanduser().is_dir():
-                continue  # a stage checkpoint: checkpoints.require_stage says which stage to run first
+            if key in inputs and Path(location).expanduser().is_dir():
+                continue  # a stage's final model: checkpoints.require_stage says which stage to run first
             if problem:
                 raise ConfigError(f"{_where(source, ('General', key))}: General.{key}: {problem}")
 

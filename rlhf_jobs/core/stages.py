@@ -1,9 +1,9 @@
-"""The stage registry: every fact about a pipeline stage, in one place.
+"""The stage registry: every fact about a pipeline stage, in one place, and the only list of stages.
 
 Adding a stage (DPO, GRPO, ...) means one `Stage` entry here, its config type in `config.py`,
-its record schema in `data.py`, its trainer module and its tests. The CLI's choices, the
-pipeline's chaining, the converters' kinds, the summary table, the curves and the chart's
-generated schema all read this registry.
+its record schema in `data.py` (if new), its trainer module and its tests. The CLI's choices, the
+pipeline's graph of inputs, the converters' kinds, the model keys every check walks, the summary table,
+the curves, the out-of-memory advice and the chart's generated files all read this registry.
 """
 
 from __future__ import annotations
@@ -50,30 +50,46 @@ class TrainedModel:
 class Stage:
     name: str
     title: str
+    product: str  # what its final model is called in messages: "SFT model", "PPO policy"
     config_type: type[StageConfig]
     records: RecordSchema
     trainer: str  # module with `train(config)`, imported only when training
     # General keys naming the model(s) the stage starts from (what --base-model replaces).
     base_model_keys: tuple[str, ...]
-    # General keys that read an earlier stage's final model: key -> that stage's name.
+    # General keys that read another stage's final model: key -> that stage's name. The stages form a graph:
+    # a pipeline wires such a key to the producing stage's model when that stage runs (or ran) in it, else the
+    # config's own value is used (a finished model elsewhere, or None: the base model as is).
     inputs: dict[str, str] = field(default_factory=dict)
     trained: tuple[TrainedModel, ...] = ()
     step_name: str = "optimizer step"
     summary: tuple[Summary, ...] = ()
     panels: tuple[tuple[str, tuple[Curve, ...]], ...] = ()
+    # What to try when its workers run out of memory (besides LoRA, FSDP and gradient checkpointing).
+    memory_advice: str = "a smaller Training.batch_size with more gradient_accumulation_steps"
+    # A policy stage: after a pipeline runs it, held-out answers of the model in this input key (e.g. the SFT
+    # model) and of the stage's result are shown side by side, scored by the model in `reward_key` if set.
+    compare_with: str | None = None
+    reward_key: str | None = None
+
+    @property
+    def model_keys(self) -> tuple[str, ...]:
+        """Every General key of this stage that names a model."""
+        return (*self.base_model_keys, *self.inputs)
 
 
 REGISTRY: dict[str, Stage] = {
     stage.name: stage
     for stage in (
         Stage(
-            name="sft", title="SFT", config_type=SFTConfig, records=SFT_SCHEMA, trainer="rlhf_jobs.algorithms.sft",
+            name="sft", title="SFT", product="SFT model", config_type=SFTConfig, records=SFT_SCHEMA,
+            trainer="rlhf_jobs.algorithms.sft",
             base_model_keys=("base_model",), trained=(TrainedModel(("base_model",), "CAUSAL_LM"),),
             summary=(Summary("eval loss", "eval_loss"),),
             panels=(("SFT loss", (Curve("loss", "train", "train loss"), Curve("eval_loss", "eval", "eval loss"))),),
         ),
         Stage(
-            name="rm", title="reward model", config_type=RMConfig, records=RM_SCHEMA, trainer="rlhf_jobs.algorithms.rm",
+            name="rm", title="reward model", product="reward model", config_type=RMConfig, records=RM_SCHEMA,
+            trainer="rlhf_jobs.algorithms.rm",
             base_model_keys=("base_model",), trained=(TrainedModel(("base_model",), "SEQ_CLS"),),
             summary=(Summary("accuracy", "eval_accuracy", fmt="{:.2f}"),
                      Summary("margin", "eval_margin", fmt="{:.2f}")),
@@ -81,7 +97,8 @@ REGISTRY: dict[str, Stage] = {
                                       Curve("loss", "train", "train loss"))),),
         ),
         Stage(
-            name="ppo", title="PPO", config_type=PPOConfig, records=PPO_SCHEMA, trainer="rlhf_jobs.algorithms.ppo",
+            name="ppo", title="PPO", product="PPO policy", config_type=PPOConfig, records=PPO_SCHEMA,
+            trainer="rlhf_jobs.algorithms.ppo",
             base_model_keys=("model_name", "rm_name"),
             inputs={"model_pretrain": "sft", "rm_pretrain": "rm"},
             # The critic trains on the reward model's backbone.
@@ -95,6 +112,8 @@ REGISTRY: dict[str, Stage] = {
                                 Curve("eval_score_mean", "eval", "held-out score"))),
                 ("PPO KL to reference", (Curve("kl", "train", "KL"),)),
             ),
+            memory_advice="smaller Training.rollout_batch_size / mini_batch_size or more gradient_accumulation_steps",
+            compare_with="model_pretrain", reward_key="rm_pretrain",
         ),
     )
 }
@@ -106,3 +125,15 @@ def get(name: str) -> Stage:
     if name not in REGISTRY:
         raise KeyError(f"unknown stage {name!r}; expected one of {', '.join(NAMES)}")
     return REGISTRY[name]
+
+
+def upstream(name: str) -> tuple[str, ...]:
+    """The stages whose final models `name` reads, directly or through them, in registry order."""
+    found: set[str] = set()
+    pending = list(get(name).inputs.values())
+    while pending:
+        stage = pending.pop()
+        if stage not in found:
+            found.add(stage)
+            pending.extend(get(stage).inputs.values())
+    return tuple(stage for stage in NAMES if stage in found)

@@ -9,6 +9,7 @@ from typing import Any
 
 from rlhf_jobs.core.config import StageConfig, TrainingBase
 from rlhf_jobs.core.errors import OutOfMemory, ResourceError, RunStopped, UserError
+from rlhf_jobs.core.stages import get
 from rlhf_jobs.engine import preemption
 from rlhf_jobs.engine.control import STOPPED_METRIC
 from rlhf_jobs.engine.logs import install_ray_log_filter
@@ -140,10 +141,7 @@ def out_of_memory(config: StageConfig, error: BaseException) -> OutOfMemory:
     advice = [] if training.lora else ["LoRA (Training.lora: {r: 16})"]
     if training.strategy == "ddp" and training.num_training_workers > 1:
         advice.append("sharding (Training.strategy: fsdp)")
-    if config.stage == "ppo":
-        advice.append("smaller Training.rollout_batch_size / mini_batch_size or more gradient_accumulation_steps")
-    else:
-        advice.append("a smaller Training.batch_size with more gradient_accumulation_steps")
+    advice.append(get(config.stage).memory_advice)
     if not training.gradient_checkpointing:
         advice.append("Training.gradient_checkpointing: true")
     advice.append("fewer workers per node (a larger resources_per_worker.memory)")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rlhf_jobs.core import stages as registry
+from rlhf_jobs.core.config import StageConfig
 from rlhf_jobs.core.data import read_records
 from rlhf_jobs.core.errors import ConfigError
 from rlhf_jobs.core.loading import (
@@ -28,6 +29,7 @@ from rlhf_jobs.core.loading import (
     read_config_file,
     validate_config,
 )
+from rlhf_jobs.store.checkpoints import require_stage
 
 STAGES = registry.NAMES
 
@@ -115,28 +117,34 @@ def config_hash(config: dict[str, Any], upstream: Sequence[str]) -> str:
 
 
 def resolve_configs(backend: Backend, options: PipelineOptions) -> dict[str, dict[str, Any]]:
-    """Every stage's config with pipeline paths and chaining filled in, validated."""
-    raw: dict[str, dict[str, Any]] = {}
-    original_checkpoints: dict[str, str] = {}
-    for stage in STAGES:
-        path = _config_file(options.config_dir, stage)
-        raw[stage] = read_config_file(path)
-        original_checkpoints[stage] = str(raw[stage].get("General", {}).get("checkpoint_dir", ""))
+    """The config of every stage that runs, with pipeline paths and its inputs wired, validated.
+
+    A stage's inputs (`Stage.inputs`, and a base model that names another stage's `checkpoint_dir` in the config
+    files) read the final model of the producing stage in this pipeline when that stage runs now or finished in it
+    before; otherwise the config's own value stays (a model elsewhere, or None: the base model as is). Only the
+    stages that run need a config file.
+    """
+    available = set(options.stages) | finished_stages(backend)
+    raw = {stage: read_config_file(path) for stage in registry.NAMES
+           if (path := _config_file(options.config_dir, stage, required=stage in options.stages))}
+    original_checkpoints = {stage: str(config.get("General", {}).get("checkpoint_dir", "")) for stage, config in
+                            raw.items()}
     resolved = {}
-    for stage in STAGES:
+    for stage in options.stages:
         config = copy.deepcopy(raw[stage])
         general = config.setdefault("General", {})
         output_dir, checkpoint_dir = backend.stage_paths(stage)
         general["output_dir"], general["checkpoint_dir"] = output_dir, checkpoint_dir
         for key in registry.get(stage).base_model_keys:
-            # A base model that names an earlier stage's checkpoint follows that stage.
-            earlier = [s for s, ckpt in original_checkpoints.items() if ckpt and general.get(key) == ckpt]
-            if earlier:
-                general[key] = backend.stage_paths(earlier[0])[1]
-            elif options.base_model:
+            producer = next((s for s, path in original_checkpoints.items()
+                             if s != stage and path and general.get(key) == path), None)
+            if producer in available:
+                general[key] = backend.stage_paths(producer)[1]
+            elif options.base_model and producer is None:
                 general[key] = options.base_model
-        for key, source in registry.get(stage).inputs.items():
-            general[key] = backend.stage_paths(source)[1]
+        for key, producer in registry.get(stage).inputs.items():
+            if producer in available:
+                general[key] = backend.stage_paths(producer)[1]
         try:
             config = apply_overrides(config, split_overrides(options.overrides, stage))
         except ConfigError as err:
@@ -146,36 +154,71 @@ def resolve_configs(backend: Backend, options: PipelineOptions) -> dict[str, dic
         source = stage_origins(_config_file(options.config_dir, stage), options.overrides, stage)
         config = validate_config(resolved[stage], stage, source=source, paths=False)
         if options.check_paths:
-            # Every stage's data now; models only for the first stage (the others come from it).
+            # Every stage's data now; models for the stages that read no model this pipeline makes (the first
+            # stage, or one whose input comes from elsewhere), before anything runs.
             check_data_paths(config, source)
             records = registry.get(stage).records
             read_records(config.Dataset.train_file, records)
             if config.Dataset.validation_file:
                 read_records(config.Dataset.validation_file, records)
-            if stage == options.stages[0] and options.check_models:
-                check_model_paths(config, source)
+            if options.check_models:
+                check_inputs(backend, options, stage, config, source)
     return resolved
 
 
-def _config_file(config_dir: Path, stage: str) -> Path:
+def check_inputs(backend: Backend, options: PipelineOptions, stage: str, config: StageConfig,
+                 source: Origins) -> None:
+    """Before anything runs: every model the stage reads that no stage of this run makes is there (a model
+    directory, a hub id, or for an input key a finished model of the stage that makes it)."""
+    made_here = {backend.stage_paths(other)[1] for other in options.stages if other != stage}
+    entry = registry.get(stage)
+    keys = [key for key in entry.model_keys if getattr(config.General, key, None) not in made_here]
+    check_model_paths(config, source, [key for key in keys if key not in entry.inputs])
+    for key in keys:
+        location = getattr(config.General, key, None)
+        if key in entry.inputs and location:
+            require_stage(location, entry.inputs[key], f"{source.of(('General', key))}: General.{key}")
+
+
+def finished_stages(backend: Backend) -> set[str]:
+    """Stages the backend's record says finished (their final models are where the pipeline put them)."""
+    return {stage for stage, entry in backend.load_record().get("stages", {}).items()
+            if entry.get("status") == "succeeded"}
+
+
+def upstream_stages(backend: Backend, stage: str, config: dict[str, Any]) -> set[str]:
+    """The stages whose final models this stage's resolved config reads (its edges in the pipeline's graph)."""
+    general = config.get("General", {})
+    values = {str(general.get(key)) for key in registry.get(stage).model_keys if general.get(key)}
+    return {other for other in registry.NAMES if other != stage and backend.stage_paths(other)[1] in values}
+
+
+def _config_file(config_dir: Path, stage: str, required: bool = True) -> Path | None:
     for suffix in (".yaml", ".yml", ".json", ".conf"):
         path = Path(config_dir) / f"{stage}{suffix}"
         if path.is_file():
             return path
+    if not required:
+        return None
     raise ConfigError(f"{config_dir}: no {stage} config (expected {stage}.yaml, .json or .conf)")
 
 
 def plan(backend: Backend, options: PipelineOptions) -> list[StagePlan]:
-    """What each requested stage will do, and why."""
+    """What each requested stage will do, and why.
+
+    A stage's hash covers its resolved config and the hashes of the stages it reads from (this run's, or the
+    recorded one of a stage finished before), so a change re-runs exactly the stages downstream of it.
+    """
     configs = backend.stage_configs(options)
     record = backend.load_record().get("stages", {})
-    plans, upstream_hashes, forced = [], [], False
-    for stage in STAGES:
-        digest = config_hash(configs[stage], upstream_hashes)
-        upstream_hashes.append(digest)
-        if stage not in options.stages:
-            continue
-        forced = forced or stage == options.from_stage
+    hashes: dict[str, str] = {}
+    plans = []
+    for stage in options.stages:
+        upstream = sorted(upstream_stages(backend, stage, configs[stage]))
+        digest = config_hash(configs[stage], [hashes.get(s) or record.get(s, {}).get("config_hash", "") for s in
+                                              upstream])
+        hashes[stage] = digest
+        forced = stage == options.from_stage or options.from_stage in upstream_closure(backend, stage, configs)
         previous = record.get(stage, {})
         same = previous.get("config_hash") == digest
         if forced:
@@ -190,6 +233,19 @@ def plan(backend: Backend, options: PipelineOptions) -> list[StagePlan]:
             action, reason = "run", "not run yet"
         plans.append(StagePlan(stage, configs[stage], digest, action, reason))
     return plans
+
+
+def upstream_closure(backend: Backend, stage: str, configs: dict[str, dict[str, Any]]) -> set[str]:
+    """Every stage this run's `stage` reads from, directly or through stages of this run."""
+    found: set[str] = set()
+    pending = list(upstream_stages(backend, stage, configs[stage]))
+    while pending:
+        other = pending.pop()
+        if other not in found:
+            found.add(other)
+            if other in configs:
+                pending.extend(upstream_stages(backend, other, configs[other]))
+    return found
 
 
 def run_pipeline(backend: Backend, options: PipelineOptions) -> dict[str, Any]:

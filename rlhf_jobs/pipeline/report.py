@@ -81,26 +81,29 @@ def status_text(record: dict[str, Any], workdir: str | Path, output_dirs: dict[s
         if entry.get("error") and entry.get("status") != "succeeded":
             errors.append(f"{stage}: {entry['error'].strip().splitlines()[-1]}")
     workdir = Path(workdir)
-    extras = [f"{what}: {workdir / name}" for what, name in (("training curves", "curves.png"),
-                                                               ("sample answers", "samples.jsonl"))
-              if (workdir / name).is_file()]
+    extras = [f"training curves: {workdir / 'curves.png'}"] if (workdir / "curves.png").is_file() else []
+    extras += [f"sample answers: {path}" for path in sorted(workdir.glob("*-samples.jsonl"))]
     header = f"pipeline in {workdir} ({record.get('backend', 'local')} backend):"
     return "\n".join([header, _table(rows), *errors, *extras])
 
 
-PANELS = tuple((title, stage.name, curves) for stage in stages.REGISTRY.values() for title, curves in stage.panels)
+def panels(ran: list[str] | tuple[str, ...]) -> list[tuple[str, str, tuple[stages.Curve, ...]]]:
+    """(title, stage, curves) of every panel of the stages that ran, in registry order."""
+    return [(title, stage.name, curves) for stage in stages.REGISTRY.values() if stage.name in ran
+            for title, curves in stage.panels]
 
 
 def plot_curves(output_dirs: dict[str, str], path: str | Path) -> Path:
-    """One panel per curve family; stages that have not run leave their panel empty."""
+    """One panel per curve family of the stages in `output_dirs`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
-    for axis, (title, stage, curves) in zip(axes, PANELS, strict=True):
-        metrics = read_metrics(output_dirs.get(stage, "")) if stage in output_dirs else []
+    shown = panels(tuple(output_dirs)) or panels(stages.NAMES[:1])
+    figure, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.4), squeeze=False)
+    for axis, (title, stage, curves) in zip(axes[0], shown, strict=True):
+        metrics = read_metrics(output_dirs[stage]) if stage in output_dirs else []
         for curve in curves:
             series = _series(metrics, curve.metric, curve.split)
             if series:

@@ -21,16 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_jobs.core.errors import CheckpointError
+from rlhf_jobs.core.stages import REGISTRY, get
 from rlhf_jobs.store import storage
 from rlhf_jobs.store.markers import MARKER, marker_output_dir, read_marker, recorded_hash, run_location
 
-MODEL_NAMES = {"sft": "SFT model", "rm": "reward model", "ppo": "PPO policy"}  # what each stage leaves
+
+def product(stage: str) -> str:
+    """What a stage's final model is called ('SFT model'); a stage this version does not know, by its name."""
+    return REGISTRY[stage].product if stage in REGISTRY else f"{stage!r} model"
 
 
 def require_stage(directory: str | Path, stage: str, key: str) -> dict[str, Any]:
     """The marker of `directory`, which must be a finished `stage` checkpoint."""
-    from rlhf_jobs.core.stages import get
-
     directory = str(directory) if storage.is_remote(directory) else Path(directory)
     command, title = f"rlhf-jobs train {stage}", get(stage).title
     found = storage.exists(directory) if isinstance(directory, str) else directory.is_dir()
@@ -53,7 +55,7 @@ def require_stage(directory: str | Path, stage: str, key: str) -> dict[str, Any]
 
 def describe(marker: dict[str, Any]) -> str:
     """'the final SFT model of the run in /x/sft-output, written 2026-01-02 03:04'."""
-    stage = MODEL_NAMES.get(str(marker.get("stage")), f"{marker.get('stage')!r} model")
+    stage = product(str(marker.get("stage")))
     written = marker.get("written_at")
     when = f", written {time.strftime('%Y-%m-%d %H:%M', time.localtime(written))}" if written else ""
     output_dir = marker_output_dir(marker)
@@ -87,7 +89,7 @@ def check_overwritable(
     if stage is not None and marker.get("stage") != stage:
         raise CheckpointError(
             f"{key}: {directory} holds {describe(marker)}; refusing to replace it with the "
-            f"{MODEL_NAMES.get(stage, stage)} (point checkpoint_dir elsewhere)"
+            f"{product(stage)} (point checkpoint_dir elsewhere)"
         )
     theirs = marker_output_dir(marker)
     if output_dir is not None and theirs is not None and theirs != run_location(output_dir):

@@ -17,6 +17,7 @@ from typing import Any
 
 from rlhf_jobs.core.config import StageConfig
 from rlhf_jobs.core.errors import ConfigError
+from rlhf_jobs.core.stages import get
 from rlhf_jobs.store import storage
 from rlhf_jobs.store.checkpoints import move_aside
 from rlhf_jobs.store.markers import IDENTITY_FILE, digest, marker_output_dir, read_identity, read_marker, run_location
@@ -37,8 +38,6 @@ RESUMABLE_KEYS = (
     "Training.rollout_batch_size",
     "Training.logprob_chunk_size",
 )
-# Keys of a stage's General section that name the models it starts from.
-INPUT_MODEL_KEYS = ("base_model", "model_name", "model_pretrain", "rm_name", "rm_pretrain")
 
 
 def compute(config: StageConfig) -> dict[str, Any]:
@@ -48,7 +47,7 @@ def compute(config: StageConfig) -> dict[str, Any]:
         section, _, name = key.partition(".")
         data.get(section, {}).pop(name, None)
     inputs = {}
-    for key in INPUT_MODEL_KEYS:
+    for key in get(config.stage).model_keys:
         location = getattr(config.General, key, None)
         if location and (storage.is_remote(location) or Path(location).is_dir()):
             marker = read_marker(location)

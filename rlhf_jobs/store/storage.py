@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from rlhf_jobs.core.errors import ConfigError
+from rlhf_jobs.core.stages import get
 
 CACHE_ENV = "RLHF_JOBS_CACHE_DIR"
 SCHEMES = ("s3",)  # the pre-flight check knows S3's credential sources; others would hang on theirs
@@ -298,18 +299,15 @@ def _explain(err: Exception, bucket: str) -> str:
     return f"cannot reach the object store ({text[:200]})"
 
 
-REMOTE_KEYS = ("output_dir", "checkpoint_dir", "base_model", "model_name", "model_pretrain", "rm_name", "rm_pretrain")
-MODEL_KEYS = ("base_model", "model_name", "model_pretrain", "rm_name", "rm_pretrain")
-
-
 def check_config(config: Any) -> None:
     """Every remote location in `config.General` is usable, and every remote model is there (driver, pre-flight)."""
     general = config.General
-    for name in REMOTE_KEYS:
+    model_keys = get(config.stage).model_keys
+    for name in ("output_dir", "checkpoint_dir", *model_keys):
         location = getattr(general, name, None)
         if not is_remote(location):
             continue
         key = f"General.{name}"
         check_location(location, key)
-        if name in MODEL_KEYS and not exists(location):
+        if name in model_keys and not exists(location):
             raise StorageError(f"{key}: {location}: no model there (no objects under this prefix)")

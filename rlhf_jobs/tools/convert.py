@@ -2,12 +2,12 @@
 
 Source formats (`source_format`, or "auto" to tell them apart by the first record's fields):
 
-sft
+sft (and every stage whose records are SFT records)
   dolly           {"instruction", "context", "response", "category"} (databricks-dolly-15k style)
   oasst           OpenAssistant message trees (oasst1/oasst2 "trees" export): one tree per line,
                   either the root message itself or {"message_tree_id", "prompt": root message}
   oasst-messages  OpenAssistant flat export: one message per line with "parent_id"
-rm, ppo
+rm, ppo (and every stage whose records are preference pairs or prompts)
   hh              Anthropic HH transcripts {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}
   pairs           {"prompt" | "instruction", "chosen", "rejected"}; "chosen"/"rejected" may also be
                   message lists [{"role", "content"}] (the last assistant content is the reply)
@@ -33,27 +33,15 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlhf_jobs.core.data import read_numbered
+from rlhf_jobs.core.data import PPO_SCHEMA, RM_SCHEMA, SFT_SCHEMA, read_numbered
 from rlhf_jobs.core.errors import DataError
 from rlhf_jobs.core.stages import NAMES as KINDS
+from rlhf_jobs.core.stages import get
 
-SOURCE_FORMATS: dict[str, tuple[str, ...]] = {
-    "sft": ("dolly", "oasst", "oasst-messages"),
-    "rm": ("hh", "pairs"),
-    "ppo": ("hh", "pairs"),
-}
-FORMAT_DESCRIPTIONS = {
-    "dolly": "Dolly-style instruction records",
-    "oasst": "OpenAssistant message trees",
-    "oasst-messages": "OpenAssistant flat messages",
-    "hh": "Anthropic HH transcripts",
-    "pairs": "preference pairs",
-}
-ALL_FORMATS = tuple(dict.fromkeys(f for formats in SOURCE_FORMATS.values() for f in formats))
 ASSISTANT_TAG = "\n\nAssistant:"
 HUMAN_TAG = "\n\nHuman:"
 logger = logging.getLogger(__name__)
@@ -84,29 +72,23 @@ def write_jsonl(path: str, records: Iterable[dict[str, Any]]) -> int:
     return count
 
 
+def source_formats(kind: str) -> tuple[str, ...]:
+    """The formats `rlhf-jobs convert <kind>` reads: those of the stage's record schema."""
+    _check_kind(kind)
+    return tuple(FORMATS[get(kind).records.name])
+
+
 def detect_format(kind: str, numbered: Numbered, location: str) -> str:
     """The source format of `kind` that the first record's fields match."""
-    _check_kind(kind)
     line, first = numbered[0]
     if not isinstance(first, dict):
         raise DataError(f"{location}:{line}: expected a JSON object, got {type(first).__name__}")
-    if kind == "sft":
-        if "parent_id" in first and "message_id" in first:
-            return "oasst-messages"
-        if "replies" in first or isinstance(first.get("prompt"), dict):
-            return "oasst"
-        if "instruction" in first and "response" in first:
-            return "dolly"
-    else:
-        has_prompt = "prompt" in first or "instruction" in first
-        if "chosen" in first and "rejected" in first:
-            if not has_prompt and isinstance(first["chosen"], str) and HUMAN_TAG in first["chosen"]:
-                return "hh"
-            return "pairs"
-    expected = ", ".join(SOURCE_FORMATS[kind])
+    for name in source_formats(kind):
+        if FORMATS[get(kind).records.name][name].matches(first):
+            return name
     raise DataError(
         f"{location}:{line}: cannot tell the source format from fields {sorted(first)}; "
-        f"pass one of {expected} for {kind}"
+        f"pass one of {', '.join(source_formats(kind))} for {kind}"
     )
 
 
@@ -410,28 +392,19 @@ def _check_kind(kind: str) -> None:
 
 
 def convert_records(kind: str, input_path: str, source_format: str = "auto", *, lang: str | None = None) -> Conversion:
-    """Read `input_path` and convert it to `kind` ("sft", "rm" or "ppo") records, without writing.
+    """Read `input_path` and convert it to records of `kind`'s schema (a stage name), without writing.
 
     `lang` keeps only OpenAssistant messages in that language (e.g. "en"); other formats ignore it.
     """
-    _check_kind(kind)
+    formats = source_formats(kind)
     numbered = read_numbered(input_path)
     if source_format == "auto":
         source_format = detect_format(kind, numbered, input_path)
-    if source_format not in SOURCE_FORMATS[kind]:
+    if source_format not in formats:
         raise DataError(
-            f"unknown source format {source_format!r} for {kind}; "
-            f"expected auto or one of {', '.join(SOURCE_FORMATS[kind])}"
+            f"unknown source format {source_format!r} for {kind}; expected auto or one of {', '.join(formats)}"
         )
-    if kind == "sft":
-        if source_format == "dolly":
-            return sft_from_dolly(numbered, input_path)
-        if source_format == "oasst":
-            return sft_from_oasst_trees(numbered, input_path, lang)
-        return sft_from_oasst_messages(numbered, input_path, lang)
-    if kind == "rm":
-        return rm_from_hh(numbered, input_path) if source_format == "hh" else rm_from_pairs(numbered, input_path)
-    return ppo_from_hh(numbered, input_path) if source_format == "hh" else ppo_from_pairs(numbered, input_path)
+    return FORMATS[get(kind).records.name][source_format].convert(numbered, input_path, lang)
 
 
 def skipped_text(result: Conversion) -> str:
@@ -446,7 +419,7 @@ def report(result: Conversion, kind: str, input_path: str, output_path: str, det
     """What `rlhf-jobs convert` prints: the source format (and whether detected), counts, skips, next step."""
     how = "detected" if detected else "given"
     lines = [
-        f"{input_path}: format {result.source_format} ({FORMAT_DESCRIPTIONS[result.source_format]}, {how})",
+        f"{input_path}: format {result.source_format} ({DESCRIPTIONS[result.source_format]}, {how})",
         f"wrote {len(result.records)} {kind} record(s) to {output_path}; {skipped_text(result)}",
     ]
     if result.source_format == "hh":
@@ -475,3 +448,54 @@ def write_conversion(result: Conversion, kind: str, input_path: str, output_path
     if not result.records:
         raise DataError(f"{input_path}: no {kind} records to write ({skipped_text(result)})")
     return write_jsonl(output_path, result.records)
+
+
+# ---- the formats each record schema is converted from ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Format:
+    """A source format: how to recognise its first record, and how to convert a file of it."""
+
+    matches: Callable[[dict[str, Any]], bool]
+    convert: Callable[[Numbered, str, str | None], Conversion]
+
+
+def _pair_fields(first: dict[str, Any]) -> bool:
+    return "chosen" in first and "rejected" in first
+
+
+def _hh_transcripts(first: dict[str, Any]) -> bool:
+    has_prompt = "prompt" in first or "instruction" in first
+    return _pair_fields(first) and not has_prompt and isinstance(first["chosen"], str) and HUMAN_TAG in first["chosen"]
+
+
+# Keyed by record schema name (`core.data.RecordSchema.name`): a stage converts from the formats of its
+# schema, so a new stage on an existing schema (DPO on pairs, GRPO on prompts) needs no entry here.
+# Tried in this order by `detect_format`.
+FORMATS: dict[str, dict[str, Format]] = {
+    SFT_SCHEMA.name: {
+        "dolly": Format(lambda first: "instruction" in first and "response" in first,
+                        lambda numbered, location, lang: sft_from_dolly(numbered, location)),
+        "oasst": Format(lambda first: "replies" in first or isinstance(first.get("prompt"), dict),
+                        sft_from_oasst_trees),
+        "oasst-messages": Format(lambda first: "parent_id" in first and "message_id" in first,
+                                 sft_from_oasst_messages),
+    },
+    RM_SCHEMA.name: {
+        "hh": Format(_hh_transcripts, lambda numbered, location, lang: rm_from_hh(numbered, location)),
+        "pairs": Format(_pair_fields, lambda numbered, location, lang: rm_from_pairs(numbered, location)),
+    },
+    PPO_SCHEMA.name: {
+        "hh": Format(_hh_transcripts, lambda numbered, location, lang: ppo_from_hh(numbered, location)),
+        "pairs": Format(_pair_fields, lambda numbered, location, lang: ppo_from_pairs(numbered, location)),
+    },
+}
+DESCRIPTIONS = {
+    "dolly": "Dolly-style instruction records",
+    "oasst": "OpenAssistant message trees",
+    "oasst-messages": "OpenAssistant flat messages",
+    "hh": "Anthropic HH transcripts",
+    "pairs": "preference pairs",
+}
+ALL_FORMATS = tuple(dict.fromkeys(name for formats in FORMATS.values() for name in formats))

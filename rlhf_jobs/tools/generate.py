@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_jobs.core.config import PPOTraining, PromptDataset
-from rlhf_jobs.core.data import PPO_SCHEMA, RM_SCHEMA, SFT_SCHEMA, load_splits, read_records
+from rlhf_jobs.core.data import PPO_SCHEMA, load_splits, read_records
 from rlhf_jobs.core.errors import CheckpointError, DataError
+from rlhf_jobs.core.stages import REGISTRY
 from rlhf_jobs.store.markers import read_marker
 
-SCHEMAS = {"sft": SFT_SCHEMA, "rm": RM_SCHEMA, "ppo": PPO_SCHEMA}
 BATCH = 16
 
 
@@ -50,10 +50,10 @@ def held_out_records(checkpoint: str) -> list[dict[str, Any]]:
     marker = _marker(checkpoint)
     config, stage = marker.get("config") or {}, marker.get("stage")
     dataset, seed = config.get("Dataset", {}), config.get("Training", {}).get("seed", 42)
-    if stage not in SCHEMAS or "train_file" not in dataset:
+    if stage not in REGISTRY or "train_file" not in dataset:
         raise CheckpointError(f"{checkpoint}: its rlhf_stage.json records no Dataset to take a held-out split from")
     _, held_out = load_splits(dataset["train_file"], dataset.get("validation_file"),
-                              dataset.get("validation_split_percentage", 0), SCHEMAS[stage], seed)
+                              dataset.get("validation_split_percentage", 0), REGISTRY[stage].records, seed)
     if held_out is None or len(held_out) == 0:
         raise DataError(f"{checkpoint}: its stage held out no records (validation_split_percentage 0)")
     return list(held_out)
@@ -64,6 +64,12 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
     return read_records(path, PPO_SCHEMA)
 
 
+def _samples_policy(marker: dict[str, Any]) -> bool:
+    """A model of an RL stage (PPO): its recorded config says how it sampled and which reward model scored it."""
+    stage = REGISTRY.get(str(marker.get("stage")))
+    return stage is not None and stage.reward_key is not None
+
+
 def settings_from(checkpoints: Sequence[str], overrides: dict[str, Any] | None = None) -> Settings:
     """The first PPO checkpoint's prompt and sampling settings (else defaults), with `overrides` applied."""
     dataset: dict[str, Any] = {}
@@ -71,7 +77,7 @@ def settings_from(checkpoints: Sequence[str], overrides: dict[str, Any] | None =
     for directory in checkpoints:
         marker = read_marker(directory) if Path(directory).is_dir() else None
         config = (marker or {}).get("config") or {}
-        if marker and marker.get("stage") == "ppo":
+        if marker and _samples_policy(marker):
             dataset, training = config.get("Dataset", {}), config.get("Training", {})
             break
         dataset = dataset or config.get("Dataset", {})
@@ -88,8 +94,8 @@ def default_reward_model(checkpoints: Sequence[str]) -> str | None:
     """The reward model a PPO checkpoint was trained against (its rm_pretrain), if any."""
     for directory in checkpoints:
         marker = read_marker(directory) if Path(directory).is_dir() else None
-        if marker and marker.get("stage") == "ppo":
-            return (marker.get("config") or {}).get("General", {}).get("rm_pretrain")
+        if marker and _samples_policy(marker):
+            return (marker.get("config") or {}).get("General", {}).get(REGISTRY[marker["stage"]].reward_key)
     return None
 
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import yaml
 
-from rlhf_jobs.core.errors import ConfigError
 from rlhf_jobs.core.loading import validate_config
 from rlhf_jobs.core.stages import NAMES as STAGES
 from rlhf_jobs.pipeline.backends.helm import Helm, HelmError, config_sets, release_name
@@ -116,21 +115,23 @@ class KubeRayBackend:
                              manifests)
 
     def stage_configs(self, options: PipelineOptions) -> dict[str, dict[str, Any]]:
-        self.overrides = options.overrides
+        """The rendered config of every stage that runs (the chart wires their inputs), validated."""
+        self.overrides, self.rendered = options.overrides, {}
         configs = {}
-        for stage in STAGES:
-            rendered = self.rendered[stage] = self.render(stage)
-            source = f"helm template {rendered.release} (configs.{stage})"
-            try:
-                validate_config(rendered.config, stage, source=source, paths=False)
-            except ConfigError:
-                if stage in options.stages:
-                    raise
+        for stage in options.stages:
+            rendered = self.rendered_stage(stage)
+            validate_config(rendered.config, stage, source=f"helm template {rendered.release} (configs.{stage})",
+                            paths=False)
             configs[stage] = rendered.config
         return configs
 
+    def rendered_stage(self, stage: str) -> RenderedStage:
+        if stage not in self.rendered:
+            self.rendered[stage] = self.render(stage)
+        return self.rendered[stage]
+
     def stage_paths(self, stage: str) -> tuple[str, str]:
-        general = self.rendered[stage].config["General"]
+        general = self.rendered_stage(stage).config["General"]
         return general["output_dir"], general["checkpoint_dir"]
 
     # -- cluster checks --
