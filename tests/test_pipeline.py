@@ -180,7 +180,8 @@ def test_interrupted_ppo_resumes_without_redoing_sft_or_rm(tmp_path: Path) -> No
     assert resumed and min(s for s in resumed) >= done_before - 1, "PPO restarted from scratch"
     assert (workdir / "curves.png").stat().st_size > 10_000
     # Looking at results: held-out prompts with the SFT and PPO answers and their reward-model scores.
-    assert "5 held-out prompts, the answers of the SFT model and of the PPO policy, reward-model scores:" in second.stdout
+    shown = "5 held-out prompts, the answers of the SFT model and of the PPO policy, reward-model scores:"
+    assert shown in second.stdout
     samples = [json.loads(line) for line in (workdir / "ppo-samples.jsonl").read_text().splitlines()]
     assert len(samples) == 5
     assert all(set(s["answers"]) == {"sft", "ppo"} and all(isinstance(a["score"], float) for a in s["answers"].values())
