@@ -47,6 +47,8 @@ LOSSES = {
     "robust_label_smoothing_0.1": ("robust", 0.1),
 }
 CDPO_SMOOTHING = 0.1
+TINY_MODELS = {"policy": f"rlhf_jobs.tiny_model.build_tiny_model(dir, seed={POLICY_SEED})",
+               "reference": f"rlhf_jobs.tiny_model.build_tiny_model(dir, seed={REFERENCE_SEED})"}
 
 
 def versions() -> dict[str, str]:
@@ -59,6 +61,12 @@ def tiny_models(work: Path) -> tuple[Path, Path]:
 
     return (build_tiny_model(work / f"policy-seed{POLICY_SEED}", seed=POLICY_SEED),
             build_tiny_model(work / f"reference-seed{REFERENCE_SEED}", seed=REFERENCE_SEED))
+
+
+def write_fixture(path: Path, fixture: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(fixture, indent=1) + "\n")
+    print(f"written to {path}")
 
 
 def load(path: Path, dtype: torch.dtype) -> Any:
@@ -165,9 +173,7 @@ def main() -> None:
         fp32, tokens = reference_values(policy, reference, batch_records, torch.float32, work / "fp32")
         fp64, tokens64 = reference_values(policy, reference, batch_records, torch.float64, work / "fp64")
     assert tokens == tokens64
-    models = ({"policy": f"rlhf_jobs.tiny_model.build_tiny_model(dir, seed={POLICY_SEED})",
-               "reference": f"rlhf_jobs.tiny_model.build_tiny_model(dir, seed={REFERENCE_SEED})"} if built
-              else {"policy": str(args.policy), "reference": str(args.reference)})
+    models = TINY_MODELS if built else {"policy": str(args.policy), "reference": str(args.reference)}
     pairs_file = args.pairs.resolve()
     fixture = {
         "about": "TRL DPOTrainer on one batch: loss and logged metrics per loss type, summed completion log-probs "
@@ -183,9 +189,7 @@ def main() -> None:
         "float32": fp32,
         "float64": fp64,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(fixture, indent=1) + "\n")
-    print(f"written to {args.output}")
+    write_fixture(args.output, fixture)
     for name, value in fp32["losses"].items():
         print(f"{name:32s} fp32 {value['loss']:.8f}  fp64 {fp64['losses'][name]['loss']:.8f}")
 

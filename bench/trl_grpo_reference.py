@@ -22,7 +22,6 @@ Models: policy = `build_tiny_model(dir, seed=1)`, reference = `build_tiny_model(
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from typing import Any
 
 import torch
 from common import DATA, PPO_FILE, REPO, RM_FILE, read_jsonl
-from trl_dpo_reference import POLICY_SEED, REFERENCE_SEED, load, tiny_models, versions
+from trl_dpo_reference import TINY_MODELS, load, tiny_models, versions, write_fixture
 
 from rlhf_jobs.prompts import record_prompt
 
@@ -196,14 +195,11 @@ def main() -> None:
                  "Written by bench/trl_grpo_reference.py.",
         "command": "python bench/trl_grpo_reference.py " + " ".join(sys.argv[1:]),
         "versions": versions(),
-        "models": {"policy": f"rlhf_jobs.tiny_model.build_tiny_model(dir, seed={POLICY_SEED})",
-                   "reference": f"rlhf_jobs.tiny_model.build_tiny_model(dir, seed={REFERENCE_SEED})"},
+        "models": TINY_MODELS,
         "advantages": advantages,
         "loss": loss,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(fixture, indent=1) + "\n")
-    print(f"written to {args.output}")
+    write_fixture(args.output, fixture)
     for name, value in advantages["variants"].items():
         print(f"advantages {name:20s} {[round(a, 4) for a in value['advantages']]}")
     for name, value in loss["variants"].items():
