@@ -44,11 +44,21 @@ class Settings:
     max_prompt_length: int = 96
     ppo_learning_rate: float = 1e-4
     kl_coeff: float = 0.1
+    # GRPO: 8 prompts × 4 completions per iteration, one update per batch (TRL: num_iterations=1); KL to the
+    # reference in the loss (k3, the GRPO paper's form), so the reference forward is part of the rollout.
+    grpo_prompts: int = 8
+    num_generations: int = 4
+    grpo_iterations: int = 8
+    grpo_learning_rate: float = 1e-5
+    grpo_kl_coeff: float = 0.04
+    # DPO: pairs per step and steps as the reward model's (stage_batch_size("dpo"), rm_steps).
+    dpo_learning_rate: float = 5e-6
+    dpo_beta: float = 0.1
     threads: int = 1  # torch threads per process/worker (ours: resources_per_worker.CPU)
     extra_rows: bool = True  # also ours on 2 workers, and TRL's SFT with loss_type="nll"
 
     def stage_batch_size(self, stage: str) -> int:
-        return (self.rm_batch_size or self.batch_size) if stage == "rm" else self.batch_size
+        return (self.rm_batch_size or self.batch_size) if stage in ("rm", "dpo") else self.batch_size
 
 
 # The tiny model measures overheads; the 300M one a model where the matrix multiplies and the
@@ -56,6 +66,7 @@ class Settings:
 # two cores (TRL's, with other work running), so its runs are smaller, chosen to keep `make bench`
 # around an hour: 4 SFT sequences / 2 RM pairs per step, 8 steps in windows of 2 (the first window
 # still dropped); PPO with 4 prompts, 16 new tokens, one PPO epoch of one minibatch, 4 iterations;
+# GRPO with 2 prompts × 4 completions of 16 new tokens, 4 iterations; DPO as the RM (2 pairs, 8 steps);
 # and both cores for the one training process of each side (the same on both). 2 workers would
 # need twice the memory and cores this machine has, so no extra rows there.
 MODELS = {
@@ -68,8 +79,20 @@ SIZES = {
     "300m": Settings(
         size="300m", batch_size=4, rm_batch_size=2, sft_steps=8, rm_steps=8, logging_steps=2, ppo_iterations=4,
         ppo_batch_size=4, ppo_mini_batch_size=4, ppo_epochs=1, max_new_tokens=16, threads=2, extra_rows=False,
+        grpo_prompts=2, grpo_iterations=4,
     ),
 }
+
+
+# The GRPO rows' reward: a Python function with TRL's signature (`fn(prompts, completions, **columns)`), the same
+# on both sides. Near TARGET_WORDS words scores 0, further away less: random-init models' completions differ in
+# length within a group, so advantages are not all zero.
+TARGET_WORDS = 8
+
+
+def length_reward(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+    """-|words - TARGET_WORDS| / TARGET_WORDS for each completion."""
+    return [-abs(len(completion.split()) - TARGET_WORDS) / TARGET_WORDS for completion in completions]
 
 
 def build_model(size: str, work: Path) -> Path:
