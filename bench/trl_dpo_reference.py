@@ -47,8 +47,8 @@ LOSSES = {
     "robust_label_smoothing_0.1": ("robust", 0.1),
 }
 CDPO_SMOOTHING = 0.1
-TINY_MODELS = {"policy": f"rlhf_jobs.tiny_model.build_tiny_model(dir, seed={POLICY_SEED})",
-               "reference": f"rlhf_jobs.tiny_model.build_tiny_model(dir, seed={REFERENCE_SEED})"}
+TINY_MODELS = {"policy": f"rlhf_jobs.tools.tiny_model.build_tiny_model(dir, seed={POLICY_SEED})",
+               "reference": f"rlhf_jobs.tools.tiny_model.build_tiny_model(dir, seed={REFERENCE_SEED})"}
 
 
 def versions() -> dict[str, str]:
@@ -57,7 +57,7 @@ def versions() -> dict[str, str]:
 
 def tiny_models(work: Path) -> tuple[Path, Path]:
     """The policy (seed 1) and the reference (seed 0): two tiny GPT-2s with the same tokenizer."""
-    from rlhf_jobs.tiny_model import build_tiny_model
+    from rlhf_jobs.tools.tiny_model import build_tiny_model
 
     return (build_tiny_model(work / f"policy-seed{POLICY_SEED}", seed=POLICY_SEED),
             build_tiny_model(work / f"reference-seed{REFERENCE_SEED}", seed=REFERENCE_SEED))

@@ -32,7 +32,7 @@ import torch
 from common import DATA, PPO_FILE, REPO, RM_FILE, read_jsonl
 from trl_dpo_reference import TINY_MODELS, load, tiny_models, versions, write_fixture
 
-from rlhf_jobs.prompts import record_prompt
+from rlhf_jobs.core.prompts import record_prompt
 
 G = 4
 REWARD_WEIGHTS = [1.0, 0.5]

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhf_jobs.prompts import join_response, record_prompt
+from rlhf_jobs.core.prompts import join_response, record_prompt
 
 FIXTURES = Path(__file__).parent / "fixtures"
 DPO = json.loads((FIXTURES / "trl_dpo_reference.json").read_text())
@@ -27,7 +27,7 @@ GRPO = json.loads((FIXTURES / "trl_grpo_reference.json").read_text())
 @pytest.fixture(scope="module")
 def models(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The fixtures' policy (build_tiny_model seed 1) and reference (seed 0, the session's tiny model)."""
-    from rlhf_jobs.tiny_model import build_tiny_model
+    from rlhf_jobs.tools.tiny_model import build_tiny_model
 
     assert DPO["models"]["reference"].endswith("seed=0)") and DPO["models"]["policy"].endswith("seed=1)")
     return {"policy": build_tiny_model(tmp_path_factory.mktemp("seed1") / "model", seed=1), "reference": tiny_model}
