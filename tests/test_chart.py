@@ -868,9 +868,7 @@ def test_preemption_grace_period_and_drain_on_stop(crd_file: Path) -> None:
     assert templates["head"]["spec"]["terminationGracePeriodSeconds"] == 900
     assert templates["worker"]["spec"]["terminationGracePeriodSeconds"] == 900
     command = templates["worker"]["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
-    assert command[:2] == ["/bin/bash", "-c"]
-    assert "ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION" in command[2]
-    assert "--deadline-remaining-seconds 900" in command[2] and "$(seq 890)" in command[2]
+    assert command == ["python", "-m", "rlhf_jobs.preemption", "--drain", "--wait", "890", "--deadline", "900"]
     # Head: the preStop hook stops the driver after its step (grace period less 10 s), and `ray job stop` waits
     # the grace period before SIGKILL; workers run no driver, so neither is set there.
     head = templates["head"]["spec"]["containers"][0]
@@ -915,30 +913,27 @@ def test_head_pre_stop_is_the_preemption_cli(tmp_path: Path, monkeypatch: pytest
     assert time.monotonic() - started < 5
 
 
-def test_drain_on_stop_script_is_valid_bash(tmp_path: Path) -> None:
-    """The preStop script parses, and returns at once where no training worker runs (a finished job's cluster)."""
-    import subprocess
-    import time
+def test_worker_pre_stop_is_the_preemption_cli_with_drain() -> None:
+    """Issue 28 item 3: the worker preStop is `python -m rlhf_jobs.preemption --drain ...` (tests/test_preemption.py
+    runs it against a real Ray cluster), not `ray drain-node` without a node id, whose errors went to /dev/null; its
+    arguments parse with the module's own parser (test_preemption.WORKER_PRE_STOP is this command)."""
+    from rlhf_jobs import preemption
 
-    command = pod_templates(one(render("rlhf-sft"), "RayJob"))["worker"]["spec"]["containers"][0]["lifecycle"]
-    script = command["preStop"]["exec"]["command"][2]
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    (fake_bin / "ray").write_text("#!/bin/sh\necho \"$@\" > \"$RAY_ARGS\"\n")
-    (fake_bin / "ray").chmod(0o755)
-    # pgrep: training workers run for the first two polls, then they are gone (checkpoint written, exited).
-    (fake_bin / "pgrep").write_text('#!/bin/sh\nn=$(cat "$POLLS" 2>/dev/null || echo 0); echo $((n+1)) > "$POLLS"\n'
-                                    '[ "$1 $2" = "-f [R]ayTrainWorker" ] && [ "$n" -lt 2 ]\n')
-    (fake_bin / "pgrep").chmod(0o755)
-    started = time.monotonic()
-    env = {"PATH": f"{fake_bin}:/usr/bin:/bin", "RAY_ARGS": str(tmp_path / "args"), "HOSTNAME": "w-1",
-           "POLLS": str(tmp_path / "polls")}
-    subprocess.run(["/bin/bash", "-n", "-c", script], check=True)
-    subprocess.run(["/bin/bash", "-c", script], check=True, env=env, timeout=30)
-    assert 1.5 < time.monotonic() - started < 6
-    assert (tmp_path / "polls").read_text().strip() == "3"
-    assert "drain-node --reason DRAIN_NODE_REASON_PREEMPTION --reason-message pod w-1 is terminating" in (
-        tmp_path / "args").read_text()
+    lifecycle = pod_templates(one(render("rlhf-sft"), "RayJob"))["worker"]["spec"]["containers"][0]["lifecycle"]
+    argv = lifecycle["preStop"]["exec"]["command"]
+    assert argv == ["python", "-m", "rlhf_jobs.preemption", "--drain", "--wait", "290", "--deadline", "300"]
+    assert argv[:3] == ["python", "-m", preemption.__name__]
+    args = preemption.build_parser().parse_args(argv[3:])
+    grace = DEFAULTS["preemption"]["terminationGracePeriodSeconds"]
+    assert args.drain and (args.wait, args.deadline, args.node_id) == (grace - 10, grace, None)
+
+
+def test_python_modules_are_named_in_one_place() -> None:
+    """Every `python -m rlhf_jobs.<module>` the pods run comes from one helper: moving a module is a one-line edit."""
+    import re
+
+    templates = "\n".join(path.read_text() for path in (CHART / "templates").iterdir())
+    assert re.findall(r"rlhf_jobs\.[a-z_.]+", templates) == ["rlhf_jobs.preemption"], "name the module once"
 
 
 # ---- issue 18: where the KubeRay CRDs come from, and helm's minimum version ------------------------------

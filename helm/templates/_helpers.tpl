@@ -457,14 +457,21 @@ Seconds a preStop hook may wait for training to stop: the grace period less 10 s
 {{- end }}
 
 {{/*
-Worker preStop: drain this pod's Ray node (Ray Train's preemption watcher sees it and the training loop can
-finish its step and checkpoint), then wait while training workers still run here, at most the grace period
-less 10 s. Returns at once when no training runs (a finished job's cluster is deleted without delay).
+The Python module of the preStop hooks (`python -m <module>`), named here only: moving the module is a one-line
+change.
+*/}}
+{{- define "rlhf-jobs.preemptionModule" -}}
+rlhf_jobs.preemption
+{{- end }}
+
+{{/*
+Worker preStop: drain this pod's Ray node through the GCS (Ray Train's preemption watcher sees it and the training
+loop can finish its step and checkpoint), then wait while training workers still run here, at most the grace
+period less 10 s. Returns at once when no training runs (a finished job's cluster is deleted without delay); a
+failed drain fails the hook at once, with the reason on stderr (a FailedPreStopHook event), instead of waiting.
 */}}
 {{- define "rlhf-jobs.drainOnStop" -}}
-{{- $grace := int .Values.preemption.terminationGracePeriodSeconds }}
-{{- $wait := include "rlhf-jobs.preStopWait" . -}}
-ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --reason-message "pod $HOSTNAME is terminating" --deadline-remaining-seconds {{ $grace }} >/dev/null 2>&1 || true; for _ in $(seq {{ $wait }}); do pgrep -f "[R]ayTrainWorker" >/dev/null || exit 0; sleep 1; done
+["python", "-m", {{ include "rlhf-jobs.preemptionModule" . | quote }}, "--drain", "--wait", {{ include "rlhf-jobs.preStopWait" . | quote }}, "--deadline", {{ .Values.preemption.terminationGracePeriodSeconds | int | quote }}]
 {{- end }}
 
 {{/*
