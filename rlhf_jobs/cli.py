@@ -210,8 +210,9 @@ def local_status(workdir: str) -> int:
 
 def run_kuberay_pipeline(args: argparse.Namespace, clients=None, helm=None, sleep=time.sleep) -> int:
     """`rlhf-jobs pipeline --backend kuberay`: the stages as RayJobs, chained, recorded in a ConfigMap."""
+    from rlhf_jobs.backends import exit_codes
     from rlhf_jobs.backends.helm import Helm, HelmError
-    from rlhf_jobs.backends.kube import Clients, ClusterUnavailable
+    from rlhf_jobs.backends.kube import RETRYABLE_STATUS, Clients, ClusterUnavailable, api_status
     from rlhf_jobs.backends.kuberay import KubeRayBackend, status_table
     from rlhf_jobs.backends.rayjob import StageFailed, WatchSettings
     from rlhf_jobs.pipeline import PipelineOptions, parse_stages, run_pipeline
@@ -240,9 +241,18 @@ def run_kuberay_pipeline(args: argparse.Namespace, clients=None, helm=None, slee
         backend.preflight()
         print(f"pipeline run {args.run!r} in namespace {args.namespace} (record: ConfigMap {backend.record_name})")
         run_pipeline(backend, options)
-    except (ClusterUnavailable, StageFailed, HelmError) as err:
+    except StageFailed as err:  # exits as the stage's driver did: 75 = preempted, run again (exit_codes.py)
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return err.exit_code
+    except (ClusterUnavailable, HelmError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return exit_codes.BAD_INPUT
+    except Exception as err:
+        if api_status(err) not in RETRYABLE_STATUS:
+            raise
+        print(f"error: the Kubernetes API server did not answer ({err}); nothing was lost: run the same command "
+              "again to continue", file=sys.stderr)
+        return exit_codes.PREEMPTED
     except KeyboardInterrupt:
         print("interrupted: running RayJobs keep running; re-run the same command to re-attach, "
               f"or `rlhf-jobs delete --namespace {args.namespace} --run {args.run}` to stop them", file=sys.stderr)
@@ -364,19 +374,20 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from rlhf_jobs.backends import exit_codes
     from rlhf_jobs.launcher import OutOfMemory, RunStopped
 
     try:
         return run(args)
     except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_codes.BAD_INPUT
     except RunStopped as stopped:
         print(str(stopped), file=sys.stderr)
-        return 0 if stopped.reason.startswith("--stop-at-step") else 75  # EX_TEMPFAIL: try again
+        return 0 if stopped.reason.startswith("--stop-at-step") else exit_codes.PREEMPTED  # EX_TEMPFAIL: try again
     except OutOfMemory as err:
         print(f"error: {err}", file=sys.stderr)
-        return 3
+        return exit_codes.OUT_OF_MEMORY
     except (KeyboardInterrupt, SystemExit):  # Ray Train turns Ctrl-C during training into SystemExit
         print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130

@@ -181,7 +181,7 @@ class FakeHelm:
 
 def make_backend(runs: dict[str, list[list[Any]]], core: FakeCore | None = None, **clients: Any):
     clock = Clock()
-    custom = FakeCustom()
+    custom = clients["custom"](clock) if "custom" in clients else FakeCustom()
     fake = Clients(custom=custom, core=core or FakeCore(), apiext=clients.get("apiext", FakeApiext()),
                    authz=clients.get("authz", FakeAuthz()))
     helm = FakeHelm(custom, runs)
@@ -350,7 +350,7 @@ def test_cli_reports_preflight_failure_and_exits_nonzero(capsys) -> None:
     backend, _, _, _ = make_backend({}, apiext=FakeApiext(installed=False))
     args = argparse.Namespace(chart=None, stages="sft,rm,ppo", overrides=[], from_stage=None, dry_run=False,
                               namespace=NS, run="default", values=[], timeout=60, in_cluster=False, image=None)
-    assert run_kuberay_pipeline(args, clients=backend.clients) == 1
+    assert run_kuberay_pipeline(args, clients=backend.clients) == 2  # bad setup: running again would not help
     assert "KubeRay CRD rayjobs.ray.io is not installed" in capsys.readouterr().err
 
 
@@ -609,3 +609,163 @@ def test_rbac_yaml_grants_what_the_submitter_needs() -> None:
     for group, resource, verb in [*NEEDED_PERMISSIONS, ("", "services/proxy", "get"), ("ray.io", "rayclusters", "get")]:
         assert any(group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]
                    for rule in role["rules"]), (group, resource, verb)
+
+
+# ---- issue 28 item 1: exit codes that say what happened; item 2: deleting a RayJob waits by the clock ----------
+
+
+def pipeline_args(**overrides: Any) -> argparse.Namespace:
+    args = dict(chart=None, stages="sft,rm,ppo", overrides=[], from_stage=None, dry_run=False, namespace=NS,
+                run="default", values=[], timeout=3600, in_cluster=False, image=None)
+    return argparse.Namespace(**{**args, **overrides})
+
+
+def driver_exit(code: int) -> dict[str, Any]:
+    """The status KubeRay gives a RayJob whose driver exited with `code` (Ray's job supervisor writes the message)."""
+    return status("Failed", "FAILED", reason="AppFailed", jobId="rlhf-sft-x",
+                  message=f"Job entrypoint command failed with exit code {code}, last available logs (truncated to "
+                          f"20,000 chars):\nstopped after step 12 (preempted); run the same command again")
+
+
+@pytest.mark.parametrize(("final", "code"), [
+    (driver_exit(75), 75),  # preempted with a checkpoint: the runner Job retries, the stage resumes
+    (driver_exit(3), 3),  # out of memory
+    (driver_exit(2), 2),  # a config problem only the trainer saw
+    (driver_exit(1), 1),
+    (driver_exit(137), 1),  # SIGKILL
+    (status("ValidationFailed", reason="ValidationFailed", message="invalid RayJob spec"), 2),
+    (status("Failed", "", reason="DeadlineExceeded", message="activeDeadlineSeconds reached"), 1),
+], ids=["preempted", "oom", "bad-config", "failed", "killed", "validation", "deadline"])
+def test_pipeline_exits_with_what_the_stage_driver_said(final: dict, code: int, capsys) -> None:
+    """A preempted stage (its driver checkpointed and exited 75) must surface as 75 from `rlhf-jobs pipeline`, so that
+    the runner Job retries it; a deterministic failure (1, 2, 3) must not look like one (issue 28 item 1)."""
+    _, helm, fake, clock = make_backend({"sft": [[status("Running", "RUNNING"), final]]})
+    assert run_kuberay_pipeline(pipeline_args(stages="sft"), clients=fake, helm=helm, sleep=clock.sleep) == code
+    assert "RayJob rlhf/rlhf-sft ended without success" in capsys.readouterr().err
+
+
+def test_an_api_server_outage_exits_75_to_be_run_again(capsys) -> None:
+    """Retries of a 503 run out: nothing is lost (the RayJob keeps running), so the runner should try again."""
+    _, helm, fake, clock = make_backend({"sft": [[ApiException(status=503)] * 10]})
+    assert run_kuberay_pipeline(pipeline_args(stages="sft"), clients=fake, helm=helm, sleep=clock.sleep) == 75
+    assert "the Kubernetes API server did not answer" in capsys.readouterr().err
+
+
+def test_runner_job_fails_fast_on_deterministic_exits_and_retries_preemption() -> None:
+    """The runner Job re-ran a config error (exit 2) three more times, each pod deleting the failed RayJob and running
+    the stage again on the cluster's GPUs. Its podFailurePolicy now: an evicted runner pod is ignored, exit 1/2/3 fail
+    the Job at once, exit 75 is retried (backoffLimit sized for preemptions); checked as the Job controller applies it
+    (the first rule that matches decides), against a subset of the batch/v1 Job schema."""
+    from rlhf_jobs.backends import exit_codes, runner
+
+    _, job = runner.manifests(NS, "exp1", "img", {})
+    spec = job["spec"]
+    assert job_spec_errors(job) == []
+    assert spec["backoffLimit"] >= 10 and spec["template"]["spec"]["restartPolicy"] == "Never"
+
+    def action(exit_code: int | None = None, conditions: tuple[str, ...] = ()) -> str:
+        for rule in spec["podFailurePolicy"]["rules"]:
+            on_exit = rule.get("onExitCodes")
+            if (on_exit and exit_code is not None and on_exit["containerName"] in (None, runner.CONTAINER)
+                    and (exit_code in on_exit["values"]) == (on_exit["operator"] == "In")):
+                return rule["action"]
+            if any(c["type"] in conditions for c in rule.get("onPodConditions", [])):
+                return rule["action"]
+        return "Count"  # no rule matched: counted against backoffLimit
+
+    assert action(143, ("DisruptionTarget",)) == "Ignore"  # evicted or preempted runner pod: a new one re-attaches
+    for code in (exit_codes.STAGE_FAILED, exit_codes.BAD_INPUT, exit_codes.OUT_OF_MEMORY):
+        assert action(code) == "FailJob", code
+    assert action(exit_codes.PREEMPTED) == "Count"
+
+
+def job_spec_errors(job: dict) -> list[str]:
+    """The rules of batch/v1 Job validation the runner's podFailurePolicy must meet (apis/batch/validation)."""
+    import jsonschema
+
+    exit_rule = {"type": "object", "required": ["operator", "values"], "additionalProperties": False, "properties": {
+        "containerName": {"type": "string"}, "operator": {"enum": ["In", "NotIn"]},
+        "values": {"type": "array", "minItems": 1, "maxItems": 255, "uniqueItems": True,
+                   "items": {"type": "integer", "not": {"const": 0}}}}}
+    rule = {"type": "object", "required": ["action"], "additionalProperties": False, "properties": {
+        "action": {"enum": ["FailJob", "FailIndex", "Ignore", "Count"]}, "onExitCodes": exit_rule,
+        "onPodConditions": {"type": "array", "items": {"type": "object", "required": ["type"], "properties": {
+            "type": {"type": "string"}, "status": {"enum": ["True", "False", "Unknown"]}}}}},
+        "oneOf": [{"required": ["onExitCodes"]}, {"required": ["onPodConditions"]}]}
+    schema = {"type": "object", "properties": {"spec": {"type": "object", "required": ["template"], "properties": {
+        "backoffLimit": {"type": "integer", "minimum": 0},
+        "podFailurePolicy": {"type": "object", "required": ["rules"], "additionalProperties": False,
+                             "properties": {"rules": {"type": "array", "maxItems": 20, "items": rule}}},
+        "template": {"type": "object", "properties": {"spec": {"type": "object", "properties": {
+            "restartPolicy": {"const": "Never"}}}}}}}}}
+    errors = [error.message for error in jsonschema.Draft7Validator(schema).iter_errors(job)]
+    containers = {c["name"] for c in job["spec"]["template"]["spec"]["containers"]}
+    for item in job["spec"].get("podFailurePolicy", {}).get("rules", []):
+        name = item.get("onExitCodes", {}).get("containerName")
+        if name is not None and name not in containers:
+            errors.append(f"containerName {name!r} is not a container of the pod")
+    return errors
+
+
+class DeletingCustom(FakeCustom):
+    """RayJobs that take `takes` seconds of the clock to go after a delete (their pods' grace period: a running
+    driver writes its checkpoint); each get costs `get_seconds` of the clock (a slow API server)."""
+
+    def __init__(self, clock: Clock, takes: float, get_seconds: float = 0.0, grace: int | None = None) -> None:
+        super().__init__()
+        self.clock, self.takes, self.get_seconds, self.gone_at, self.grace = clock, takes, get_seconds, {}, grace
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        self.clock.now += self.get_seconds
+        if name in self.gone_at and self.clock.now < self.gone_at[name]:
+            return {"metadata": {"name": name, "deletionTimestamp": "now"}, "spec": {}, "status": {}}
+        job = super().get_namespaced_custom_object(group, version, namespace, plural, name)
+        if self.grace is not None:
+            job["spec"] = running_job(self.grace)["spec"]
+        return job
+
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name, propagation_policy=None):
+        super().delete_namespaced_custom_object(group, version, namespace, plural, name, propagation_policy)
+        if plural == "rayjobs":
+            self.gone_at[name] = self.clock.now + self.takes
+
+
+def running_job(grace: int) -> dict[str, Any]:
+    pod = {"spec": {"terminationGracePeriodSeconds": grace}}
+    return {"metadata": {"name": "rlhf-sft"}, "status": status("Running", "RUNNING"),
+            "spec": {"rayClusterSpec": {"headGroupSpec": {"template": pod}, "workerGroupSpecs": [{"template": pod}]}}}
+
+
+def test_replacing_a_running_rayjob_waits_for_its_pods_grace_period() -> None:
+    """Issue 28 item 2: the pods get 300 s (the head's preStop waits up to 290 s for the driver's checkpoint), but the
+    delete gave up after 120 polls: "still being deleted" for every changed config of a running stage."""
+    from rlhf_jobs.backends.rayjob import RayJobs
+
+    clock = Clock()
+    custom = DeletingCustom(clock, takes=280.0)
+    custom.sequences["rlhf-sft"] = [status("Running", "RUNNING")]
+    jobs = RayJobs(Clients(custom=custom, core=FakeCore(), apiext=FakeApiext(), authz=FakeAuthz()), NS,
+                   clock.sleep, clock)
+    jobs.delete("rlhf-sft", running_job(grace=300))
+    assert jobs.get("rlhf-sft") is None and 280 <= clock.now < 300
+
+    # By the clock, not by counting polls: with a slow API server (10 s per get) the wait still ends at grace + margin.
+    clock = Clock()
+    custom = DeletingCustom(clock, takes=10_000.0, get_seconds=10.0)
+    custom.sequences["rlhf-sft"] = [status("Running", "RUNNING")]
+    jobs = RayJobs(Clients(custom=custom, core=FakeCore(), apiext=FakeApiext(), authz=FakeAuthz()), NS,
+                   clock.sleep, clock)
+    with pytest.raises(StageFailed, match=r"still being deleted after 420s \(its pods' grace period plus 120s\)"):
+        jobs.delete("rlhf-sft", running_job(grace=300))
+    assert 420 <= clock.now <= 440
+
+
+def test_a_changed_config_replaces_the_running_rayjob_through_the_pipeline() -> None:
+    """The same through the pipeline: the RayJob running the old config (grace 300 s) takes 250 s to go, then the new
+    config is installed."""
+    backend, helm, fake, clock = make_backend({"sft": [list(SUCCESS)], "rm": [], "ppo": []},
+                                              custom=lambda clock: DeletingCustom(clock, takes=250.0, grace=300))
+    fake.custom.sequences["rlhf-sft"] = [status("Running", "RUNNING")]
+    fake.custom.annotations["rlhf-sft"] = {"rlhf-jobs.io/config-hash": "0" * 64}  # another config
+    run_pipeline(backend, PipelineOptions(stages=["sft"], check_paths=False))
+    assert fake.custom.deleted == ["rlhf-sft"] and helm.installs == ["rlhf-sft"] and clock.now >= 250

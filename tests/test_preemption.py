@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -241,3 +242,29 @@ def test_a_drained_node_stops_the_run_after_its_step_and_it_continues_on_another
         print(f"drain after step {drained_after}: stopped after step {stopped_at}, continued on the new node")
     finally:
         cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_a_preempted_stage_ends_the_local_pipeline_with_75_and_the_rerun_resumes(tiny_model: Path,
+                                                                                 tmp_path: Path) -> None:
+    """Issue 28 item 1: a preempted stage surfaces as exit code 75 from `rlhf-jobs pipeline` (the runner Job retries
+    exactly that code), here with the local backend; the same command again continues the stage from its
+    checkpoint. (tests/test_kuberay.py checks the kuberay backend.)"""
+    workdir = tmp_path / "run"
+    command = [sys.executable, "-m", "rlhf_jobs.cli", "pipeline", "--backend", "local", "--in-process",
+               "--workdir", str(workdir), "--base-model", str(tiny_model), "--stages", "sft",
+               "--set", "Training.num_training_workers=1", "--set", "sft.Training.epochs=1",
+               "--set", "sft.Training.logging_steps=1", "--set", "sft.Training.batch_size=4"]
+    log = tmp_path / "first.log"
+    first = subprocess.Popen(command, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    metrics, deadline = workdir / "sft-output" / "metrics.jsonl", time.monotonic() + 180
+    while first.poll() is None and time.monotonic() < deadline and not train_steps(metrics):
+        time.sleep(0.1)
+    assert first.poll() is None, log.read_text()[-3000:]
+    os.kill(first.pid, signal.SIGTERM)
+    assert first.wait(timeout=60) == 75, log.read_text()[-3000:]
+    stopped = int(re.search(r"sft: stopped after step (\d+) \(preempted\)", log.read_text()).group(1))
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "== sft: resume" in second.stdout and f"step {stopped}/" in second.stdout + second.stderr

@@ -93,7 +93,7 @@ class KubeRayBackend:
 
     @property
     def rayjobs(self) -> RayJobs:
-        return RayJobs(self.clients, self.namespace, self.sleep)
+        return RayJobs(self.clients, self.namespace, self.sleep, self.clock)
 
     def sets(self, stage: str) -> list[str]:
         """--set-json arguments of a stage's release: the pipeline's overrides and settings."""
@@ -216,14 +216,18 @@ class KubeRayBackend:
                 if existing is not None:
                     why = deployment if is_finished(existing) else f"{deployment or 'Pending'}, another config"
                     print(f"   deleting RayJob {rendered.rayjob} ({why}) to start a new one", flush=True)
-                    jobs.delete(rendered.rayjob)
+                    jobs.delete(rendered.rayjob, existing)
                 print(f"   helm upgrade --install {rendered.release} -n {self.namespace}", flush=True)
-                self.helm.upgrade_install(rendered.release, self.namespace, self.run, self.values, self.sets(stage))
+                try:
+                    self.helm.upgrade_install(rendered.release, self.namespace, self.run, self.values,
+                                              self.sets(stage))
+                except HelmError as err:  # the values rendered (stage_configs): the cluster refused them
+                    raise StageFailed(f"{stage}: {err}") from None
             try:
                 job = watch_rayjob(self.clients, self.namespace, rendered.rayjob, stage, self.watch,
                                    clock=self.clock, sleep=self.sleep)
             except StageFailed as failure:
-                raise StageFailed(f"{failure}\n{jobs.logs_tail(rendered.rayjob)}") from None
+                raise StageFailed(f"{failure}\n{jobs.logs_tail(rendered.rayjob)}", failure.exit_code) from None
         self.fresh.discard(stage)
         cluster = jobs.free_cluster(job)
         if cluster:

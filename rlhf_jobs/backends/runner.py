@@ -13,10 +13,30 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from rlhf_jobs.backends import exit_codes
 from rlhf_jobs.backends.kube import Clients, ClusterUnavailable, field, unless_absent, with_retries
+from rlhf_jobs.backends.rayjob import DEFAULT_GRACE_S, DELETE_MARGIN_S
 
 SERVICE_ACCOUNT = "rlhf-submitter"  # k8s/rbac.yaml
 VALUES_DIR = "/etc/rlhf-runner"
+CONTAINER = "pipeline"
+# Runner pods that may end with exit code 75 (a stage preempted, or the API server unreachable) before the Job
+# fails: each preemption of a stage's head pod costs one. Evicted runner pods do not count (podFailurePolicy).
+RETRIES = 10
+
+
+def pod_failure_policy() -> dict[str, Any]:
+    """Who retries what (helm/README.md): the runner pod's own eviction is not a failure (a new pod re-attaches to
+    the running RayJob); a deterministic failure (exit 1, 2, 3) fails the Job at once instead of running the stage
+    again on the cluster's GPUs; a preempted stage (exit 75) is retried, and the new pod resumes it."""
+    def on_exit(action: str, codes: tuple[int, ...]) -> dict[str, Any]:
+        return {"action": action, "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": list(codes)}}
+
+    return {"rules": [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        on_exit("FailJob", exit_codes.DETERMINISTIC),
+        on_exit("Count", (exit_codes.PREEMPTED,)),
+    ]}
 
 
 class RunnerActive(ClusterUnavailable):
@@ -48,7 +68,7 @@ def manifests(namespace: str, run: str, image: str, values: Mapping[str, str], e
         "data": {f"values-{index}.yaml": text for index, text in enumerate(values.values())},
     }
     container = {
-        "name": "pipeline",
+        "name": CONTAINER,
         "image": image,
         "imagePullPolicy": pull_policy,
         "command": pipeline_args(namespace, run, list(values), extra),
@@ -62,8 +82,9 @@ def manifests(namespace: str, run: str, image: str, values: Mapping[str, str], e
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": {"name": name, "namespace": namespace, "labels": labels},
         "spec": {
-            # A pod lost with its node: the next one resumes where the record says.
-            "backoffLimit": 3,
+            # A pod lost with its node or preempted with its stage: the next one resumes where the record says.
+            "backoffLimit": RETRIES,
+            "podFailurePolicy": pod_failure_policy(),
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {
@@ -92,12 +113,19 @@ def job_state(job: Any) -> str:
     return "running" if not (field(status, "succeeded") or field(status, "failed")) else "failed"
 
 
+def termination_grace_of_pods(job: Any) -> float:
+    """The grace period of a Job's pods (Kubernetes' default when its template sets none)."""
+    pod = field(field(field(job, "spec"), "template"), "spec")
+    grace = field(pod, "terminationGracePeriodSeconds") or field(pod, "termination_grace_period_seconds")
+    return float(grace if grace is not None else DEFAULT_GRACE_S)
+
+
 def read_job(clients: Clients, namespace: str, run: str, sleep: Callable[[float], None] = time.sleep) -> Any:
     return unless_absent(lambda: clients.batch.read_namespaced_job(runner_name(run), namespace), sleep=sleep)
 
 
 def submit(clients: Clients, objects: list[dict[str, Any]], sleep: Callable[[float], None] = time.sleep,
-           wait_seconds: float = 120.0) -> str:
+           clock: Callable[[], float] = time.monotonic) -> str:
     """Create the runner's ConfigMap and Job, replacing a finished Job of the same run; refuse a running one."""
     config_map, job = objects
     namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
@@ -120,12 +148,13 @@ def submit(clients: Clients, objects: list[dict[str, Any]], sleep: Callable[[flo
         print(f"deleting the {state} runner Job {name}; the new one resumes where it stopped")
         unless_absent(lambda: clients.batch.delete_namespaced_job(name, namespace, propagation_policy="Foreground"),
                       sleep=sleep)
-        waited = 0.0
+        wait_seconds = termination_grace_of_pods(existing) + DELETE_MARGIN_S
+        started = clock()
         while read_job(clients, namespace, run, sleep) is not None:
-            if waited >= wait_seconds:
-                raise ClusterUnavailable(f"runner Job {namespace}/{name} is still being deleted")
-            sleep(1.0)
-            waited += 1.0
+            if clock() - started >= wait_seconds:
+                raise ClusterUnavailable(f"runner Job {namespace}/{name} is still being deleted after "
+                                         f"{wait_seconds:.0f}s")
+            sleep(2.0)
     replaced = unless_absent(lambda: clients.core.replace_namespaced_config_map(name, namespace, config_map),
                              sleep=sleep)
     if replaced is None:
