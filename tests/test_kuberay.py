@@ -447,10 +447,12 @@ def test_failed_stage_message_has_the_driver_output_from_the_dashboard() -> None
 
 def test_every_stage_installs_with_on_config_change_restart() -> None:
     """Fault 2: the pipeline's trainers move Ray checkpoints of another config aside instead of resuming them,
-    whatever the user's values say (the chart's job.onConfigChange)."""
+    whatever the user's values say (the chart's job.onConfigChange). Issue 28 item 1: the pipeline owns retrying a
+    RayJob, so KubeRay's backoffLimit (which re-runs a config error as readily as a preemption) is 0."""
     backend, helm, _, _ = make_backend({s: [list(SUCCESS)] for s in ("sft", "rm", "ppo")})
     run_pipeline(backend, PipelineOptions(check_paths=False))
     assert all('job.onConfigChange="restart"' in sets for sets in helm.install_sets), helm.install_sets
+    assert all("job.backoffLimit=0" in sets for sets in helm.install_sets), helm.install_sets
 
 
 def test_from_stage_replaces_a_running_rayjob_of_the_same_config() -> None:
@@ -635,7 +637,8 @@ def driver_exit(code: int) -> dict[str, Any]:
     (driver_exit(137), 1),  # SIGKILL
     (status("ValidationFailed", reason="ValidationFailed", message="invalid RayJob spec"), 2),
     (status("Failed", "", reason="DeadlineExceeded", message="activeDeadlineSeconds reached"), 1),
-], ids=["preempted", "oom", "bad-config", "failed", "killed", "validation", "deadline"])
+    (status("Failed", "RUNNING", reason="JobStatusCheckTimeoutExceeded", message="dashboard unreachable"), 75),
+], ids=["preempted", "oom", "bad-config", "failed", "killed", "validation", "deadline", "head-lost"])
 def test_pipeline_exits_with_what_the_stage_driver_said(final: dict, code: int, capsys) -> None:
     """A preempted stage (its driver checkpointed and exited 75) must surface as 75 from `rlhf-jobs pipeline`, so that
     the runner Job retries it; a deterministic failure (1, 2, 3) must not look like one (issue 28 item 1)."""

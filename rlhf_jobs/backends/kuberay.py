@@ -50,8 +50,10 @@ OPERATOR_HINT = (
     "install the KubeRay operator: helm repo add kuberay https://ray-project.github.io/kuberay-helm/ && "
     "helm install kuberay-operator kuberay/kuberay-operator --version 1.7.0 -n kuberay-system --create-namespace"
 )
-# What the pipeline sets in every stage's release, whatever the user's values say.
-PIPELINE_SETS = ("job.onConfigChange=restart",)
+# What the pipeline sets in every stage's release, whatever the user's values say. The pipeline owns retrying a
+# RayJob (helm/README.md, "Who retries what"): it tells a preempted stage (exit 75) from a deterministic failure,
+# which KubeRay's own backoffLimit would run again.
+PIPELINE_SETS = {"job.onConfigChange": "restart", "job.backoffLimit": 0}
 # RBAC the submitter needs in the namespace (k8s/rbac.yaml grants it): (API group, resource[/subresource], verb).
 NEEDED_PERMISSIONS = (
     ("ray.io", "rayjobs", "create"), ("ray.io", "rayjobs", "get"), ("ray.io", "rayjobs", "delete"),
@@ -97,8 +99,8 @@ class KubeRayBackend:
 
     def sets(self, stage: str) -> list[str]:
         """--set-json arguments of a stage's release: the pipeline's overrides and settings."""
-        return [*config_sets(stage, self.overrides), *(f"{key}={json.dumps(value)}" for key, value in
-                                                         (item.split("=", 1) for item in PIPELINE_SETS))]
+        return [*config_sets(stage, self.overrides),
+                *(f"{key}={json.dumps(value)}" for key, value in PIPELINE_SETS.items())]
 
     # -- rendering (no cluster needed) --
 

@@ -36,6 +36,9 @@ NOT_STARTED = frozenset({NEW, INITIALIZING})
 SUCCEEDED = "SUCCEEDED"
 # Ray's job supervisor puts the driver's exit code in the message KubeRay copies to status.message.
 DRIVER_EXIT = re.compile(r"Job entrypoint command failed with exit code (-?\d+)")
+# Failure reasons that mean the cluster went away under the job (KubeRay could not reach the head's dashboard for
+# 5 minutes: its node was lost), not that the stage failed: the stage resumes from its checkpoint on a new one.
+LOST_CLUSTER_REASONS = frozenset({"JobStatusCheckTimeoutExceeded"})
 DEFAULT_GRACE_S = 30  # Kubernetes' terminationGracePeriodSeconds when a pod template sets none
 DELETE_MARGIN_S = 120.0  # beyond the pods' grace period: KubeRay stopping the job, finalizers, the API server
 
@@ -54,6 +57,8 @@ def failure_exit_code(status: dict[str, Any]) -> int:
     """The pipeline's exit code for a RayJob that ended without success, from its status."""
     if status.get("jobDeploymentStatus") == VALIDATION_FAILED:
         return exit_codes.BAD_INPUT  # KubeRay refused the spec the chart rendered from the values
+    if status.get("reason") in LOST_CLUSTER_REASONS:
+        return exit_codes.PREEMPTED
     driver = DRIVER_EXIT.search(status.get("message") or "")
     return exit_codes.of_driver(int(driver.group(1)) if driver else None)
 
