@@ -1269,3 +1269,83 @@ def test_cache_volume_values(crd_file: Path) -> None:
                                 "extraVolumes[0].emptyDir.sizeLimit=1Gi")), "RayJob")
     assert "at '/cache/sizeLimit'" in render_error("rlhf-rm", sets=("cache.sizeLimit=lots",))
     assert "at '/cache/mountPath'" in render_error("rlhf-rm", sets=("cache.mountPath=relative",))
+
+
+# ---- issue 28 item 4: a ReadWriteOnce volume on a multi-node cluster ------------------------------------------
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions with In/NotIn/Exists/DoesNotExist) on `labels`."""
+    if any(labels.get(key) != value for key, value in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expression in selector.get("matchExpressions") or []:
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        if not {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
+                "Exists": key in labels, "DoesNotExist": key not in labels}[operator]:
+            return False
+    return True
+
+
+def _colocation_terms(template: dict) -> list[dict]:
+    affinity = template["spec"].get("affinity", {})
+    return affinity.get("podAffinity", {}).get("requiredDuringSchedulingIgnoredDuringExecution", [])
+
+
+def test_read_write_once_volume_puts_the_runs_pods_on_one_node(tmp_path: Path, crd_file: Path) -> None:
+    """The default ReadWriteOnce PVC with no affinity let the head and workers land on several nodes: Multi-Attach,
+    pods stuck in ContainerCreating. Now every stage's head and workers of a run carry a required pod affinity on the
+    run label and kubernetes.io/hostname (the first pod goes anywhere, the rest follow it); the runner and other runs'
+    pods are not selected, the submitter (no volume) is free, and a user's own affinity is kept."""
+    from rlhf_jobs.backends import runner
+
+    objects = {stage: render(f"rlhf-{stage}", sets=("run=exp1", "job.submissionMode=K8sJobMode")) for stage in STAGES}
+    pods = {(stage, group): template for stage, rendered_objects in objects.items()
+            for group, template in pod_templates(one(rendered_objects, "RayJob")).items()}
+    other_run = pod_templates(one(render("rlhf-sft", sets=("run=exp2",)), "RayJob"))["worker"]
+    _, runner_job = runner.manifests("rlhf", "exp1", "img", {})
+    for (stage, group), template in pods.items():
+        terms = _colocation_terms(template)
+        if group == "submitter":
+            assert terms == [], "the submitter mounts no volume"
+            continue
+        (term,) = terms
+        assert term["topologyKey"] == "kubernetes.io/hostname"
+        ray_pods = [(key, other) for key, other in pods.items() if key[1] != "submitter"]
+        assert all(_selects(term["labelSelector"], other["metadata"]["labels"]) for _, other in ray_pods), stage
+        assert not _selects(term["labelSelector"], pods[(stage, "submitter")]["metadata"]["labels"])
+        assert not _selects(term["labelSelector"], runner_job["spec"]["template"]["metadata"]["labels"])
+        assert not _selects(term["labelSelector"], other_run["metadata"]["labels"])
+    for rendered_objects in objects.values():
+        assert not crd_errors(one(rendered_objects, "RayJob"))
+    # A user's affinity is kept, the term added to it.
+    mine = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["gpu"]}]}]}}}
+    worker = pod_templates(one(render("rlhf-sft", (_values_file(tmp_path, "mine", {"worker": {"affinity": mine}}),)),
+                               "RayJob"))["worker"]
+    assert worker["spec"]["affinity"]["nodeAffinity"] == mine["nodeAffinity"] and len(_colocation_terms(worker)) == 1
+
+
+@pytest.mark.parametrize(("sets", "colocated"), [
+    (("storage.accessModes[0]=ReadWriteMany",), False),
+    (("storage.accessModes={ReadWriteOnce,ReadWriteMany}",), False),
+    (("storage.existingClaim=team",), False),  # its access modes are not visible to the chart
+    (("storage.existingClaim=team", "storage.colocatePods=true"), True),
+    (("storage.colocatePods=false",), False),
+    (("storage.remote=s3://bucket/rlhf",), False),
+    (("storage.remote=s3://bucket/rlhf", "storage.colocatePods=true"), False),  # no PVC mounted
+], ids=["rwx", "rwo+rwx", "existing", "existing-forced", "off", "remote", "remote-forced"])
+def test_colocation_only_where_a_read_write_once_volume_needs_it(sets: tuple[str, ...], colocated: bool) -> None:
+    templates = pod_templates(one(render("rlhf-sft", sets=sets), "RayJob"))
+    assert bool(_colocation_terms(templates["worker"])) == bool(_colocation_terms(templates["head"])) == colocated
+
+
+def test_pre_running_deadline_and_access_modes_without_write(crd_file: Path) -> None:
+    """KubeRay 1.7's preRunningDeadlineSeconds fails a RayJob whose pods never start (Helm users had no deadline at
+    all); an access-mode list with no write mode cannot hold checkpoints and fails at install time."""
+    rayjob = one(render("rlhf-sft", sets=("job.preRunningDeadlineSeconds=900",)), "RayJob")
+    assert rayjob["spec"]["preRunningDeadlineSeconds"] == 900 and not crd_errors(rayjob)
+    assert "preRunningDeadlineSeconds" not in one(render("rlhf-sft"), "RayJob")["spec"]
+    assert "at '/job/preRunningDeadlineSeconds'" in render_error("rlhf-sft", sets=("job.preRunningDeadlineSeconds=0",))
+    message = render_error("rlhf-sft", sets=("storage.accessModes[0]=ReadOnlyMany",))
+    assert "storage.accessModes [ReadOnlyMany] has no write mode" in message
+    one(render("rlhf-sft", sets=("storage.accessModes[0]=ReadOnlyMany", "storage.existingClaim=data")), "RayJob")

@@ -400,7 +400,8 @@ Environment of the Ray containers; `--set env[0].value=1` gives a number, Kubern
 {{- end }}
 
 {{/*
-Pod spec fields every pod shares. Argument: (dict "root" $ "group" .Values.head).
+Pod spec fields every pod shares. Argument: (dict "root" $ "group" .Values.head "mountsPVC" true); `mountsPVC`:
+the pod mounts the run's PVC (head and workers), so it is co-located with the run's others where the PVC needs it.
 */}}
 {{- define "rlhf-jobs.podCommon" -}}
 {{- $root := .root }}
@@ -426,10 +427,46 @@ nodeSelector:
 tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with ($group.affinity | default $root.Values.affinity) }}
+{{- $affinity := $group.affinity | default $root.Values.affinity }}
+{{- if and .mountsPVC (include "rlhf-jobs.colocate" $root) }}
+{{- $affinity = deepCopy ($affinity | default dict) }}
+{{- $podAffinity := get $affinity "podAffinity" | default dict }}
+{{- $terms := get $podAffinity "requiredDuringSchedulingIgnoredDuringExecution" | default list }}
+{{- $_ := set $podAffinity "requiredDuringSchedulingIgnoredDuringExecution" (append $terms (include "rlhf-jobs.colocationTerm" $root | fromYaml)) }}
+{{- $_ := set $affinity "podAffinity" $podAffinity }}
+{{- end }}
+{{- with $affinity }}
 affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end }}
+
+{{/*
+"true" when the run's head and worker pods must run on one node: they all mount the run's PVC read-write, and a
+ReadWriteOnce volume attaches to one node at a time (elsewhere: Multi-Attach, pods stuck in ContainerCreating).
+storage.colocatePods `auto`: when the chart describes the PVC (not existingClaim, whose modes it cannot see) and
+storage.accessModes has ReadWriteOnce and not ReadWriteMany; `true`/`false` force it.
+*/}}
+{{- define "rlhf-jobs.colocate" -}}
+{{- $mode := toString .Values.storage.colocatePods }}
+{{- $modes := .Values.storage.accessModes }}
+{{- if and (include "rlhf-jobs.usePVC" .) (eq $mode "true") }}true
+{{- else if and (eq $mode "auto") (include "rlhf-jobs.usePVC" .) (not .Values.storage.existingClaim) (has "ReadWriteOnce" $modes) (not (has "ReadWriteMany" $modes)) }}true
+{{- end }}
+{{- end }}
+
+{{/*
+The required pod affinity term that puts a run's Ray pods (every stage's head and workers) on one node.
+*/}}
+{{- define "rlhf-jobs.colocationTerm" -}}
+labelSelector:
+  matchLabels:
+    rlhf-jobs.io/run: {{ .Values.run | quote }}
+  matchExpressions:
+    - key: app.kubernetes.io/component
+      operator: In
+      values: [head, worker]
+topologyKey: kubernetes.io/hostname
 {{- end }}
 
 {{/*
@@ -488,6 +525,9 @@ Checked only for the PVC the chart describes (storage.accessModes); an existingC
 {{- if and (include "rlhf-jobs.usePVC" .) (not .Values.storage.existingClaim) }}
 {{- $modes := .Values.storage.accessModes }}
 {{- $workers := include "rlhf-jobs.numWorkers" . | int }}
+{{- if not (or (has "ReadWriteOnce" $modes) (has "ReadWriteMany" $modes) (has "ReadWriteOncePod" $modes)) }}
+{{- fail (printf "storage.accessModes %v has no write mode: the head and every worker write checkpoints to the run's PVC; use ReadWriteOnce (all pods on one node) or ReadWriteMany" $modes) }}
+{{- end }}
 {{- if has "ReadWriteOncePod" $modes }}
 {{- fail (printf "storage.accessModes [ReadWriteOncePod] lets one pod mount the run's PVC, and the head and the %d worker(s) all mount it (every rank writes its checkpoint shard there): use ReadWriteOnce (all pods on one node) or ReadWriteMany" $workers) }}
 {{- end }}
