@@ -176,7 +176,8 @@ def test_rayjob_valid_against_kuberay_crd(stage: str, scenario: Path | None, crd
 def test_core_objects_valid(stage: str, scenario: Path | None) -> None:
     objects = rendered(stage, scenario)
     kinds = by_kind(objects)
-    assert set(kinds) <= {"RayJob", "ConfigMap", "PersistentVolumeClaim", "ServiceAccount"}, set(kinds)
+    assert set(kinds) <= {"RayJob", "ConfigMap", "PersistentVolumeClaim", "ServiceAccount",
+                          "PodDisruptionBudget"}, set(kinds)
     for obj in objects:
         if obj["kind"] != "RayJob":
             errors = core_errors(obj)
@@ -1349,3 +1350,31 @@ def test_pre_running_deadline_and_access_modes_without_write(crd_file: Path) -> 
     message = render_error("rlhf-sft", sets=("storage.accessModes[0]=ReadOnlyMany",))
     assert "storage.accessModes [ReadOnlyMany] has no write mode" in message
     one(render("rlhf-sft", sets=("storage.accessModes[0]=ReadOnlyMany", "storage.existingClaim=data")), "RayJob")
+
+
+# ---- issue 28 item 6: for clusters where an eviction is not a reason to stop ---------------------------------------
+
+
+def test_eviction_protection_is_offered_and_off_by_default(crd_file: Path) -> None:
+    """A PodDisruptionBudget with maxUnavailable 0 over the stage's head and worker pods (not the submitter, not
+    another release's pods), and the autoscalers' do-not-evict annotations on them; neither by default."""
+    sets = ("evictionProtection.podDisruptionBudget=true", "evictionProtection.doNotEvictAnnotations=true",
+            "job.submissionMode=K8sJobMode")
+    objects = render("rlhf-rm", sets=sets)
+    budget = one(objects, "PodDisruptionBudget")
+    assert not core_errors(budget) and budget["spec"]["maxUnavailable"] == 0
+    templates = pod_templates(one(objects, "RayJob"))
+    selector = budget["spec"]["selector"]
+    assert _selects(selector, templates["head"]["metadata"]["labels"])
+    assert _selects(selector, templates["worker"]["metadata"]["labels"])
+    assert not _selects(selector, templates["submitter"]["metadata"]["labels"])
+    other = pod_templates(one(render("rlhf-sft", sets=sets), "RayJob"))["worker"]
+    assert not _selects(selector, other["metadata"]["labels"]), "another stage's pods are its own release's business"
+    for group in ("head", "worker"):
+        annotations = templates[group]["metadata"]["annotations"]
+        assert annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
+        assert annotations["karpenter.sh/do-not-disrupt"] == "true"
+    assert "annotations" not in templates["submitter"]["metadata"]
+    assert not crd_errors(one(objects, "RayJob"))
+    default = render("rlhf-rm")
+    assert "PodDisruptionBudget" not in by_kind(default) and "safe-to-evict" not in dumps(default)
