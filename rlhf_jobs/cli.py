@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--chart", default=None, help="path of the Helm chart (default: the repo's helm/)")
     cluster.add_argument("--timeout", type=float, default=6 * 3600, help="whole-pipeline timeout in seconds")
     cluster.add_argument("--in-cluster", action="store_true",
-                         help="run the pipeline as a Job in the cluster (ServiceAccount of k8s/rbac.yaml) and return; "
+                         help="run the pipeline as a Job in the cluster (its ServiceAccount: make rbac) and return; "
                               "the same command again resumes it")
     cluster.add_argument("--image", default=None,
                          help="image of the --in-cluster runner (default: rlhf-jobs:<version>; it carries helm)")

@@ -79,6 +79,7 @@ class FakeCore:
     def __init__(self, namespaces=(NS,)) -> None:
         self.namespaces = set(namespaces)
         self.config_maps: dict[str, dict] = {}
+        self.secrets: dict[str, dict] = {}
         self.created: list[str] = []
 
     def read_namespace(self, name):
@@ -115,6 +116,15 @@ class FakeCore:
         if self.config_maps.pop(name, None) is None:
             raise ApiException(status=404, reason="Not Found")
 
+    def replace_namespaced_secret(self, name, namespace, body):
+        if name not in self.secrets:
+            raise ApiException(status=404, reason="Not Found")
+        self.secrets[name] = body
+
+    def create_namespaced_secret(self, namespace, body):
+        self.created.append(body["metadata"]["name"])
+        self.secrets[body["metadata"]["name"]] = body
+
 
 class FakeApiext:
     def __init__(self, installed: bool = True) -> None:
@@ -129,9 +139,12 @@ class FakeApiext:
 class FakeAuthz:
     def __init__(self, denied: set[tuple[str, str]] = frozenset()) -> None:
         self.denied = denied
+        self.reviews: list[tuple[str, str, str | None, str, str | None, str | None]] = []
 
     def create_self_subject_access_review(self, review):
         attributes = review.spec.resource_attributes
+        self.reviews.append((attributes.group, attributes.resource, attributes.subresource, attributes.verb,
+                             attributes.name, attributes.namespace))
         resource = attributes.resource + (f"/{attributes.subresource}" if attributes.subresource else "")
         allowed = (attributes.verb, resource) not in self.denied
         return argparse.Namespace(status=argparse.Namespace(allowed=allowed))
@@ -537,13 +550,15 @@ def test_runner_job_runs_the_pipeline_and_a_reapply_resumes(tmp_path, capsys) ->
     assert run_kuberay_pipeline(args, clients=fake, helm=helm) == 0
     assert fake.batch.created == ["rlhf-exp1-runner"]
     job = fake.batch.jobs["rlhf-exp1-runner"]
+    assert "rlhf-exp1-runner" not in fake.core.config_maps, "values files may carry tokens: a Secret, not a ConfigMap"
     pod = job["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "rlhf-submitter" and pod["automountServiceAccountToken"] is True
     (container,) = pod["containers"]
     assert container["image"] == "registry.example/rlhf-jobs:0.1.0"
     command = container["command"]
     assert command[:8] == ["rlhf-jobs", "pipeline", "--backend", "kuberay", "--namespace", NS, "--run", "exp1"]
-    assert fake.core.config_maps["rlhf-exp1-runner"]["data"] == {"values-0.yaml": values.read_text()}
+    assert fake.core.secrets["rlhf-exp1-runner"]["stringData"] == {"values-0.yaml": values.read_text()}
+    assert pod["volumes"] == [{"name": "values", "secret": {"secretName": "rlhf-exp1-runner"}}]
     assert "--in-cluster" not in command
 
     # In the pod: the same pipeline, against the API.
@@ -587,30 +602,15 @@ def main_with(fake, helm, cli: list[str]) -> int:
         return 2
 
 
-def test_runner_needs_the_service_account_of_rbac_yaml() -> None:
+def test_runner_needs_the_service_account_of_the_rbac_chart() -> None:
     from rlhf_jobs.backends import runner
 
     _backend, _helm, fake, _ = make_backend({}, core=FakeCoreWithAccounts(accounts=()))
     fake.batch = FakeBatch()
-    with pytest.raises(runner.ClusterUnavailable, match="ServiceAccount rlhf/rlhf-submitter not found: kubectl apply"):
+    with pytest.raises(runner.ClusterUnavailable, match="ServiceAccount rlhf/rlhf-submitter not found: make rbac "
+                                                        "NAMESPACE=rlhf"):
         runner.submit(fake, runner.manifests(NS, "exp1", "img", {}), sleep=lambda s: None)
-    assert fake.batch.created == [] and fake.core.created == []
-
-
-def test_rbac_yaml_grants_what_the_submitter_needs() -> None:
-    """k8s/rbac.yaml's Role covers every permission the preflight checks, for the runner's ServiceAccount."""
-    from pathlib import Path
-
-    from rlhf_jobs.backends import runner
-    from rlhf_jobs.backends.kuberay import NEEDED_PERMISSIONS
-
-    documents = list(yaml.safe_load_all((Path(__file__).parents[1] / "k8s" / "rbac.yaml").read_text()))
-    (role,) = [d for d in documents if d["kind"] == "Role"]
-    (binding,) = [d for d in documents if d["kind"] == "RoleBinding"]
-    assert binding["subjects"][0]["name"] == runner.SERVICE_ACCOUNT
-    for group, resource, verb in [*NEEDED_PERMISSIONS, ("", "services/proxy", "get"), ("ray.io", "rayclusters", "get")]:
-        assert any(group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]
-                   for rule in role["rules"]), (group, resource, verb)
+    assert fake.batch.created == [] and fake.core.created == [] and fake.core.secrets == {}
 
 
 # ---- issue 28 item 1: exit codes that say what happened; item 2: deleting a RayJob waits by the clock ----------
@@ -772,3 +772,193 @@ def test_a_changed_config_replaces_the_running_rayjob_through_the_pipeline() -> 
     fake.custom.annotations["rlhf-sft"] = {"rlhf-jobs.io/config-hash": "0" * 64}  # another config
     run_pipeline(backend, PipelineOptions(stages=["sft"], check_paths=False))
     assert fake.custom.deleted == ["rlhf-sft"] and helm.installs == ["rlhf-sft"] and clock.now >= 250
+
+
+# ---- issue 28 item 5: least privilege, from one table ---------------------------------------------------------
+
+# Kubernetes client methods the submitter calls -> (API group, resource, verb) as RBAC sees them.
+CLIENT_GROUPS = {"core": "", "batch": "batch", "apiext": "apiextensions.k8s.io", "authz": "authorization.k8s.io"}
+VERBS = {"read": "get", "get": "get", "list": "list", "create": "create", "replace": "update", "patch": "patch",
+         "delete": "delete", "connect_get": "get"}
+RESOURCES = {"config_map": "configmaps", "pod": "pods", "pod_log": "pods/log", "service_proxy_with_path":
+             "services/proxy", "service_account": "serviceaccounts", "secret": "secrets", "job": "jobs",
+             "namespace": "namespaces", "custom_resource_definition": "customresourcedefinitions",
+             "self_subject_access_review": "selfsubjectaccessreviews"}
+# Allowed without a Role: SelfSubjectAccessReviews (every authenticated user), reading the namespace (cluster-scoped;
+# the preflight goes on when it is forbidden).
+UNGRANTED = {("authorization.k8s.io", "selfsubjectaccessreviews", "create"), ("", "namespaces", "get")}
+
+
+class Recording:
+    """A Kubernetes client that records each call as (group, resource, verb), then makes it."""
+
+    def __init__(self, client: str, inner: Any, calls: set) -> None:
+        self.client, self.inner, self.calls = client, inner, calls
+
+    def __getattr__(self, method: str):
+        target = getattr(self.inner, method)
+
+        def call(*args, **kwargs):
+            if self.client == "custom":
+                group, plural = args[0], args[3]
+                verb = VERBS[method.split("_namespaced_")[0]]
+                self.calls.add((group, plural, verb))
+            else:
+                verb = next(VERBS[v] for v in sorted(VERBS, key=len, reverse=True) if method.startswith(v + "_"))
+                noun = method.split("_", 2 if method.startswith("connect_get") else 1)[-1]
+                noun = noun.removeprefix("namespaced_")
+                assert noun in RESOURCES, f"map {method} to its RBAC resource in RESOURCES"
+                self.calls.add((CLIENT_GROUPS[self.client], RESOURCES[noun], verb))
+            return target(*args, **kwargs)
+
+        return call
+
+
+def recording(clients: Clients, calls: set) -> Clients:
+    return Clients(**{name: Recording(name, getattr(clients, name), calls) for name in
+                      ("custom", "core", "apiext", "authz", "batch") if getattr(clients, name) is not None})
+
+
+def granted(permissions_table, group: str, resource: str, verb: str) -> bool:
+    return any(p.group == group and p.resource == resource and verb in p.verbs for p in permissions_table)
+
+
+def test_every_api_call_of_the_submitter_and_the_runner_is_in_the_permission_table(tmp_path) -> None:
+    """What the Role grants and the preflight checks is what the code calls: a pipeline that fails, is re-run (the
+    failed RayJob deleted), succeeds and frees its clusters, `status`, `delete`; and starting the runner Job."""
+    from rlhf_jobs.backends import permissions, runner
+    from rlhf_jobs.cli import show_status
+
+    failed = driver_exit(1)
+    runs = {"sft": [list(SUCCESS)], "rm": [[status("Running", "RUNNING"), failed], list(SUCCESS)],
+            "ppo": [list(SUCCESS)]}
+    _, helm, fake, clock = make_backend(runs, core=FakeCoreWithAccounts())
+    fake.batch = FakeBatch()
+    calls: set = set()
+    clients = recording(fake, calls)
+    args = pipeline_args()
+    assert run_kuberay_pipeline(args, clients=clients, helm=helm, sleep=clock.sleep) == 1
+    assert run_kuberay_pipeline(args, clients=clients, helm=helm, sleep=clock.sleep) == 0
+    KubeRayBackend(clients, helm, NS, "default").delete_record()  # `rlhf-jobs delete` (its helm uninstall: below)
+    assert ("", "pods/log", "get") in calls and ("ray.io", "rayjobs", "delete") in calls  # the paths ran
+    assert {c for c in calls - UNGRANTED if not granted(permissions.PIPELINE, *c)} == set()
+
+    calls.clear()
+    assert show_status(argparse.Namespace(namespace=NS, run="default"), clients=clients) == 1  # record deleted
+    assert {c for c in calls - UNGRANTED if not granted(permissions.STATUS, *c)} == set()
+
+    calls.clear()
+    runner.submit(clients, runner.manifests(NS, "exp1", "img", {"v.yaml": "run: exp1\n"}), sleep=lambda s: None)
+    fake.batch.jobs["rlhf-exp1-runner"]["status"] = {"failed": 1}
+    runner.submit(clients, runner.manifests(NS, "exp1", "img", {"v.yaml": "run: exp1\n"}), sleep=lambda s: None)
+    assert {c for c in calls - UNGRANTED if not granted(permissions.START_RUNNER, *c)} == set()
+
+
+def test_preflight_checks_every_permission_of_the_table() -> None:
+    """The preflight asked about 10 verbs; configmaps get, rayclusters get and services/proxy get were missing.
+    Now it asks about every verb of the table (cluster-scoped ones cluster-wide, with their resource names)."""
+    from rlhf_jobs.backends import permissions
+
+    backend, _, fake, _ = make_backend({})
+    backend.preflight()
+    asked = {review[:5] for review in fake.authz.reviews}
+    assert asked == {check for p in permissions.PIPELINE for check in p.checks()}
+    assert {("", "configmaps", None, "get", None), ("ray.io", "rayclusters", None, "get", None),
+            ("", "services", "proxy", "get", None)} <= asked
+    crd = next(review for review in fake.authz.reviews if review[1] == "customresourcedefinitions")
+    assert crd[4:] == ("rayjobs.ray.io", None)  # a name, and no namespace: cluster-scoped
+    assert not {p.resource for p in permissions.PIPELINE} & {"secrets"}
+    assert "delete" not in next(p for p in permissions.PIPELINE if p.resource == "persistentvolumeclaims").verbs
+
+
+def rbac_objects(namespace: str) -> dict[str, dict]:
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("helm") is None:
+        pytest.skip("helm is not on PATH (../shared/tools/install-helm-kubectl installs it)")
+    chart = Path(__file__).parents[1] / "k8s" / "rbac"
+    out = subprocess.run(["helm", "template", "rlhf-rbac", str(chart), "--namespace", namespace], check=True,
+                         capture_output=True, text=True).stdout
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(out) if doc}
+
+
+def allows(rules: list[dict], group: str, resource: str, verb: str, name: str | None = None) -> bool:
+    """Kubernetes' RBAC authorizer on one request (no wildcards in our rules: none are allowed)."""
+    return any(group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]
+               and (not rule.get("resourceNames") or name in rule["resourceNames"]) for rule in rules)
+
+
+@pytest.mark.helm
+@pytest.mark.parametrize("namespace", ["rlhf", "team-x"])
+def test_rbac_chart_grants_exactly_the_permission_table_in_any_namespace(namespace: str) -> None:
+    """k8s/rbac.yaml hard-coded namespace rlhf, let the runner read every Secret of it (S3, W&B, HF credentials) and
+    delete PVCs. The k8s/rbac chart renders into the release's namespace what permissions.PIPELINE lists, no more,
+    for the ServiceAccount the runner Job runs as; its ClusterRole is named per namespace (two namespaces' releases
+    must not fight over one object)."""
+    from rlhf_jobs.backends import chart_schema, permissions, runner
+
+    assert chart_schema.main(["--check"]) == 0, "k8s/rbac/files/permissions.json is stale: make schema"
+    objects = rbac_objects(namespace)
+    assert set(objects) == {"ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
+    account = objects["ServiceAccount"]["metadata"]
+    assert (account["name"], account["namespace"]) == (runner.SERVICE_ACCOUNT, namespace)
+    for kind in ("Role", "RoleBinding"):
+        assert objects[kind]["metadata"]["namespace"] == namespace
+    for kind in ("RoleBinding", "ClusterRoleBinding"):
+        assert objects[kind]["subjects"] == [{"kind": "ServiceAccount", "name": runner.SERVICE_ACCOUNT,
+                                             "namespace": namespace}]
+    assert namespace in objects["ClusterRole"]["metadata"]["name"]
+    assert objects["ClusterRoleBinding"]["roleRef"]["name"] == objects["ClusterRole"]["metadata"]["name"]
+    role, cluster_role = objects["Role"]["rules"], objects["ClusterRole"]["rules"]
+    for permission in permissions.PIPELINE:
+        for group, resource, sub, verb, name in permission.checks():
+            rules = cluster_role if permission.cluster else role
+            assert allows(rules, group, resource + (f"/{sub}" if sub else ""), verb, name), permission
+    assert role == permissions.rules(permissions.PIPELINE, cluster=False)
+    assert cluster_role == permissions.rules(permissions.PIPELINE, cluster=True)
+    assert not allows(role, "", "secrets", "get") and not allows(role, "", "persistentvolumeclaims", "delete")
+    assert "*" not in json.dumps([role, cluster_role])
+
+
+@pytest.mark.helm
+def test_helm_manages_only_kinds_the_table_grants(tmp_path) -> None:
+    """Whatever the chart renders (every optional object on), Helm must be allowed to read, create, patch and delete
+    it with the runner's Role; the PVC it never deletes."""
+    from chart_helpers import render
+
+    from rlhf_jobs.backends import permissions
+
+    sets = ("serviceAccount.create=true", "evictionProtection.podDisruptionBudget=true", "storage.create=true")
+    kinds = {(doc["apiVersion"], doc["kind"]) for stage in ("sft", "ppo") for doc in render(f"rlhf-{stage}", sets=sets)}
+    plural = {"RayJob": "rayjobs", "ConfigMap": "configmaps", "PersistentVolumeClaim": "persistentvolumeclaims",
+              "ServiceAccount": "serviceaccounts", "PodDisruptionBudget": "poddisruptionbudgets"}
+    assert {kind for _, kind in kinds} <= set(plural), kinds
+    for api_version, kind in kinds:
+        group = api_version.rpartition("/")[0]
+        verbs = ("get", "create", "patch") if kind == "PersistentVolumeClaim" else permissions.HELM_MANAGED
+        for verb in verbs:
+            assert granted(permissions.PIPELINE, group, plural[kind], verb), (kind, verb)
+
+
+def test_helm_keeps_its_release_records_in_config_maps(tmp_path) -> None:
+    """Helm's default driver keeps releases in Secrets, so the Role had to read every Secret of the namespace. Every
+    helm the submitter runs, and the Makefile's, uses the configmap driver."""
+    import subprocess
+    from pathlib import Path
+
+    from rlhf_jobs.backends.helm import Helm
+
+    fake = tmp_path / "helm"
+    fake.write_text("#!/bin/sh\necho \"$HELM_DRIVER $*\" >> \"$0.log\"\necho v3.14.0\n")
+    fake.chmod(0o755)
+    Helm(binary=str(fake)).upgrade_install("rlhf-sft", NS, "default")
+    assert (tmp_path / "helm.log").read_text().startswith("configmap upgrade --install rlhf-sft")
+    repo = Path(__file__).parents[1]
+    for target in ("deploy-sft", "rbac"):
+        subprocess.run(["make", "-C", str(repo), target, f"HELM={fake}"], check=True, capture_output=True,
+                       env={"PATH": "/usr/bin:/bin", "HELM_DRIVER": "secret"})
+    lines = (tmp_path / "helm.log").read_text().splitlines()
+    assert lines[1].startswith("configmap upgrade --install rlhf-sft ./helm") and lines[2].startswith(
+        "configmap upgrade --install rlhf-rbac k8s/rbac"), lines

@@ -20,8 +20,11 @@ pipeline order, each with the General keys that read an earlier stage's final mo
 `_helpers.tpl` reads it with `.Files.Get` for the release-name suffixes, the PPO-reads-SFT/RM chaining,
 which release creates the run's PVC (the first stage's) and the next stage in NOTES.txt.
 
-    python -m rlhf_jobs.backends.chart_schema            # rewrite both files
-    python -m rlhf_jobs.backends.chart_schema --check    # exit 1 when either is stale
+k8s/rbac/files/permissions.json is the runner's RBAC rules, from the permission table
+(rlhf_jobs/backends/permissions.py) the pipeline's preflight checks.
+
+    python -m rlhf_jobs.backends.chart_schema            # rewrite the generated files
+    python -m rlhf_jobs.backends.chart_schema --check    # exit 1 when one is stale
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from rlhf_jobs.backends.helm import REPO_CHART
 
 SCHEMA_FILE = REPO_CHART / "values.schema.json"
 STAGES_FILE = REPO_CHART / "files" / "stages.json"
+RBAC_FILE = REPO_CHART.parent / "k8s" / "rbac" / "files" / "permissions.json"
 PREFIX = "config."
 # General keys the chart fills in when they are empty (helm/templates/_helpers.tpl "rlhf-jobs.trainingConfig"),
 # besides the stages' inputs.
@@ -169,15 +173,18 @@ def stage_file(registry: Mapping[str, StageEntry]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     from rlhf_jobs import stages
+    from rlhf_jobs.backends import permissions
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if a committed file is stale")
     parser.add_argument("--schema", type=Path, default=SCHEMA_FILE)
     parser.add_argument("--stages", type=Path, default=STAGES_FILE)
+    parser.add_argument("--rbac", type=Path, default=RBAC_FILE)
     args = parser.parse_args(argv)
     fresh = {
         args.schema: render(updated(json.loads(args.schema.read_text()), stages.REGISTRY)),
         args.stages: render(stage_file(stages.REGISTRY)),
+        args.rbac: render(permissions.rbac_file()),
     }
     if args.check:
         stale = [path for path, text in fresh.items() if not path.is_file() or path.read_text() != text]

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from rlhf_jobs.backends import permissions
 from rlhf_jobs.backends.helm import Helm, HelmError, config_sets, release_name
 from rlhf_jobs.backends.kube import (
     FORBIDDEN,
@@ -54,13 +55,7 @@ OPERATOR_HINT = (
 # RayJob (helm/README.md, "Who retries what"): it tells a preempted stage (exit 75) from a deterministic failure,
 # which KubeRay's own backoffLimit would run again.
 PIPELINE_SETS = {"job.onConfigChange": "restart", "job.backoffLimit": 0}
-# RBAC the submitter needs in the namespace (k8s/rbac.yaml grants it): (API group, resource[/subresource], verb).
-NEEDED_PERMISSIONS = (
-    ("ray.io", "rayjobs", "create"), ("ray.io", "rayjobs", "get"), ("ray.io", "rayjobs", "delete"),
-    ("ray.io", "rayclusters", "delete"), ("", "configmaps", "create"), ("", "configmaps", "update"),
-    ("", "secrets", "create"), ("", "persistentvolumeclaims", "create"), ("", "pods", "list"),
-    ("", "pods/log", "get"),
-)
+RBAC_HINT = "grant them with the k8s/rbac chart: make rbac NAMESPACE={namespace}"
 
 
 class PreflightError(ClusterUnavailable):
@@ -137,9 +132,8 @@ class KubeRayBackend:
     # -- cluster checks --
 
     def preflight(self) -> None:
-        """Namespace, KubeRay CRD and RBAC, checked before anything is created; every problem at once."""
-        from kubernetes import client
-
+        """Namespace, KubeRay CRD and RBAC (every permission of permissions.PIPELINE), checked before anything is
+        created; every problem at once."""
         problems = []
         checks = [(lambda: self.clients.core.read_namespace(self.namespace),
                    f"namespace {self.namespace!r} not found: kubectl create namespace {self.namespace}"),
@@ -153,18 +147,9 @@ class KubeRayBackend:
                     problems.append(missing)
                 elif api_status(err) != FORBIDDEN:  # may lack read rights on these yet have everything needed
                     raise
-        for group, resource, verb in NEEDED_PERMISSIONS:
-            resource, _, sub_resource = resource.partition("/")
-            review = client.V1SelfSubjectAccessReview(spec=client.V1SelfSubjectAccessReviewSpec(
-                resource_attributes=client.V1ResourceAttributes(
-                    namespace=self.namespace, group=group, resource=resource, subresource=sub_resource or None,
-                    verb=verb)))
-            answer = with_retries(lambda r=review: self.clients.authz.create_self_subject_access_review(r),
-                                  sleep=self.sleep)
-            if not answer.status.allowed:
-                kind = f"{resource}.{group}" if group else resource
-                problems.append(f"RBAC: not allowed to {verb} {kind}{'/' + sub_resource if sub_resource else ''} "
-                                f"in namespace {self.namespace} (see k8s/rbac.yaml)")
+        denied = permissions.missing(self.clients.authz, self.namespace, permissions.PIPELINE, sleep=self.sleep)
+        if denied:
+            problems += [*denied, RBAC_HINT.format(namespace=self.namespace)]
         if problems:
             raise PreflightError("the cluster is not ready; nothing was created:\n  " + "\n  ".join(problems))
 

@@ -1,10 +1,10 @@
 """The pipeline runner: `rlhf-jobs pipeline --backend kuberay` as a Kubernetes Job inside the cluster.
 
 A three-stage run takes hours; the runner takes the laptop out of it. `--in-cluster` writes the values files
-into a ConfigMap and starts a Job, with the trainer image (which carries helm and the chart), that runs the
-same pipeline command with the ServiceAccount of k8s/rbac.yaml. `rlhf-jobs status` reads the run's record
-from anywhere; running the same command again replaces a finished runner Job, and the new one resumes:
-finished stages are skipped, a running RayJob of the same config is re-attached to.
+into a Secret (they may carry tokens) and starts a Job, with the trainer image (which carries helm and the chart),
+that runs the same pipeline command with the ServiceAccount of the k8s/rbac chart (`make rbac`). `rlhf-jobs
+status` reads the run's record from anywhere; running the same command again replaces a finished runner Job, and
+the new one resumes: finished stages are skipped, a running RayJob of the same config is re-attached to.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from rlhf_jobs.backends import exit_codes
+from rlhf_jobs.backends import exit_codes, permissions
 from rlhf_jobs.backends.kube import Clients, ClusterUnavailable, field, unless_absent, with_retries
 from rlhf_jobs.backends.rayjob import DEFAULT_GRACE_S, DELETE_MARGIN_S
 
-SERVICE_ACCOUNT = "rlhf-submitter"  # k8s/rbac.yaml
+SERVICE_ACCOUNT = "rlhf-submitter"  # k8s/rbac/values.yaml serviceAccountName
 VALUES_DIR = "/etc/rlhf-runner"
 CONTAINER = "pipeline"
 # Runner pods that may end with exit code 75 (a stage preempted, or the API server unreachable) before the Job
@@ -48,7 +48,7 @@ def runner_name(run: str) -> str:
 
 
 def pipeline_args(namespace: str, run: str, values: Sequence[str], extra: Sequence[str]) -> list[str]:
-    """The command the runner pod runs: the pipeline, with the values files where the ConfigMap mounts them."""
+    """The command the runner pod runs: the pipeline, with the values files where the Secret mounts them."""
     args = ["rlhf-jobs", "pipeline", "--backend", "kuberay", "--namespace", namespace, "--run", run]
     for index, _ in enumerate(values):
         args += ["--values", f"{VALUES_DIR}/values-{index}.yaml"]
@@ -57,15 +57,15 @@ def pipeline_args(namespace: str, run: str, values: Sequence[str], extra: Sequen
 
 def manifests(namespace: str, run: str, image: str, values: Mapping[str, str], extra: Sequence[str] = (),
               service_account: str = SERVICE_ACCOUNT, pull_policy: str = "IfNotPresent") -> list[dict[str, Any]]:
-    """The runner's ConfigMap (the values files, by position) and Job."""
+    """The runner's Secret (the values files, by position) and Job."""
     name = runner_name(run)
     labels = {"app.kubernetes.io/name": "rlhf-jobs", "app.kubernetes.io/component": "pipeline-runner",
               "app.kubernetes.io/part-of": "rlhf-jobs", "app.kubernetes.io/managed-by": "rlhf-jobs",
               "rlhf-jobs.io/run": run}
-    config_map = {
-        "apiVersion": "v1", "kind": "ConfigMap",
+    secret = {
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
         "metadata": {"name": name, "namespace": namespace, "labels": labels},
-        "data": {f"values-{index}.yaml": text for index, text in enumerate(values.values())},
+        "stringData": {f"values-{index}.yaml": text for index, text in enumerate(values.values())},
     }
     container = {
         "name": CONTAINER,
@@ -94,12 +94,12 @@ def manifests(namespace: str, run: str, image: str, values: Mapping[str, str], e
                     "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000,
                                         "seccompProfile": {"type": "RuntimeDefault"}},
                     "containers": [container],
-                    "volumes": [{"name": "values", "configMap": {"name": name}}],
+                    "volumes": [{"name": "values", "secret": {"secretName": name}}],
                 },
             },
         },
     }
-    return [config_map, job]
+    return [secret, job]
 
 
 def job_state(job: Any) -> str:
@@ -126,17 +126,20 @@ def read_job(clients: Clients, namespace: str, run: str, sleep: Callable[[float]
 
 def submit(clients: Clients, objects: list[dict[str, Any]], sleep: Callable[[float], None] = time.sleep,
            clock: Callable[[], float] = time.monotonic) -> str:
-    """Create the runner's ConfigMap and Job, replacing a finished Job of the same run; refuse a running one."""
-    config_map, job = objects
+    """Create the runner's Secret and Job, replacing a finished Job of the same run; refuse a running one."""
+    secret, job = objects
     namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
     run = job["metadata"]["labels"]["rlhf-jobs.io/run"]
     problems = []
     if unless_absent(lambda: clients.core.read_namespace(namespace), sleep=sleep) is None:
         problems.append(f"namespace {namespace!r} not found: kubectl create namespace {namespace}")
-    elif unless_absent(lambda: clients.core.read_namespaced_service_account(SERVICE_ACCOUNT, namespace),
-                       sleep=sleep) is None:
-        problems.append(f"ServiceAccount {namespace}/{SERVICE_ACCOUNT} not found: kubectl apply -f k8s/rbac.yaml "
-                        f"(its namespace: {namespace})")
+    else:
+        account = job["spec"]["template"]["spec"]["serviceAccountName"]
+        if unless_absent(lambda: clients.core.read_namespaced_service_account(account, namespace),
+                         sleep=sleep) is None:
+            problems.append(f"ServiceAccount {namespace}/{account} not found: make rbac NAMESPACE={namespace} "
+                            f"(helm upgrade --install rlhf-rbac k8s/rbac -n {namespace})")
+        problems += permissions.missing(clients.authz, namespace, permissions.START_RUNNER, sleep=sleep)
     if problems:
         raise ClusterUnavailable("the cluster is not ready; nothing was created:\n  " + "\n  ".join(problems))
     existing = read_job(clients, namespace, run, sleep)
@@ -155,9 +158,8 @@ def submit(clients: Clients, objects: list[dict[str, Any]], sleep: Callable[[flo
                 raise ClusterUnavailable(f"runner Job {namespace}/{name} is still being deleted after "
                                          f"{wait_seconds:.0f}s")
             sleep(2.0)
-    replaced = unless_absent(lambda: clients.core.replace_namespaced_config_map(name, namespace, config_map),
-                             sleep=sleep)
+    replaced = unless_absent(lambda: clients.core.replace_namespaced_secret(name, namespace, secret), sleep=sleep)
     if replaced is None:
-        with_retries(lambda: clients.core.create_namespaced_config_map(namespace, config_map), sleep=sleep)
+        with_retries(lambda: clients.core.create_namespaced_secret(namespace, secret), sleep=sleep)
     with_retries(lambda: clients.batch.create_namespaced_job(namespace, job), sleep=sleep)
     return name
