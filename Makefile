@@ -107,8 +107,9 @@ HELM ?= helm
 KUBECTL ?= kubectl
 # Helm keeps its release records in ConfigMaps (as `rlhf-jobs pipeline` does): nothing of ours needs Secrets.
 export HELM_DRIVER := configmap
-# The stages, in pipeline order, from the stage registry (helm/files/stages.json, written by `make schema`).
-STAGES := $(shell $(PYTHON) -c 'import json; print(" ".join(s["name"] for s in json.load(open("helm/files/stages.json"))["stages"]))')
+CHART ?= ./helm
+# The stages, in pipeline order, from the stage registry ($(CHART)/files/stages.json, written by `make schema`).
+STAGES := $(shell $(PYTHON) -c 'import json; print(" ".join(s["name"] for s in json.load(open("$(CHART)/files/stages.json"))["stages"]))')
 HELM_VALUES ?=
 HELM_ARGS = --namespace $(NAMESPACE) --set-string run=$(RUN) --set image.repository=$(IMAGE_REPO) \
 	--set-string image.tag=$(IMAGE_TAG) $(foreach f,$(HELM_VALUES),--values $(f))
@@ -131,7 +132,7 @@ kind-down: ## Delete the kind cluster
 # default run, rlhf-<run>-<stage> otherwise, so `make deploy-sft RUN=exp1` and `make pipeline RUN=exp1` share one.
 release = $(if $(filter default,$(RUN)),rlhf-$(1),rlhf-$(RUN)-$(1))
 define deploy_stage
-	$(HELM) upgrade --install $(call release,$(1)) ./helm $(HELM_ARGS)
+	$(HELM) upgrade --install $(call release,$(1)) $(CHART) $(HELM_ARGS)
 	@echo "watch it: kubectl -n $(NAMESPACE) get rayjob -l rlhf-jobs.io/run=$(RUN),rlhf-jobs.io/stage=$(1) -w"
 endef
 
@@ -141,7 +142,7 @@ rbac: ## Install the in-cluster runner's ServiceAccount and RBAC into NAMESPACE 
 
 # deploy-<stage> for every stage of the registry; anything else is refused with the list.
 deploy-%: ## Install one stage's RayJob with Helm: make deploy-<stage> (release rlhf-[RUN-]<stage>; stages below)
-	$(if $(filter $*,$(STAGES)),,$(error unknown stage '$*': expected one of $(STAGES) (helm/files/stages.json)))
+	$(if $(filter $*,$(STAGES)),,$(error unknown stage '$*': expected one of $(STAGES) ($(CHART)/files/stages.json)))
 	$(call deploy_stage,$*)
 
 .PHONY: schema
@@ -150,7 +151,7 @@ schema: venv ## Regenerate the generated files: values.schema.json (configs), fi
 
 .PHONY: lint-chart
 lint-chart: ## helm lint --strict the chart for each stage
-	for s in $(STAGES); do $(HELM) lint --strict ./helm --set stage=$$s || exit 1; done
+	for s in $(STAGES); do $(HELM) lint --strict $(CHART) --set stage=$$s || exit 1; done
 
 .PHONY: test-chart
 test-chart: venv ## Chart tests: render every stage, validate against the KubeRay CRDs, reject bad values

@@ -221,9 +221,12 @@ def run_kuberay_pipeline(args: argparse.Namespace, clients=None, helm=None, slee
     options = PipelineOptions(stages=parse_stages(args.stages), overrides=args.overrides,
                               from_stage=args.from_stage, check_paths=False)
     if args.in_cluster:
+        local = None
         if shutil.which(helm.binary):  # bad values fail here, before the runner Job exists
-            KubeRayBackend(None, helm, args.namespace, args.run, args.values).stage_configs(options)
-        return start_runner(args, clients)
+            local = KubeRayBackend(None, helm, args.namespace, args.run, args.values)
+            local.stage_configs(options)
+        return start_runner(args, clients, {stage: local.rewards[stage] for stage in options.stages
+                                            if local and stage in local.rewards})
     helm.check_version()  # --dry-run needs no cluster, but it renders with helm
     if args.dry_run:
         import yaml
@@ -261,8 +264,9 @@ def run_kuberay_pipeline(args: argparse.Namespace, clients=None, helm=None, slee
     return 0
 
 
-def start_runner(args: argparse.Namespace, clients=None) -> int:
-    """`pipeline --backend kuberay --in-cluster`: the same pipeline command, run by a Job in the cluster."""
+def start_runner(args: argparse.Namespace, clients=None, reward_files: dict | None = None) -> int:
+    """`pipeline --backend kuberay --in-cluster`: the same pipeline command, run by a Job in the cluster; the
+    reward-function files the stages' configs name on this machine (`reward_files`) go along."""
     from importlib.metadata import version
 
     import yaml
@@ -274,9 +278,10 @@ def start_runner(args: argparse.Namespace, clients=None) -> int:
     extra += [arg for item in args.overrides for arg in ("--set", item)]
     if args.from_stage:
         extra += ["--from-stage", args.from_stage]
+    files, reward_args = runner.shipped_rewards(reward_files or {})
     values = {path: Path(path).read_text() for path in args.values}
     image = args.image or f"rlhf-jobs:{version('rlhf-jobs')}"
-    objects = runner.manifests(args.namespace, args.run, image, values, extra)
+    objects = runner.manifests(args.namespace, args.run, image, values, [*extra, *reward_args], files=files)
     if args.dry_run:
         for manifest in objects:
             sys.stdout.write("---\n" + yaml.safe_dump(manifest, sort_keys=False))

@@ -1378,3 +1378,51 @@ def test_eviction_protection_is_offered_and_off_by_default(crd_file: Path) -> No
     assert not crd_errors(one(objects, "RayJob"))
     default = render("rlhf-rm")
     assert "PodDisruptionBudget" not in by_kind(default) and "safe-to-evict" not in dumps(default)
+
+
+# ---- issue 25 (Kubernetes): reward-function files reach the pods ---------------------------------------------
+
+
+def projected_files(pod_spec: dict, mount_path: str, objects: list[dict]) -> dict[str, str]:
+    """The files a pod sees under `mount_path`, as the kubelet lays out its configMap or projected volume."""
+    (container,) = pod_spec["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == mount_path]
+    volume = next(v for v in pod_spec["volumes"] if v["name"] == mount["name"])
+    sources = volume["projected"]["sources"] if "projected" in volume else [{"configMap": volume["configMap"]}]
+    config_maps = {o["metadata"]["name"]: o["data"] for o in objects if o["kind"] == "ConfigMap"}
+    files = {}
+    for source in sources:
+        data = config_maps[source["configMap"]["name"]]
+        items = source["configMap"].get("items") or [{"key": key, "path": key} for key in data]
+        files.update({f"{mount_path}/{item['path']}": data[item["key"]] for item in items})
+    return files
+
+
+def test_reward_function_files_are_mounted_read_only_in_head_and_worker_pods(tmp_path: Path, crd_file: Path) -> None:
+    """`--set-file rewardFunctions.my_rewards\\.py=./my_rewards.py` puts the file in a ConfigMap that head and worker
+    pods see at /etc/rlhf-jobs/rewards/my_rewards.py (rewards.REWARDS_DIR, where the submitter points configs), next
+    to config.yaml in one read-only volume; the submitter pod has none of it; bad file names fail at install."""
+    from rlhf_jobs.backends import rewards
+
+    source = tmp_path / "my_rewards.py"
+    source.write_text("def correct(prompts, completions, **columns):\n    return [1.0] * len(completions)\n")
+    out = helm("template", "rlhf-ppo", str(CHART), "--namespace", "rlhf", "--set", "job.submissionMode=K8sJobMode",
+               "--set-file", f"rewardFunctions.my_rewards\\.py={source}")
+    objects = [doc for doc in yaml.safe_load_all(out) if doc]
+    (config_map,) = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "rlhf-ppo-rewards"]
+    assert config_map["data"] == {"my_rewards.py": source.read_text()} and not core_errors(config_map)
+    rayjob = one(objects, "RayJob")
+    for group, template in pod_templates(rayjob).items():
+        if group == "submitter":
+            assert "volumes" not in template["spec"] and "rewards" not in dumps(template)
+            continue
+        files = projected_files(template["spec"], "/etc/rlhf-jobs", objects)
+        assert files[f"{rewards.REWARDS_DIR}/my_rewards.py"] == source.read_text(), group
+        assert yaml.safe_load(files[CONFIG_PATH]) == stage_config(render("rlhf-ppo")), group
+        (mount,) = [m for m in template["spec"]["containers"][0]["volumeMounts"] if m["mountPath"] == "/etc/rlhf-jobs"]
+        assert mount["readOnly"] is True
+    assert not crd_errors(rayjob)
+    for bad in ("my-rewards.py", "rewards", "2fast.py"):
+        error = render_error("rlhf-ppo", sets=(f"rewardFunctions.{bad.replace('.', chr(92) + '.')}=x",))
+        assert f"invalid propertyName '{bad}'" in error, error
+    assert "rewards" not in dumps(render("rlhf-ppo")), "nothing without rewardFunctions"

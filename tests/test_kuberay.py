@@ -962,3 +962,150 @@ def test_helm_keeps_its_release_records_in_config_maps(tmp_path) -> None:
     lines = (tmp_path / "helm.log").read_text().splitlines()
     assert lines[1].startswith("configmap upgrade --install rlhf-sft ./helm") and lines[2].startswith(
         "configmap upgrade --install rlhf-rbac k8s/rbac"), lines
+
+
+# ---- issue 28 item 7 / issue 25: a new stage deploys from the registry, with its reward-function files ---------
+
+
+@pytest.fixture
+def grpo_stage(monkeypatch, tmp_path):
+    """A stage `grpo` added to the registry, as the GRPO issue will add it (policy from sft, optional reward model,
+    `General.reward_functions`), with a stand-in config type; and a copy of the chart whose generated files
+    (`make schema`) know it, whose values.yaml has its default config block: the one chart edit a stage needs."""
+    import shutil
+    from pathlib import Path
+
+    from pydantic import Field
+
+    from rlhf_jobs import cli, config, pipeline, stages
+    from rlhf_jobs.backends import chart_schema, kuberay
+
+    class GRPOGeneral(config.PPOGeneral):
+        rm_name: str | None = Field(None, description="Optional reward model.")
+        reward_functions: list[str] = Field(default_factory=list, description="file.py:name or module:name.")
+
+    class GRPOConfig(config.StageConfig):
+        General: GRPOGeneral
+        Dataset: config.PromptDataset
+        Training: config.PPOTraining = Field(default_factory=config.PPOTraining)
+
+    ppo = stages.get("ppo")
+    entry = stages.Stage(name="grpo", title="GRPO", config_type=GRPOConfig, records=ppo.records, trainer="none",
+                         base_model_keys=("model_name",), inputs={"model_pretrain": "sft"})
+    monkeypatch.setitem(stages.REGISTRY, "grpo", entry)
+    names = (*stages.NAMES, "grpo")
+    monkeypatch.setattr(stages, "NAMES", names)
+    for module in (pipeline, kuberay, cli):  # `from rlhf_jobs.stages import NAMES as STAGES`
+        monkeypatch.setattr(module, "STAGES", names)
+    chart = tmp_path / "helm"
+    shutil.copytree(Path(__file__).parents[1] / "helm", chart)
+    assert chart_schema.main(["--schema", str(chart / "values.schema.json"), "--stages",
+                              str(chart / "files" / "stages.json"), "--rbac", str(tmp_path / "rbac.json")]) == 0
+    values = yaml.safe_load((chart / "values.yaml").read_text())
+    block = json.loads(json.dumps(values["configs"]["ppo"]))
+    block["General"] = {"model_name": block["General"]["model_name"], "model_pretrain": "", "output_dir": "",
+                        "checkpoint_dir": ""}
+    values["configs"]["grpo"] = block
+    (chart / "values.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    return chart
+
+
+def dry_run(capsys, *args: str) -> list[dict]:
+    from rlhf_jobs.cli import main
+
+    assert main(["pipeline", "--backend", "kuberay", "--dry-run", *args]) == 0, capsys.readouterr().err
+    return [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+
+
+def of_stage(documents: list[dict], stage: str, kind: str) -> list[dict]:
+    return [d for d in documents if d["kind"] == kind and d["metadata"]["labels"].get("rlhf-jobs.io/stage") == stage]
+
+
+@pytest.mark.helm
+def test_a_new_stage_deploys_from_the_registry_with_its_reward_function_files(grpo_stage, tmp_path, monkeypatch,
+                                                                              capsys) -> None:
+    """`make deploy-grpo`, `helm install --set stage=grpo`, `pipeline --stages sft,grpo`: no chart edit beyond the
+    stage's default config block. The pipeline reads the local reward-function file its config names, mounts it in
+    the stage's pods (rewardFunctions) and points the config there; a module reference passes unchanged."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from chart_helpers import crd_errors, pod_templates
+    from test_chart import projected_files
+
+    from rlhf_jobs.backends import rewards, runner
+
+    if shutil.which("helm") is None:
+        pytest.skip("helm is not on PATH")
+    chart = grpo_stage
+    repo = Path(__file__).parents[1]
+    make = subprocess.run(["make", "-n", "-C", str(repo), "deploy-grpo", f"CHART={chart}", "RUN=exp1"],
+                          capture_output=True, text=True, check=True).stdout
+    assert f"upgrade --install rlhf-exp1-grpo {chart} " in make
+    refused = subprocess.run(["make", "-n", "-C", str(repo), "deploy-grpo"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "unknown stage 'grpo': expected one of sft rm ppo" in refused.stderr
+    manual = subprocess.run(["helm", "template", "my-release", str(chart), "--set", "stage=grpo", "--set", "run=exp1"],
+                            capture_output=True, text=True, check=True).stdout
+    general = yaml.safe_load(next(d for d in yaml.safe_load_all(manual) if d and d["kind"] == "ConfigMap")["data"][
+        "config.yaml"])["General"]
+    assert general["model_pretrain"] == "/mnt/rlhf/exp1/sft" and general["checkpoint_dir"] == "/mnt/rlhf/exp1/grpo"
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rewards").mkdir()
+    source = "def correct(prompts, completions, **columns):\n    return [1.0] * len(completions)\n"
+    (tmp_path / "rewards" / "my_rewards.py").write_text(source)
+    values = tmp_path / "grpo.yaml"
+    values.write_text(yaml.safe_dump({"configs": {"grpo": {"General": {
+        "reward_functions": ["rewards/my_rewards.py:correct", "rlhf_jobs.stages:get"]}}}}))
+    args = ["--chart", str(chart), "--run", "exp1", "--stages", "sft,grpo", "--values", str(values)]
+    documents = dry_run(capsys, *args)
+    assert {d["metadata"]["labels"]["rlhf-jobs.io/stage"] for d in documents if d["kind"] == "RayJob"} == {
+        "sft", "grpo"}
+    name = rewards.mounted_name(Path("my_rewards.py"), source)
+    assert name.startswith("my_rewards_") and len(name) == len("my_rewards_12345678.py")
+    (files,) = [d for d in of_stage(documents, "grpo", "ConfigMap") if d["metadata"]["name"].endswith("-rewards")]
+    assert files["data"] == {name: source}
+    (config_map,) = [d for d in of_stage(documents, "grpo", "ConfigMap") if "config.yaml" in d["data"]]
+    general = yaml.safe_load(config_map["data"]["config.yaml"])["General"]
+    assert general["reward_functions"] == [f"{rewards.REWARDS_DIR}/{name}:correct", "rlhf_jobs.stages:get"]
+    assert general["model_pretrain"] == "/mnt/rlhf/exp1/sft"
+    (rayjob,) = of_stage(documents, "grpo", "RayJob")
+    for group in ("head", "worker"):
+        files_seen = projected_files(pod_templates(rayjob)[group]["spec"], "/etc/rlhf-jobs", documents)
+        assert files_seen[f"{rewards.REWARDS_DIR}/{name}"] == source, group
+    assert not crd_errors(rayjob)
+    assert not [d for d in of_stage(documents, "sft", "ConfigMap") if d["metadata"]["name"].endswith("-rewards")]
+
+    # A changed file is a changed config (the stage runs again); a missing one is one line, exit 2, nothing created.
+    (tmp_path / "rewards" / "my_rewards.py").write_text(source + "# v2\n")
+    (changed,) = of_stage(dry_run(capsys, *args), "grpo", "RayJob")
+    assert changed["metadata"]["annotations"]["rlhf-jobs.io/config-hash"] != rayjob["metadata"]["annotations"][
+        "rlhf-jobs.io/config-hash"]
+    (tmp_path / "rewards" / "my_rewards.py").write_text(source)
+    from rlhf_jobs.cli import main
+
+    values.write_text(values.read_text().replace("rewards/my_rewards.py", "rewards/missing.py"))
+    assert main(["pipeline", "--backend", "kuberay", "--dry-run", *args]) == 2
+    assert "configs.grpo.General.reward_functions: rewards/missing.py: file not found" in capsys.readouterr().err
+    values.write_text(values.read_text().replace("rewards/missing.py", "rewards/my_rewards.py"))
+
+    # --in-cluster: the file goes to the runner in its Secret, the config points there, and the runner's pipeline
+    # mounts it in the stage's pods under the same name.
+    runner_objects = dry_run(capsys, *args, "--in-cluster", "--image", "img")
+    secret = next(d for d in runner_objects if d["kind"] == "Secret")
+    assert secret["stringData"][name] == source
+    command = next(d for d in runner_objects if d["kind"] == "Job")["spec"]["template"]["spec"]["containers"][0][
+        "command"]
+    mounted = tmp_path / "runner-mount"  # what the pod sees at runner.VALUES_DIR
+    mounted.mkdir()
+    for key, text in secret["stringData"].items():
+        (mounted / key).write_text(text)
+    pod_args = [arg.replace(runner.VALUES_DIR, str(mounted)) for arg in command[2:]]
+    assert f"{mounted}/{name}:correct" in " ".join(pod_args)
+    in_pod = dry_run(capsys, *[arg for arg in pod_args if arg != "pipeline"], "--chart", str(chart))
+    (files,) = [d for d in of_stage(in_pod, "grpo", "ConfigMap") if d["metadata"]["name"].endswith("-rewards")]
+    assert files["data"] == {name: source}
+    (config_map,) = [d for d in of_stage(in_pod, "grpo", "ConfigMap") if "config.yaml" in d["data"]]
+    assert yaml.safe_load(config_map["data"]["config.yaml"])["General"]["reward_functions"] == [
+        f"{rewards.REWARDS_DIR}/{name}:correct", "rlhf_jobs.stages:get"]

@@ -160,6 +160,18 @@ ConfigMap name.
 {{- end }}
 
 {{/*
+The reward-function files' ConfigMap (rewardFunctions), and their directory under the config mount
+(/etc/rlhf-jobs/rewards: rlhf_jobs/backends/rewards.py REWARDS_DIR, where the submitter points the config's paths).
+*/}}
+{{- define "rlhf-jobs.rewardsConfigMapName" -}}
+{{- printf "%s-rewards" (include "rlhf-jobs.fullname" .) }}
+{{- end }}
+
+{{- define "rlhf-jobs.rewardsSubdir" -}}
+rewards
+{{- end }}
+
+{{/*
 Claim name of the checkpoint PVC: existingClaim, else storage.name, else rlhf-<run>-checkpoints
 (the same in the three stages' releases of a run).
 */}}
@@ -321,9 +333,25 @@ Volumes of the head and worker pods: the checkpoint PVC, the config, /dev/shm, t
   persistentVolumeClaim:
     claimName: {{ include "rlhf-jobs.claimName" . }}
 {{- end }}
+{{- if .Values.rewardFunctions }}
+- name: config
+  projected:
+    sources:
+      - configMap:
+          name: {{ include "rlhf-jobs.configMapName" . }}
+      # rewardFunctions, under rewards/ (one volume: a mount nested in a read-only ConfigMap mount cannot be made)
+      - configMap:
+          name: {{ include "rlhf-jobs.rewardsConfigMapName" . }}
+          items:
+            {{- range $name, $_ := .Values.rewardFunctions }}
+            - key: {{ $name }}
+              path: {{ include "rlhf-jobs.rewardsSubdir" $ }}/{{ $name }}
+            {{- end }}
+{{- else }}
 - name: config
   configMap:
     name: {{ include "rlhf-jobs.configMapName" . }}
+{{- end }}
 {{- if .Values.shm.enabled }}
 - name: dshm
   emptyDir:

@@ -11,14 +11,16 @@ Ray checkpoints on the PVC aside instead of resuming them; the same config resum
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-from rlhf_jobs.backends import permissions
+from rlhf_jobs.backends import permissions, rewards
 from rlhf_jobs.backends.helm import Helm, HelmError, config_sets, release_name
 from rlhf_jobs.backends.kube import (
     FORBIDDEN,
@@ -83,6 +85,8 @@ class KubeRayBackend:
         self.rendered: dict[str, RenderedStage] = {}
         self.overrides: Sequence[str] = ()
         self.fresh: set[str] = set()  # stages whose existing RayJob must not be re-attached to
+        self.rewards: dict[str, rewards.StageRewards] = {}  # reward-function files a stage's config names
+        self._scratch: tempfile.TemporaryDirectory | None = None
 
     @property
     def record_name(self) -> str:
@@ -93,15 +97,41 @@ class KubeRayBackend:
         return RayJobs(self.clients, self.namespace, self.sleep, self.clock)
 
     def sets(self, stage: str) -> list[str]:
-        """--set-json arguments of a stage's release: the pipeline's overrides and settings."""
-        return [*config_sets(stage, self.overrides),
+        """--set-json arguments of a stage's release: the pipeline's overrides and settings, and the config's
+        reward-function paths pointed at the files mounted in the pods."""
+        sets = [*config_sets(stage, self.overrides),
                 *(f"{key}={json.dumps(value)}" for key, value in PIPELINE_SETS.items())]
+        if stage in self.rewards:
+            sets.append(f"configs.{stage}.General.{rewards.KEY}={json.dumps(self.rewards[stage].references)}")
+        return sets
+
+    def values_files(self, stage: str) -> list[str]:
+        """--values files of a stage's release: the user's, then the reward-function files its config names (in a
+        file: the sources may exceed what one command-line argument holds)."""
+        if stage not in self.rewards:
+            return self.values
+        if self._scratch is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="rlhf-jobs-")
+        path = Path(self._scratch.name) / f"{stage}-rewards.yaml"
+        path.write_text(yaml.safe_dump({"rewardFunctions": self.rewards[stage].files}))
+        return [*self.values, str(path)]
 
     # -- rendering (no cluster needed) --
 
-    def render(self, stage: str) -> RenderedStage:
+    def render(self, stage: str, reward_files: bool = True) -> RenderedStage:
+        """helm template of a stage's release; when its config names local reward-function files, again with them
+        as `rewardFunctions` and the config's paths rewritten (rewards.py)."""
+        self.rewards.pop(stage, None)
+        rendered = self._template(stage)
+        found = rewards.resolve(stage, rendered.config) if reward_files else None
+        if found is None:
+            return rendered
+        self.rewards[stage] = found
+        return self._template(stage)
+
+    def _template(self, stage: str) -> RenderedStage:
         release = release_name(stage, self.run)
-        manifests = self.helm.template(release, self.namespace, self.run, self.values, self.sets(stage))
+        manifests = self.helm.template(release, self.namespace, self.run, self.values_files(stage), self.sets(stage))
         rayjobs = [m for m in manifests if m.get("kind") == "RayJob"]
         config_maps = [m for m in manifests if m.get("kind") == "ConfigMap" and "config.yaml" in (m.get("data") or {})]
         if len(rayjobs) != 1 or len(config_maps) != 1:
@@ -114,8 +144,8 @@ class KubeRayBackend:
     def stage_configs(self, options: PipelineOptions) -> dict[str, dict[str, Any]]:
         self.overrides = options.overrides
         configs = {}
-        for stage in STAGES:
-            rendered = self.rendered[stage] = self.render(stage)
+        for stage in STAGES:  # every stage, for the chain of config hashes; only the ones to run must be valid
+            rendered = self.rendered[stage] = self.render(stage, reward_files=stage in options.stages)
             source = f"helm template {rendered.release} (configs.{stage})"
             try:
                 validate_config(rendered.config, stage, source=source, paths=False)
@@ -206,7 +236,7 @@ class KubeRayBackend:
                     jobs.delete(rendered.rayjob, existing)
                 print(f"   helm upgrade --install {rendered.release} -n {self.namespace}", flush=True)
                 try:
-                    self.helm.upgrade_install(rendered.release, self.namespace, self.run, self.values,
+                    self.helm.upgrade_install(rendered.release, self.namespace, self.run, self.values_files(stage),
                                               self.sets(stage))
                 except HelmError as err:  # the values rendered (stage_configs): the cluster refused them
                     raise StageFailed(f"{stage}: {err}") from None

@@ -9,11 +9,12 @@ the new one resumes: finished stages are skipped, a running RayJob of the same c
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from rlhf_jobs.backends import exit_codes, permissions
+from rlhf_jobs.backends import exit_codes, permissions, rewards
 from rlhf_jobs.backends.kube import Clients, ClusterUnavailable, field, unless_absent, with_retries
 from rlhf_jobs.backends.rayjob import DEFAULT_GRACE_S, DELETE_MARGIN_S
 
@@ -55,9 +56,28 @@ def pipeline_args(namespace: str, run: str, values: Sequence[str], extra: Sequen
     return [*args, *extra]
 
 
+def shipped_rewards(found: Mapping[str, rewards.StageRewards]) -> tuple[dict[str, str], list[str]]:
+    """The reward-function files of the stages to run, for the runner's Secret (mounted at VALUES_DIR), and the
+    `--set` arguments that point each stage's config at them there. In the pod the pipeline reads them as local
+    files and mounts them in the stage's pods under the same names (their digest is already in them)."""
+    files: dict[str, str] = {}
+    args: list[str] = []
+    for stage, stage_rewards in found.items():
+        files.update(stage_rewards.files)
+        references = []
+        for reference in stage_rewards.references:
+            target, _, function = reference.rpartition(":")
+            name = target.rpartition("/")[2]
+            shipped = target == f"{rewards.REWARDS_DIR}/{name}" and name in stage_rewards.files
+            references.append(f"{VALUES_DIR}/{name}:{function}" if shipped else reference)
+        args += ["--set", f"{stage}.General.{rewards.KEY}={json.dumps(references)}"]
+    return files, args
+
+
 def manifests(namespace: str, run: str, image: str, values: Mapping[str, str], extra: Sequence[str] = (),
-              service_account: str = SERVICE_ACCOUNT, pull_policy: str = "IfNotPresent") -> list[dict[str, Any]]:
-    """The runner's Secret (the values files, by position) and Job."""
+              service_account: str = SERVICE_ACCOUNT, pull_policy: str = "IfNotPresent",
+              files: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """The runner's Secret (the values files, by position, and `files`: reward-function sources) and Job."""
     name = runner_name(run)
     labels = {"app.kubernetes.io/name": "rlhf-jobs", "app.kubernetes.io/component": "pipeline-runner",
               "app.kubernetes.io/part-of": "rlhf-jobs", "app.kubernetes.io/managed-by": "rlhf-jobs",
@@ -65,7 +85,8 @@ def manifests(namespace: str, run: str, image: str, values: Mapping[str, str], e
     secret = {
         "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
         "metadata": {"name": name, "namespace": namespace, "labels": labels},
-        "stringData": {f"values-{index}.yaml": text for index, text in enumerate(values.values())},
+        "stringData": {**{f"values-{index}.yaml": text for index, text in enumerate(values.values())},
+                       **(files or {})},
     }
     container = {
         "name": CONTAINER,
