@@ -188,7 +188,7 @@ def show_samples(backend: Any, path: Path, count: int = 5) -> None:
     """After PPO: held-out prompts with the SFT and the PPO policy's answers and their reward-model scores."""
     from rlhf_jobs import generate
 
-    sft, rm, ppo = (backend.stage_paths(stage)[1] for stage in STAGES)
+    sft, rm, ppo = (backend.stage_paths(stage)[1] for stage in ("sft", "rm", "ppo"))  # PPO against its inputs
     samples, _ = generate.compare([sft, ppo], held_out=ppo, reward_model=rm, limit=count)
     print(f"\n{len(samples)} held-out prompts, the SFT and the PPO policy's answers, reward-model scores:")
     print(generate.table(samples))

@@ -1109,3 +1109,21 @@ def test_a_new_stage_deploys_from_the_registry_with_its_reward_function_files(gr
     (config_map,) = [d for d in of_stage(in_pod, "grpo", "ConfigMap") if "config.yaml" in d["data"]]
     assert yaml.safe_load(config_map["data"]["config.yaml"])["General"]["reward_functions"] == [
         f"{rewards.REWARDS_DIR}/{name}:correct", "rlhf_jobs.stages:get"]
+
+
+def test_the_local_pipelines_ppo_samples_survive_a_new_stage(grpo_stage, tmp_path, monkeypatch) -> None:
+    """`show_samples` unpacked every registry stage into (sft, rm, ppo): a fourth stage made it raise."""
+    from rlhf_jobs import cli, generate
+
+    asked = {}
+
+    def compare(models, held_out, reward_model, limit):
+        asked.update(models=models, held_out=held_out, reward_model=reward_model)
+        return [], None
+
+    monkeypatch.setattr(generate, "compare", compare)
+    monkeypatch.setattr(generate, "table", lambda samples: "")
+    monkeypatch.setattr(generate, "write_jsonl", lambda samples, path: path)
+    backend = argparse.Namespace(stage_paths=lambda stage: (f"/w/{stage}-output", f"/w/{stage}"))
+    cli.show_samples(backend, tmp_path / "samples.jsonl")
+    assert asked == {"models": ["/w/sft", "/w/ppo"], "held_out": "/w/ppo", "reward_model": "/w/rm"}
