@@ -579,13 +579,14 @@ def test_rendered_config_passes_the_trainer_validator(stage: str, scenario: Path
 
 
 def test_trainer_rejects_what_the_chart_cannot_know(tmp_path: Path) -> None:
-    """The generated schema checks every key and type; rules across keys (warmup_ratio or warmup_steps, not both)
-    are the trainers'. Both run before anything is scheduled: `rlhf-jobs check-config` on the rendered file."""
+    """The generated schema checks every key and type, the chart's checks the rules across keys (chart_rules.py); a
+    number given as a string (`--set x=-1e-3`: Helm reads only integers as numbers), which the schema lets through as
+    a numeric string, is bounded by the trainer at start (`rlhf-jobs check-config` on the rendered file)."""
     config_module = pytest.importorskip("rlhf_jobs.config")
     path = tmp_path / "config.yaml"
-    objects = render("rlhf-sft", sets=("configs.sft.Training.warmup_steps=3",))  # the default has warmup_ratio
+    objects = render("rlhf-sft", sets=("configs.sft.Training.learning_rate=-1e-3",))
     path.write_text(one(objects, "ConfigMap")["data"]["config.yaml"])
-    with pytest.raises(config_module.ConfigError, match="set warmup_ratio or warmup_steps, not both"):
+    with pytest.raises(config_module.ConfigError, match=r"Training\.learning_rate: Input should be greater than 0"):
         config_module.load_config(path, "sft", paths=False)
 
 
@@ -1426,3 +1427,130 @@ def test_reward_function_files_are_mounted_read_only_in_head_and_worker_pods(tmp
         error = render_error("rlhf-ppo", sets=(f"rewardFunctions.{bad.replace('.', chr(92) + '.')}=x",))
         assert f"invalid propertyName '{bad}'" in error, error
     assert "rewards" not in dumps(render("rlhf-ppo")), "nothing without rewardFunctions"
+
+
+# ---- issue 29 item 10: the trainer's rules across keys, and object storage nothing reads, fail at helm template ------
+
+
+def _chart_view(stage: str, changes: dict) -> dict:
+    """The stage config the trainer would get from the chart's defaults with `changes` to its Training section (a
+    values file, merged as Helm does: null removes a key the defaults have, and stays null where they have none),
+    paths filled in as the chart does."""
+    config = yaml.safe_load(yaml.safe_dump(DEFAULTS["configs"][stage]))
+    for key, value in changes.items():
+        if value is None and key in config["Training"]:
+            del config["Training"][key]
+        else:
+            config["Training"][key] = value
+    for key, value in config["General"].items():
+        if value == "":
+            config["General"][key] = f"/mnt/rlhf/default/{key}"
+    return config
+
+
+def _violations(rule, stage: str) -> list[dict]:
+    """Changes to a stage's default config that break `rule` as the trainer states it (several, where the rule's
+    operands fall back on other keys), and one that keeps it."""
+    section = DEFAULTS["configs"][stage]["Training"]
+    base = {key: section.get(key) for key in (*rule.a, *rule.b)}
+    b_value = next((base[key] for key in rule.b if base.get(key)), None) or 8
+    if rule.kind == "not_both":
+        return [{rule.a[0]: 0.1 if "ratio" in rule.a[0] else 3, rule.b[0]: 3 if "steps" in rule.b[0] else 0.1}]
+    if rule.kind == "one_of":
+        return [{rule.a[0]: None, rule.b[0]: None}]
+    if rule.kind == "at_most":
+        return [{rule.a[0]: b_value + 1}]
+    return [{rule.a[0]: b_value + 1}, {rule.b[0]: 6, rule.a[0]: 4} if len(rule.b) > 1 else {rule.a[0]: b_value - 1}]
+
+
+def test_cross_field_rules_fail_at_template_time_as_the_trainer_states_them(tmp_path: Path) -> None:
+    """PPO mini_batch_size not dividing the batch, warmup_ratio with warmup_steps, rollout_batch_size above
+    experience_batch_size, gradient_accumulation_steps not dividing the mini-batch rendered; the trainer refused them
+    only after the cluster had started. Each rule of chart_rules.py, on every stage it applies to: `helm template`
+    and `validate_config` (on what the chart would render) agree, with the trainer's message."""
+    from rlhf_jobs import stages
+    from rlhf_jobs.backends import chart_rules
+    from rlhf_jobs.config import ConfigError, validate_config
+
+    refused: list[str] = []
+    for stage, entry in stages.REGISTRY.items():
+        training = chart_rules.sections(entry.config_type)["Training"]
+        for rule in (rule for rule in chart_rules.RULES if issubclass(training, rule.owner)):
+            for changes in _violations(rule, stage):
+                view = _chart_view(stage, changes)
+                try:
+                    validate_config(view, stage, paths=False)
+                    trainer_error = None
+                except ConfigError as err:
+                    trainer_error = str(err)
+                values = _values_file(tmp_path, f"{stage}-{len(refused)}-{rule.kind}",
+                                      {"configs": {stage: {"Training": changes}}})
+                try:
+                    render(f"rlhf-{stage}", (values,))
+                    chart_error = None
+                except HelmError as err:
+                    chart_error = str(err)
+                assert (trainer_error is None) == (chart_error is None), (stage, changes, trainer_error, chart_error)
+                if trainer_error:
+                    message = trainer_error.split("Training: ", 1)[1].removesuffix(f" (got {changes!r})")
+                    assert f"configs.{stage}.Training: {message} (the {stage} trainer would refuse" in chart_error
+                    refused.append(message)
+        one(render(f"rlhf-{stage}"), "RayJob")  # the defaults keep every rule
+    assert len(refused) == 9, refused  # every violation was one: 3 stages x warmup, and PPO's 6
+
+
+def test_every_cross_field_rule_of_the_trainers_is_in_the_chart() -> None:
+    """The chart's checks and the trainers' validators stay in step: a model validator of any registry stage's config
+    (GRPO's, DPO's...) that chart_rules.py neither states nor excuses in TRAINER_ONLY fails here; `make schema` wrote
+    them into files/stages.json."""
+    from rlhf_jobs import stages
+    from rlhf_jobs.backends import chart_rules, chart_schema
+
+    assert chart_schema.main(["--check"]) == 0, "helm/files/stages.json is stale: make schema"
+    for rule in chart_rules.RULES:
+        assert rule.kind in chart_rules.KINDS
+        assert rule.validator in rule.owner.__pydantic_decorators__.model_validators, rule
+    missing = []
+    for stage, entry in stages.REGISTRY.items():
+        for model in _models(entry.config_type):
+            for validator in model.__pydantic_decorators__.model_validators:
+                stated = any(rule.validator == validator and issubclass(model, rule.owner)
+                             for rule in chart_rules.RULES)
+                owner = next(base for base in model.__mro__ if validator in vars(base))
+                if not stated and f"{owner.__name__}.{validator}" not in chart_rules.TRAINER_ONLY:
+                    missing.append(f"{stage}: {owner.__name__}.{validator}")
+    assert not missing, f"add their rules to rlhf_jobs/backends/chart_rules.py (or TRAINER_ONLY): {missing}"
+    written = {entry["name"]: entry["checks"] for entry in json.loads(STAGES_FILE.read_text())["stages"]}
+    assert written == {name: chart_rules.stage_checks(entry.config_type) for name, entry in stages.REGISTRY.items()}
+
+
+def _models(model: type) -> list[type]:
+    """A config model and every model nested in it (sections, LoRA, resources)."""
+    from pydantic import BaseModel
+
+    found = [model]
+    for field in model.model_fields.values():
+        for candidate in (field.annotation, *getattr(field.annotation, "__args__", ())):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel) and candidate not in found:
+                found += [m for m in _models(candidate) if m not in found]
+    return found
+
+
+@pytest.mark.parametrize(("remote", "ok"), [
+    ("s3://bucket", True), ("s3://bucket/rlhf/", True), ("gs://bucket/rlhf", False), ("file:///data", False),
+    ("s3:/bucket/rlhf", False), ("s3:bucket/rlhf", False), ("s3://", False), ("S3://bucket", False),
+])
+def test_remote_storage_only_of_a_scheme_the_trainers_read(remote: str, ok: bool) -> None:
+    """`storage.remote: gs://...` rendered, and nothing reads gs:// (storage.SCHEMES): the pattern is generated from
+    what storage.py reads, so an unknown scheme or a malformed URL fails at `helm template`."""
+    from rlhf_jobs import storage
+    from rlhf_jobs.backends import chart_schema
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["properties"]["storage"]["properties"]["remote"]["pattern"] == chart_schema.remote_pattern()
+    assert storage.SCHEMES == ("s3",) or "gs" in chart_schema.remote_pattern()
+    if ok:
+        assert stage_config(render("rlhf-sft", sets=(f"storage.remote={remote}",)))["General"]["output_dir"].startswith(
+            remote.rstrip("/") + "/default/")
+    else:
+        assert "at '/storage/remote'" in render_error("rlhf-sft", sets=(f"storage.remote={remote}",))

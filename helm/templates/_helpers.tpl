@@ -108,6 +108,54 @@ This release's stage's inputs from the registry, as JSON: {"model_pretrain": "sf
 {{- end }}
 
 {{/*
+The trainer's rules across this stage's config keys (files/stages.json `checks`, generated from
+rlhf_jobs/backends/chart_rules.py, where each one's kind is explained), applied to the rendered config: what the
+trainer would refuse at start fails here, with its message. Operand: the first of its keys that is set (a key the
+config lacks has its default); "set and not zero" is Python's truthiness of a number.
+*/}}
+{{- define "rlhf-jobs.checkConfig" -}}
+{{- $stage := include "rlhf-jobs.stage" . }}
+{{- $config := include "rlhf-jobs.trainingConfig" . | fromYaml }}
+{{- range (include "rlhf-jobs.registry" . | fromJson).stages }}
+{{- if eq .name $stage }}
+{{- range .checks }}
+{{- $section := get $config .section | default dict }}
+{{- $operands := dict }}
+{{- $check := . }}
+{{- range $name := list "a" "b" }}
+{{- range $key := get $check $name }}
+{{- $value := ternary (get $section $key) (get $check.defaults $key) (hasKey $section $key) }}
+{{- if and (not (hasKey $operands $name)) (not (kindIs "invalid" $value)) }}
+{{- $_ := set $operands $name $value }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $a := get $operands "a" }}
+{{- $b := get $operands "b" }}
+{{- $aSet := and (hasKey $operands "a") (ne (float64 $a) 0.0) }}
+{{- $bSet := and (hasKey $operands "b") (ne (float64 $b) 0.0) }}
+{{- $broken := false }}
+{{- if eq .kind "not_both" }}
+{{- $broken = and $aSet $bSet }}
+{{- else if eq .kind "one_of" }}
+{{- $broken = not (or (hasKey $operands "a") (hasKey $operands "b")) }}
+{{- else if eq .kind "at_most" }}
+{{- $broken = and $aSet $bSet (gt (float64 $a) (float64 $b)) }}
+{{- else if eq .kind "divides" }}
+{{- $broken = and $aSet $bSet (ne (mod (int64 $b) (int64 $a)) 0) }}
+{{- else }}
+{{- fail (printf "files/stages.json: unknown check %q: run `make schema` with this chart's rlhf-jobs" .kind) }}
+{{- end }}
+{{- if $broken }}
+{{- $message := .message | replace "{a}" (toString $a) | replace "{b}" (toString $b) }}
+{{- fail (printf "configs.%s.%s: %s (the %s trainer would refuse it at start: rlhf_jobs/config.py)" $stage .section $message $stage) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 Selector labels (stable across upgrades).
 */}}
 {{- define "rlhf-jobs.selectorLabels" -}}
