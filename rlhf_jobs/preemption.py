@@ -257,16 +257,24 @@ def _same_address(first: str, second: str) -> bool:
     return first == second or resolved(first) == resolved(second)
 
 
-def node_to_drain(node_id: str | None = None, address: str | None = None) -> tuple[str, str, int | None]:
-    """(node id, GCS address, raylet pid) of this machine's Ray node: the one raylet here (of the cluster at
-    `address` or $RAY_ADDRESS when given); `node_id` picks one where several run (a test cluster on one machine)."""
+def node_to_drain(node_id: str | None = None, address: str | None = None,
+                  timeout_s: float = DRAIN_TIMEOUT_S) -> tuple[str, str, int | None]:
+    """(node id, GCS address, raylet pid) of this machine's Ray node: the raylet here of the cluster at `address`
+    ($RAY_ADDRESS), found by its --gcs-address, else by asking that GCS which nodes it has (KubeRay's RAY_ADDRESS
+    names the head Service, which the raylet may have resolved); without an address, the one raylet here.
+    `node_id` picks one where several run (a test cluster on one machine)."""
     address = address or os.environ.get("RAY_ADDRESS", "").removeprefix("ray://") or None
     raylets = local_raylets()
-    if address:
-        raylets = [raylet for raylet in raylets if _same_address(raylet[1], address)]
     if node_id:
         raylets = [raylet for raylet in raylets if raylet[0] == node_id] or (
             [(node_id, address, None)] if address else [])
+    if address and raylets:
+        same = [raylet for raylet in raylets if _same_address(raylet[1], address)]
+        if not same:
+            members = _with_gcs(address, timeout_s, lambda gcs: {
+                key.hex() for key, info in gcs.get_all_node_info(timeout=timeout_s).items() if info.state == 0})
+            same = [raylet for raylet in raylets if raylet[0] in members]
+        raylets = [(node, address, pid) for node, _, pid in same]
     where = f" of the cluster at {address}" if address else ""
     if not raylets:
         raise DrainError(f"no Ray node{where} runs on this machine (no raylet process"
@@ -277,38 +285,47 @@ def node_to_drain(node_id: str | None = None, address: str | None = None) -> tup
     return raylets[0]
 
 
-def drain(node_id: str, address: str, deadline_s: float, message: str, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
-    """Ask the GCS at `address` to drain `node_id` for preemption (it will be killed in `deadline_s`), within
-    `timeout_s`; Ray Train's PreemptionWatcher then tells the training loop, which stops after its step."""
+def _with_gcs(address: str, timeout_s: float, call: Any) -> Any:
+    """`call(GcsClient)` against the GCS at `address`, within about `timeout_s` (an unreachable GCS would hold
+    GcsClient 40 s), in a thread a stuck call cannot hold the hook on; every failure is a DrainError."""
     host, _, port = address.rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except (OSError, ValueError) as err:  # GcsClient would wait 40 s for an unreachable GCS
+    except (OSError, ValueError) as err:
         raise DrainError(f"cannot reach the Ray GCS at {address}: {err}") from None
     outcome: dict[str, Any] = {}
 
-    def call() -> None:
+    def run() -> None:
         try:
             from ray._raylet import GcsClient
-            from ray.core.generated import autoscaler_pb2
 
-            reason = autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION")
-            deadline_ms = int((time.time() + deadline_s) * 1000)
-            outcome["answer"] = GcsClient(address=address).drain_node(node_id, reason, message, deadline_ms,
-                                                                     timeout=timeout_s)
+            outcome["answer"] = call(GcsClient(address=address))
         except Exception as err:  # reported by the caller, in one line
             outcome["error"] = err
 
-    worker = threading.Thread(target=call, name="rlhf-jobs-drain", daemon=True)
+    worker = threading.Thread(target=run, name="rlhf-jobs-drain", daemon=True)
     worker.start()
     worker.join(timeout_s * 2)
     if worker.is_alive():
-        raise DrainError(f"the Ray GCS at {address} did not answer the drain of node {node_id} in {timeout_s * 2:g} s")
+        raise DrainError(f"the Ray GCS at {address} did not answer in {timeout_s * 2:g} s")
     if "error" in outcome:
         error = outcome["error"]
-        raise DrainError(f"draining node {node_id} through the GCS at {address} failed: "
-                         f"{type(error).__name__}: {error}")
-    accepted, rejection = outcome["answer"]
+        raise DrainError(f"the Ray GCS at {address}: {type(error).__name__}: {error}")
+    return outcome["answer"]
+
+
+def drain(node_id: str, address: str, deadline_s: float, message: str, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+    """Ask the GCS at `address` to drain `node_id` for preemption (it will be killed in `deadline_s`), within
+    `timeout_s`; Ray Train's PreemptionWatcher then tells the training loop, which stops after its step."""
+    from ray.core.generated import autoscaler_pb2
+
+    reason = autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION")
+    deadline_ms = int((time.time() + deadline_s) * 1000)
+    try:
+        accepted, rejection = _with_gcs(address, timeout_s, lambda gcs: gcs.drain_node(
+            node_id, reason, message, deadline_ms, timeout=timeout_s))
+    except DrainError as err:
+        raise DrainError(f"draining node {node_id}: {err}") from None
     if not accepted:
         raise DrainError(f"the GCS at {address} refused to drain node {node_id}: {rejection}")
 
@@ -341,7 +358,7 @@ def drain_and_wait(wait_s: float, deadline_s: float, node_id: str | None = None,
     """The worker preStop hook: drain this machine's Ray node, then wait up to `wait_s` while Ray Train workers
     run here (they stop after their step and checkpoint). Failures go to stderr; exit code 1."""
     try:
-        node, address, raylet = node_to_drain(node_id)
+        node, address, raylet = node_to_drain(node_id, timeout_s=timeout_s)
         drain(node, address, deadline_s, f"pod {os.environ.get('HOSTNAME') or socket.gethostname()} is terminating",
               timeout_s)
     except DrainError as err:

@@ -98,9 +98,12 @@ def test_worker_pre_stop_drains_this_machines_node_on_a_real_cluster(ray_cluster
     raylet of that cluster (other Ray clusters may run here too), drains its node through the GCS, says so, and
     returns at once (no Ray Train worker runs on it). The drained node, idle, shuts down."""
     node_id = ray_cluster.head_node.node_id
-    hook, seconds = run_hook(worker_pre_stop(), {"RAY_ADDRESS": ray_cluster.address, "HOSTNAME": "w-1"})
+    # RAY_ADDRESS spelt otherwise than the raylet's --gcs-address (KubeRay's names the head Service): the hook asks
+    # that GCS which of this machine's raylets is its node.
+    port = ray_cluster.gcs_address.rpartition(":")[2]
+    hook, seconds = run_hook(worker_pre_stop(), {"RAY_ADDRESS": f"localhost:{port}", "HOSTNAME": "w-1"})
     assert hook.returncode == 0, hook.stderr
-    assert f"drained Ray node {node_id} (GCS {ray_cluster.gcs_address}) for preemption" in hook.stderr
+    assert f"drained Ray node {node_id} (GCS localhost:{port}) for preemption" in hook.stderr
     deadline = time.monotonic() + 30
     while (state := node_state(ray_cluster.gcs_address, node_id)) == "ALIVE" and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -124,16 +127,21 @@ def test_worker_pre_stop_fails_fast_and_loud_where_the_gcs_does_not_answer(tmp_p
     silent.listen(8)  # accepts TCP connections, never speaks gRPC
     try:
         cases = {
-            "refused": ({"RAY_ADDRESS": refused}, ("--node-id", node), f"cannot reach the Ray GCS at {refused}"),
+            "refused": ({"RAY_ADDRESS": refused}, ("--node-id", node),
+                        f"draining node {node}: cannot reach the Ray GCS at {refused}"),
             "silent": ({"RAY_ADDRESS": f"127.0.0.1:{silent.getsockname()[1]}"}, ("--node-id", node, "--timeout", "2"),
-                       "did not answer the drain of node"),
+                       f"draining node {node}: the Ray GCS at 127.0.0.1:{silent.getsockname()[1]} did not answer"),
+            # Other Ray clusters may run on this machine: their raylets are not the cluster's, whose GCS cannot answer.
             "no raylet": ({"RAY_ADDRESS": refused}, (),
-                          f"no Ray node of the cluster at {refused} runs on this machine"),
+                          (f"no Ray node of the cluster at {refused} runs on this machine",
+                           f"cannot reach the Ray GCS at {refused}")),
         }
-        for name, (env, extra, message) in cases.items():
+        for name, (env, extra, messages) in cases.items():
             hook, seconds = run_hook(worker_pre_stop(), env, *extra)
             assert hook.returncode == 1, (name, hook.returncode, hook.stderr)
-            assert message in hook.stderr and hook.stderr.startswith("rlhf-jobs preStop: "), (name, hook.stderr)
+            messages = (messages,) if isinstance(messages, str) else messages
+            assert any(message in hook.stderr for message in messages), (name, hook.stderr)
+            assert hook.stderr.startswith("rlhf-jobs preStop: "), (name, hook.stderr)
             assert seconds < 15, (name, seconds)
     finally:
         silent.close()
