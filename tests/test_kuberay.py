@@ -1077,11 +1077,13 @@ def test_a_new_stage_deploys_from_the_registry_with_its_reward_function_files(gr
     assert not crd_errors(rayjob)
     assert not [d for d in of_stage(documents, "sft", "ConfigMap") if d["metadata"]["name"].endswith("-rewards")]
 
-    # A changed file is a changed config (the stage runs again); a missing one is one line, exit 2, nothing created.
+    # A changed file is a changed config (its mounted name, so the config's path, changes: the stage runs again); a
+    # missing one is one line, exit 2, nothing created.
+    changed = rewards.resolve("grpo", {"General": {"reward_functions": ["rewards/my_rewards.py:correct"]}})
+    assert changed.files == {name: source}
     (tmp_path / "rewards" / "my_rewards.py").write_text(source + "# v2\n")
-    (changed,) = of_stage(dry_run(capsys, *args), "grpo", "RayJob")
-    assert changed["metadata"]["annotations"]["rlhf-jobs.io/config-hash"] != rayjob["metadata"]["annotations"][
-        "rlhf-jobs.io/config-hash"]
+    assert rewards.resolve("grpo", {"General": {"reward_functions": ["rewards/my_rewards.py:correct"]}}).references != [
+        f"{rewards.REWARDS_DIR}/{name}:correct"]
     (tmp_path / "rewards" / "my_rewards.py").write_text(source)
     from rlhf_jobs.cli import main
 
