@@ -26,6 +26,18 @@ def train_steps(metrics: Path) -> list[int]:
     return [r["step"] for r in records if r["split"] == "train"]
 
 
+def sigterm_after_a_step(command: list[str], metrics: Path, log: Path) -> int:
+    """Start `command` (from the repo root, output to `log`), SIGTERM it once it has logged a training step; its exit
+    code."""
+    run = subprocess.Popen(command, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while run.poll() is None and time.monotonic() < deadline and not train_steps(metrics):
+        time.sleep(0.1)
+    assert run.poll() is None, log.read_text()[-3000:]
+    os.kill(run.pid, signal.SIGTERM)
+    return run.wait(timeout=60)
+
+
 def test_hook_with_no_driver_returns_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(preemption.PID_DIR_ENV, str(tmp_path))
     (tmp_path / "drivers").mkdir()
@@ -264,14 +276,7 @@ def test_a_preempted_stage_ends_the_local_pipeline_with_75_and_the_rerun_resumes
                "--set", "Training.num_training_workers=1", "--set", "sft.Training.epochs=1",
                "--set", "sft.Training.logging_steps=1", "--set", "sft.Training.batch_size=4"]
     log = tmp_path / "first.log"
-    first = subprocess.Popen(command, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                             start_new_session=True)
-    metrics, deadline = workdir / "sft-output" / "metrics.jsonl", time.monotonic() + 180
-    while first.poll() is None and time.monotonic() < deadline and not train_steps(metrics):
-        time.sleep(0.1)
-    assert first.poll() is None, log.read_text()[-3000:]
-    os.kill(first.pid, signal.SIGTERM)
-    assert first.wait(timeout=60) == 75, log.read_text()[-3000:]
+    assert sigterm_after_a_step(command, workdir / "sft-output" / "metrics.jsonl", log) == 75, log.read_text()[-3000:]
     stopped = int(re.search(r"sft: stopped after step (\d+) \(preempted\)", log.read_text()).group(1))
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]

@@ -188,9 +188,7 @@ def stage_file(registry: Mapping[str, StageEntry]) -> dict[str, Any]:
 
 def remote_pattern() -> str:
     """`storage.remote`: empty, or a URL of a scheme storage.py reads (`s3://bucket[/prefix]`)."""
-    from rlhf_jobs.storage import SCHEMES
-
-    return rf"^(({'|'.join(SCHEMES)})://[^/\s]+(/\S*)?)?$"
+    return rf"^(({'|'.join(_schemes())})://[^/\s]+(/\S*)?)?$"
 
 
 def main(argv: list[str] | None = None) -> int:
