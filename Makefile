@@ -150,8 +150,9 @@ schema: venv ## Regenerate the generated files: values.schema.json (configs), fi
 	$(BIN)/python -m rlhf_jobs.backends.chart_schema
 
 .PHONY: lint-chart
-lint-chart: ## helm lint --strict the chart for each stage
+lint-chart: ## helm lint --strict the chart for each stage, and the k8s/rbac chart
 	for s in $(STAGES); do $(HELM) lint --strict $(CHART) --set stage=$$s || exit 1; done
+	$(HELM) lint --strict k8s/rbac
 
 .PHONY: test-chart
 test-chart: venv ## Chart tests: render every stage, validate against the KubeRay CRDs, reject bad values

@@ -881,6 +881,9 @@ def rbac_objects(namespace: str) -> dict[str, dict]:
     chart = Path(__file__).parents[1] / "k8s" / "rbac"
     out = subprocess.run(["helm", "template", "rlhf-rbac", str(chart), "--namespace", namespace], check=True,
                          capture_output=True, text=True).stdout
+    lint = subprocess.run(["helm", "lint", "--strict", str(chart), "--namespace", namespace], capture_output=True,
+                          text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
     return {doc["kind"]: doc for doc in yaml.safe_load_all(out) if doc}
 
 
