@@ -21,8 +21,9 @@ DEMO_DIR ?= runs/demo
 .PHONY: help
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*##"; printf "Usage: make \033[36m<target>\033[0m [VAR=value ...]\n"} \
-	  /^[a-zA-Z0-9_-]+:.*?##/ { printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2 } \
+	  /^[a-zA-Z0-9_%-]+:.*?##/ { printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2 } \
 	  /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
+	@echo "  (stages: $(STAGES))"
 
 ##@ Local
 
@@ -104,6 +105,11 @@ clean: ## Remove runs/ and caches (keeps .venv)
 KIND ?= kind
 HELM ?= helm
 KUBECTL ?= kubectl
+# Helm keeps its release records in ConfigMaps (as `rlhf-jobs pipeline` does): nothing of ours needs Secrets.
+export HELM_DRIVER := configmap
+CHART ?= ./helm
+# The stages, in pipeline order, from the stage registry ($(CHART)/files/stages.json, written by `make schema`).
+STAGES := $(shell $(PYTHON) -c 'import json; print(" ".join(s["name"] for s in json.load(open("$(CHART)/files/stages.json"))["stages"]))')
 HELM_VALUES ?=
 HELM_ARGS = --namespace $(NAMESPACE) --set-string run=$(RUN) --set image.repository=$(IMAGE_REPO) \
 	--set-string image.tag=$(IMAGE_TAG) $(foreach f,$(HELM_VALUES),--values $(f))
@@ -126,29 +132,28 @@ kind-down: ## Delete the kind cluster
 # default run, rlhf-<run>-<stage> otherwise, so `make deploy-sft RUN=exp1` and `make pipeline RUN=exp1` share one.
 release = $(if $(filter default,$(RUN)),rlhf-$(1),rlhf-$(RUN)-$(1))
 define deploy_stage
-	$(HELM) upgrade --install $(call release,$(1)) ./helm $(HELM_ARGS)
+	$(HELM) upgrade --install $(call release,$(1)) $(CHART) $(HELM_ARGS)
 	@echo "watch it: kubectl -n $(NAMESPACE) get rayjob -l rlhf-jobs.io/run=$(RUN),rlhf-jobs.io/stage=$(1) -w"
 endef
 
-.PHONY: deploy-sft
-deploy-sft: ## Install the SFT stage's RayJob with Helm (release rlhf-sft, or rlhf-RUN-sft)
-	$(call deploy_stage,sft)
+.PHONY: rbac
+rbac: ## Install the in-cluster runner's ServiceAccount and RBAC into NAMESPACE (the k8s/rbac chart)
+	$(HELM) upgrade --install rlhf-rbac k8s/rbac --namespace $(NAMESPACE)
 
-.PHONY: deploy-rm
-deploy-rm: ## Install the reward-model stage's RayJob (release rlhf-[RUN-]rm; after SFT succeeded)
-	$(call deploy_stage,rm)
-
-.PHONY: deploy-ppo
-deploy-ppo: ## Install the PPO stage's RayJob (release rlhf-[RUN-]ppo; reads the SFT and RM checkpoints)
-	$(call deploy_stage,ppo)
+# deploy-<stage> for every stage of the registry; anything else is refused with the list.
+deploy-%: ## Install one stage's RayJob with Helm: make deploy-<stage> (release rlhf-[RUN-]<stage>; stages below)
+	$(if $(filter $*,$(STAGES)),,$(error unknown stage '$*': expected one of $(STAGES) ($(CHART)/files/stages.json)))
+	$(call deploy_stage,$*)
 
 .PHONY: schema
-schema: venv ## Regenerate the chart's generated files from the stage registry: values.schema.json's configs, files/stages.json
+schema: venv ## Regenerate the generated files: values.schema.json (configs), files/stages.json (registry), k8s/rbac (permissions)
 	$(BIN)/python -m rlhf_jobs.tools.chart_schema
+	$(BIN)/python -m rlhf_jobs.pipeline.backends.permissions
 
 .PHONY: lint-chart
-lint-chart: ## helm lint --strict the chart for each stage
-	for s in sft rm ppo; do $(HELM) lint --strict ./helm --set stage=$$s || exit 1; done
+lint-chart: ## helm lint --strict the chart for each stage, and the k8s/rbac chart
+	for s in $(STAGES); do $(HELM) lint --strict $(CHART) --set stage=$$s || exit 1; done
+	$(HELM) lint --strict k8s/rbac
 
 .PHONY: test-chart
 test-chart: venv ## Chart tests: render every stage, validate against the KubeRay CRDs, reject bad values
@@ -160,7 +165,7 @@ pipeline: venv ## Run SFT -> RM -> PPO on the cluster with the submitter (resume
 		$(foreach f,$(HELM_VALUES),--values $(f))
 
 .PHONY: pipeline-in-cluster
-pipeline-in-cluster: venv ## Run the pipeline as a Job in the cluster (kubectl apply -f k8s/rbac.yaml first); again = resume
+pipeline-in-cluster: venv ## Run the pipeline as a Job in the cluster (make rbac first); again = resume
 	$(BIN)/rlhf-jobs pipeline --backend kuberay --namespace $(NAMESPACE) --run $(RUN) --in-cluster \
 		--image $(IMAGE_REPO):$(IMAGE_TAG) $(foreach f,$(HELM_VALUES),--values $(f))
 
@@ -169,8 +174,11 @@ pipeline-dry-run: venv ## Print the manifests the pipeline would apply (no clust
 	$(BIN)/rlhf-jobs pipeline --backend kuberay --namespace $(NAMESPACE) --run $(RUN) --dry-run \
 		$(foreach f,$(HELM_VALUES),--values $(f))
 
+# The stages the kind e2e runs as one pipeline, comma-separated (default: every stage of the registry).
+KIND_STAGES ?=
+
 .PHONY: test-kind
-test-kind: venv ## Integration tests on a kind cluster (needs Docker, kind, helm, kubectl, registry access)
+test-kind: venv ## Integration tests on a kind cluster (needs Docker, kind, helm, kubectl, registry access; KIND_STAGES=sft,rm)
 	RLHF_KIND_TESTS=1 KIND_CLUSTER=$(KIND_CLUSTER) IMAGE_REPO=$(IMAGE_REPO) IMAGE_TAG=$(IMAGE_TAG) \
-		$(BIN)/pytest -m kind -v tests/test_kind.py
+		RLHF_KIND_STAGES=$(KIND_STAGES) $(BIN)/pytest -m kind -v tests/test_kind.py
 include images/images.mk

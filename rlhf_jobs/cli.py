@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rlhf_jobs.core import exit_codes
 from rlhf_jobs.core.errors import OutOfMemory, RunStopped, UserError
 from rlhf_jobs.core.stages import NAMES as STAGES
 from rlhf_jobs.core.stages import get as get_stage
@@ -116,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--chart", default=None, help="path of the Helm chart (default: the repo's helm/)")
     cluster.add_argument("--timeout", type=float, default=6 * 3600, help="whole-pipeline timeout in seconds")
     cluster.add_argument("--in-cluster", action="store_true",
-                         help="run the pipeline as a Job in the cluster (ServiceAccount of k8s/rbac.yaml) and return; "
+                         help="run the pipeline as a Job in the cluster (its ServiceAccount: make rbac) and return; "
                               "the same command again resumes it")
     cluster.add_argument("--image", default=None,
                          help="image of the --in-cluster runner (default: rlhf-jobs:<version>; it carries helm)")
@@ -202,8 +203,9 @@ def local_status(workdir: str) -> int:
 
 def run_kuberay_pipeline(args: argparse.Namespace, clients=None, helm=None, sleep=time.sleep) -> int:
     """`rlhf-jobs pipeline --backend kuberay`: the stages as RayJobs, chained, recorded in a ConfigMap."""
+    from rlhf_jobs.core import exit_codes
     from rlhf_jobs.pipeline.backends.helm import Helm, HelmError
-    from rlhf_jobs.pipeline.backends.kube import Clients, ClusterUnavailable
+    from rlhf_jobs.pipeline.backends.kube import RETRYABLE_STATUS, Clients, ClusterUnavailable, api_status
     from rlhf_jobs.pipeline.backends.kuberay import KubeRayBackend, status_table
     from rlhf_jobs.pipeline.backends.rayjob import StageFailed, WatchSettings
     from rlhf_jobs.pipeline.plan import PipelineOptions, parse_stages, run_pipeline
@@ -212,9 +214,12 @@ def run_kuberay_pipeline(args: argparse.Namespace, clients=None, helm=None, slee
     options = PipelineOptions(stages=parse_stages(args.stages), overrides=args.overrides,
                               from_stage=args.from_stage, check_paths=False)
     if args.in_cluster:
+        local = None
         if shutil.which(helm.binary):  # bad values fail here, before the runner Job exists
-            KubeRayBackend(None, helm, args.namespace, args.run, args.values).stage_configs(options)
-        return start_runner(args, clients)
+            local = KubeRayBackend(None, helm, args.namespace, args.run, args.values)
+            local.stage_configs(options)
+        return start_runner(args, clients, {stage: local.rewards[stage] for stage in options.stages
+                                            if local and stage in local.rewards})
     helm.check_version()  # --dry-run needs no cluster, but it renders with helm
     if args.dry_run:
         import yaml
@@ -232,9 +237,18 @@ def run_kuberay_pipeline(args: argparse.Namespace, clients=None, helm=None, slee
         backend.preflight()
         print(f"pipeline run {args.run!r} in namespace {args.namespace} (record: ConfigMap {backend.record_name})")
         run_pipeline(backend, options)
-    except (ClusterUnavailable, StageFailed, HelmError) as err:
+    except StageFailed as err:  # exits as the stage's driver did: 75 = preempted, run again (exit_codes.py)
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return err.exit_code
+    except (ClusterUnavailable, HelmError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return exit_codes.BAD_INPUT
+    except Exception as err:
+        if api_status(err) not in RETRYABLE_STATUS:
+            raise
+        print(f"error: the Kubernetes API server did not answer ({err}); nothing was lost: run the same command "
+              "again to continue", file=sys.stderr)
+        return exit_codes.PREEMPTED
     except KeyboardInterrupt:
         print("interrupted: running RayJobs keep running; re-run the same command to re-attach, "
               f"or `rlhf-jobs delete --namespace {args.namespace} --run {args.run}` to stop them", file=sys.stderr)
@@ -243,8 +257,9 @@ def run_kuberay_pipeline(args: argparse.Namespace, clients=None, helm=None, slee
     return 0
 
 
-def start_runner(args: argparse.Namespace, clients=None) -> int:
-    """`pipeline --backend kuberay --in-cluster`: the same pipeline command, run by a Job in the cluster."""
+def start_runner(args: argparse.Namespace, clients=None, reward_files: dict | None = None) -> int:
+    """`pipeline --backend kuberay --in-cluster`: the same pipeline command, run by a Job in the cluster; the
+    reward-function files the stages' configs name on this machine (`reward_files`) go along."""
     from importlib.metadata import version
 
     import yaml
@@ -256,9 +271,10 @@ def start_runner(args: argparse.Namespace, clients=None) -> int:
     extra += [arg for item in args.overrides for arg in ("--set", item)]
     if args.from_stage:
         extra += ["--from-stage", args.from_stage]
+    files, reward_args = runner.shipped_rewards(reward_files or {})
     values = {path: Path(path).read_text() for path in args.values}
     image = args.image or f"rlhf-jobs:{version('rlhf-jobs')}"
-    objects = runner.manifests(args.namespace, args.run, image, values, extra)
+    objects = runner.manifests(args.namespace, args.run, image, values, [*extra, *reward_args], files=files)
     if args.dry_run:
         for manifest in objects:
             sys.stdout.write("---\n" + yaml.safe_dump(manifest, sort_keys=False))
@@ -360,13 +376,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_codes.BAD_INPUT
     except RunStopped as stopped:
         print(str(stopped), file=sys.stderr)
-        return 0 if stopped.reason.startswith("--stop-at-step") else 75  # EX_TEMPFAIL: try again
+        return 0 if stopped.reason.startswith("--stop-at-step") else exit_codes.PREEMPTED  # EX_TEMPFAIL: try again
     except OutOfMemory as err:
         print(f"error: {err}", file=sys.stderr)
-        return 3
+        return exit_codes.OUT_OF_MEMORY
     except (KeyboardInterrupt, SystemExit):  # Ray Train turns Ctrl-C during training into SystemExit
         print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130

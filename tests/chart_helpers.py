@@ -272,6 +272,27 @@ CORE_SCHEMAS: dict[str, dict[str, Any]] = {
             },
         },
     }),
+    "PodDisruptionBudget": _object("policy/v1", "PodDisruptionBudget", {
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector"],
+            "properties": {
+                "minAvailable": {"type": ["integer", "string"]},
+                "maxUnavailable": {"type": ["integer", "string"]},
+                "unhealthyPodEvictionPolicy": {"enum": ["IfHealthyBudget", "AlwaysAllow"]},
+                "selector": {"type": "object", "additionalProperties": False, "properties": {
+                    "matchLabels": _LABELS,
+                    "matchExpressions": {"type": "array", "items": {
+                        "type": "object", "required": ["key", "operator"], "additionalProperties": False,
+                        "properties": {"key": {"type": "string", "pattern": LABEL_KEY},
+                                       "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                                       "values": {"type": "array", "items": {"type": "string"}}}}},
+                }},
+            },
+            "not": {"required": ["minAvailable", "maxUnavailable"]},
+        },
+    }),
     "ServiceAccount": _object("v1", "ServiceAccount", {
         "automountServiceAccountToken": {"type": "boolean"},
         "imagePullSecrets": {"type": "array", "items": {"type": "object", "required": ["name"]}},

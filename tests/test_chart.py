@@ -176,7 +176,8 @@ def test_rayjob_valid_against_kuberay_crd(stage: str, scenario: Path | None, crd
 def test_core_objects_valid(stage: str, scenario: Path | None) -> None:
     objects = rendered(stage, scenario)
     kinds = by_kind(objects)
-    assert set(kinds) <= {"RayJob", "ConfigMap", "PersistentVolumeClaim", "ServiceAccount"}, set(kinds)
+    assert set(kinds) <= {"RayJob", "ConfigMap", "PersistentVolumeClaim", "ServiceAccount",
+                          "PodDisruptionBudget"}, set(kinds)
     for obj in objects:
         if obj["kind"] != "RayJob":
             errors = core_errors(obj)
@@ -578,13 +579,14 @@ def test_rendered_config_passes_the_trainer_validator(stage: str, scenario: Path
 
 
 def test_trainer_rejects_what_the_chart_cannot_know(tmp_path: Path) -> None:
-    """The generated schema checks every key and type; rules across keys (warmup_ratio or warmup_steps, not both)
-    are the trainers'. Both run before anything is scheduled: `rlhf-jobs check-config` on the rendered file."""
+    """The generated schema checks every key and type, the chart's checks the rules across keys (chart_rules.py); a
+    number given as a string (`--set x=-1e-3`: Helm reads only integers as numbers), which the schema lets through as
+    a numeric string, is bounded by the trainer at start (`rlhf-jobs check-config` on the rendered file)."""
     config_module = pytest.importorskip("rlhf_jobs.core.loading")
     path = tmp_path / "config.yaml"
-    objects = render("rlhf-sft", sets=("configs.sft.Training.warmup_steps=3",))  # the default has warmup_ratio
+    objects = render("rlhf-sft", sets=("configs.sft.Training.learning_rate=-1e-3",))
     path.write_text(one(objects, "ConfigMap")["data"]["config.yaml"])
-    with pytest.raises(config_module.ConfigError, match="set warmup_ratio or warmup_steps, not both"):
+    with pytest.raises(config_module.ConfigError, match=r"Training\.learning_rate: Input should be greater than 0"):
         config_module.load_config(path, "sft", paths=False)
 
 
@@ -868,9 +870,7 @@ def test_preemption_grace_period_and_drain_on_stop(crd_file: Path) -> None:
     assert templates["head"]["spec"]["terminationGracePeriodSeconds"] == 900
     assert templates["worker"]["spec"]["terminationGracePeriodSeconds"] == 900
     command = templates["worker"]["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
-    assert command[:2] == ["/bin/bash", "-c"]
-    assert "ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION" in command[2]
-    assert "--deadline-remaining-seconds 900" in command[2] and "$(seq 890)" in command[2]
+    assert command == ["python", "-m", "rlhf_jobs.engine.preemption", "--drain", "--wait", "890", "--deadline", "900"]
     # Head: the preStop hook stops the driver after its step (grace period less 10 s), and `ray job stop` waits
     # the grace period before SIGKILL; workers run no driver, so neither is set there.
     head = templates["head"]["spec"]["containers"][0]
@@ -915,30 +915,28 @@ def test_head_pre_stop_is_the_preemption_cli(tmp_path: Path, monkeypatch: pytest
     assert time.monotonic() - started < 5
 
 
-def test_drain_on_stop_script_is_valid_bash(tmp_path: Path) -> None:
-    """The preStop script parses, and returns at once where no training worker runs (a finished job's cluster)."""
-    import subprocess
-    import time
+def test_worker_pre_stop_is_the_preemption_cli_with_drain() -> None:
+    """Issue 28 item 3: the worker preStop is `python -m rlhf_jobs.engine.preemption --drain ...`
+    (tests/test_preemption.py runs it against a real Ray cluster), not `ray drain-node` without a node id, whose
+    errors went to /dev/null; its arguments parse with the module's own parser (test_preemption.WORKER_PRE_STOP is
+    this command)."""
+    from rlhf_jobs.engine import preemption
 
-    command = pod_templates(one(render("rlhf-sft"), "RayJob"))["worker"]["spec"]["containers"][0]["lifecycle"]
-    script = command["preStop"]["exec"]["command"][2]
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    (fake_bin / "ray").write_text("#!/bin/sh\necho \"$@\" > \"$RAY_ARGS\"\n")
-    (fake_bin / "ray").chmod(0o755)
-    # pgrep: training workers run for the first two polls, then they are gone (checkpoint written, exited).
-    (fake_bin / "pgrep").write_text('#!/bin/sh\nn=$(cat "$POLLS" 2>/dev/null || echo 0); echo $((n+1)) > "$POLLS"\n'
-                                    '[ "$1 $2" = "-f [R]ayTrainWorker" ] && [ "$n" -lt 2 ]\n')
-    (fake_bin / "pgrep").chmod(0o755)
-    started = time.monotonic()
-    env = {"PATH": f"{fake_bin}:/usr/bin:/bin", "RAY_ARGS": str(tmp_path / "args"), "HOSTNAME": "w-1",
-           "POLLS": str(tmp_path / "polls")}
-    subprocess.run(["/bin/bash", "-n", "-c", script], check=True)
-    subprocess.run(["/bin/bash", "-c", script], check=True, env=env, timeout=30)
-    assert 1.5 < time.monotonic() - started < 6
-    assert (tmp_path / "polls").read_text().strip() == "3"
-    assert "drain-node --reason DRAIN_NODE_REASON_PREEMPTION --reason-message pod w-1 is terminating" in (
-        tmp_path / "args").read_text()
+    lifecycle = pod_templates(one(render("rlhf-sft"), "RayJob"))["worker"]["spec"]["containers"][0]["lifecycle"]
+    argv = lifecycle["preStop"]["exec"]["command"]
+    assert argv == ["python", "-m", "rlhf_jobs.engine.preemption", "--drain", "--wait", "290", "--deadline", "300"]
+    assert argv[:3] == ["python", "-m", preemption.__name__]
+    args = preemption.build_parser().parse_args(argv[3:])
+    grace = DEFAULTS["preemption"]["terminationGracePeriodSeconds"]
+    assert args.drain and (args.wait, args.deadline, args.node_id) == (grace - 10, grace, None)
+
+
+def test_python_modules_are_named_in_one_place() -> None:
+    """Every `python -m rlhf_jobs.<module>` the pods run comes from one helper: moving a module is a one-line edit."""
+    import re
+
+    templates = "\n".join(path.read_text() for path in (CHART / "templates").iterdir())
+    assert re.findall(r"rlhf_jobs\.[a-z_.]+", templates) == ["rlhf_jobs.engine.preemption"], "name the module once"
 
 
 # ---- issue 18: where the KubeRay CRDs come from, and helm's minimum version ------------------------------
@@ -1274,3 +1272,287 @@ def test_cache_volume_values(crd_file: Path) -> None:
                                 "extraVolumes[0].emptyDir.sizeLimit=1Gi")), "RayJob")
     assert "at '/cache/sizeLimit'" in render_error("rlhf-rm", sets=("cache.sizeLimit=lots",))
     assert "at '/cache/mountPath'" in render_error("rlhf-rm", sets=("cache.mountPath=relative",))
+
+
+# ---- issue 28 item 4: a ReadWriteOnce volume on a multi-node cluster ------------------------------------------
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions with In/NotIn/Exists/DoesNotExist) on `labels`."""
+    if any(labels.get(key) != value for key, value in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expression in selector.get("matchExpressions") or []:
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        if not {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
+                "Exists": key in labels, "DoesNotExist": key not in labels}[operator]:
+            return False
+    return True
+
+
+def _colocation_terms(template: dict) -> list[dict]:
+    affinity = template["spec"].get("affinity", {})
+    return affinity.get("podAffinity", {}).get("requiredDuringSchedulingIgnoredDuringExecution", [])
+
+
+def test_read_write_once_volume_puts_the_runs_pods_on_one_node(tmp_path: Path, crd_file: Path) -> None:
+    """The default ReadWriteOnce PVC with no affinity let the head and workers land on several nodes: Multi-Attach,
+    pods stuck in ContainerCreating. Now every stage's head and workers of a run carry a required pod affinity on the
+    run label and kubernetes.io/hostname (the first pod goes anywhere, the rest follow it); the runner and other runs'
+    pods are not selected, the submitter (no volume) is free, and a user's own affinity is kept."""
+    from rlhf_jobs.pipeline.backends import runner
+
+    objects = {stage: render(f"rlhf-{stage}", sets=("run=exp1", "job.submissionMode=K8sJobMode")) for stage in STAGES}
+    pods = {(stage, group): template for stage, rendered_objects in objects.items()
+            for group, template in pod_templates(one(rendered_objects, "RayJob")).items()}
+    other_run = pod_templates(one(render("rlhf-sft", sets=("run=exp2",)), "RayJob"))["worker"]
+    _, runner_job = runner.manifests("rlhf", "exp1", "img", {})
+    for (stage, group), template in pods.items():
+        terms = _colocation_terms(template)
+        if group == "submitter":
+            assert terms == [], "the submitter mounts no volume"
+            continue
+        (term,) = terms
+        assert term["topologyKey"] == "kubernetes.io/hostname"
+        ray_pods = [(key, other) for key, other in pods.items() if key[1] != "submitter"]
+        assert all(_selects(term["labelSelector"], other["metadata"]["labels"]) for _, other in ray_pods), stage
+        assert not _selects(term["labelSelector"], pods[(stage, "submitter")]["metadata"]["labels"])
+        assert not _selects(term["labelSelector"], runner_job["spec"]["template"]["metadata"]["labels"])
+        assert not _selects(term["labelSelector"], other_run["metadata"]["labels"])
+    for rendered_objects in objects.values():
+        assert not crd_errors(one(rendered_objects, "RayJob"))
+    # A user's affinity is kept, the term added to it.
+    mine = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["gpu"]}]}]}}}
+    worker = pod_templates(one(render("rlhf-sft", (_values_file(tmp_path, "mine", {"worker": {"affinity": mine}}),)),
+                               "RayJob"))["worker"]
+    assert worker["spec"]["affinity"]["nodeAffinity"] == mine["nodeAffinity"] and len(_colocation_terms(worker)) == 1
+
+
+@pytest.mark.parametrize(("sets", "colocated"), [
+    (("storage.accessModes[0]=ReadWriteMany",), False),
+    (("storage.accessModes={ReadWriteOnce,ReadWriteMany}",), False),
+    (("storage.existingClaim=team",), False),  # its access modes are not visible to the chart
+    (("storage.existingClaim=team", "storage.colocatePods=true"), True),
+    (("storage.colocatePods=false",), False),
+    (("storage.remote=s3://bucket/rlhf",), False),
+    (("storage.remote=s3://bucket/rlhf", "storage.colocatePods=true"), False),  # no PVC mounted
+], ids=["rwx", "rwo+rwx", "existing", "existing-forced", "off", "remote", "remote-forced"])
+def test_colocation_only_where_a_read_write_once_volume_needs_it(sets: tuple[str, ...], colocated: bool) -> None:
+    templates = pod_templates(one(render("rlhf-sft", sets=sets), "RayJob"))
+    assert bool(_colocation_terms(templates["worker"])) == bool(_colocation_terms(templates["head"])) == colocated
+
+
+def test_pre_running_deadline_and_access_modes_without_write(crd_file: Path) -> None:
+    """KubeRay 1.7's preRunningDeadlineSeconds fails a RayJob whose pods never start (Helm users had no deadline at
+    all); an access-mode list with no write mode cannot hold checkpoints and fails at install time."""
+    rayjob = one(render("rlhf-sft", sets=("job.preRunningDeadlineSeconds=900",)), "RayJob")
+    assert rayjob["spec"]["preRunningDeadlineSeconds"] == 900 and not crd_errors(rayjob)
+    assert "preRunningDeadlineSeconds" not in one(render("rlhf-sft"), "RayJob")["spec"]
+    assert "at '/job/preRunningDeadlineSeconds'" in render_error("rlhf-sft", sets=("job.preRunningDeadlineSeconds=0",))
+    message = render_error("rlhf-sft", sets=("storage.accessModes[0]=ReadOnlyMany",))
+    assert "storage.accessModes [ReadOnlyMany] has no write mode" in message
+    one(render("rlhf-sft", sets=("storage.accessModes[0]=ReadOnlyMany", "storage.existingClaim=data")), "RayJob")
+
+
+# ---- issue 28 item 6: for clusters where an eviction is not a reason to stop ---------------------------------------
+
+
+def test_eviction_protection_is_offered_and_off_by_default(crd_file: Path) -> None:
+    """A PodDisruptionBudget with maxUnavailable 0 over the stage's head and worker pods (not the submitter, not
+    another release's pods), and the autoscalers' do-not-evict annotations on them; neither by default."""
+    sets = ("evictionProtection.podDisruptionBudget=true", "evictionProtection.doNotEvictAnnotations=true",
+            "job.submissionMode=K8sJobMode")
+    objects = render("rlhf-rm", sets=sets)
+    budget = one(objects, "PodDisruptionBudget")
+    assert not core_errors(budget) and budget["spec"]["maxUnavailable"] == 0
+    templates = pod_templates(one(objects, "RayJob"))
+    selector = budget["spec"]["selector"]
+    assert _selects(selector, templates["head"]["metadata"]["labels"])
+    assert _selects(selector, templates["worker"]["metadata"]["labels"])
+    assert not _selects(selector, templates["submitter"]["metadata"]["labels"])
+    other = pod_templates(one(render("rlhf-sft", sets=sets), "RayJob"))["worker"]
+    assert not _selects(selector, other["metadata"]["labels"]), "another stage's pods are its own release's business"
+    for group in ("head", "worker"):
+        annotations = templates[group]["metadata"]["annotations"]
+        assert annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
+        assert annotations["karpenter.sh/do-not-disrupt"] == "true"
+    assert "annotations" not in templates["submitter"]["metadata"]
+    assert not crd_errors(one(objects, "RayJob"))
+    default = render("rlhf-rm")
+    assert "PodDisruptionBudget" not in by_kind(default) and "safe-to-evict" not in dumps(default)
+
+
+# ---- issue 25 (Kubernetes): reward-function files reach the pods ---------------------------------------------
+
+
+def projected_files(pod_spec: dict, mount_path: str, objects: list[dict]) -> dict[str, str]:
+    """The files a pod sees under `mount_path`, as the kubelet lays out its configMap or projected volume."""
+    (container,) = pod_spec["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == mount_path]
+    volume = next(v for v in pod_spec["volumes"] if v["name"] == mount["name"])
+    sources = volume["projected"]["sources"] if "projected" in volume else [{"configMap": volume["configMap"]}]
+    config_maps = {o["metadata"]["name"]: o["data"] for o in objects if o["kind"] == "ConfigMap"}
+    files = {}
+    for source in sources:
+        data = config_maps[source["configMap"]["name"]]
+        items = source["configMap"].get("items") or [{"key": key, "path": key} for key in data]
+        files.update({f"{mount_path}/{item['path']}": data[item["key"]] for item in items})
+    return files
+
+
+def test_reward_function_files_are_mounted_read_only_in_head_and_worker_pods(tmp_path: Path, crd_file: Path) -> None:
+    """`--set-file rewardFunctions.my_rewards\\.py=./my_rewards.py` puts the file in a ConfigMap that head and worker
+    pods see at /etc/rlhf-jobs/rewards/my_rewards.py (rewards.REWARDS_DIR, where the submitter points configs), next
+    to config.yaml in one read-only volume; the submitter pod has none of it; bad file names fail at install."""
+    from rlhf_jobs.pipeline.backends import rewards
+
+    source = tmp_path / "my_rewards.py"
+    source.write_text("def correct(prompts, completions, **columns):\n    return [1.0] * len(completions)\n")
+    out = helm("template", "rlhf-ppo", str(CHART), "--namespace", "rlhf", "--set", "job.submissionMode=K8sJobMode",
+               "--set-file", f"rewardFunctions.my_rewards\\.py={source}")
+    objects = [doc for doc in yaml.safe_load_all(out) if doc]
+    (config_map,) = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "rlhf-ppo-rewards"]
+    assert config_map["data"] == {"my_rewards.py": source.read_text()} and not core_errors(config_map)
+    rayjob = one(objects, "RayJob")
+    for group, template in pod_templates(rayjob).items():
+        if group == "submitter":
+            assert "volumes" not in template["spec"] and "rewards" not in dumps(template)
+            continue
+        files = projected_files(template["spec"], "/etc/rlhf-jobs", objects)
+        assert files[f"{rewards.REWARDS_DIR}/my_rewards.py"] == source.read_text(), group
+        assert yaml.safe_load(files[CONFIG_PATH]) == stage_config(render("rlhf-ppo")), group
+        (mount,) = [m for m in template["spec"]["containers"][0]["volumeMounts"] if m["mountPath"] == "/etc/rlhf-jobs"]
+        assert mount["readOnly"] is True
+    assert not crd_errors(rayjob)
+    for bad in ("my-rewards.py", "rewards", "2fast.py"):
+        error = render_error("rlhf-ppo", sets=(f"rewardFunctions.{bad.replace('.', chr(92) + '.')}=x",))
+        assert f"invalid propertyName '{bad}'" in error, error
+    assert "rewards" not in dumps(render("rlhf-ppo")), "nothing without rewardFunctions"
+
+
+# ---- issue 29 item 10: the trainer's rules across keys, and object storage nothing reads, fail at helm template ------
+
+
+def _chart_view(stage: str, changes: dict) -> dict:
+    """The stage config the trainer would get from the chart's defaults with `changes` to its Training section (a
+    values file, merged as Helm does: null removes a key the defaults have, and stays null where they have none),
+    paths filled in as the chart does."""
+    config = yaml.safe_load(yaml.safe_dump(DEFAULTS["configs"][stage]))
+    for key, value in changes.items():
+        if value is None and key in config["Training"]:
+            del config["Training"][key]
+        else:
+            config["Training"][key] = value
+    for key, value in config["General"].items():
+        if value == "":
+            config["General"][key] = f"/mnt/rlhf/default/{key}"
+    return config
+
+
+def _violations(rule, stage: str) -> list[dict]:
+    """Changes to a stage's default config that break `rule` as the trainer states it (several, where the rule's
+    operands fall back on other keys), and one that keeps it."""
+    section = DEFAULTS["configs"][stage]["Training"]
+    base = {key: section.get(key) for key in (*rule.a, *rule.b)}
+    b_value = next((base[key] for key in rule.b if base.get(key)), None) or 8
+    if rule.kind == "not_both":
+        return [{rule.a[0]: 0.1 if "ratio" in rule.a[0] else 3, rule.b[0]: 3 if "steps" in rule.b[0] else 0.1}]
+    if rule.kind == "one_of":
+        return [{rule.a[0]: None, rule.b[0]: None}]
+    if rule.kind == "at_most":
+        return [{rule.a[0]: b_value + 1}]
+    return [{rule.a[0]: b_value + 1}, {rule.b[0]: 6, rule.a[0]: 4} if len(rule.b) > 1 else {rule.a[0]: b_value - 1}]
+
+
+def test_cross_field_rules_fail_at_template_time_as_the_trainer_states_them(tmp_path: Path) -> None:
+    """PPO mini_batch_size not dividing the batch, warmup_ratio with warmup_steps, rollout_batch_size above
+    experience_batch_size, gradient_accumulation_steps not dividing the mini-batch rendered; the trainer refused them
+    only after the cluster had started. Each rule of chart_rules.py, on every stage it applies to: `helm template`
+    and `validate_config` (on what the chart would render) agree, with the trainer's message."""
+    from rlhf_jobs.core import stages
+    from rlhf_jobs.core.errors import ConfigError
+    from rlhf_jobs.core.loading import validate_config
+    from rlhf_jobs.tools import chart_rules
+
+    refused: list[str] = []
+    for stage, entry in stages.REGISTRY.items():
+        training = chart_rules.sections(entry.config_type)["Training"]
+        for rule in (rule for rule in chart_rules.RULES if issubclass(training, rule.owner)):
+            for changes in _violations(rule, stage):
+                view = _chart_view(stage, changes)
+                try:
+                    validate_config(view, stage, paths=False)
+                    trainer_error = None
+                except ConfigError as err:
+                    trainer_error = str(err)
+                values = _values_file(tmp_path, f"{stage}-{len(refused)}-{rule.kind}",
+                                      {"configs": {stage: {"Training": changes}}})
+                try:
+                    render(f"rlhf-{stage}", (values,))
+                    chart_error = None
+                except HelmError as err:
+                    chart_error = str(err)
+                assert (trainer_error is None) == (chart_error is None), (stage, changes, trainer_error, chart_error)
+                if trainer_error:
+                    message = trainer_error.split("Training: ", 1)[1].removesuffix(f" (got {changes!r})")
+                    assert f"configs.{stage}.Training: {message} (the {stage} trainer would refuse" in chart_error
+                    refused.append(message)
+        one(render(f"rlhf-{stage}"), "RayJob")  # the defaults keep every rule
+    assert len(refused) == 9, refused  # every violation was one: 3 stages x warmup, and PPO's 6
+
+
+def test_every_cross_field_rule_of_the_trainers_is_in_the_chart() -> None:
+    """The chart's checks and the trainers' validators stay in step: a model validator of any registry stage's config
+    (GRPO's, DPO's...) that chart_rules.py neither states nor excuses in TRAINER_ONLY fails here; `make schema` wrote
+    them into files/stages.json."""
+    from rlhf_jobs.core import stages
+    from rlhf_jobs.tools import chart_rules, chart_schema
+
+    assert chart_schema.main(["--check"]) == 0, "helm/files/stages.json is stale: make schema"
+    for rule in chart_rules.RULES:
+        assert rule.kind in chart_rules.KINDS
+        assert rule.validator in rule.owner.__pydantic_decorators__.model_validators, rule
+    missing = []
+    for stage, entry in stages.REGISTRY.items():
+        for model in _models(entry.config_type):
+            for validator in model.__pydantic_decorators__.model_validators:
+                stated = any(rule.validator == validator and issubclass(model, rule.owner)
+                             for rule in chart_rules.RULES)
+                owner = next(base for base in model.__mro__ if validator in vars(base))
+                if not stated and f"{owner.__name__}.{validator}" not in chart_rules.TRAINER_ONLY:
+                    missing.append(f"{stage}: {owner.__name__}.{validator}")
+    assert not missing, f"add their rules to rlhf_jobs/tools/chart_rules.py (or TRAINER_ONLY): {missing}"
+    written = {entry["name"]: entry["checks"] for entry in json.loads(STAGES_FILE.read_text())["stages"]}
+    assert written == {name: chart_rules.stage_checks(entry.config_type) for name, entry in stages.REGISTRY.items()}
+
+
+def _models(model: type) -> list[type]:
+    """A config model and every model nested in it (sections, LoRA, resources)."""
+    from pydantic import BaseModel
+
+    found = [model]
+    for field in model.model_fields.values():
+        for candidate in (field.annotation, *getattr(field.annotation, "__args__", ())):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel) and candidate not in found:
+                found += [m for m in _models(candidate) if m not in found]
+    return found
+
+
+@pytest.mark.parametrize(("remote", "ok"), [
+    ("s3://bucket", True), ("s3://bucket/rlhf/", True), ("gs://bucket/rlhf", False), ("file:///data", False),
+    ("s3:/bucket/rlhf", False), ("s3:bucket/rlhf", False), ("s3://", False), ("S3://bucket", False),
+])
+def test_remote_storage_only_of_a_scheme_the_trainers_read(remote: str, ok: bool) -> None:
+    """`storage.remote: gs://...` rendered, and nothing reads gs:// (storage.SCHEMES): the pattern is generated from
+    what storage.py reads, so an unknown scheme or a malformed URL fails at `helm template`."""
+    from rlhf_jobs.tools import chart_schema
+    from rlhf_jobs.store import storage
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["properties"]["storage"]["properties"]["remote"]["pattern"] == chart_schema.remote_pattern()
+    assert storage.SCHEMES == ("s3",) or "gs" in chart_schema.remote_pattern()
+    if ok:
+        assert stage_config(render("rlhf-sft", sets=(f"storage.remote={remote}",)))["General"]["output_dir"].startswith(
+            remote.rstrip("/") + "/default/")
+    else:
+        assert "at '/storage/remote'" in render_error("rlhf-sft", sets=(f"storage.remote={remote}",))

@@ -79,6 +79,7 @@ class FakeCore:
     def __init__(self, namespaces=(NS,)) -> None:
         self.namespaces = set(namespaces)
         self.config_maps: dict[str, dict] = {}
+        self.secrets: dict[str, dict] = {}
         self.created: list[str] = []
 
     def read_namespace(self, name):
@@ -115,6 +116,15 @@ class FakeCore:
         if self.config_maps.pop(name, None) is None:
             raise ApiException(status=404, reason="Not Found")
 
+    def replace_namespaced_secret(self, name, namespace, body):
+        if name not in self.secrets:
+            raise ApiException(status=404, reason="Not Found")
+        self.secrets[name] = body
+
+    def create_namespaced_secret(self, namespace, body):
+        self.created.append(body["metadata"]["name"])
+        self.secrets[body["metadata"]["name"]] = body
+
 
 class FakeApiext:
     def __init__(self, installed: bool = True) -> None:
@@ -129,9 +139,12 @@ class FakeApiext:
 class FakeAuthz:
     def __init__(self, denied: set[tuple[str, str]] = frozenset()) -> None:
         self.denied = denied
+        self.reviews: list[tuple[str, str, str | None, str, str | None, str | None]] = []
 
     def create_self_subject_access_review(self, review):
         attributes = review.spec.resource_attributes
+        self.reviews.append((attributes.group, attributes.resource, attributes.subresource, attributes.verb,
+                             attributes.name, attributes.namespace))
         resource = attributes.resource + (f"/{attributes.subresource}" if attributes.subresource else "")
         allowed = (attributes.verb, resource) not in self.denied
         return argparse.Namespace(status=argparse.Namespace(allowed=allowed))
@@ -181,7 +194,7 @@ class FakeHelm:
 
 def make_backend(runs: dict[str, list[list[Any]]], core: FakeCore | None = None, **clients: Any):
     clock = Clock()
-    custom = FakeCustom()
+    custom = clients["custom"](clock) if "custom" in clients else FakeCustom()
     fake = Clients(custom=custom, core=core or FakeCore(), apiext=clients.get("apiext", FakeApiext()),
                    authz=clients.get("authz", FakeAuthz()))
     helm = FakeHelm(custom, runs)
@@ -350,7 +363,7 @@ def test_cli_reports_preflight_failure_and_exits_nonzero(capsys) -> None:
     backend, _, _, _ = make_backend({}, apiext=FakeApiext(installed=False))
     args = argparse.Namespace(chart=None, stages="sft,rm,ppo", overrides=[], from_stage=None, dry_run=False,
                               namespace=NS, run="default", values=[], timeout=60, in_cluster=False, image=None)
-    assert run_kuberay_pipeline(args, clients=backend.clients) == 1
+    assert run_kuberay_pipeline(args, clients=backend.clients) == 2  # bad setup: running again would not help
     assert "KubeRay CRD rayjobs.ray.io is not installed" in capsys.readouterr().err
 
 
@@ -447,10 +460,12 @@ def test_failed_stage_message_has_the_driver_output_from_the_dashboard() -> None
 
 def test_every_stage_installs_with_on_config_change_restart() -> None:
     """Fault 2: the pipeline's trainers move Ray checkpoints of another config aside instead of resuming them,
-    whatever the user's values say (the chart's job.onConfigChange)."""
+    whatever the user's values say (the chart's job.onConfigChange). Issue 28 item 1: the pipeline owns retrying a
+    RayJob, so KubeRay's backoffLimit (which re-runs a config error as readily as a preemption) is 0."""
     backend, helm, _, _ = make_backend({s: [list(SUCCESS)] for s in ("sft", "rm", "ppo")})
     run_pipeline(backend, PipelineOptions(check_paths=False))
     assert all('job.onConfigChange="restart"' in sets for sets in helm.install_sets), helm.install_sets
+    assert all("job.backoffLimit=0" in sets for sets in helm.install_sets), helm.install_sets
 
 
 def test_from_stage_replaces_a_running_rayjob_of_the_same_config() -> None:
@@ -535,13 +550,15 @@ def test_runner_job_runs_the_pipeline_and_a_reapply_resumes(tmp_path, capsys) ->
     assert run_kuberay_pipeline(args, clients=fake, helm=helm) == 0
     assert fake.batch.created == ["rlhf-exp1-runner"]
     job = fake.batch.jobs["rlhf-exp1-runner"]
+    assert "rlhf-exp1-runner" not in fake.core.config_maps, "values files may carry tokens: a Secret, not a ConfigMap"
     pod = job["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "rlhf-submitter" and pod["automountServiceAccountToken"] is True
     (container,) = pod["containers"]
     assert container["image"] == "registry.example/rlhf-jobs:0.1.0"
     command = container["command"]
     assert command[:8] == ["rlhf-jobs", "pipeline", "--backend", "kuberay", "--namespace", NS, "--run", "exp1"]
-    assert fake.core.config_maps["rlhf-exp1-runner"]["data"] == {"values-0.yaml": values.read_text()}
+    assert fake.core.secrets["rlhf-exp1-runner"]["stringData"] == {"values-0.yaml": values.read_text()}
+    assert pod["volumes"] == [{"name": "values", "secret": {"secretName": "rlhf-exp1-runner"}}]
     assert "--in-cluster" not in command
 
     # In the pod: the same pipeline, against the API.
@@ -586,27 +603,541 @@ def main_with(fake, helm, cli: list[str]) -> int:
         return 2
 
 
-def test_runner_needs_the_service_account_of_rbac_yaml() -> None:
+def test_runner_needs_the_service_account_of_the_rbac_chart() -> None:
     from rlhf_jobs.pipeline.backends import runner
 
     _backend, _helm, fake, _ = make_backend({}, core=FakeCoreWithAccounts(accounts=()))
     fake.batch = FakeBatch()
-    with pytest.raises(runner.ClusterUnavailable, match="ServiceAccount rlhf/rlhf-submitter not found: kubectl apply"):
+    with pytest.raises(runner.ClusterUnavailable, match="ServiceAccount rlhf/rlhf-submitter not found: make rbac "
+                                                        "NAMESPACE=rlhf"):
         runner.submit(fake, runner.manifests(NS, "exp1", "img", {}), sleep=lambda s: None)
-    assert fake.batch.created == [] and fake.core.created == []
+    assert fake.batch.created == [] and fake.core.created == [] and fake.core.secrets == {}
 
 
-def test_rbac_yaml_grants_what_the_submitter_needs() -> None:
-    """k8s/rbac.yaml's Role covers every permission the preflight checks, for the runner's ServiceAccount."""
+# ---- issue 28 item 1: exit codes that say what happened; item 2: deleting a RayJob waits by the clock ----------
+
+
+def pipeline_args(**overrides: Any) -> argparse.Namespace:
+    args = dict(chart=None, stages="sft,rm,ppo", overrides=[], from_stage=None, dry_run=False, namespace=NS,
+                run="default", values=[], timeout=3600, in_cluster=False, image=None)
+    return argparse.Namespace(**{**args, **overrides})
+
+
+def driver_exit(code: int) -> dict[str, Any]:
+    """The status KubeRay gives a RayJob whose driver exited with `code` (Ray's job supervisor writes the message)."""
+    return status("Failed", "FAILED", reason="AppFailed", jobId="rlhf-sft-x",
+                  message=f"Job entrypoint command failed with exit code {code}, last available logs (truncated to "
+                          f"20,000 chars):\nstopped after step 12 (preempted); run the same command again")
+
+
+@pytest.mark.parametrize(("final", "code"), [
+    (driver_exit(75), 75),  # preempted with a checkpoint: the runner Job retries, the stage resumes
+    (driver_exit(3), 3),  # out of memory
+    (driver_exit(2), 2),  # a config problem only the trainer saw
+    (driver_exit(1), 1),
+    (driver_exit(137), 1),  # SIGKILL
+    (status("ValidationFailed", reason="ValidationFailed", message="invalid RayJob spec"), 2),
+    (status("Failed", "", reason="DeadlineExceeded", message="activeDeadlineSeconds reached"), 1),
+    (status("Failed", "RUNNING", reason="JobStatusCheckTimeoutExceeded", message="dashboard unreachable"), 75),
+], ids=["preempted", "oom", "bad-config", "failed", "killed", "validation", "deadline", "head-lost"])
+def test_pipeline_exits_with_what_the_stage_driver_said(final: dict, code: int, capsys) -> None:
+    """A preempted stage (its driver checkpointed and exited 75) must surface as 75 from `rlhf-jobs pipeline`, so that
+    the runner Job retries it; a deterministic failure (1, 2, 3) must not look like one (issue 28 item 1)."""
+    _, helm, fake, clock = make_backend({"sft": [[status("Running", "RUNNING"), final]]})
+    assert run_kuberay_pipeline(pipeline_args(stages="sft"), clients=fake, helm=helm, sleep=clock.sleep) == code
+    assert "RayJob rlhf/rlhf-sft ended without success" in capsys.readouterr().err
+
+
+def test_an_api_server_outage_exits_75_to_be_run_again(capsys) -> None:
+    """Retries of a 503 run out: nothing is lost (the RayJob keeps running), so the runner should try again."""
+    _, helm, fake, clock = make_backend({"sft": [[ApiException(status=503)] * 10]})
+    assert run_kuberay_pipeline(pipeline_args(stages="sft"), clients=fake, helm=helm, sleep=clock.sleep) == 75
+    assert "the Kubernetes API server did not answer" in capsys.readouterr().err
+
+
+def test_runner_job_fails_fast_on_deterministic_exits_and_retries_preemption() -> None:
+    """The runner Job re-ran a config error (exit 2) three more times, each pod deleting the failed RayJob and running
+    the stage again on the cluster's GPUs. Its podFailurePolicy now: an evicted runner pod is ignored, exit 1/2/3 fail
+    the Job at once, exit 75 is retried (backoffLimit sized for preemptions); checked as the Job controller applies it
+    (the first rule that matches decides), against a subset of the batch/v1 Job schema."""
+    from rlhf_jobs.core import exit_codes
+    from rlhf_jobs.pipeline.backends import runner
+
+    _, job = runner.manifests(NS, "exp1", "img", {})
+    spec = job["spec"]
+    assert job_spec_errors(job) == []
+    assert spec["backoffLimit"] >= 10 and spec["template"]["spec"]["restartPolicy"] == "Never"
+
+    def action(exit_code: int | None = None, conditions: tuple[str, ...] = ()) -> str:
+        for rule in spec["podFailurePolicy"]["rules"]:
+            on_exit = rule.get("onExitCodes")
+            if (on_exit and exit_code is not None and on_exit["containerName"] in (None, runner.CONTAINER)
+                    and (exit_code in on_exit["values"]) == (on_exit["operator"] == "In")):
+                return rule["action"]
+            if any(c["type"] in conditions for c in rule.get("onPodConditions", [])):
+                return rule["action"]
+        return "Count"  # no rule matched: counted against backoffLimit
+
+    assert action(143, ("DisruptionTarget",)) == "Ignore"  # evicted or preempted runner pod: a new one re-attaches
+    for code in (exit_codes.STAGE_FAILED, exit_codes.BAD_INPUT, exit_codes.OUT_OF_MEMORY):
+        assert action(code) == "FailJob", code
+    assert action(exit_codes.PREEMPTED) == "Count"
+
+
+def job_spec_errors(job: dict) -> list[str]:
+    """The rules of batch/v1 Job validation the runner's podFailurePolicy must meet (apis/batch/validation)."""
+    import jsonschema
+
+    exit_rule = {"type": "object", "required": ["operator", "values"], "additionalProperties": False, "properties": {
+        "containerName": {"type": "string"}, "operator": {"enum": ["In", "NotIn"]},
+        "values": {"type": "array", "minItems": 1, "maxItems": 255, "uniqueItems": True,
+                   "items": {"type": "integer", "not": {"const": 0}}}}}
+    rule = {"type": "object", "required": ["action"], "additionalProperties": False, "properties": {
+        "action": {"enum": ["FailJob", "FailIndex", "Ignore", "Count"]}, "onExitCodes": exit_rule,
+        "onPodConditions": {"type": "array", "items": {"type": "object", "required": ["type"], "properties": {
+            "type": {"type": "string"}, "status": {"enum": ["True", "False", "Unknown"]}}}}},
+        "oneOf": [{"required": ["onExitCodes"]}, {"required": ["onPodConditions"]}]}
+    schema = {"type": "object", "properties": {"spec": {"type": "object", "required": ["template"], "properties": {
+        "backoffLimit": {"type": "integer", "minimum": 0},
+        "podFailurePolicy": {"type": "object", "required": ["rules"], "additionalProperties": False,
+                             "properties": {"rules": {"type": "array", "maxItems": 20, "items": rule}}},
+        "template": {"type": "object", "properties": {"spec": {"type": "object", "properties": {
+            "restartPolicy": {"const": "Never"}}}}}}}}}
+    errors = [error.message for error in jsonschema.Draft7Validator(schema).iter_errors(job)]
+    containers = {c["name"] for c in job["spec"]["template"]["spec"]["containers"]}
+    for item in job["spec"].get("podFailurePolicy", {}).get("rules", []):
+        name = item.get("onExitCodes", {}).get("containerName")
+        if name is not None and name not in containers:
+            errors.append(f"containerName {name!r} is not a container of the pod")
+    return errors
+
+
+class DeletingCustom(FakeCustom):
+    """RayJobs that take `takes` seconds of the clock to go after a delete (their pods' grace period: a running
+    driver writes its checkpoint); each get costs `get_seconds` of the clock (a slow API server)."""
+
+    def __init__(self, clock: Clock, takes: float, get_seconds: float = 0.0, grace: int | None = None) -> None:
+        super().__init__()
+        self.clock, self.takes, self.get_seconds, self.gone_at, self.grace = clock, takes, get_seconds, {}, grace
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        self.clock.now += self.get_seconds
+        if name in self.gone_at and self.clock.now < self.gone_at[name]:
+            return {"metadata": {"name": name, "deletionTimestamp": "now"}, "spec": {}, "status": {}}
+        job = super().get_namespaced_custom_object(group, version, namespace, plural, name)
+        if self.grace is not None:
+            job["spec"] = running_job(self.grace)["spec"]
+        return job
+
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name, propagation_policy=None):
+        super().delete_namespaced_custom_object(group, version, namespace, plural, name, propagation_policy)
+        if plural == "rayjobs":
+            self.gone_at[name] = self.clock.now + self.takes
+
+
+def running_job(grace: int) -> dict[str, Any]:
+    pod = {"spec": {"terminationGracePeriodSeconds": grace}}
+    return {"metadata": {"name": "rlhf-sft"}, "status": status("Running", "RUNNING"),
+            "spec": {"rayClusterSpec": {"headGroupSpec": {"template": pod}, "workerGroupSpecs": [{"template": pod}]}}}
+
+
+def test_replacing_a_running_rayjob_waits_for_its_pods_grace_period() -> None:
+    """Issue 28 item 2: the pods get 300 s (the head's preStop waits up to 290 s for the driver's checkpoint), but the
+    delete gave up after 120 polls: "still being deleted" for every changed config of a running stage."""
+    from rlhf_jobs.pipeline.backends.rayjob import RayJobs
+
+    clock = Clock()
+    custom = DeletingCustom(clock, takes=280.0)
+    custom.sequences["rlhf-sft"] = [status("Running", "RUNNING")]
+    jobs = RayJobs(Clients(custom=custom, core=FakeCore(), apiext=FakeApiext(), authz=FakeAuthz()), NS,
+                   clock.sleep, clock)
+    jobs.delete("rlhf-sft", running_job(grace=300))
+    assert jobs.get("rlhf-sft") is None and 280 <= clock.now < 300
+
+    # By the clock, not by counting polls: with a slow API server (10 s per get) the wait still ends at grace + margin.
+    clock = Clock()
+    custom = DeletingCustom(clock, takes=10_000.0, get_seconds=10.0)
+    custom.sequences["rlhf-sft"] = [status("Running", "RUNNING")]
+    jobs = RayJobs(Clients(custom=custom, core=FakeCore(), apiext=FakeApiext(), authz=FakeAuthz()), NS,
+                   clock.sleep, clock)
+    with pytest.raises(StageFailed, match=r"still being deleted after 420s \(its pods' grace period plus 120s\)"):
+        jobs.delete("rlhf-sft", running_job(grace=300))
+    assert 420 <= clock.now <= 440
+
+
+def test_a_changed_config_replaces_the_running_rayjob_through_the_pipeline() -> None:
+    """The same through the pipeline: the RayJob running the old config (grace 300 s) takes 250 s to go, then the new
+    config is installed."""
+    backend, helm, fake, clock = make_backend({"sft": [list(SUCCESS)], "rm": [], "ppo": []},
+                                              custom=lambda clock: DeletingCustom(clock, takes=250.0, grace=300))
+    fake.custom.sequences["rlhf-sft"] = [status("Running", "RUNNING")]
+    fake.custom.annotations["rlhf-sft"] = {"rlhf-jobs.io/config-hash": "0" * 64}  # another config
+    run_pipeline(backend, PipelineOptions(stages=["sft"], check_paths=False))
+    assert fake.custom.deleted == ["rlhf-sft"] and helm.installs == ["rlhf-sft"] and clock.now >= 250
+
+
+# ---- issue 28 item 5: least privilege, from one table ---------------------------------------------------------
+
+# Kubernetes client methods the submitter calls -> (API group, resource, verb) as RBAC sees them.
+CLIENT_GROUPS = {"core": "", "batch": "batch", "apiext": "apiextensions.k8s.io", "authz": "authorization.k8s.io"}
+VERBS = {"read": "get", "get": "get", "list": "list", "create": "create", "replace": "update", "patch": "patch",
+         "delete": "delete", "connect_get": "get"}
+RESOURCES = {"config_map": "configmaps", "pod": "pods", "pod_log": "pods/log", "service_proxy_with_path":
+             "services/proxy", "service_account": "serviceaccounts", "secret": "secrets", "job": "jobs",
+             "namespace": "namespaces", "custom_resource_definition": "customresourcedefinitions",
+             "self_subject_access_review": "selfsubjectaccessreviews"}
+# Allowed without a Role: SelfSubjectAccessReviews (every authenticated user), reading the namespace (cluster-scoped;
+# the preflight goes on when it is forbidden).
+UNGRANTED = {("authorization.k8s.io", "selfsubjectaccessreviews", "create"), ("", "namespaces", "get")}
+
+
+class Recording:
+    """A Kubernetes client that records each call as (group, resource, verb), then makes it."""
+
+    def __init__(self, client: str, inner: Any, calls: set) -> None:
+        self.client, self.inner, self.calls = client, inner, calls
+
+    def __getattr__(self, method: str):
+        target = getattr(self.inner, method)
+
+        def call(*args, **kwargs):
+            if self.client == "custom":
+                group, plural = args[0], args[3]
+                verb = VERBS[method.split("_namespaced_")[0]]
+                self.calls.add((group, plural, verb))
+            else:
+                verb = next(VERBS[v] for v in sorted(VERBS, key=len, reverse=True) if method.startswith(v + "_"))
+                noun = method.split("_", 2 if method.startswith("connect_get") else 1)[-1]
+                noun = noun.removeprefix("namespaced_")
+                assert noun in RESOURCES, f"map {method} to its RBAC resource in RESOURCES"
+                self.calls.add((CLIENT_GROUPS[self.client], RESOURCES[noun], verb))
+            return target(*args, **kwargs)
+
+        return call
+
+
+def recording(clients: Clients, calls: set) -> Clients:
+    return Clients(**{name: Recording(name, getattr(clients, name), calls) for name in
+                      ("custom", "core", "apiext", "authz", "batch") if getattr(clients, name) is not None})
+
+
+def granted(permissions_table, group: str, resource: str, verb: str) -> bool:
+    return any(p.group == group and p.resource == resource and verb in p.verbs for p in permissions_table)
+
+
+def test_every_api_call_of_the_submitter_and_the_runner_is_in_the_permission_table(tmp_path) -> None:
+    """What the Role grants and the preflight checks is what the code calls: a pipeline that fails, is re-run (the
+    failed RayJob deleted), succeeds and frees its clusters, `status`, `delete`; and starting the runner Job."""
+    from rlhf_jobs.cli import show_status
+    from rlhf_jobs.pipeline.backends import permissions, runner
+
+    failed = driver_exit(1)
+    runs = {"sft": [list(SUCCESS)], "rm": [[status("Running", "RUNNING"), failed], list(SUCCESS)],
+            "ppo": [list(SUCCESS)]}
+    _, helm, fake, clock = make_backend(runs, core=FakeCoreWithAccounts())
+    fake.batch = FakeBatch()
+    calls: set = set()
+    clients = recording(fake, calls)
+    args = pipeline_args()
+    assert run_kuberay_pipeline(args, clients=clients, helm=helm, sleep=clock.sleep) == 1
+    assert run_kuberay_pipeline(args, clients=clients, helm=helm, sleep=clock.sleep) == 0
+    KubeRayBackend(clients, helm, NS, "default").delete_record()  # `rlhf-jobs delete` (its helm uninstall: below)
+    assert ("", "pods/log", "get") in calls and ("ray.io", "rayjobs", "delete") in calls  # the paths ran
+    assert {c for c in calls - UNGRANTED if not granted(permissions.PIPELINE, *c)} == set()
+
+    calls.clear()
+    assert show_status(argparse.Namespace(namespace=NS, run="default"), clients=clients) == 1  # record deleted
+    assert {c for c in calls - UNGRANTED if not granted(permissions.STATUS, *c)} == set()
+
+    calls.clear()
+    runner.submit(clients, runner.manifests(NS, "exp1", "img", {"v.yaml": "run: exp1\n"}), sleep=lambda s: None)
+    fake.batch.jobs["rlhf-exp1-runner"]["status"] = {"failed": 1}
+    runner.submit(clients, runner.manifests(NS, "exp1", "img", {"v.yaml": "run: exp1\n"}), sleep=lambda s: None)
+    assert {c for c in calls - UNGRANTED if not granted(permissions.START_RUNNER, *c)} == set()
+
+
+def test_preflight_checks_every_permission_of_the_table() -> None:
+    """The preflight asked about 10 verbs; configmaps get, rayclusters get and services/proxy get were missing.
+    Now it asks about every verb of the table (cluster-scoped ones cluster-wide, with their resource names)."""
+    from rlhf_jobs.pipeline.backends import permissions
+
+    backend, _, fake, _ = make_backend({})
+    backend.preflight()
+    asked = {review[:5] for review in fake.authz.reviews}
+    assert asked == {check for p in permissions.PIPELINE for check in p.checks()}
+    assert {("", "configmaps", None, "get", None), ("ray.io", "rayclusters", None, "get", None),
+            ("", "services", "proxy", "get", None)} <= asked
+    crd = next(review for review in fake.authz.reviews if review[1] == "customresourcedefinitions")
+    assert crd[4:] == ("rayjobs.ray.io", None)  # a name, and no namespace: cluster-scoped
+    assert not {p.resource for p in permissions.PIPELINE} & {"secrets"}
+    assert "delete" not in next(p for p in permissions.PIPELINE if p.resource == "persistentvolumeclaims").verbs
+
+
+def rbac_objects(namespace: str) -> dict[str, dict]:
+    import shutil
+    import subprocess
     from pathlib import Path
 
-    from rlhf_jobs.pipeline.backends import runner
-    from rlhf_jobs.pipeline.backends.kuberay import NEEDED_PERMISSIONS
+    if shutil.which("helm") is None:
+        pytest.skip("helm is not on PATH (../shared/tools/install-helm-kubectl installs it)")
+    chart = Path(__file__).parents[1] / "k8s" / "rbac"
+    out = subprocess.run(["helm", "template", "rlhf-rbac", str(chart), "--namespace", namespace], check=True,
+                         capture_output=True, text=True).stdout
+    lint = subprocess.run(["helm", "lint", "--strict", str(chart), "--namespace", namespace], capture_output=True,
+                          text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(out) if doc}
 
-    documents = list(yaml.safe_load_all((Path(__file__).parents[1] / "k8s" / "rbac.yaml").read_text()))
-    (role,) = [d for d in documents if d["kind"] == "Role"]
-    (binding,) = [d for d in documents if d["kind"] == "RoleBinding"]
-    assert binding["subjects"][0]["name"] == runner.SERVICE_ACCOUNT
-    for group, resource, verb in [*NEEDED_PERMISSIONS, ("", "services/proxy", "get"), ("ray.io", "rayclusters", "get")]:
-        assert any(group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]
-                   for rule in role["rules"]), (group, resource, verb)
+
+def allows(rules: list[dict], group: str, resource: str, verb: str, name: str | None = None) -> bool:
+    """Kubernetes' RBAC authorizer on one request (no wildcards in our rules: none are allowed)."""
+    return any(group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]
+               and (not rule.get("resourceNames") or name in rule["resourceNames"]) for rule in rules)
+
+
+@pytest.mark.helm
+@pytest.mark.parametrize("namespace", ["rlhf", "team-x"])
+def test_rbac_chart_grants_exactly_the_permission_table_in_any_namespace(namespace: str) -> None:
+    """k8s/rbac.yaml hard-coded namespace rlhf, let the runner read every Secret of it (S3, W&B, HF credentials) and
+    delete PVCs. The k8s/rbac chart renders into the release's namespace what permissions.PIPELINE lists, no more,
+    for the ServiceAccount the runner Job runs as; its ClusterRole is named per namespace (two namespaces' releases
+    must not fight over one object)."""
+    from rlhf_jobs.pipeline.backends import permissions, runner
+
+    assert permissions.main(["--check"]) == 0, "k8s/rbac/files/permissions.json is stale: make schema"
+    objects = rbac_objects(namespace)
+    assert set(objects) == {"ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
+    account = objects["ServiceAccount"]["metadata"]
+    assert (account["name"], account["namespace"]) == (runner.SERVICE_ACCOUNT, namespace)
+    for kind in ("Role", "RoleBinding"):
+        assert objects[kind]["metadata"]["namespace"] == namespace
+    for kind in ("RoleBinding", "ClusterRoleBinding"):
+        assert objects[kind]["subjects"] == [{"kind": "ServiceAccount", "name": runner.SERVICE_ACCOUNT,
+                                             "namespace": namespace}]
+    assert namespace in objects["ClusterRole"]["metadata"]["name"]
+    assert objects["ClusterRoleBinding"]["roleRef"]["name"] == objects["ClusterRole"]["metadata"]["name"]
+    role, cluster_role = objects["Role"]["rules"], objects["ClusterRole"]["rules"]
+    for permission in permissions.PIPELINE:
+        for group, resource, sub, verb, name in permission.checks():
+            rules = cluster_role if permission.cluster else role
+            assert allows(rules, group, resource + (f"/{sub}" if sub else ""), verb, name), permission
+    assert role == permissions.rules(permissions.PIPELINE, cluster=False)
+    assert cluster_role == permissions.rules(permissions.PIPELINE, cluster=True)
+    assert not allows(role, "", "secrets", "get") and not allows(role, "", "persistentvolumeclaims", "delete")
+    assert "*" not in json.dumps([role, cluster_role])
+
+
+@pytest.mark.helm
+def test_helm_manages_only_kinds_the_table_grants(tmp_path) -> None:
+    """Whatever the chart renders (every optional object on), Helm must be allowed to read, create, patch and delete
+    it with the runner's Role; the PVC it never deletes."""
+    from chart_helpers import render
+
+    from rlhf_jobs.pipeline.backends import permissions
+
+    sets = ("serviceAccount.create=true", "evictionProtection.podDisruptionBudget=true", "storage.create=true")
+    kinds = {(doc["apiVersion"], doc["kind"]) for stage in ("sft", "ppo") for doc in render(f"rlhf-{stage}", sets=sets)}
+    plural = {"RayJob": "rayjobs", "ConfigMap": "configmaps", "PersistentVolumeClaim": "persistentvolumeclaims",
+              "ServiceAccount": "serviceaccounts", "PodDisruptionBudget": "poddisruptionbudgets"}
+    assert {kind for _, kind in kinds} <= set(plural), kinds
+    for api_version, kind in kinds:
+        group = api_version.rpartition("/")[0]
+        verbs = ("get", "create", "patch") if kind == "PersistentVolumeClaim" else permissions.HELM_MANAGED
+        for verb in verbs:
+            assert granted(permissions.PIPELINE, group, plural[kind], verb), (kind, verb)
+
+
+def test_helm_keeps_its_release_records_in_config_maps(tmp_path) -> None:
+    """Helm's default driver keeps releases in Secrets, so the Role had to read every Secret of the namespace. Every
+    helm the submitter runs, and the Makefile's, uses the configmap driver."""
+    import subprocess
+    from pathlib import Path
+
+    from rlhf_jobs.pipeline.backends.helm import Helm
+
+    fake = tmp_path / "helm"
+    fake.write_text("#!/bin/sh\necho \"$HELM_DRIVER $*\" >> \"$0.log\"\necho v3.14.0\n")
+    fake.chmod(0o755)
+    Helm(binary=str(fake)).upgrade_install("rlhf-sft", NS, "default")
+    assert (tmp_path / "helm.log").read_text().startswith("configmap upgrade --install rlhf-sft")
+    repo = Path(__file__).parents[1]
+    for target in ("deploy-sft", "rbac"):
+        subprocess.run(["make", "-C", str(repo), target, f"HELM={fake}"], check=True, capture_output=True,
+                       env={"PATH": "/usr/bin:/bin", "HELM_DRIVER": "secret"})
+    lines = (tmp_path / "helm.log").read_text().splitlines()
+    assert lines[1].startswith("configmap upgrade --install rlhf-sft ./helm") and lines[2].startswith(
+        "configmap upgrade --install rlhf-rbac k8s/rbac"), lines
+
+
+# ---- issue 28 item 7 / issue 25: a new stage deploys from the registry, with its reward-function files ---------
+
+
+@pytest.fixture
+def grpo_stage(monkeypatch, tmp_path):
+    """A stage `grpo` added to the registry, as the GRPO issue will add it (policy from sft, optional reward model,
+    `General.reward_functions`), with a stand-in config type; and a copy of the chart whose generated files
+    (`make schema`) know it, whose values.yaml has its default config block: the one chart edit a stage needs."""
+    import shutil
+    from pathlib import Path
+
+    from pydantic import Field
+
+    from rlhf_jobs import cli
+    from rlhf_jobs.core import config, stages
+    from rlhf_jobs.pipeline import plan as pipeline
+    from rlhf_jobs.pipeline.backends import kuberay
+    from rlhf_jobs.tools import chart_schema
+
+    class GRPOGeneral(config.PPOGeneral):
+        rm_name: str | None = Field(None, description="Optional reward model.")
+        reward_functions: list[str] = Field(default_factory=list, description="file.py:name or module:name.")
+
+    class GRPOConfig(config.StageConfig):
+        General: GRPOGeneral
+        Dataset: config.PromptDataset
+        Training: config.PPOTraining = Field(default_factory=config.PPOTraining)
+
+    ppo = stages.get("ppo")
+    entry = stages.Stage(name="grpo", title="GRPO", product="GRPO policy", config_type=GRPOConfig,
+                         records=ppo.records, trainer="none",
+                         base_model_keys=("model_name",), inputs={"model_pretrain": "sft"})
+    monkeypatch.setitem(stages.REGISTRY, "grpo", entry)
+    names = (*stages.NAMES, "grpo")
+    monkeypatch.setattr(stages, "NAMES", names)
+    for module in (pipeline, kuberay, cli):  # `from rlhf_jobs.core.stages import NAMES as STAGES`
+        monkeypatch.setattr(module, "STAGES", names)
+    chart = tmp_path / "helm"
+    shutil.copytree(Path(__file__).parents[1] / "helm", chart)
+    assert chart_schema.main(["--schema", str(chart / "values.schema.json"), "--stages",
+                              str(chart / "files" / "stages.json")]) == 0
+    values = yaml.safe_load((chart / "values.yaml").read_text())
+    block = json.loads(json.dumps(values["configs"]["ppo"]))
+    block["General"] = {"model_name": block["General"]["model_name"], "model_pretrain": "", "output_dir": "",
+                        "checkpoint_dir": ""}
+    values["configs"]["grpo"] = block
+    (chart / "values.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    return chart
+
+
+def dry_run(capsys, *args: str) -> list[dict]:
+    from rlhf_jobs.cli import main
+
+    assert main(["pipeline", "--backend", "kuberay", "--dry-run", *args]) == 0, capsys.readouterr().err
+    return [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+
+
+def of_stage(documents: list[dict], stage: str, kind: str) -> list[dict]:
+    return [d for d in documents if d["kind"] == kind and d["metadata"]["labels"].get("rlhf-jobs.io/stage") == stage]
+
+
+@pytest.mark.helm
+def test_a_new_stage_deploys_from_the_registry_with_its_reward_function_files(grpo_stage, tmp_path, monkeypatch,
+                                                                              capsys) -> None:
+    """`make deploy-grpo`, `helm install --set stage=grpo`, `pipeline --stages sft,grpo`: no chart edit beyond the
+    stage's default config block. The pipeline reads the local reward-function file its config names, mounts it in
+    the stage's pods (rewardFunctions) and points the config there; a module reference passes unchanged."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from chart_helpers import crd_errors, pod_templates
+    from test_chart import projected_files
+
+    from rlhf_jobs.pipeline.backends import rewards, runner
+
+    if shutil.which("helm") is None:
+        pytest.skip("helm is not on PATH")
+    chart = grpo_stage
+    repo = Path(__file__).parents[1]
+    make = subprocess.run(["make", "-n", "-C", str(repo), "deploy-grpo", f"CHART={chart}", "RUN=exp1"],
+                          capture_output=True, text=True, check=True).stdout
+    assert f"upgrade --install rlhf-exp1-grpo {chart} " in make
+    refused = subprocess.run(["make", "-n", "-C", str(repo), "deploy-grpo"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "unknown stage 'grpo': expected one of sft rm ppo" in refused.stderr
+    manual = subprocess.run(["helm", "template", "my-release", str(chart), "--set", "stage=grpo", "--set", "run=exp1"],
+                            capture_output=True, text=True, check=True).stdout
+    general = yaml.safe_load(next(d for d in yaml.safe_load_all(manual) if d and d["kind"] == "ConfigMap")["data"][
+        "config.yaml"])["General"]
+    assert general["model_pretrain"] == "/mnt/rlhf/exp1/sft" and general["checkpoint_dir"] == "/mnt/rlhf/exp1/grpo"
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rewards").mkdir()
+    source = "def correct(prompts, completions, **columns):\n    return [1.0] * len(completions)\n"
+    (tmp_path / "rewards" / "my_rewards.py").write_text(source)
+    values = tmp_path / "grpo.yaml"
+    values.write_text(yaml.safe_dump({"configs": {"grpo": {"General": {
+        "reward_functions": ["rewards/my_rewards.py:correct", "rlhf_jobs.core.stages:get"]}}}}))
+    args = ["--chart", str(chart), "--run", "exp1", "--stages", "sft,grpo", "--values", str(values)]
+    documents = dry_run(capsys, *args)
+    assert {d["metadata"]["labels"]["rlhf-jobs.io/stage"] for d in documents if d["kind"] == "RayJob"} == {
+        "sft", "grpo"}
+    name = rewards.mounted_name(Path("my_rewards.py"), source)
+    assert name.startswith("my_rewards_") and len(name) == len("my_rewards_12345678.py")
+    (files,) = [d for d in of_stage(documents, "grpo", "ConfigMap") if d["metadata"]["name"].endswith("-rewards")]
+    assert files["data"] == {name: source}
+    (config_map,) = [d for d in of_stage(documents, "grpo", "ConfigMap") if "config.yaml" in d["data"]]
+    general = yaml.safe_load(config_map["data"]["config.yaml"])["General"]
+    assert general["reward_functions"] == [f"{rewards.REWARDS_DIR}/{name}:correct", "rlhf_jobs.core.stages:get"]
+    assert general["model_pretrain"] == "/mnt/rlhf/exp1/sft"
+    (rayjob,) = of_stage(documents, "grpo", "RayJob")
+    for group in ("head", "worker"):
+        files_seen = projected_files(pod_templates(rayjob)[group]["spec"], "/etc/rlhf-jobs", documents)
+        assert files_seen[f"{rewards.REWARDS_DIR}/{name}"] == source, group
+    assert not crd_errors(rayjob)
+    assert not [d for d in of_stage(documents, "sft", "ConfigMap") if d["metadata"]["name"].endswith("-rewards")]
+
+    # A changed file is a changed config (its mounted name, so the config's path, changes: the stage runs again); a
+    # missing one is one line, exit 2, nothing created.
+    changed = rewards.resolve("grpo", {"General": {"reward_functions": ["rewards/my_rewards.py:correct"]}})
+    assert changed.files == {name: source}
+    (tmp_path / "rewards" / "my_rewards.py").write_text(source + "# v2\n")
+    assert rewards.resolve("grpo", {"General": {"reward_functions": ["rewards/my_rewards.py:correct"]}}).references != [
+        f"{rewards.REWARDS_DIR}/{name}:correct"]
+    (tmp_path / "rewards" / "my_rewards.py").write_text(source)
+    from rlhf_jobs.cli import main
+
+    values.write_text(values.read_text().replace("rewards/my_rewards.py", "rewards/missing.py"))
+    assert main(["pipeline", "--backend", "kuberay", "--dry-run", *args]) == 2
+    assert "configs.grpo.General.reward_functions: rewards/missing.py: file not found" in capsys.readouterr().err
+    values.write_text(values.read_text().replace("rewards/missing.py", "rewards/my_rewards.py"))
+
+    # --in-cluster: the file goes to the runner in its Secret, the config points there, and the runner's pipeline
+    # mounts it in the stage's pods under the same name.
+    runner_objects = dry_run(capsys, *args, "--in-cluster", "--image", "img")
+    secret = next(d for d in runner_objects if d["kind"] == "Secret")
+    assert secret["stringData"][name] == source
+    command = next(d for d in runner_objects if d["kind"] == "Job")["spec"]["template"]["spec"]["containers"][0][
+        "command"]
+    mounted = tmp_path / "runner-mount"  # what the pod sees at runner.VALUES_DIR
+    mounted.mkdir()
+    for key, text in secret["stringData"].items():
+        (mounted / key).write_text(text)
+    pod_args = [arg.replace(runner.VALUES_DIR, str(mounted)) for arg in command[2:]]
+    assert f"{mounted}/{name}:correct" in " ".join(pod_args)
+    in_pod = dry_run(capsys, *[arg for arg in pod_args if arg != "pipeline"], "--chart", str(chart))
+    (files,) = [d for d in of_stage(in_pod, "grpo", "ConfigMap") if d["metadata"]["name"].endswith("-rewards")]
+    assert files["data"] == {name: source}
+    (config_map,) = [d for d in of_stage(in_pod, "grpo", "ConfigMap") if "config.yaml" in d["data"]]
+    assert yaml.safe_load(config_map["data"]["config.yaml"])["General"]["reward_functions"] == [
+        f"{rewards.REWARDS_DIR}/{name}:correct", "rlhf_jobs.core.stages:get"]
+
+
+def test_the_local_pipelines_ppo_samples_survive_a_new_stage(grpo_stage, tmp_path, monkeypatch) -> None:
+    """`show_samples` unpacked every registry stage into (sft, rm, ppo): a fourth stage made it raise. It now reads
+    the stage's own inputs (`Stage.compare_with`, `reward_key`)."""
+    from rlhf_jobs import cli
+    from rlhf_jobs.tools import generate
+
+    asked = {}
+
+    def compare(models, held_out, reward_model, limit):
+        asked.update(models=models, held_out=held_out, reward_model=reward_model)
+        return [], None
+
+    monkeypatch.setattr(generate, "compare", compare)
+    monkeypatch.setattr(generate, "table", lambda samples: "")
+    monkeypatch.setattr(generate, "write_jsonl", lambda samples, path: path)
+    config = {"General": {"model_name": "base", "model_pretrain": "/w/sft", "rm_pretrain": "/w/rm",
+                          "checkpoint_dir": "/w/ppo"}}
+    cli.show_samples("ppo", config, tmp_path / "samples.jsonl")
+    assert asked == {"models": ["/w/sft", "/w/ppo"], "held_out": "/w/ppo", "reward_model": "/w/rm"}

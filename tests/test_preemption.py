@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -25,6 +26,18 @@ def train_steps(metrics: Path) -> list[int]:
     return [r["step"] for r in records if r["split"] == "train"]
 
 
+def sigterm_after_a_step(command: list[str], metrics: Path, log: Path) -> int:
+    """Start `command` (from the repo root, output to `log`), SIGTERM it once it has logged a training step; its exit
+    code."""
+    run = subprocess.Popen(command, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while run.poll() is None and time.monotonic() < deadline and not train_steps(metrics):
+        time.sleep(0.1)
+    assert run.poll() is None, log.read_text()[-3000:]
+    os.kill(run.pid, signal.SIGTERM)
+    return run.wait(timeout=60)
+
+
 def test_hook_with_no_driver_returns_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(preemption.PID_DIR_ENV, str(tmp_path))
     (tmp_path / "drivers").mkdir()
@@ -36,6 +49,114 @@ def test_hook_with_no_driver_returns_at_once(tmp_path: Path, monkeypatch: pytest
 
 def test_requested_is_false_outside_a_run() -> None:
     assert control.stop_requested() is False
+
+
+# ---- issue 28 item 3: the worker preStop drains this machine's node through the GCS, fast and loud ------------
+
+# The worker pods' preStop command (tests/test_chart.py checks the chart renders exactly this).
+WORKER_PRE_STOP = ["python", "-m", preemption.__name__, "--drain", "--wait", "290", "--deadline", "300"]
+
+
+def worker_pre_stop() -> list[str]:
+    """The chart's worker preStop command where helm is there, else the one test_chart.py holds it to."""
+    import shutil
+
+    if shutil.which("helm") is None:
+        return list(WORKER_PRE_STOP)
+    from chart_helpers import one, pod_templates, render
+
+    template = pod_templates(one(render("rlhf-sft"), "RayJob"))["worker"]
+    return template["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+
+
+def run_hook(argv: list[str], env: dict[str, str], *extra: str) -> tuple[subprocess.CompletedProcess, float]:
+    assert argv[:2] == ["python", "-m"], argv
+    started = time.monotonic()
+    hook = subprocess.run([sys.executable, *argv[1:], *extra], cwd=REPO, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=120)
+    return hook, time.monotonic() - started
+
+
+@pytest.fixture
+def ray_cluster(monkeypatch: pytest.MonkeyPatch):
+    """A real Ray cluster on this machine (GCS, raylets), started with Ray's own test utility."""
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():  # one Ray per machine, as on a real node (see the drained-node test below)
+        ray.shutdown()
+    for name in (*launcher.LOCAL_RAY_ENV, launcher.LOCAL_RAY_MARKER):
+        monkeypatch.delenv(name, raising=False)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+def node_state(gcs_address: str, node_id: str) -> str:
+    """ALIVE, DRAINING (the GCS holds a drain request for it) or DEAD."""
+    from ray._raylet import GcsClient
+
+    gcs = GcsClient(address=gcs_address)
+    if any(node.hex() == node_id if hasattr(node, "hex") else node == node_id
+           for node in gcs.get_draining_nodes(timeout=10)):
+        return "DRAINING"
+    info = next(info for key, info in gcs.get_all_node_info(timeout=10).items() if key.hex() == node_id)
+    return "DEAD" if info.state == 1 else "ALIVE"
+
+
+def test_worker_pre_stop_drains_this_machines_node_on_a_real_cluster(ray_cluster) -> None:
+    """The chart's worker preStop, run as the pod runs it, against a real Ray cluster: it finds this machine's
+    raylet of that cluster (other Ray clusters may run here too), drains its node through the GCS, says so, and
+    returns at once (no Ray Train worker runs on it). The drained node, idle, shuts down."""
+    node_id = ray_cluster.head_node.node_id
+    # RAY_ADDRESS spelt otherwise than the raylet's --gcs-address (KubeRay's names the head Service): the hook asks
+    # that GCS which of this machine's raylets is its node.
+    port = ray_cluster.gcs_address.rpartition(":")[2]
+    hook, seconds = run_hook(worker_pre_stop(), {"RAY_ADDRESS": f"localhost:{port}", "HOSTNAME": "w-1"})
+    assert hook.returncode == 0, hook.stderr
+    assert f"drained Ray node {node_id} (GCS localhost:{port}) for preemption" in hook.stderr
+    deadline = time.monotonic() + 30
+    while (state := node_state(ray_cluster.gcs_address, node_id)) == "ALIVE" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert state in ("DRAINING", "DEAD"), state
+    print(f"drain hook: {seconds:.1f} s, node {state}")
+
+
+def test_worker_pre_stop_fails_fast_and_loud_where_the_gcs_does_not_answer(tmp_path: Path) -> None:
+    """`ray drain-node` without a node id started a Ray driver in the hook (blocked 40+ s by an unreachable GCS)
+    and its errors went to /dev/null: the hook burnt the grace period and said nothing. Now: one line on stderr, a
+    non-zero exit (a FailedPreStopHook event), within the timeout, for a GCS that refuses connections, one that
+    accepts and never answers, and a pod where no raylet of the cluster runs."""
+    import socket
+
+    node = "ab" * 28
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        refused = f"127.0.0.1:{closed.getsockname()[1]}"
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts TCP connections, never speaks gRPC
+    try:
+        cases = {
+            "refused": ({"RAY_ADDRESS": refused}, ("--node-id", node),
+                        f"draining node {node}: cannot reach the Ray GCS at {refused}"),
+            "silent": ({"RAY_ADDRESS": f"127.0.0.1:{silent.getsockname()[1]}"}, ("--node-id", node, "--timeout", "2"),
+                       f"draining node {node}: the Ray GCS at 127.0.0.1:{silent.getsockname()[1]} did not answer"),
+            # Other Ray clusters may run on this machine: their raylets are not the cluster's, whose GCS cannot answer.
+            "no raylet": ({"RAY_ADDRESS": refused}, (),
+                          (f"no Ray node of the cluster at {refused} runs on this machine",
+                           f"cannot reach the Ray GCS at {refused}")),
+        }
+        for name, (env, extra, messages) in cases.items():
+            hook, seconds = run_hook(worker_pre_stop(), env, *extra)
+            assert hook.returncode == 1, (name, hook.returncode, hook.stderr)
+            messages = (messages,) if isinstance(messages, str) else messages
+            assert any(message in hook.stderr for message in messages), (name, hook.stderr)
+            assert hook.stderr.startswith("rlhf-jobs preStop: "), (name, hook.stderr)
+            assert seconds < 15, (name, seconds)
+    finally:
+        silent.close()
 
 
 @pytest.mark.slow
@@ -93,12 +214,11 @@ def test_sigterm_mid_epoch_stops_after_the_step_and_the_rerun_continues_there(ti
 @pytest.mark.slow
 def test_a_drained_node_stops_the_run_after_its_step_and_it_continues_on_another_node(
         tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """What a worker pod's preStop does (`ray drain-node`, reason preemption) on a real 3-node Ray cluster:
-    the run stops after the step in progress with a checkpoint, and the driver, not told to go, starts it
-    again on a replacement node (as KubeRay would add), from that step."""
-    from ray._raylet import GcsClient
+    """What a worker pod's preStop does (the chart's `python -m rlhf_jobs.engine.preemption --drain`) on a real 3-node
+    Ray cluster: the run stops after the step in progress with a checkpoint, the hook returns once the node's training
+    worker has exited, and the driver, not told to go, starts the run again on a replacement node (as KubeRay would
+    add), from that step. Three raylets run on this one machine, so the hook is told which node is "this pod's"."""
     from ray.cluster_utils import Cluster
-    from ray.core.generated import autoscaler_pb2
     # One Ray per machine, as on a real node: Cluster.shutdown resets this process's KV client under an
     # in-process Ray left by earlier tests (the next in-process run starts a new one), and the cluster's
     # raylets, started from this process, must not inherit the in-process settings (no preemption watcher).
@@ -123,11 +243,13 @@ def test_a_drained_node_stops_the_run_after_its_step_and_it_continues_on_another
             time.sleep(0.2)
         assert run.poll() is None, log.read_text()[-3000:]
         drained_after = max(train_steps(metrics))
-        accepted, message = GcsClient(address=cluster.gcs_address).drain_node(
-            doomed.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
-            "test: pod is terminating", int(time.time() * 1000) + 120_000)
-        assert accepted, message
+        argv = worker_pre_stop()
+        hook = subprocess.Popen([sys.executable, *argv[1:], "--node-id", doomed.node_id, "--wait", "120"], cwd=REPO,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         cluster.add_node(num_cpus=1)  # the replacement pod
+        _, hook_err = hook.communicate(timeout=200)
+        assert hook.returncode == 0, hook_err
+        assert f"drained Ray node {doomed.node_id}" in hook_err
         assert run.wait(timeout=400) == 0, log.read_text()[-3000:]
         output = log.read_text()
         stopped = re.search(r"stopped after step (\d+) \(preempted\)", output)
@@ -140,3 +262,22 @@ def test_a_drained_node_stops_the_run_after_its_step_and_it_continues_on_another
         print(f"drain after step {drained_after}: stopped after step {stopped_at}, continued on the new node")
     finally:
         cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_a_preempted_stage_ends_the_local_pipeline_with_75_and_the_rerun_resumes(tiny_model: Path,
+                                                                                 tmp_path: Path) -> None:
+    """Issue 28 item 1: a preempted stage surfaces as exit code 75 from `rlhf-jobs pipeline` (the runner Job retries
+    exactly that code), here with the local backend; the same command again continues the stage from its
+    checkpoint. (tests/test_kuberay.py checks the kuberay backend.)"""
+    workdir = tmp_path / "run"
+    command = [sys.executable, "-m", "rlhf_jobs.cli", "pipeline", "--backend", "local", "--in-process",
+               "--workdir", str(workdir), "--base-model", str(tiny_model), "--stages", "sft",
+               "--set", "Training.num_training_workers=1", "--set", "sft.Training.epochs=1",
+               "--set", "sft.Training.logging_steps=1", "--set", "sft.Training.batch_size=4"]
+    log = tmp_path / "first.log"
+    assert sigterm_after_a_step(command, workdir / "sft-output" / "metrics.jsonl", log) == 75, log.read_text()[-3000:]
+    stopped = int(re.search(r"sft: stopped after step (\d+) \(preempted\)", log.read_text()).group(1))
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "== sft: resume" in second.stdout and f"step {stopped}/" in second.stdout + second.stderr

@@ -64,14 +64,41 @@ def test_kind_e2e_pins_kind_and_kuberay_and_runs_make_test_kind() -> None:
     kind_step = next(step for step in steps if step.get("uses", "").startswith("helm/kind-action@"))
     assert kind_step["with"]["version"] == "${{ env.KIND_VERSION }}"
     assert kind_step["with"]["config"] == "k8s/kind-config.yaml"
-    runs = [step["run"] for step in steps if "run" in step and step.get("if") != "failure()"]
-    targets = [run.split()[1] for run in runs]
+    runs = [step for step in steps if "run" in step and step.get("if") != "failure()"]
+    targets = [step["run"].split()[1] for step in runs]
     assert targets == ["venv", "images", "kind-up", "test-kind"], runs
-    for run in runs:  # each step is a make target a developer can run by hand
+    matrix = job["strategy"]["matrix"]["stages"]
+    for step in runs:  # each step is a make target a developer can run by hand
+        run = step["run"]
         assert run.startswith("make "), run
-        expanded = re.sub(r'"\$(\w+)"', lambda m: env[m.group(1)].replace("${{ github.sha }}", "abc"), run)
+        variables = {**env, **step.get("env", {})}
+        expanded = re.sub(r'"\$(\w+)"', lambda m, known=variables: known[m.group(1)].replace(
+            "${{ github.sha }}", "abc").replace("${{ matrix.stages }}", matrix[0]), run)
         dry = subprocess.run([*expanded.split()[:1], "-n", "-C", str(REPO), *expanded.split()[1:]],
                              capture_output=True, text=True, check=False)
         assert dry.returncode == 0, f"{expanded}: {dry.stderr}"
     assert "kind load docker-image" in subprocess.run(["make", "-n", "-C", str(REPO), "kind-up"], capture_output=True,
                                                       text=True, check=True).stdout
+
+
+def test_kind_e2e_runs_pipelines_of_registry_stages() -> None:
+    """Issue 28 item 7: the e2e runs each `stages` entry of its matrix as one pipeline (`make test-kind KIND_STAGES=`,
+    read by tests/test_kind.py), so a new stage is one matrix line: each entry is a `--stages` list of the registry."""
+    from rlhf_jobs.core import stages
+    from rlhf_jobs.pipeline.plan import parse_stages
+
+    workflow = yaml.safe_load(KIND_E2E.read_text())
+    (job,) = workflow["jobs"].values()
+    entries = job["strategy"]["matrix"]["stages"]
+    assert entries and job["strategy"]["fail-fast"] is False
+    for entry in entries:
+        assert parse_stages(entry) == entry.split(","), f"{entry}: stages of the registry ({stages.NAMES}) in order"
+    (step,) = [step for step in job["steps"] if step.get("run", "").startswith("make test-kind")]
+    assert step["env"]["KIND_STAGES"] == "${{ matrix.stages }}" and 'KIND_STAGES="$KIND_STAGES"' in step["run"]
+    dry = subprocess.run(["make", "-n", "-C", str(REPO), "test-kind", "KIND_STAGES=sft,rm"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "RLHF_KIND_STAGES=sft,rm " in dry
+    import test_kind
+
+    assert test_kind.kind_stages({"RLHF_KIND_STAGES": "sft,rm"}) == ["sft", "rm"]
+    assert test_kind.kind_stages({}) == list(stages.NAMES)

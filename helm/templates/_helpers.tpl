@@ -108,6 +108,54 @@ This release's stage's inputs from the registry, as JSON: {"model_pretrain": "sf
 {{- end }}
 
 {{/*
+The trainer's rules across this stage's config keys (files/stages.json `checks`, generated from
+rlhf_jobs/tools/chart_rules.py, where each one's kind is explained), applied to the rendered config: what the
+trainer would refuse at start fails here, with its message. Operand: the first of its keys that is set (a key the
+config lacks has its default); "set and not zero" is Python's truthiness of a number.
+*/}}
+{{- define "rlhf-jobs.checkConfig" -}}
+{{- $stage := include "rlhf-jobs.stage" . }}
+{{- $config := include "rlhf-jobs.trainingConfig" . | fromYaml }}
+{{- range (include "rlhf-jobs.registry" . | fromJson).stages }}
+{{- if eq .name $stage }}
+{{- range .checks }}
+{{- $section := get $config .section | default dict }}
+{{- $operands := dict }}
+{{- $check := . }}
+{{- range $name := list "a" "b" }}
+{{- range $key := get $check $name }}
+{{- $value := ternary (get $section $key) (get $check.defaults $key) (hasKey $section $key) }}
+{{- if and (not (hasKey $operands $name)) (not (kindIs "invalid" $value)) }}
+{{- $_ := set $operands $name $value }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $a := get $operands "a" }}
+{{- $b := get $operands "b" }}
+{{- $aSet := and (hasKey $operands "a") (ne (float64 $a) 0.0) }}
+{{- $bSet := and (hasKey $operands "b") (ne (float64 $b) 0.0) }}
+{{- $broken := false }}
+{{- if eq .kind "not_both" }}
+{{- $broken = and $aSet $bSet }}
+{{- else if eq .kind "one_of" }}
+{{- $broken = not (or (hasKey $operands "a") (hasKey $operands "b")) }}
+{{- else if eq .kind "at_most" }}
+{{- $broken = and $aSet $bSet (gt (float64 $a) (float64 $b)) }}
+{{- else if eq .kind "divides" }}
+{{- $broken = and $aSet $bSet (ne (mod (int64 $b) (int64 $a)) 0) }}
+{{- else }}
+{{- fail (printf "files/stages.json: unknown check %q: run `make schema` with this chart's rlhf-jobs" .kind) }}
+{{- end }}
+{{- if $broken }}
+{{- $message := .message | replace "{a}" (toString $a) | replace "{b}" (toString $b) }}
+{{- fail (printf "configs.%s.%s: %s (the %s trainer would refuse it at start: rlhf_jobs/core/config.py)" $stage .section $message $stage) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 Selector labels (stable across upgrades).
 */}}
 {{- define "rlhf-jobs.selectorLabels" -}}
@@ -157,6 +205,18 @@ ConfigMap name.
 */}}
 {{- define "rlhf-jobs.configMapName" -}}
 {{- printf "%s-config" (include "rlhf-jobs.fullname" .) }}
+{{- end }}
+
+{{/*
+The reward-function files' ConfigMap (rewardFunctions), and their directory under the config mount
+(/etc/rlhf-jobs/rewards: rlhf_jobs/pipeline/backends/rewards.py REWARDS_DIR, where the submitter points the config's paths).
+*/}}
+{{- define "rlhf-jobs.rewardsConfigMapName" -}}
+{{- printf "%s-rewards" (include "rlhf-jobs.fullname" .) }}
+{{- end }}
+
+{{- define "rlhf-jobs.rewardsSubdir" -}}
+rewards
 {{- end }}
 
 {{/*
@@ -321,9 +381,25 @@ Volumes of the head and worker pods: the checkpoint PVC, the config, /dev/shm, t
   persistentVolumeClaim:
     claimName: {{ include "rlhf-jobs.claimName" . }}
 {{- end }}
+{{- if .Values.rewardFunctions }}
+- name: config
+  projected:
+    sources:
+      - configMap:
+          name: {{ include "rlhf-jobs.configMapName" . }}
+      # rewardFunctions, under rewards/ (one volume: a mount nested in a read-only ConfigMap mount cannot be made)
+      - configMap:
+          name: {{ include "rlhf-jobs.rewardsConfigMapName" . }}
+          items:
+            {{- range $name, $_ := .Values.rewardFunctions }}
+            - key: {{ $name }}
+              path: {{ include "rlhf-jobs.rewardsSubdir" $ }}/{{ $name }}
+            {{- end }}
+{{- else }}
 - name: config
   configMap:
     name: {{ include "rlhf-jobs.configMapName" . }}
+{{- end }}
 {{- if .Values.shm.enabled }}
 - name: dshm
   emptyDir:
@@ -400,7 +476,8 @@ Environment of the Ray containers; `--set env[0].value=1` gives a number, Kubern
 {{- end }}
 
 {{/*
-Pod spec fields every pod shares. Argument: (dict "root" $ "group" .Values.head).
+Pod spec fields every pod shares. Argument: (dict "root" $ "group" .Values.head "mountsPVC" true); `mountsPVC`:
+the pod mounts the run's PVC (head and workers), so it is co-located with the run's others where the PVC needs it.
 */}}
 {{- define "rlhf-jobs.podCommon" -}}
 {{- $root := .root }}
@@ -426,10 +503,46 @@ nodeSelector:
 tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with ($group.affinity | default $root.Values.affinity) }}
+{{- $affinity := $group.affinity | default $root.Values.affinity }}
+{{- if and .mountsPVC (include "rlhf-jobs.colocate" $root) }}
+{{- $affinity = deepCopy ($affinity | default dict) }}
+{{- $podAffinity := get $affinity "podAffinity" | default dict }}
+{{- $terms := get $podAffinity "requiredDuringSchedulingIgnoredDuringExecution" | default list }}
+{{- $_ := set $podAffinity "requiredDuringSchedulingIgnoredDuringExecution" (append $terms (include "rlhf-jobs.colocationTerm" $root | fromYaml)) }}
+{{- $_ := set $affinity "podAffinity" $podAffinity }}
+{{- end }}
+{{- with $affinity }}
 affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end }}
+
+{{/*
+"true" when the run's head and worker pods must run on one node: they all mount the run's PVC read-write, and a
+ReadWriteOnce volume attaches to one node at a time (elsewhere: Multi-Attach, pods stuck in ContainerCreating).
+storage.colocatePods `auto`: when the chart describes the PVC (not existingClaim, whose modes it cannot see) and
+storage.accessModes has ReadWriteOnce and not ReadWriteMany; `true`/`false` force it.
+*/}}
+{{- define "rlhf-jobs.colocate" -}}
+{{- $mode := toString .Values.storage.colocatePods }}
+{{- $modes := .Values.storage.accessModes }}
+{{- if and (include "rlhf-jobs.usePVC" .) (eq $mode "true") }}true
+{{- else if and (eq $mode "auto") (include "rlhf-jobs.usePVC" .) (not .Values.storage.existingClaim) (has "ReadWriteOnce" $modes) (not (has "ReadWriteMany" $modes)) }}true
+{{- end }}
+{{- end }}
+
+{{/*
+The required pod affinity term that puts a run's Ray pods (every stage's head and workers) on one node.
+*/}}
+{{- define "rlhf-jobs.colocationTerm" -}}
+labelSelector:
+  matchLabels:
+    rlhf-jobs.io/run: {{ .Values.run | quote }}
+  matchExpressions:
+    - key: app.kubernetes.io/component
+      operator: In
+      values: [head, worker]
+topologyKey: kubernetes.io/hostname
 {{- end }}
 
 {{/*
@@ -457,14 +570,21 @@ Seconds a preStop hook may wait for training to stop: the grace period less 10 s
 {{- end }}
 
 {{/*
-Worker preStop: drain this pod's Ray node (Ray Train's preemption watcher sees it and the training loop can
-finish its step and checkpoint), then wait while training workers still run here, at most the grace period
-less 10 s. Returns at once when no training runs (a finished job's cluster is deleted without delay).
+The Python module of the preStop hooks (`python -m <module>`), named here only: moving the module is a one-line
+change.
+*/}}
+{{- define "rlhf-jobs.preemptionModule" -}}
+rlhf_jobs.engine.preemption
+{{- end }}
+
+{{/*
+Worker preStop: drain this pod's Ray node through the GCS (Ray Train's preemption watcher sees it and the training
+loop can finish its step and checkpoint), then wait while training workers still run here, at most the grace
+period less 10 s. Returns at once when no training runs (a finished job's cluster is deleted without delay); a
+failed drain fails the hook at once, with the reason on stderr (a FailedPreStopHook event), instead of waiting.
 */}}
 {{- define "rlhf-jobs.drainOnStop" -}}
-{{- $grace := int .Values.preemption.terminationGracePeriodSeconds }}
-{{- $wait := include "rlhf-jobs.preStopWait" . -}}
-ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --reason-message "pod $HOSTNAME is terminating" --deadline-remaining-seconds {{ $grace }} >/dev/null 2>&1 || true; for _ in $(seq {{ $wait }}); do pgrep -f "[R]ayTrainWorker" >/dev/null || exit 0; sleep 1; done
+["python", "-m", {{ include "rlhf-jobs.preemptionModule" . | quote }}, "--drain", "--wait", {{ include "rlhf-jobs.preStopWait" . | quote }}, "--deadline", {{ .Values.preemption.terminationGracePeriodSeconds | int | quote }}]
 {{- end }}
 
 {{/*
@@ -481,6 +601,9 @@ Checked only for the PVC the chart describes (storage.accessModes); an existingC
 {{- if and (include "rlhf-jobs.usePVC" .) (not .Values.storage.existingClaim) }}
 {{- $modes := .Values.storage.accessModes }}
 {{- $workers := include "rlhf-jobs.numWorkers" . | int }}
+{{- if not (or (has "ReadWriteOnce" $modes) (has "ReadWriteMany" $modes) (has "ReadWriteOncePod" $modes)) }}
+{{- fail (printf "storage.accessModes %v has no write mode: the head and every worker write checkpoints to the run's PVC; use ReadWriteOnce (all pods on one node) or ReadWriteMany" $modes) }}
+{{- end }}
 {{- if has "ReadWriteOncePod" $modes }}
 {{- fail (printf "storage.accessModes [ReadWriteOncePod] lets one pod mount the run's PVC, and the head and the %d worker(s) all mount it (every rank writes its checkpoint shard there): use ReadWriteOnce (all pods on one node) or ReadWriteMany" $workers) }}
 {{- end }}

@@ -18,6 +18,11 @@ step, writes the checkpoint, and returns):
 
 For a pod whose driver must stop (the head), `python -m rlhf_jobs.engine.preemption` is the preStop hook: it
 sends SIGTERM to the `rlhf-jobs train` drivers registered on this machine and waits for them to exit.
+For a worker pod, `python -m rlhf_jobs.engine.preemption --drain` is the preStop hook: it drains this machine's Ray
+node through the GCS (`GcsClient.drain_node`, reason preemption, a short timeout) and waits while Ray Train
+workers still run here. `ray drain-node` without a node id starts a Ray driver inside the hook to learn it (an
+unreachable GCS kept it blocked 40+ s); here the node id and GCS address come from the command line of this
+machine's raylet, and every failure is one line on stderr with a non-zero exit (a FailedPreStopHook event).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import argparse
 import contextlib
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -174,14 +180,188 @@ def stop_drivers(wait_s: float) -> list[int]:
     return alive
 
 
-def main(argv: list[str] | None = None) -> int:
+# ---- worker preStop hook: drain this machine's Ray node ---------------------------------------------------
+
+DRAIN_TIMEOUT_S = 10.0  # for reaching the GCS and for its answer: a hook must not burn the grace period
+TRAIN_WORKER = "RayTrainWorker"  # in the process title of Ray Train's worker actors
+
+
+class DrainError(RuntimeError):
+    """This machine's Ray node could not be drained; the message says why."""
+
+
+def local_raylets(proc: Path = Path("/proc")) -> list[tuple[str, str, int]]:
+    """(node id, GCS address, pid) of every raylet process visible here: in a pod, the pod's own one."""
+    found = []
+    for entry in proc.glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if not argv or not argv[0].endswith(b"/raylet"):
+                continue
+            flags = dict(arg.decode(errors="replace").lstrip("-").partition("=")[::2]
+                         for arg in argv[1:] if b"=" in arg)
+            node_id, address = flags.get("node_id"), flags.get("gcs-address") or flags.get("gcs_address")
+            if node_id and address:
+                found.append((node_id, address, int(entry.name)))
+    return sorted(found)
+
+
+def _same_address(first: str, second: str) -> bool:
+    def resolved(address: str) -> tuple[str, str]:
+        host, _, port = address.rpartition(":")
+        with contextlib.suppress(OSError):
+            host = socket.gethostbyname(host)
+        return host, port
+
+    return first == second or resolved(first) == resolved(second)
+
+
+def node_to_drain(node_id: str | None = None, address: str | None = None,
+                  timeout_s: float = DRAIN_TIMEOUT_S) -> tuple[str, str, int | None]:
+    """(node id, GCS address, raylet pid) of this machine's Ray node: the raylet here of the cluster at `address`
+    ($RAY_ADDRESS), found by its --gcs-address, else by asking that GCS which nodes it has (KubeRay's RAY_ADDRESS
+    names the head Service, which the raylet may have resolved); without an address, the one raylet here.
+    `node_id` picks one where several run (a test cluster on one machine)."""
+    address = address or os.environ.get("RAY_ADDRESS", "").removeprefix("ray://") or None
+    raylets = local_raylets()
+    if node_id:
+        raylets = [raylet for raylet in raylets if raylet[0] == node_id] or (
+            [(node_id, address, None)] if address else [])
+    if address and raylets:
+        same = [raylet for raylet in raylets if _same_address(raylet[1], address)]
+        if not same:
+            members = _with_gcs(address, timeout_s, lambda gcs: {
+                key.hex() for key, info in gcs.get_all_node_info(timeout=timeout_s).items() if info.state == 0})
+            same = [raylet for raylet in raylets if raylet[0] in members]
+        raylets = [(node, address, pid) for node, _, pid in same]
+    where = f" of the cluster at {address}" if address else ""
+    if not raylets:
+        raise DrainError(f"no Ray node{where} runs on this machine (no raylet process"
+                         f"{' with node id ' + node_id if node_id else ''}): nothing to drain")
+    if len(raylets) > 1:
+        raise DrainError(f"{len(raylets)} Ray nodes{where} run on this machine "
+                         f"({', '.join(raylet[0] for raylet in raylets)}): pass --node-id")
+    return raylets[0]
+
+
+def _with_gcs(address: str, timeout_s: float, call: Any) -> Any:
+    """`call(GcsClient)` against the GCS at `address`, within about `timeout_s` (an unreachable GCS would hold
+    GcsClient 40 s), in a thread a stuck call cannot hold the hook on; every failure is a DrainError."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as err:
+        raise DrainError(f"cannot reach the Ray GCS at {address}: {err}") from None
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            from ray._raylet import GcsClient
+
+            outcome["answer"] = call(GcsClient(address=address))
+        except Exception as err:  # reported by the caller, in one line
+            outcome["error"] = err
+
+    worker = threading.Thread(target=run, name="rlhf-jobs-drain", daemon=True)
+    worker.start()
+    worker.join(timeout_s * 2)
+    if worker.is_alive():
+        raise DrainError(f"the Ray GCS at {address} did not answer in {timeout_s * 2:g} s")
+    if "error" in outcome:
+        error = outcome["error"]
+        raise DrainError(f"the Ray GCS at {address}: {type(error).__name__}: {error}")
+    return outcome["answer"]
+
+
+def drain(node_id: str, address: str, deadline_s: float, message: str, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+    """Ask the GCS at `address` to drain `node_id` for preemption (it will be killed in `deadline_s`), within
+    `timeout_s`; Ray Train's PreemptionWatcher then tells the training loop, which stops after its step."""
+    from ray.core.generated import autoscaler_pb2
+
+    reason = autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION")
+    deadline_ms = int((time.time() + deadline_s) * 1000)
+    try:
+        accepted, rejection = _with_gcs(address, timeout_s, lambda gcs: gcs.drain_node(
+            node_id, reason, message, deadline_ms, timeout=timeout_s))
+    except DrainError as err:
+        raise DrainError(f"draining node {node_id}: {err}") from None
+    if not accepted:
+        raise DrainError(f"the GCS at {address} refused to drain node {node_id}: {rejection}")
+
+
+def _descends_from(pid: int, ancestor: int, proc: Path) -> bool:
+    for _ in range(8):  # a worker is the raylet's child, or a grandchild through a runtime-env wrapper
+        pid = int((proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        if pid == ancestor:
+            return True
+        if pid <= 1:
+            return False
+    return False
+
+
+def training_workers(raylet: int | None = None, proc: Path = Path("/proc")) -> list[int]:
+    """Pids of the Ray Train worker processes visible here (in a pod: the pod's own), only those the `raylet`
+    process started when given (Ray's worker processes descend from it)."""
+    pids = []
+    for entry in proc.glob("[0-9]*"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if TRAIN_WORKER.encode() not in (entry / "cmdline").read_bytes() or int(entry.name) == os.getpid():
+                continue
+            if raylet is None or _descends_from(int(entry.name), raylet, proc):
+                pids.append(int(entry.name))
+    return pids
+
+
+def drain_and_wait(wait_s: float, deadline_s: float, node_id: str | None = None,
+                   timeout_s: float = DRAIN_TIMEOUT_S) -> int:
+    """The worker preStop hook: drain this machine's Ray node, then wait up to `wait_s` while Ray Train workers
+    run here (they stop after their step and checkpoint). Failures go to stderr; exit code 1."""
+    try:
+        node, address, raylet = node_to_drain(node_id, timeout_s=timeout_s)
+        drain(node, address, deadline_s, f"pod {os.environ.get('HOSTNAME') or socket.gethostname()} is terminating",
+              timeout_s)
+    except DrainError as err:
+        print(f"rlhf-jobs preStop: {err}", file=sys.stderr, flush=True)
+        return 1
+    print(f"rlhf-jobs preStop: drained Ray node {node} (GCS {address}) for preemption", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + wait_s
+    while (running := training_workers(raylet)) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    if running:
+        print(f"rlhf-jobs preStop: Ray Train workers {running} still running after {wait_s:g} s", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m rlhf_jobs.engine.preemption",
-        description="preStop hook: SIGTERM the rlhf-jobs drivers on this machine and wait for their checkpoint",
+        description="preStop hooks: SIGTERM the rlhf-jobs drivers on this machine and wait for their checkpoint "
+                    "(head pods); with --drain, drain this machine's Ray node and wait for its Ray Train workers "
+                    "(worker pods)",
     )
     parser.add_argument("--wait", type=float, default=50.0,
                         help="seconds to wait for them to exit (the pod's grace period less a margin)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--drain", action="store_true",
+                        help="drain this machine's Ray node (reason: preemption) instead of signalling drivers")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="--drain: seconds until the node is killed, told to Ray (default: --wait)")
+    parser.add_argument("--node-id", default=None,
+                        help="--drain: the node to drain where several raylets run on one machine (default: the one)")
+    parser.add_argument("--timeout", type=float, default=DRAIN_TIMEOUT_S,
+                        help=f"--drain: seconds to reach the GCS and for its answer (default {DRAIN_TIMEOUT_S:g})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.drain:
+        code = drain_and_wait(args.wait, args.deadline if args.deadline is not None else args.wait, args.node_id,
+                              args.timeout)
+        if any(thread.name == "rlhf-jobs-drain" for thread in threading.enumerate()) and __name__ == "__main__":
+            sys.stderr.flush()
+            os._exit(code)  # a GCS call still blocked in Ray's C++ client must not hold up the exit
+        return code
     alive = stop_drivers(args.wait)
     if alive:
         print(f"drivers still running after {args.wait:g} s: {alive}", file=sys.stderr)

@@ -11,9 +11,10 @@ stage's config type's JSON schema (`model_json_schema`), adjusted to what the ch
 - `stage` (filled in by the loader) is not a key of the file;
 - a list the trainer also takes as one item (`report_to: none`) may be one item.
 
-The `stage` value's enum lists the registry's stages. Everything else in values.schema.json is written by
-hand; this module replaces only `properties.configs`, `properties.stage.enum`/`description` and the `$defs`
-named `config.*`, so `make schema` keeps the hand-written part as it is.
+The `stage` value's enum lists the registry's stages, and `storage.remote`'s pattern the URL schemes storage.py
+reads. Everything else in values.schema.json is written by hand; this module replaces only
+`properties.configs`, `properties.stage.enum`/`description`, `properties.storage.properties.remote` and the
+`$defs` named `config.*`, so `make schema` keeps the hand-written part as it is.
 
 helm/files/stages.json is what the templates know of the registry (Helm cannot run Python): the stages in
 pipeline order, each with the General keys that read an earlier stage's final model (`Stage.inputs`).
@@ -150,9 +151,19 @@ def updated(schema: dict[str, Any], registry: Mapping[str, StageEntry]) -> dict[
     stage["enum"] = ["", *names]
     listed = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
     stage["description"] = f"{listed}; empty = from the release name suffix."
+    remote = out["properties"]["storage"]["properties"]["remote"]
+    remote["pattern"] = remote_pattern()
+    remote["description"] = (f"Object storage for the run instead of the PVC: "
+                             f"{' or '.join(scheme + '://bucket/prefix' for scheme in _schemes())}.")
     kept = {name: value for name, value in out.get("$defs", {}).items() if not name.startswith(PREFIX)}
     out["$defs"] = {**kept, **dict(sorted(defs.items()))}
     return out
+
+
+def _schemes() -> tuple[str, ...]:
+    from rlhf_jobs.store.storage import SCHEMES
+
+    return SCHEMES
 
 
 def render(schema: dict[str, Any]) -> str:
@@ -160,12 +171,21 @@ def render(schema: dict[str, Any]) -> str:
 
 
 def stage_file(registry: Mapping[str, StageEntry]) -> dict[str, Any]:
-    """helm/files/stages.json: the stages in pipeline order with their inputs (General key -> earlier stage)."""
+    """helm/files/stages.json: the stages in pipeline order with their inputs (General key -> earlier stage) and
+    the trainer's rules across config keys that apply to them (chart_rules.py)."""
+    from rlhf_jobs.tools.chart_rules import stage_checks
+
     return {
         "comment": "Generated from rlhf_jobs/core/stages.py by `make schema`; do not edit. "
                    "Read by templates/_helpers.tpl.",
-        "stages": [{"name": name, "inputs": dict(sorted(entry.inputs.items()))} for name, entry in registry.items()],
+        "stages": [{"name": name, "inputs": dict(sorted(entry.inputs.items())), "checks": stage_checks(
+            entry.config_type)} for name, entry in registry.items()],
     }
+
+
+def remote_pattern() -> str:
+    """`storage.remote`: empty, or a URL of a scheme storage.py reads (`s3://bucket[/prefix]`)."""
+    return rf"^(({'|'.join(_schemes())})://[^/\s]+(/\S*)?)?$"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,11 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schema", type=Path, default=SCHEMA_FILE)
     parser.add_argument("--stages", type=Path, default=STAGES_FILE)
     args = parser.parse_args(argv)
-    fresh = {
+    return write_or_check({
         args.schema: render(updated(json.loads(args.schema.read_text()), stages.REGISTRY)),
         args.stages: render(stage_file(stages.REGISTRY)),
-    }
-    if args.check:
+    }, args.check)
+
+
+def write_or_check(fresh: dict[Path, str], check: bool) -> int:
+    """Write each generated file, or with `check` exit 1 naming those whose committed text differs."""
+    if check:
         stale = [path for path, text in fresh.items() if not path.is_file() or path.read_text() != text]
         for path in stale:
             print(f"{path} is stale: run `make schema`", file=sys.stderr)

@@ -39,8 +39,7 @@ from typing import Any
 
 from rlhf_jobs.core.data import PPO_SCHEMA, RM_SCHEMA, SFT_SCHEMA, read_numbered
 from rlhf_jobs.core.errors import DataError
-from rlhf_jobs.core.stages import NAMES as KINDS
-from rlhf_jobs.core.stages import get
+from rlhf_jobs.core.stages import REGISTRY, get
 
 ASSISTANT_TAG = "\n\nAssistant:"
 HUMAN_TAG = "\n\nHuman:"
@@ -387,8 +386,8 @@ def _string(record: dict[str, Any], key: str, location: str, line: int, optional
 
 
 def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise DataError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if kind not in REGISTRY:
+        raise DataError(f"unknown kind {kind!r}; expected one of {', '.join(REGISTRY)}")
 
 
 def convert_records(kind: str, input_path: str, source_format: str = "auto", *, lang: str | None = None) -> Conversion:

@@ -22,6 +22,9 @@ CHART_ENV = "RLHF_JOBS_CHART"
 # chart's `kubeVersion: >=1.26.0-0` against the Kubernetes version Helm was built with, which is 1.26 from Helm 3.11
 # on (3.9.4 renders everything, values.schema.json's $refs included, only with --kube-version; checked here).
 MIN_VERSION = (3, 11, 0)
+# Helm keeps release records in ConfigMaps, not Secrets: the runner's Role then needs no access to Secrets, which
+# hold the namespace's S3, W&B and Hugging Face credentials (every `helm` rlhf-jobs runs, and the Makefile's).
+HELM_DRIVER = "configmap"
 
 
 class HelmError(UserError, RuntimeError):
@@ -70,7 +73,8 @@ class Helm:
             raise HelmError(f"{self.binary} not found on PATH: the kuberay backend renders the chart with Helm, even "
                             f"for --dry-run; install Helm {'.'.join(map(str, MIN_VERSION))}+ "
                             "(https://helm.sh/docs/intro/install/)")
-        result = subprocess.run([self.binary, *args], capture_output=True, text=True, check=False)
+        result = subprocess.run([self.binary, *args], capture_output=True, text=True, check=False,
+                                env={**os.environ, "HELM_DRIVER": HELM_DRIVER})
         if result.returncode != 0:
             raise HelmError(f"helm {args[0]} failed: {result.stderr.strip() or result.stdout.strip()}")
         return result.stdout

@@ -11,15 +11,18 @@ Ray checkpoints on the PVC aside instead of resuming them; the same config resum
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from rlhf_jobs.core.loading import validate_config
 from rlhf_jobs.core.stages import NAMES as STAGES
+from rlhf_jobs.pipeline.backends import permissions, rewards
 from rlhf_jobs.pipeline.backends.helm import Helm, HelmError, config_sets, release_name
 from rlhf_jobs.pipeline.backends.kube import (
     FORBIDDEN,
@@ -50,15 +53,11 @@ OPERATOR_HINT = (
     "install the KubeRay operator: helm repo add kuberay https://ray-project.github.io/kuberay-helm/ && "
     "helm install kuberay-operator kuberay/kuberay-operator --version 1.7.0 -n kuberay-system --create-namespace"
 )
-# What the pipeline sets in every stage's release, whatever the user's values say.
-PIPELINE_SETS = ("job.onConfigChange=restart",)
-# RBAC the submitter needs in the namespace (k8s/rbac.yaml grants it): (API group, resource[/subresource], verb).
-NEEDED_PERMISSIONS = (
-    ("ray.io", "rayjobs", "create"), ("ray.io", "rayjobs", "get"), ("ray.io", "rayjobs", "delete"),
-    ("ray.io", "rayclusters", "delete"), ("", "configmaps", "create"), ("", "configmaps", "update"),
-    ("", "secrets", "create"), ("", "persistentvolumeclaims", "create"), ("", "pods", "list"),
-    ("", "pods/log", "get"),
-)
+# What the pipeline sets in every stage's release, whatever the user's values say. The pipeline owns retrying a
+# RayJob (helm/README.md, "Who retries what"): it tells a preempted stage (exit 75) from a deterministic failure,
+# which KubeRay's own backoffLimit would run again.
+PIPELINE_SETS = {"job.onConfigChange": "restart", "job.backoffLimit": 0}
+RBAC_HINT = "grant them with the k8s/rbac chart: make rbac NAMESPACE={namespace}"
 
 
 class PreflightError(ClusterUnavailable):
@@ -86,6 +85,8 @@ class KubeRayBackend:
         self.rendered: dict[str, RenderedStage] = {}
         self.overrides: Sequence[str] = ()
         self.fresh: set[str] = set()  # stages whose existing RayJob must not be re-attached to
+        self.rewards: dict[str, rewards.StageRewards] = {}  # reward-function files a stage's config names
+        self._scratch: tempfile.TemporaryDirectory | None = None
 
     @property
     def record_name(self) -> str:
@@ -93,18 +94,44 @@ class KubeRayBackend:
 
     @property
     def rayjobs(self) -> RayJobs:
-        return RayJobs(self.clients, self.namespace, self.sleep)
+        return RayJobs(self.clients, self.namespace, self.sleep, self.clock)
 
     def sets(self, stage: str) -> list[str]:
-        """--set-json arguments of a stage's release: the pipeline's overrides and settings."""
-        return [*config_sets(stage, self.overrides), *(f"{key}={json.dumps(value)}" for key, value in
-                                                         (item.split("=", 1) for item in PIPELINE_SETS))]
+        """--set-json arguments of a stage's release: the pipeline's overrides and settings, and the config's
+        reward-function paths pointed at the files mounted in the pods."""
+        sets = [*config_sets(stage, self.overrides),
+                *(f"{key}={json.dumps(value)}" for key, value in PIPELINE_SETS.items())]
+        if stage in self.rewards:
+            sets.append(f"configs.{stage}.General.{rewards.KEY}={json.dumps(self.rewards[stage].references)}")
+        return sets
+
+    def values_files(self, stage: str) -> list[str]:
+        """--values files of a stage's release: the user's, then the reward-function files its config names (in a
+        file: the sources may exceed what one command-line argument holds)."""
+        if stage not in self.rewards:
+            return self.values
+        if self._scratch is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="rlhf-jobs-")
+        path = Path(self._scratch.name) / f"{stage}-rewards.yaml"
+        path.write_text(yaml.safe_dump({"rewardFunctions": self.rewards[stage].files}))
+        return [*self.values, str(path)]
 
     # -- rendering (no cluster needed) --
 
-    def render(self, stage: str) -> RenderedStage:
+    def render(self, stage: str, reward_files: bool = True) -> RenderedStage:
+        """helm template of a stage's release; when its config names local reward-function files, again with them
+        as `rewardFunctions` and the config's paths rewritten (rewards.py)."""
+        self.rewards.pop(stage, None)
+        rendered = self._template(stage)
+        found = rewards.resolve(stage, rendered.config) if reward_files else None
+        if found is None:
+            return rendered
+        self.rewards[stage] = found
+        return self._template(stage)
+
+    def _template(self, stage: str) -> RenderedStage:
         release = release_name(stage, self.run)
-        manifests = self.helm.template(release, self.namespace, self.run, self.values, self.sets(stage))
+        manifests = self.helm.template(release, self.namespace, self.run, self.values_files(stage), self.sets(stage))
         rayjobs = [m for m in manifests if m.get("kind") == "RayJob"]
         config_maps = [m for m in manifests if m.get("kind") == "ConfigMap" and "config.yaml" in (m.get("data") or {})]
         if len(rayjobs) != 1 or len(config_maps) != 1:
@@ -119,15 +146,16 @@ class KubeRayBackend:
         self.overrides, self.rendered = options.overrides, {}
         configs = {}
         for stage in options.stages:
-            rendered = self.rendered_stage(stage)
+            rendered = self.rendered[stage] = self.render(stage)
             validate_config(rendered.config, stage, source=f"helm template {rendered.release} (configs.{stage})",
                             paths=False)
             configs[stage] = rendered.config
         return configs
 
     def rendered_stage(self, stage: str) -> RenderedStage:
+        """A stage's rendering (one the pipeline does not run: for its paths only, without reward files)."""
         if stage not in self.rendered:
-            self.rendered[stage] = self.render(stage)
+            self.rendered[stage] = self.render(stage, reward_files=False)
         return self.rendered[stage]
 
     def stage_paths(self, stage: str) -> tuple[str, str]:
@@ -137,9 +165,8 @@ class KubeRayBackend:
     # -- cluster checks --
 
     def preflight(self) -> None:
-        """Namespace, KubeRay CRD and RBAC, checked before anything is created; every problem at once."""
-        from kubernetes import client
-
+        """Namespace, KubeRay CRD and RBAC (every permission of permissions.PIPELINE), checked before anything is
+        created; every problem at once."""
         problems = []
         checks = [(lambda: self.clients.core.read_namespace(self.namespace),
                    f"namespace {self.namespace!r} not found: kubectl create namespace {self.namespace}"),
@@ -153,18 +180,9 @@ class KubeRayBackend:
                     problems.append(missing)
                 elif api_status(err) != FORBIDDEN:  # may lack read rights on these yet have everything needed
                     raise
-        for group, resource, verb in NEEDED_PERMISSIONS:
-            resource, _, sub_resource = resource.partition("/")
-            review = client.V1SelfSubjectAccessReview(spec=client.V1SelfSubjectAccessReviewSpec(
-                resource_attributes=client.V1ResourceAttributes(
-                    namespace=self.namespace, group=group, resource=resource, subresource=sub_resource or None,
-                    verb=verb)))
-            answer = with_retries(lambda r=review: self.clients.authz.create_self_subject_access_review(r),
-                                  sleep=self.sleep)
-            if not answer.status.allowed:
-                kind = f"{resource}.{group}" if group else resource
-                problems.append(f"RBAC: not allowed to {verb} {kind}{'/' + sub_resource if sub_resource else ''} "
-                                f"in namespace {self.namespace} (see k8s/rbac.yaml)")
+        denied = permissions.missing(self.clients.authz, self.namespace, permissions.PIPELINE, sleep=self.sleep)
+        if denied:
+            problems += [*denied, RBAC_HINT.format(namespace=self.namespace)]
         if problems:
             raise PreflightError("the cluster is not ready; nothing was created:\n  " + "\n  ".join(problems))
 
@@ -218,14 +236,18 @@ class KubeRayBackend:
                 if existing is not None:
                     why = deployment if is_finished(existing) else f"{deployment or 'Pending'}, another config"
                     print(f"   deleting RayJob {rendered.rayjob} ({why}) to start a new one", flush=True)
-                    jobs.delete(rendered.rayjob)
+                    jobs.delete(rendered.rayjob, existing)
                 print(f"   helm upgrade --install {rendered.release} -n {self.namespace}", flush=True)
-                self.helm.upgrade_install(rendered.release, self.namespace, self.run, self.values, self.sets(stage))
+                try:
+                    self.helm.upgrade_install(rendered.release, self.namespace, self.run, self.values_files(stage),
+                                              self.sets(stage))
+                except HelmError as err:  # the values rendered (stage_configs): the cluster refused them
+                    raise StageFailed(f"{stage}: {err}") from None
             try:
                 job = watch_rayjob(self.clients, self.namespace, rendered.rayjob, stage, self.watch,
                                    clock=self.clock, sleep=self.sleep)
             except StageFailed as failure:
-                raise StageFailed(f"{failure}\n{jobs.logs_tail(rendered.rayjob)}") from None
+                raise StageFailed(f"{failure}\n{jobs.logs_tail(rendered.rayjob)}", failure.exit_code) from None
         self.fresh.discard(stage)
         cluster = jobs.free_cluster(job)
         if cluster:

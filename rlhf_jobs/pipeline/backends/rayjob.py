@@ -7,11 +7,13 @@ A RayJob succeeded only when `jobDeploymentStatus` is `Complete` **and** `jobSta
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from rlhf_jobs.core import exit_codes
 from rlhf_jobs.pipeline.backends.kube import Clients, field, unless_absent, with_retries
 
 GROUP, VERSION = "ray.io", "v1"
@@ -32,10 +34,43 @@ FINISHED = frozenset({COMPLETE, FAILED, VALIDATION_FAILED})
 NOT_STARTED = frozenset({NEW, INITIALIZING})
 # status.jobStatus (Ray's JobStatus)
 SUCCEEDED = "SUCCEEDED"
+# Ray's job supervisor puts the driver's exit code in the message KubeRay copies to status.message.
+DRIVER_EXIT = re.compile(r"Job entrypoint command failed with exit code (-?\d+)")
+# Failure reasons that mean the cluster went away under the job (KubeRay could not reach the head's dashboard for
+# 5 minutes: its node was lost), not that the stage failed: the stage resumes from its checkpoint on a new one.
+LOST_CLUSTER_REASONS = frozenset({"JobStatusCheckTimeoutExceeded"})
+DEFAULT_GRACE_S = 30  # Kubernetes' terminationGracePeriodSeconds when a pod template sets none
+DELETE_MARGIN_S = 120.0  # beyond the pods' grace period: KubeRay stopping the job, finalizers, the API server
 
 
 class StageFailed(RuntimeError):
-    """A RayJob ended without success, or could not be watched to its end."""
+    """A RayJob ended without success, or could not be watched to its end. `exit_code` is what the pipeline
+    exits with (exit_codes.py): the driver's own 2 (bad input), 3 (out of memory) or 75 (preempted: run again),
+    else 1."""
+
+    def __init__(self, message: str, exit_code: int = exit_codes.STAGE_FAILED) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def failure_exit_code(status: dict[str, Any]) -> int:
+    """The pipeline's exit code for a RayJob that ended without success, from its status."""
+    if status.get("jobDeploymentStatus") == VALIDATION_FAILED:
+        return exit_codes.BAD_INPUT  # KubeRay refused the spec the chart rendered from the values
+    if status.get("reason") in LOST_CLUSTER_REASONS:
+        return exit_codes.PREEMPTED
+    driver = DRIVER_EXIT.search(status.get("message") or "")
+    return exit_codes.of_driver(int(driver.group(1)) if driver else None)
+
+
+def termination_grace(job: dict[str, Any] | None) -> float:
+    """The longest terminationGracePeriodSeconds of a RayJob's pod templates: how long deleting it may take."""
+    spec = (job or {}).get("spec") or {}
+    cluster = spec.get("rayClusterSpec") or {}
+    templates = [(cluster.get("headGroupSpec") or {}).get("template"), spec.get("submitterPodTemplate"),
+                 *((group or {}).get("template") for group in cluster.get("workerGroupSpecs") or [])]
+    graces = [((template or {}).get("spec") or {}).get("terminationGracePeriodSeconds") for template in templates]
+    return float(max((grace for grace in graces if grace is not None), default=DEFAULT_GRACE_S))
 
 
 def deployment_status(job: dict[str, Any] | None) -> str:
@@ -61,20 +96,24 @@ def describe_status(status: dict[str, Any]) -> str:
 class RayJobs:
     """The RayJobs of one namespace."""
 
-    def __init__(self, clients: Clients, namespace: str, sleep: Callable[[float], None] = time.sleep) -> None:
-        self.clients, self.namespace, self.sleep = clients, namespace, sleep
+    def __init__(self, clients: Clients, namespace: str, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.clients, self.namespace, self.sleep, self.clock = clients, namespace, sleep, clock
 
     def get(self, name: str) -> dict[str, Any] | None:
         return unless_absent(lambda: self.clients.custom.get_namespaced_custom_object(
             GROUP, VERSION, self.namespace, RAYJOBS, name), sleep=self.sleep, what=f"get RayJob {name}")
 
-    def delete(self, name: str, wait_seconds: float = 120.0) -> None:
-        """Delete a RayJob (its RayCluster and submitter Job go with it) and wait until it is gone."""
+    def delete(self, name: str, job: dict[str, Any] | None = None) -> None:
+        """Delete a RayJob (its RayCluster and submitter Job go with it) and wait until it is gone: as long as its
+        pods' grace period (`job`, the RayJob as read; a running driver gets it to write its checkpoint) plus a
+        margin, by the clock."""
         unless_absent(lambda: self.clients.custom.delete_namespaced_custom_object(
             GROUP, VERSION, self.namespace, RAYJOBS, name, propagation_policy="Foreground"), sleep=self.sleep)
-        self._wait_gone(lambda: self.get(name), f"RayJob {self.namespace}/{name}", wait_seconds)
+        self._wait_gone(lambda: self.get(name), f"RayJob {self.namespace}/{name}",
+                        termination_grace(job) + DELETE_MARGIN_S)
 
-    def free_cluster(self, job: dict[str, Any], wait_seconds: float = 300.0) -> str | None:
+    def free_cluster(self, job: dict[str, Any]) -> str | None:
         """Delete a finished RayJob's RayCluster now instead of after `ttlSecondsAfterFinished`, and wait until
         it is gone, so that the next stage's pods get its CPUs/GPUs. The RayJob object (its status) stays."""
         cluster = (job.get("status") or {}).get("rayClusterName")
@@ -85,16 +124,16 @@ class RayJobs:
         unless_absent(lambda: self.clients.custom.delete_namespaced_custom_object(
             GROUP, VERSION, self.namespace, RAYCLUSTERS, cluster, propagation_policy="Foreground"),
             sleep=self.sleep)
-        self._wait_gone(get, f"RayCluster {self.namespace}/{cluster}", wait_seconds)
+        self._wait_gone(get, f"RayCluster {self.namespace}/{cluster}", termination_grace(job) + DELETE_MARGIN_S)
         return cluster
 
-    def _wait_gone(self, get: Callable[[], Any], what: str, wait_seconds: float) -> None:
-        waited = 0.0
+    def _wait_gone(self, get: Callable[[], Any], what: str, wait_seconds: float, poll_seconds: float = 2.0) -> None:
+        started = self.clock()
         while get() is not None:
-            if waited >= wait_seconds:
-                raise StageFailed(f"{what} is still being deleted after {wait_seconds:.0f}s")
-            self.sleep(1.0)
-            waited += 1.0
+            if self.clock() - started >= wait_seconds:
+                raise StageFailed(f"{what} is still being deleted after {wait_seconds:.0f}s (its pods' grace period "
+                                  f"plus {DELETE_MARGIN_S:.0f}s): kubectl -n {self.namespace} get pods to see why")
+            self.sleep(poll_seconds)
 
     def logs_tail(self, name: str, lines: int = 40) -> str:
         """The last lines of the job driver's output and of the head (and, in K8sJobMode, submitter) pods' logs,
@@ -143,7 +182,7 @@ def watch_rayjob(clients: Clients, namespace: str, name: str, stage: str, settin
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
                  out: Callable[[str], None] = print) -> dict[str, Any]:
     """Poll the RayJob until it succeeds (returns it) or fails (raises StageFailed)."""
-    jobs = RayJobs(clients, namespace, sleep)
+    jobs = RayJobs(clients, namespace, sleep, clock)
     start = clock()
     seen, shown, initializing_since = False, None, None
     while True:
@@ -169,7 +208,8 @@ def watch_rayjob(clients: Clients, namespace: str, name: str, stage: str, settin
         if deployment == COMPLETE and job_status == SUCCEEDED:
             return job
         if deployment in (FAILED, VALIDATION_FAILED) or (deployment == COMPLETE and job_status):
-            raise StageFailed(f"{stage}: RayJob {namespace}/{name} ended without success: {describe_status(status)}")
+            raise StageFailed(f"{stage}: RayJob {namespace}/{name} ended without success: {describe_status(status)}",
+                              failure_exit_code(status))
         if deployment in NOT_STARTED:
             initializing_since = initializing_since if initializing_since is not None else now
             if now - initializing_since > settings.initializing_timeout:
