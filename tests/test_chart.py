@@ -1545,8 +1545,8 @@ def _models(model: type) -> list[type]:
 def test_remote_storage_only_of_a_scheme_the_trainers_read(remote: str, ok: bool) -> None:
     """`storage.remote: gs://...` rendered, and nothing reads gs:// (storage.SCHEMES): the pattern is generated from
     what storage.py reads, so an unknown scheme or a malformed URL fails at `helm template`."""
-    from rlhf_jobs.tools import chart_schema
     from rlhf_jobs.store import storage
+    from rlhf_jobs.tools import chart_schema
 
     schema = json.loads((CHART / "values.schema.json").read_text())
     assert schema["properties"]["storage"]["properties"]["remote"]["pattern"] == chart_schema.remote_pattern()
