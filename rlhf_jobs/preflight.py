@@ -10,21 +10,17 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from rlhf_jobs import identity
+from rlhf_jobs import identity, storage
 from rlhf_jobs.checkpoints import check_overwritable, require_stage
 from rlhf_jobs.config import ConfigError, StageConfig, looks_local
 from rlhf_jobs.hub import check_hub_model
 from rlhf_jobs.stages import get
 
 
-def _remote(location: str) -> bool:
-    return "://" in location
-
-
 def check_directories(config: StageConfig) -> None:
     """checkpoint_dir and output_dir: separate (neither inside the other) and writable."""
     general = config.General
-    if _remote(general.output_dir) or _remote(general.checkpoint_dir):
+    if storage.is_remote(general.output_dir) or storage.is_remote(general.checkpoint_dir):
         return
     output_dir, checkpoint_dir = Path(general.output_dir).resolve(), Path(general.checkpoint_dir).resolve()
     if output_dir == checkpoint_dir or output_dir in checkpoint_dir.parents or checkpoint_dir in output_dir.parents:
@@ -63,7 +59,7 @@ def check_models(config: StageConfig) -> None:
     for model in stage.trained:
         key = next(k for k in model.keys if getattr(general, k, None))
         location = getattr(general, key)
-        if _remote(location):
+        if storage.is_remote(location):
             continue
         if key in stage.inputs:
             require_stage(location, stage.inputs[key], f"General.{key}")
@@ -74,7 +70,7 @@ def check_models(config: StageConfig) -> None:
 def check(config: StageConfig) -> None:
     """The read-only checks: directories, what checkpoint_dir holds, the models the stage starts from."""
     check_directories(config)
-    if not _remote(config.General.checkpoint_dir):
+    if not storage.is_remote(config.General.checkpoint_dir):
         check_overwritable(config.General.checkpoint_dir, stage=config.stage, output_dir=config.General.output_dir)
     check_models(config)
 

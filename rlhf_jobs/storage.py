@@ -29,9 +29,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 from rlhf_jobs.config import ConfigError
+from rlhf_jobs.locations import SCHEMES  # the pre-flight check knows S3's credential sources; others would hang
 
 CACHE_ENV = "RLHF_JOBS_CACHE_DIR"
-SCHEMES = ("s3",)  # the pre-flight check knows S3's credential sources; others would hang on theirs
 
 
 class StorageError(ConfigError):
