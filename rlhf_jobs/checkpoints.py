@@ -123,8 +123,8 @@ def check_overwritable(
         )
 
 
-def move_aside(path: str | Path) -> Path | str:
-    """Move `path` to `<path>.replaced-<time>` beside it (never deleted); returns the new location.
+def move_aside(path: str | Path, label: str = "replaced") -> Path | str:
+    """Move `path` to `<path>.<label>-<time>` beside it (never deleted); returns the new location.
 
     Locally a rename. In object storage, where there is no rename, every object is copied (server side)
     before the old prefix is deleted, and the local mirror of the prefix (`storage.local_dir`) is moved too.
@@ -132,19 +132,19 @@ def move_aside(path: str | Path) -> Path | str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if storage.is_remote(path):
         uri = str(path).rstrip("/")
-        target, number = f"{uri}.replaced-{stamp}", 1
+        target, number = f"{uri}.{label}-{stamp}", 1
         while storage.exists(target):
-            target, number = f"{uri}.replaced-{stamp}-{number}", number + 1
+            target, number = f"{uri}.{label}-{stamp}-{number}", number + 1
         _copy_prefix(uri, target)
         storage.delete(uri)
         if storage.local_dir(uri).exists():
-            move_aside(storage.local_dir(uri))
+            move_aside(storage.local_dir(uri), label)
         return target
     path = Path(path)
-    target = path.with_name(f"{path.name}.replaced-{stamp}")
+    target = path.with_name(f"{path.name}.{label}-{stamp}")
     number = 1
     while target.exists():
-        target = path.with_name(f"{path.name}.replaced-{stamp}-{number}")
+        target = path.with_name(f"{path.name}.{label}-{stamp}-{number}")
         number += 1
     path.rename(target)
     return target

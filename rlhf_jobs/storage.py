@@ -152,6 +152,15 @@ def _listing(uri: str) -> list[tuple[str, int]]:
     return sorted((info.path[len(path) + 1 :], info.size) for info in infos if info.type == fs.FileType.File)
 
 
+def file_sizes(location: str | Path) -> dict[str, int]:
+    """{path relative to `location`: size in bytes} of every file under a local directory or a remote prefix."""
+    if is_remote(location):
+        return dict(_listing(str(location)))
+    root = Path(location)
+    return {path.relative_to(root).as_posix(): path.stat().st_size
+            for path in sorted(root.rglob("*")) if path.is_file()} if root.is_dir() else {}
+
+
 def local_model(location: str) -> str:
     """A local directory holding the model at `location`: itself, or a per-node cached download.
 

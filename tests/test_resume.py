@@ -150,3 +150,46 @@ def test_fsdp_run_continues_on_another_number_of_workers(
     for step in range(4, 7):
         assert resumed[step]["loss"] == pytest.approx(expected[step]["loss"], rel=SHARDING_TOLERANCE), step
     assert json.loads((tmp_path / "split" / "model" / "rlhf_stage.json").read_text())["step"] == 6
+
+
+def truncate_shard(step_dir: Path) -> str:
+    [shard] = step_dir.glob("*.distcp")
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    return shard.name
+
+
+def empty_state_file(step_dir: Path) -> str:
+    (step_dir / "state.pt").write_bytes(b"")
+    return "state.pt"
+
+
+@pytest.mark.parametrize("corrupt", [truncate_shard, empty_state_file], ids=["truncated-shard", "empty-state-file"])
+def test_a_broken_newest_checkpoint_is_moved_aside_and_the_previous_one_resumed(
+    corrupt, tiny_model: Path, tmp_path: Path, capfd
+) -> None:
+    """A truncated shard or an empty state file used to block every rerun with a traceback. Now the rerun names
+    the file, keeps the broken checkpoint (moved aside) and computes what an uninterrupted run computes."""
+    settings = {"num_training_workers": 1, "epochs": 1, "max_train_steps": 6, "save_steps": 2}
+    whole = stage_config("sft", tmp_path, "whole", tiny_model, **settings)
+    run("sft", whole, tmp_path / "whole.yaml", "--in-process")
+    split = stage_config("sft", tmp_path, "split", tiny_model, **settings)
+    run("sft", split, tmp_path / "split.yaml", "--in-process", "--stop-at-step", "4")
+    checkpoints = tmp_path / "split" / "out" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002", "step-00000004"]
+    name = corrupt(checkpoints / "step-00000004")
+    broken = {p.name: p.read_bytes() for p in (checkpoints / "step-00000004").iterdir()}
+    capfd.readouterr()
+
+    run("sft", split, tmp_path / "split.yaml", "--in-process")
+    out = capfd.readouterr().out
+    line = next(line for line in out.splitlines() if "is broken" in line)
+    assert line.startswith(f"[resume] checkpoint {checkpoints / 'step-00000004'} is broken: {name} ")
+    assert "moved it aside to" in line and "resuming from the previous complete one" in line
+    assert "resuming at epoch 1, step 2/6" in out
+    [kept] = checkpoints.glob("step-00000004.broken-*")
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == broken, "nothing deleted"
+    expected, resumed = records(tmp_path / "whole" / "out"), records(tmp_path / "split" / "out")
+    assert sorted(resumed) == list(range(1, 7))
+    for step in (5, 6):
+        assert resumed[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-6), step
+    assert_same_weights(tmp_path / "split" / "model", tmp_path / "whole" / "model", rtol=1e-6, atol=1e-7)
