@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rlhf_jobs import stages as registry
+from rlhf_jobs.checkpoints import MARKER
 from rlhf_jobs.config import (
     ConfigError,
     Origins,
@@ -166,20 +167,30 @@ def _config_file(config_dir: Path, stage: str) -> Path:
 
 
 def plan(backend: Backend, options: PipelineOptions) -> list[StagePlan]:
-    """What each requested stage will do, and why."""
+    """What each requested stage will do, and why; raises when a stage that runs reads an unfinished model.
+
+    A backend that can see the final models (`stage_finished`, the local one) has a stage recorded as
+    succeeded whose final model lost its marker run again, and every later stage with it (they were built
+    on the model it replaces)."""
     configs = backend.stage_configs(options)
     record = backend.load_record().get("stages", {})
-    plans, upstream_hashes, forced = [], [], False
+    finished = getattr(backend, "stage_finished", None)
+    plans, upstream_hashes = [], []
+    rerun: str | None = None  # why every stage from here on runs again
     for stage in STAGES:
         digest = config_hash(configs[stage], upstream_hashes)
         upstream_hashes.append(digest)
         if stage not in options.stages:
             continue
-        forced = forced or stage == options.from_stage
+        if stage == options.from_stage:
+            rerun = rerun or f"--from-stage {options.from_stage}"
         previous = record.get(stage, {})
         same = previous.get("config_hash") == digest
-        if forced:
-            action, reason = "run", f"--from-stage {options.from_stage}"
+        if rerun:
+            action, reason = "run", rerun
+        elif same and previous.get("status") == "succeeded" and finished is not None and not finished(stage):
+            action, reason = "run", f"recorded as finished, but its final model has no {MARKER}"
+            rerun = f"{stage} runs again"
         elif same and previous.get("status") == "succeeded":
             action, reason = "skip", "finished with the same config"
         elif same:
@@ -189,7 +200,29 @@ def plan(backend: Backend, options: PipelineOptions) -> list[StagePlan]:
         else:
             action, reason = "run", "not run yet"
         plans.append(StagePlan(stage, configs[stage], digest, action, reason))
+    if finished is not None:
+        check_inputs(backend, plans, finished)
     return plans
+
+
+def check_inputs(backend: Backend, plans: list[StagePlan], finished: Any) -> None:
+    """Every earlier stage's model a running stage reads is finished, or runs before it: checked before anything
+    is moved aside."""
+    models = {backend.stage_paths(stage)[1]: stage for stage in STAGES}
+    running: set[str] = set()
+    for step in plans:
+        if step.action == "skip":
+            continue
+        for key, value in step.config["General"].items():
+            source = models.get(value) if isinstance(value, str) else None
+            if source is None or source == step.stage or source in running or finished(source):
+                continue
+            title = registry.get(source).title
+            raise ConfigError(
+                f"{step.stage} stage: General.{key}: {value} is not a finished {title} model (no {MARKER}), and the "
+                f"{title} stage does not run before it; run it again first (--from-stage {source}); nothing was moved"
+            )
+        running.add(step.stage)
 
 
 def run_pipeline(backend: Backend, options: PipelineOptions) -> dict[str, Any]:
