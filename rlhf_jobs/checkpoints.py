@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rlhf_jobs import storage
+from rlhf_jobs import run_lock, storage
 
 MARKER = "rlhf_stage.json"
 MODEL_NAMES = {"sft": "SFT model", "rm": "reward model", "ppo": "PPO policy"}  # what each stage leaves
@@ -128,7 +128,9 @@ def move_aside(path: str | Path, label: str = "replaced") -> Path | str:
 
     Locally a rename. In object storage, where there is no rename, every object is copied (server side)
     before the old prefix is deleted, and the local mirror of the prefix (`storage.local_dir`) is moved too.
+    An output_dir another live run holds (`run_lock`) is refused.
     """
+    run_lock.refuse_if_in_use(path)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if storage.is_remote(path):
         uri = str(path).rstrip("/")

@@ -6,7 +6,8 @@ Training code reads and writes local files; this module moves them:
 - `local_dir(uri)`: a local mirror of a remote directory (`$RLHF_JOBS_CACHE_DIR/mirror/...`), the same
   path on every node, where metrics and checkpoints are written before they are uploaded;
 - `local_model(uri)`: a remote model downloaded once per node into the cache, for `from_pretrained`;
-- `upload_tree` / `download_tree` / `upload_file` / `read_text` / `write_text` / `delete`;
+- `upload_tree` / `download_tree` / `upload_file`;
+- `read_text` / `write_text` / `create_text` / `exists` / `delete` / `file_sizes`, for a local path or a URI alike;
 - `check_location`: the pre-flight check (credentials, bucket) that names the config key.
 
 S3 credentials and endpoint come from the standard AWS variables: `AWS_ACCESS_KEY_ID`,
@@ -222,11 +223,16 @@ def download_tree(uri: str, local: str | Path) -> None:
     Path(local).mkdir(parents=True, exist_ok=True)
 
 
-def read_text(uri: str) -> str | None:
-    """The text of one object, or None when there is none."""
+def read_text(location: str | Path) -> str | None:
+    """The text of one file or object, or None when there is none."""
+    if not is_remote(location):
+        try:
+            return Path(location).read_text()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
     from pyarrow import fs
 
-    remote_fs, path = filesystem(uri)
+    remote_fs, path = filesystem(str(location))
     try:
         with remote_fs.open_input_stream(path) as stream:
             return stream.read().decode()
@@ -238,17 +244,49 @@ def read_text(uri: str) -> str | None:
         raise
 
 
-def write_text(uri: str, text: str) -> None:
-    remote_fs, path = filesystem(uri)
+def write_text(location: str | Path, text: str) -> None:
+    """Replace one file or object with `text` (a local file is written beside it, then renamed into place)."""
+    if not is_remote(location):
+        path = Path(location)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        temporary.write_text(text)
+        os.replace(temporary, path)
+        return
+    remote_fs, path = filesystem(str(location))
     with remote_fs.open_output_stream(path) as stream:
         stream.write(text.encode())
 
 
-def exists(uri: str) -> bool:
+def create_text(location: str | Path, text: str) -> bool:
+    """Create one file or object holding `text` unless there is one already; whether this call created it.
+
+    Locally `O_CREAT | O_EXCL`, which two processes cannot both win. Object storage through pyarrow has no
+    create-if-absent: the object is written when absent and read back, so two writers within the same
+    instant can both see their own text (`run_lock` notices at its next renewal)."""
+    if not is_remote(location):
+        path = Path(location)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(text)
+        return True
+    if exists(str(location)):
+        return False
+    write_text(location, text)
+    return read_text(location) == text
+
+
+def exists(location: str | Path) -> bool:
     """A file, or a directory (a prefix with objects under it)."""
+    if not is_remote(location):
+        return Path(location).exists()
     from pyarrow import fs
 
-    remote_fs, path = filesystem(uri)
+    remote_fs, path = filesystem(str(location))
     return remote_fs.get_file_info(path).type != fs.FileType.NotFound
 
 
@@ -261,11 +299,18 @@ def list_dir(uri: str) -> list[str]:
     return sorted(info.base_name for info in infos)
 
 
-def delete(uri: str) -> None:
-    """Remove a file or everything under a prefix; nothing there is fine."""
+def delete(location: str | Path) -> None:
+    """Remove a file, or everything under a directory or prefix; nothing there is fine."""
+    if not is_remote(location):
+        path = Path(location)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+        return
     from pyarrow import fs
 
-    remote_fs, path = filesystem(uri)
+    remote_fs, path = filesystem(str(location))
     kind = remote_fs.get_file_info(path).type
     if kind == fs.FileType.File:
         remote_fs.delete_file(path)
