@@ -24,6 +24,8 @@ from rlhf_jobs import run_lock, storage
 
 MARKER = "rlhf_stage.json"
 MODEL_NAMES = {"sft": "SFT model", "rm": "reward model", "ppo": "PPO policy"}  # what each stage leaves
+FINAL_MODEL_LATER = ("; the training state in General.output_dir is intact: free some space, then run the same "
+                     "command again to write the final model from it")
 
 
 class CheckpointError(ValueError):
@@ -184,11 +186,13 @@ def write_atomically(directory: str | Path, write: Callable[[Path], None], marke
     if storage.is_remote(directory):
         return _write_remote(str(directory), write, marker)
     directory = Path(directory).resolve()
-    directory.parent.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex[:8]
     staging = directory.with_name(f".{directory.name}.tmp-{token}")
-    write(staging)
-    (staging / MARKER).write_text(json.dumps({**marker, "written_at": time.time()}, indent=2) + "\n")
+    with storage.writing(directory, "the final model", cleanup=lambda: shutil.rmtree(staging, ignore_errors=True),
+                         then=FINAL_MODEL_LATER):
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        write(staging)
+        (staging / MARKER).write_text(json.dumps({**marker, "written_at": time.time()}, indent=2) + "\n")
     previous = directory.with_name(f".{directory.name}.old-{token}")
     if directory.exists():
         directory.rename(previous)
@@ -207,7 +211,9 @@ def _write_remote(uri: str, write: Callable[[Path], None], marker: dict[str, Any
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix="publish-") as temporary:
         staging = Path(temporary) / "model"
-        write(staging)
+        with storage.writing(staging, f"the final model for {uri} (staged in {storage.CACHE_ENV})",
+                             then=FINAL_MODEL_LATER):
+            write(staging)
         storage.delete(storage.join(uri, MARKER))
         storage.delete(uri)
         storage.upload_tree(staging, uri, skip=(MARKER,))

@@ -20,11 +20,14 @@ machine without credentials would wait on the metadata service instead of failin
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -37,6 +40,10 @@ CACHE_ENV = "RLHF_JOBS_CACHE_DIR"
 
 class StorageError(ConfigError):
     """A remote location that cannot be used: no credentials, no such bucket, no access."""
+
+
+class DiskFull(StorageError):
+    """No space left where a run writes; the message is one line naming the path and the space needed."""
 
 
 def is_remote(location: str | os.PathLike[str] | None) -> bool:
@@ -248,10 +255,11 @@ def write_text(location: str | Path, text: str) -> None:
     """Replace one file or object with `text` (a local file is written beside it, then renamed into place)."""
     if not is_remote(location):
         path = Path(location)
-        path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        temporary.write_text(text)
-        os.replace(temporary, path)
+        with writing(path, path.name, cleanup=lambda: temporary.unlink(missing_ok=True)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(text)
+            os.replace(temporary, path)
         return
     remote_fs, path = filesystem(str(location))
     with remote_fs.open_output_stream(path) as stream:
@@ -266,13 +274,18 @@ def create_text(location: str | Path, text: str) -> bool:
     instant can both see their own text (`run_lock` notices at its next renewal)."""
     if not is_remote(location):
         path = Path(location)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(text)
+        with writing(path, path.name):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            try:
+                with os.fdopen(descriptor, "w") as handle:
+                    handle.write(text)
+            except BaseException:
+                path.unlink(missing_ok=True)  # not a torn file that looks taken
+                raise
         return True
     if exists(str(location)):
         return False
@@ -316,6 +329,85 @@ def delete(location: str | Path) -> None:
         remote_fs.delete_file(path)
     elif kind == fs.FileType.Directory:
         remote_fs.delete_dir(path)
+
+
+# ---- a full disk ----------------------------------------------------------------------------------------
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+NO_SPACE_WORDS = ("No space left on device", "Disk quota exceeded")
+
+
+def _errors(error: BaseException) -> Iterator[BaseException]:
+    """`error`, its causes and contexts, and the per-rank errors a `torch.distributed.checkpoint` failure holds."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        pending += [current.__cause__, current.__context__]
+        for failure in (getattr(current, "failures", None) or {}).values():  # CheckpointException: rank -> (error, tb)
+            pending.append(failure[0] if isinstance(failure, tuple) else failure)
+
+
+def no_space(error: BaseException) -> bool:
+    """Whether `error` says a disk is full (ENOSPC, EDQUOT, or their words in a wrapped message)."""
+    return any(
+        (isinstance(item, OSError) and item.errno in NO_SPACE) or any(word in str(item) for word in NO_SPACE_WORDS)
+        for item in _errors(error) if isinstance(item, BaseException)
+    )
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free space (for this user) on the file system holding `path`, or its nearest existing parent."""
+    existing = Path(path).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        return shutil.disk_usage(existing).free
+    except OSError:
+        return None
+
+
+def mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB" if size < 2**30 else f"{size / 2**30:.2f} GiB"
+
+
+def require_free(path: str | Path, needed: int, what: str, then: str = "") -> None:
+    """`DiskFull` when less than `needed` bytes are free at the local `path` (before a writer that would fail badly)."""
+    if is_remote(path):
+        return
+    free = free_bytes(path)
+    if free is not None and free < needed:
+        raise DiskFull(f"no space left on device at {path} (at least {mib(needed)} needed for {what}; {mib(free)} "
+                       f"free there){then}")
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, what: str, needed: Callable[[], int | None] | None = None,
+            cleanup: Callable[[], None] | None = None, then: str = "") -> Iterator[None]:
+    """Writing `what` at the local `path`: a full disk becomes one `DiskFull` line naming the path, the space `what`
+    needs (`needed()`, bytes) and the space free, and ending with `then` (what is intact, what to do).
+
+    `cleanup` removes what the failed write left (a partial checkpoint, a staging directory), whatever the error.
+    Some writers lose the errno (torch's zip writer raises "unexpected pos"), so an error is also taken for a full
+    disk when, after the cleanup, less than `needed()` is free."""
+    try:
+        yield
+    except BaseException as err:
+        if is_remote(path) or isinstance(err, KeyboardInterrupt | SystemExit):
+            raise
+        size = needed() if needed is not None else None
+        if cleanup is not None:
+            cleanup()
+        free = free_bytes(path)
+        if not (no_space(err) or (size is not None and free is not None and free < size)):
+            raise
+        needs = f", about {mib(size)}" if size else ""
+        room = f"; {mib(free)} free there" if free is not None else ""
+        raise DiskFull(f"no space left on device at {path} (writing {what}{needs}{room}){then}") from None
 
 
 # ---- pre-flight ----------------------------------------------------------------------------------

@@ -90,6 +90,16 @@ def _short(error: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_tensor_bytes(item) for item in value)
+    return 0
+
+
 def verify(path: Path) -> str | None:
     """What is wrong with the checkpoint in `path`, naming the file, or None when it is whole: `complete.json`
     parses, every file it lists has its recorded size, every byte range of the tensor index (DCP's `.metadata`)
@@ -158,31 +168,56 @@ class TrainState:
         _barrier()
 
     def save(self, step: int, tensors: dict[str, Any], extra: dict[str, Any]) -> Path:
-        """Every rank calls it: each writes its shard of `tensors`, rank 0 `extra`, then the commit marker."""
+        """Every rank calls it: each writes its shard of `tensors`, rank 0 `extra`, then the commit marker.
+
+        A full disk is one `storage.DiskFull` line naming the path and the size of a checkpoint; the partial
+        directory is removed, and the last complete checkpoint (cleaned only after a new one is complete) stays."""
         import torch.distributed.checkpoint as dcp
 
         path = self.root / f"step-{step:08d}"
-        if self.worker.is_main:
-            shutil.rmtree(path, ignore_errors=True)  # a partial one from a killed attempt
-            path.mkdir(parents=True)
-        _barrier()
-        with _alone_is_fine():
-            dcp.save(tensors, checkpoint_id=str(path))
-        if self.worker.is_main:
-            torch.save(extra, path / EXTRA)
-        _barrier()
-        if self.remote:
-            self.remote.upload_shards(path)
+        with storage.writing(path, f"checkpoint {path.name}", needed=lambda: self._size_estimate(tensors),
+                             cleanup=lambda: shutil.rmtree(path, ignore_errors=True), then=self._what_stays()):
+            if self.worker.is_main:
+                shutil.rmtree(path, ignore_errors=True)  # a partial one from a killed attempt
+                path.mkdir(parents=True)
             _barrier()
-        if self.worker.is_main:
-            files = storage.file_sizes(self.remote.step_uri(path) if self.remote else path)  # every node's files
-            files.pop(COMPLETE, None)
-            (path / COMPLETE).write_text(json.dumps({"step": step, "time": time.time(),
-                                                     "world_size": self.worker.world_size, "files": files}) + "\n")
+            with _alone_is_fine():
+                dcp.save(tensors, checkpoint_id=str(path))
+            if self.worker.is_main:
+                torch.save(extra, path / EXTRA)
+            _barrier()
             if self.remote:
-                self.remote.commit(path)
+                self.remote.upload_shards(path)
+                _barrier()
+            if self.worker.is_main:
+                files = storage.file_sizes(self.remote.step_uri(path) if self.remote else path)  # every node's
+                files.pop(COMPLETE, None)
+                (path / COMPLETE).write_text(json.dumps({"step": step, "time": time.time(),
+                                                         "world_size": self.worker.world_size, "files": files}) + "\n")
+                if self.remote:
+                    self.remote.commit(path)
         self.clean()
         return path
+
+    def _what_stays(self) -> str:
+        latest = self.latest()
+        if latest is None:
+            return "; no checkpoint of this run is complete yet: free some space, then run the same command again"
+        return (f"; the last complete checkpoint, {latest.name}, is intact: free some space, then run the same "
+                "command again to resume from it")
+
+    def _size_estimate(self, tensors: dict[str, Any]) -> int | None:
+        """Bytes a checkpoint takes: the last one's files, else the tensors' (DTensors count their global size)."""
+        latest = self.latest()
+        if latest is not None:
+            try:
+                return sum(json.loads((latest / COMPLETE).read_text()).get("files", {}).values()) or None
+            except (OSError, ValueError, TypeError):
+                pass
+        try:
+            return _tensor_bytes({name: state.state_dict() for name, state in tensors.items()}) or None
+        except Exception:  # an estimate only; the message then says less
+            return None
 
     def load(self, tensors: dict[str, Any]) -> dict[str, Any] | None:
         """Load the newest intact checkpoint into `tensors` (in place) and return its `extra`; None when

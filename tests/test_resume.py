@@ -193,3 +193,100 @@ def test_a_broken_newest_checkpoint_is_moved_aside_and_the_previous_one_resumed(
     for step in (5, 6):
         assert resumed[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-6), step
     assert_same_weights(tmp_path / "split" / "model", tmp_path / "whole" / "model", rtol=1e-6, atol=1e-7)
+
+
+# ---- a full disk ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 64 MiB tmpfs (root with CAP_SYS_ADMIN only: a real 'No space left on device'); skipped elsewhere, where
+    the test below simulates the error at the write call instead."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64M", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def checkpoint_files(step_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(step_dir.iterdir())}
+
+
+def one_error_line(err: str, expected: str) -> str:
+    """The only `error:` line, which is the last line, starting with `expected`."""
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err[-3000:]
+    assert errors[0].startswith(expected), errors[0]
+    return errors[0]
+
+
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays(small_disk: Path, tiny_model: Path, tmp_path: Path,
+                                                               capfd) -> None:
+    """It used to be 214 lines and 7 tracebacks that never said 'No space left'."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    config = local_config("sft", base_model=tiny_model, output_dir=small_disk / "out", checkpoint_dir=tmp_path / "m")
+    config["Training"].update(num_training_workers=1, epochs=1, max_train_steps=6, save_steps=2, logging_steps=1)
+    path = write_config(tmp_path / "sft.yaml", config)
+    run("sft", config, path, "--in-process", "--stop-at-step", "2")
+    checkpoints = small_disk / "out" / "checkpoints"
+    kept = checkpoint_files(checkpoints / "step-00000002")
+    size = sum(map(len, kept.values()))
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - size // 2))  # half a checkpoint left free
+
+    full = subprocess.run([sys.executable, "-m", "rlhf_jobs.cli", "train", "sft", "--config_path", str(path),
+                           "--in-process"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 2, full.stdout[-2000:] + full.stderr[-3000:]
+    assert "Traceback" not in full.stdout + full.stderr, full.stderr[-3000:]
+    line = one_error_line(full.stderr, f"error: no space left on device at {checkpoints / 'step-00000004'} (writing "
+                                       "checkpoint step-00000004, about ")
+    assert line.endswith("the last complete checkpoint, step-00000002, is intact: free some space, then run the same "
+                         "command again to resume from it")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002"], "the partial one is removed"
+    assert checkpoint_files(checkpoints / "step-00000002") == kept
+    assert not (small_disk / "out.lock").exists()
+
+    filler.unlink()
+    assert main(["train", "sft", "--config_path", str(path), "--in-process"]) == 0
+    assert "resuming at epoch 1, step 2/6" in capfd.readouterr().out
+    assert json.loads((tmp_path / "m" / "rlhf_stage.json").read_text())["step"] == 6
+
+
+def test_a_full_disk_at_the_write_call_is_one_line_too(tiny_model: Path, tmp_path: Path, capfd, monkeypatch) -> None:
+    """Where no tmpfs can be mounted: the state file's write fails with ENOSPC half-way (as torch.save does on a
+    full disk), and the same line comes out."""
+    import errno
+
+    config = local_config("sft", base_model=tiny_model, output_dir=tmp_path / "out", checkpoint_dir=tmp_path / "m")
+    config["Training"].update(num_training_workers=1, epochs=1, max_train_steps=6, save_steps=2, logging_steps=1)
+    path = write_config(tmp_path / "sft.yaml", config)
+    run("sft", config, path, "--in-process", "--stop-at-step", "2")
+    checkpoints = tmp_path / "out" / "checkpoints"
+    kept = checkpoint_files(checkpoints / "step-00000002")
+    save = torch.save
+
+    def disk_fills_up(obj, f, *args, **kwargs):
+        if str(f).endswith("step-00000004/state.pt"):
+            Path(f).write_bytes(b"PK\x03\x04")
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_fills_up)
+    capfd.readouterr()
+    assert main(["train", "sft", "--config_path", str(path), "--in-process"]) == 2
+    one_error_line(capfd.readouterr().err, f"error: no space left on device at {checkpoints / 'step-00000004'} "
+                                           "(writing checkpoint step-00000004, about ")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002"]
+    assert checkpoint_files(checkpoints / "step-00000002") == kept

@@ -220,3 +220,22 @@ def test_a_broken_newest_checkpoint_in_s3_is_moved_aside_and_the_previous_one_re
     storage.download_file(f"{root}/sft-output/checkpoints/{kept}/{shard}", tmp_path / "kept")
     assert (tmp_path / "kept").read_bytes() == truncated, "nothing deleted"
     assert json.loads((tmp_path / "m" / "rlhf_stage.json").read_text())["step"] == 5
+
+
+def test_a_full_disk_while_writing_a_final_model_keeps_the_old_one(tmp_path):
+    import errno
+
+    from rlhf_jobs.storage import DiskFull
+
+    model = tmp_path / "model"
+    write_atomically(model, write_files(2, "old"), {"stage": "sft"})
+
+    def disk_fills_up(directory: Path) -> None:
+        write_files(1, "new")(directory)
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory / "model.safetensors"))
+
+    with pytest.raises(DiskFull, match=rf"^no space left on device at {model} \(writing the final model; [0-9.]+ \w+ "
+                                       r"free there\); the training state in General\.output_dir is intact"):
+        write_atomically(model, disk_fills_up, {"stage": "sft"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "no staging directory left"
+    assert (model / "part-001.bin").read_text() == "old-1" and read_marker(model)["stage"] == "sft"
