@@ -290,3 +290,41 @@ def test_a_full_disk_at_the_write_call_is_one_line_too(tiny_model: Path, tmp_pat
                                            "(writing checkpoint step-00000004, about ")
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002"]
     assert checkpoint_files(checkpoints / "step-00000002") == kept
+
+
+def _two_ranks_resume_past_a_broken_checkpoint(rank: int, world_size: int, root: str) -> tuple[int, float]:
+    from rlhf_jobs.train_state import ModelState, TrainState
+    from rlhf_jobs.worker import Worker
+
+    worker = Worker(rank, world_size, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64)
+    tensors = {"model": ModelState(model, torch.optim.AdamW(model.parameters()))}
+    store = TrainState(root, worker)
+    for step in (2, 4):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        store.save(step, tensors, {"step": step})
+    torch.distributed.barrier()
+    if rank == 0:
+        truncate_shard_of(Path(root) / "checkpoints" / "step-00000004")
+    torch.distributed.barrier()
+    with torch.no_grad():
+        model.weight.zero_()
+    extra = store.load(tensors)
+    return extra["step"], model.weight.mean().item()
+
+
+def truncate_shard_of(step_dir: Path) -> None:
+    shard = max(step_dir.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[:10])
+
+
+def test_every_rank_resumes_from_the_same_checkpoint_past_a_broken_one(tmp_path: Path) -> None:
+    """Rank 0 checks and moves aside; every rank then loads the previous complete checkpoint (no hang)."""
+    from process_group import run_processes
+
+    results = run_processes(_two_ranks_resume_past_a_broken_checkpoint, 2, str(tmp_path), timeout=120)
+    assert results == [(2, 2.0), (2, 2.0)]
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names[0] == "step-00000002" and names[1].startswith("step-00000004.broken-") and len(names) == 2
