@@ -33,11 +33,8 @@ class CheckpointError(ValueError):
 
 
 def read_marker(directory: str | Path) -> dict[str, Any] | None:
-    if storage.is_remote(directory):
-        text = storage.read_text(storage.join(str(directory), MARKER))
-        return json.loads(text) if text is not None else None
-    path = Path(directory) / MARKER
-    return json.loads(path.read_text()) if path.is_file() else None
+    text = storage.read_text(storage.join(str(directory), MARKER))
+    return json.loads(text) if text is not None else None
 
 
 def require_stage(directory: str | Path, stage: str, key: str) -> dict[str, Any]:

@@ -63,11 +63,7 @@ def digest(identity: dict[str, Any]) -> str:
 
 def read(output_dir: str | Path) -> dict[str, Any] | None:
     """The identity recorded in `output_dir` (a local path or an object-storage URI), or None."""
-    if storage.is_remote(output_dir):
-        text = storage.read_text(storage.join(str(output_dir), IDENTITY_FILE))
-    else:
-        path = Path(output_dir) / IDENTITY_FILE
-        text = path.read_text() if path.is_file() else None
+    text = storage.read_text(storage.join(str(output_dir), IDENTITY_FILE))
     return json.loads(text)["identity"] if text is not None else None
 
 
@@ -192,10 +188,6 @@ def restart_moves(config: StageConfig) -> tuple[tuple[str, str], ...]:
         marker_output_dir(marker) == run_location(output_dir)
     )
     for path in (output_dir, checkpoint_dir if ours else None):
-        if path is not None and _exists(path):
+        if path is not None and storage.exists(path):
             moved.append((str(path), str(move_aside(path))))
     return tuple(moved)
-
-
-def _exists(location: str) -> bool:
-    return storage.exists(location) if storage.is_remote(location) else Path(location).exists()

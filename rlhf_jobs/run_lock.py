@@ -36,8 +36,10 @@ from rlhf_jobs import storage
 from rlhf_jobs.config import ConfigError
 
 SUFFIX = ".lock"
-RENEW_S = 30.0
-LEASE_S = 120.0  # not renewed for this long: the owner is gone
+# A lease short enough that a replaced pod (a KubeRay retry: a new head pod, another host) rarely waits for it,
+# long enough for a busy driver's renewal thread (one small write each time).
+RENEW_S = 10.0
+LEASE_S = 45.0  # not renewed for this long: the owner is gone
 _held: dict[str, Lock] = {}  # the locks this process holds, by location
 
 
