@@ -219,6 +219,16 @@ def checkpoint_files(step_dir: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(step_dir.iterdir())}
 
 
+def stopped_at_step_2(tiny_model: Path, output_dir: Path, tmp_path: Path) -> tuple[Path, Path, dict[str, bytes]]:
+    """A 6-step one-worker SFT run stopped after step 2: its config file, checkpoints directory and step 2's files."""
+    config = local_config("sft", base_model=tiny_model, output_dir=output_dir, checkpoint_dir=tmp_path / "m")
+    config["Training"].update(num_training_workers=1, epochs=1, max_train_steps=6, save_steps=2, logging_steps=1)
+    path = tmp_path / "sft.yaml"
+    run("sft", config, path, "--in-process", "--stop-at-step", "2")
+    checkpoints = output_dir / "checkpoints"
+    return path, checkpoints, checkpoint_files(checkpoints / "step-00000002")
+
+
 def one_error_line(err: str, expected: str) -> str:
     """The only `error:` line, which is the last line, starting with `expected`."""
     errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -236,12 +246,7 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays(small_disk: Path,
 
     from conftest import REPO
 
-    config = local_config("sft", base_model=tiny_model, output_dir=small_disk / "out", checkpoint_dir=tmp_path / "m")
-    config["Training"].update(num_training_workers=1, epochs=1, max_train_steps=6, save_steps=2, logging_steps=1)
-    path = write_config(tmp_path / "sft.yaml", config)
-    run("sft", config, path, "--in-process", "--stop-at-step", "2")
-    checkpoints = small_disk / "out" / "checkpoints"
-    kept = checkpoint_files(checkpoints / "step-00000002")
+    path, checkpoints, kept = stopped_at_step_2(tiny_model, small_disk / "out", tmp_path)
     size = sum(map(len, kept.values()))
     filler = small_disk / "filler"
     filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - size // 2))  # half a checkpoint left free
@@ -269,12 +274,7 @@ def test_a_full_disk_at_the_write_call_is_one_line_too(tiny_model: Path, tmp_pat
     full disk), and the same line comes out."""
     import errno
 
-    config = local_config("sft", base_model=tiny_model, output_dir=tmp_path / "out", checkpoint_dir=tmp_path / "m")
-    config["Training"].update(num_training_workers=1, epochs=1, max_train_steps=6, save_steps=2, logging_steps=1)
-    path = write_config(tmp_path / "sft.yaml", config)
-    run("sft", config, path, "--in-process", "--stop-at-step", "2")
-    checkpoints = tmp_path / "out" / "checkpoints"
-    kept = checkpoint_files(checkpoints / "step-00000002")
+    path, checkpoints, kept = stopped_at_step_2(tiny_model, tmp_path / "out", tmp_path)
     save = torch.save
 
     def disk_fills_up(obj, f, *args, **kwargs):
