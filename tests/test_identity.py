@@ -5,6 +5,7 @@ restart (moving aside, never deleting), inputs re-trained upstream, the pipeline
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -160,3 +161,143 @@ def test_in_object_storage_a_restart_copies_the_run_aside(s3_env, tiny_model: Pa
     assert storage.read_text(storage.join(target, "checkpoints", "step-00000002", "state.pt")) == "weights"
     assert markers.read_identity(target) == identity.compute(first)
     assert identity.check(changed).action == "fresh"
+
+
+# ---- one run at a time per output_dir --------------------------------------------------------------------
+
+
+def test_a_second_run_on_a_running_output_dir_is_refused_and_the_first_goes_on(
+    tiny_model: Path, tmp_path: Path, capsys
+) -> None:
+    """Two runs on one output_dir used to share it: the second resumed from the first's in-progress checkpoint
+    and the first died with a traceback."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from rlhf_jobs.store import run_lock
+
+    config = local_config("sft", base_model=tiny_model, output_dir=tmp_path / "out", checkpoint_dir=tmp_path / "model")
+    config["Training"].update(num_training_workers=1, logging_steps=1, save_steps=2, epochs=3)
+    path = str(write_config(tmp_path / "sft.yaml", config))
+    log = tmp_path / "first.log"
+    first = subprocess.Popen([sys.executable, "-m", "rlhf_jobs.cli", "train", "sft", "--config_path", path,
+                              "--in-process"], cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    lock = Path(run_lock.location(tmp_path / "out"))
+    try:
+        deadline = time.monotonic() + 120
+        while first.poll() is None and not (tmp_path / "out" / "metrics.jsonl").is_file():
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        assert first.poll() is None and json.loads(lock.read_text())["pid"] == first.pid, log.read_text()[-3000:]
+        capsys.readouterr()
+        assert main(["train", "sft", "--config_path", path, "--in-process"]) == 2
+        err = capsys.readouterr().err
+        assert first.poll() is None, "the first run was still running while the second was refused"
+        assert len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"error: General.output_dir: {tmp_path / 'out'} is in use by another run: pid "
+                              f"{first.pid} on host ")
+        assert f"rm {lock}" in err
+        assert first.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert "Traceback" not in log.read_text()
+    assert read_steps(tmp_path / "out") == list(range(1, read_steps(tmp_path / "out")[-1] + 1)), "one run's steps"
+    assert (tmp_path / "model" / MARKER).is_file() and not lock.exists(), "released at the end"
+    assert not list(tmp_path.glob("out.replaced-*")), "nothing moved"
+
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def write_lock(output_dir: Path | str, **owner: object) -> str:
+    from rlhf_jobs.store import run_lock, storage
+
+    lock = run_lock.location(output_dir)
+    now = time.time()
+    storage.write_text(lock, json.dumps({**run_lock._this_machine(), "pid": 1, "command": "rlhf-jobs train sft",
+                                         "started_at": now, "renewed_at": now, "token": "theirs", **owner}))
+    return lock
+
+
+def test_a_lock_left_by_a_dead_process_on_this_host_is_taken_over(tmp_path: Path, capsys) -> None:
+    from rlhf_jobs.store import run_lock
+
+    lock = write_lock(tmp_path / "out", pid=dead_pid())
+    with run_lock.holding(tmp_path / "out"):
+        assert json.loads(Path(lock).read_text())["pid"] == os.getpid()
+    assert f"taking over the lock {lock} of a run that is gone (process " in capsys.readouterr().out
+    assert not Path(lock).exists()
+
+
+def test_a_live_lock_of_another_host_is_refused_until_its_lease_runs_out(tmp_path: Path) -> None:
+    from rlhf_jobs.store import run_lock
+
+    lock = write_lock(tmp_path / "out", host="node-7", pid=4242, boot_id="other-boot")
+    with pytest.raises(run_lock.LockHeld, match=rf"is in use by another run: pid 4242 on host node-7 \(rlhf-jobs "
+                                                 rf"train sft\), started .*; wait for that run to end, or if it is "
+                                                 rf"gone for good, rm {lock} "):
+        run_lock.acquire(tmp_path / "out")
+    assert json.loads(Path(lock).read_text())["token"] == "theirs", "untouched"
+    write_lock(tmp_path / "out", host="node-7", pid=4242, boot_id="other-boot",
+               renewed_at=time.time() - run_lock.LEASE_S - 1)
+    with run_lock.holding(tmp_path / "out") as held:
+        assert json.loads(Path(lock).read_text())["token"] == held.owner["token"]
+
+
+def test_the_lock_is_renewed_while_held_and_released_on_failure(tmp_path: Path, monkeypatch) -> None:
+    from rlhf_jobs.store import run_lock
+
+    monkeypatch.setattr(run_lock, "RENEW_S", 0.05)
+    lock = Path(run_lock.location(tmp_path / "out"))
+    with pytest.raises(RuntimeError, match="training crashed"), run_lock.holding(tmp_path / "out") as held:
+        started = json.loads(lock.read_text())["renewed_at"]
+        deadline = time.monotonic() + 10
+        while json.loads(lock.read_text())["renewed_at"] == started:
+            assert time.monotonic() < deadline, "never renewed"
+            time.sleep(0.05)
+        assert held.owner["renewed_at"] > started
+        raise RuntimeError("training crashed")
+    assert not lock.exists()
+
+
+def test_a_running_output_dir_is_not_moved_aside(tiny_model: Path, tmp_path: Path) -> None:
+    """A restart (or a pipeline re-running a stage) must not move a live run's output_dir away from it."""
+    import subprocess
+    import sys
+
+    from rlhf_jobs.store.run_lock import LockHeld
+
+    output_dir = started_run(sft_config(tmp_path, tiny_model))
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        write_lock(output_dir, pid=owner.pid)
+        with pytest.raises(LockHeld, match=f"pid {owner.pid} on host"):
+            identity.check(sft_config(tmp_path, tiny_model, epochs=2), "restart")
+        assert (output_dir / "ray_train" / "checkpoint_000000" / "train_state.pt").is_file()
+    finally:
+        owner.kill()
+        owner.wait()
+
+
+def test_in_object_storage_the_lock_is_an_object(s3_env, tmp_path: Path) -> None:
+    from servers import BUCKET
+
+    from rlhf_jobs.store import run_lock, storage
+
+    output_dir = f"s3://{BUCKET}/{tmp_path.name}/out"
+    with run_lock.holding(output_dir) as held:
+        assert held.location == f"{output_dir}.lock"
+        assert json.loads(storage.read_text(held.location))["pid"] == os.getpid()
+        with pytest.raises(run_lock.LockHeld, match=rf"wait for that run to end, or if it is gone for good, delete "
+                                                     rf"the object {output_dir}\.lock "):
+            run_lock.acquire(output_dir)  # this process's own run is alive: refused like any other
+    assert not storage.exists(f"{output_dir}.lock")

@@ -34,6 +34,9 @@ class RecordingBackend(LocalBackend):
         self.configs[stage] = config
         if stage == self.fail:
             raise RuntimeError(f"{stage} crashed")
+        final = Path(config["General"]["checkpoint_dir"])  # what a stage leaves: its final model and marker
+        final.mkdir(parents=True, exist_ok=True)
+        (final / "rlhf_stage.json").write_text(json.dumps({"stage": stage}))
 
 
 @pytest.fixture
@@ -217,9 +220,6 @@ def test_a_subset_whose_input_is_missing_fails_before_anything_runs(tmp_path: Pa
 
 def test_a_stage_runs_on_the_models_earlier_runs_of_the_pipeline_finished(tmp_path: Path, config_dir: Path) -> None:
     run_pipeline(RecordingBackend(tmp_path / "run"), PipelineOptions(config_dir=config_dir))
-    for stage in ("sft", "rm"):  # what the real trainers would have left
-        (tmp_path / "run" / stage).mkdir()
-        (tmp_path / "run" / stage / "rlhf_stage.json").write_text(json.dumps({"stage": stage}))
     (config_dir / "sft.yaml").unlink()
     (config_dir / "rm.yaml").unlink()
     again = RecordingBackend(tmp_path / "run")
@@ -249,7 +249,7 @@ def test_a_changed_or_forced_stage_moves_its_old_outputs_aside(tmp_path: Path, c
     run = tmp_path / "run"
     run_pipeline(RecordingBackend(run), PipelineOptions(config_dir=config_dir))
     for name in ("rm-output", "rm"):
-        (run / name).mkdir()
+        (run / name).mkdir(exist_ok=True)
         (run / name / "weights").write_text(name)
     changed = RecordingBackend(run)
     run_pipeline(changed, PipelineOptions(config_dir=config_dir, overrides=["rm.Training.epochs=2"]))
@@ -301,3 +301,40 @@ def test_in_process_pipeline_runs_every_stage_without_ray(tmp_path: Path) -> Non
         "sft": "succeeded", "rm": "succeeded", "ppo": "succeeded"}
     assert "RayTrainWorker" not in done.stdout + done.stderr, "no Ray worker started"
     assert (workdir / "ppo" / "rlhf_stage.json").is_file()
+
+
+def test_a_stage_whose_marker_is_gone_is_not_finished(tmp_path: Path, config_dir: Path) -> None:
+    """It used to be skipped as finished (and so was every stage after it)."""
+    run = tmp_path / "run"
+    options = PipelineOptions(config_dir=config_dir)
+    run_pipeline(RecordingBackend(run), options)
+    (run / "rm" / "rlhf_stage.json").unlink()
+    (run / "rm" / "weights").write_text("the old reward model")
+    steps = {p.stage: (p.action, p.reason) for p in plan(RecordingBackend(run), options)}
+    assert steps == {"sft": ("skip", "finished with the same config"),
+                     "rm": ("run", "recorded as finished, but its final model has no rlhf_stage.json"),
+                     "ppo": ("run", "rm runs again")}
+    again = RecordingBackend(run)
+    run_pipeline(again, options)
+    assert again.ran == ["rm", "ppo"]
+    [kept] = run.glob("rm.replaced-*")
+    assert (kept / "weights").read_text() == "the old reward model", "moved aside, not deleted"
+
+
+def test_from_stage_checks_its_inputs_before_moving_anything(tmp_path: Path, config_dir: Path) -> None:
+    """`--from-stage ppo` with the SFT marker gone used to move the finished PPO model aside, then fail."""
+    run = tmp_path / "run"
+    run_pipeline(RecordingBackend(run), PipelineOptions(config_dir=config_dir))
+    (run / "sft" / "rlhf_stage.json").unlink()
+    before = sorted(p.name for p in run.iterdir())
+    backend = RecordingBackend(run)
+    expected = (rf"ppo\.yaml: General\.model_pretrain: {run.resolve() / 'sft'} has no rlhf_stage\.json, so it is not "
+                r"a finished SFT checkpoint; run the SFT stage first")
+    with pytest.raises(CheckpointError, match=expected):
+        run_pipeline(backend, PipelineOptions(config_dir=config_dir, stages=["ppo"], from_stage="ppo"))
+    assert backend.ran == [] and sorted(p.name for p in run.iterdir()) == before
+    assert json.loads((run / "ppo" / "rlhf_stage.json").read_text())["stage"] == "ppo"
+    # With every stage selected, the unfinished SFT stage runs first, and the stages built on it after it.
+    everything = RecordingBackend(run)
+    run_pipeline(everything, PipelineOptions(config_dir=config_dir, from_stage="ppo"))
+    assert everything.ran == ["sft", "rm", "ppo"]

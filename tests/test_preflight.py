@@ -156,3 +156,58 @@ def test_offline_mode_without_the_model_in_the_cache(tmp_path: Path) -> None:
     assert seconds < 15
 
 
+
+
+# ---- locations: a `scheme:` that is not a URL the key takes --------------------------------------------
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("output_dir", "s3:/bucket/x", "not a URL: 's3:' is not followed by '//' (expected s3://bucket/prefix)"),
+    ("checkpoint_dir", "s3:bucket/x", "not a URL: 's3:' is not followed by '//' (expected s3://bucket/prefix)"),
+    ("base_model", "gs://bucket/model", "unsupported storage scheme 'gs'"),
+    ("output_dir", "file:///tmp/out", "file: URLs are not taken here; write the local path itself (/tmp/out)"),
+    ("checkpoint_dir", "file:model", "not a URL: 'file:' is not followed by '//'"),
+    ("output_dir", "s3:///out", "no bucket in the URL"),
+    ("train_file", "s3:/bucket/data.jsonl", "not a URL: 's3:' is not followed by '//' (expected e.g. https://"),
+    ("validation_file", "foo://host/data.jsonl", "unknown URL scheme 'foo'"),
+], ids=lambda value: value if isinstance(value, str) and ":" in value else None)
+def test_a_malformed_or_unknown_url_is_refused_naming_key_and_value(
+    key: str, value: str, expected: str, tiny_model: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """`s3:/bucket/x` used to train into a local folder named `s3:`."""
+    monkeypatch.chdir(tmp_path)
+    section = "Dataset" if key.endswith("_file") else "General"
+    config = local_config("sft", base_model=tiny_model, output_dir=tmp_path / "out", checkpoint_dir=tmp_path / "model")
+    config[section][key] = value
+    code = main(["train", "sft", "--config_path", str(write_config(tmp_path / "sft.yaml", config))])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"{section}.{key}: {expected}" in err and f"(got '{value}')" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sft.yaml"], "nothing created"
+
+
+def test_urls_a_key_takes_still_validate(tiny_model: Path) -> None:
+    from rlhf_jobs.core.loading import validate_config
+
+    config = local_config("sft", base_model="./s3:/a-local-folder", output_dir="s3://bucket/run/sft-output",
+                          checkpoint_dir="runs/a:b")
+    config["Dataset"].update(train_file="https://example.com/data.jsonl",
+                             validation_file="simplecache::https://example.com/eval.jsonl")
+    validated = validate_config(config, "sft", paths=False)
+    assert validated.General.output_dir == "s3://bucket/run/sft-output"
+    assert validated.Dataset.validation_file == "simplecache::https://example.com/eval.jsonl"
+
+
+@pytest.mark.helm
+@pytest.mark.skipif(not shutil.which("helm"), reason="needs helm")
+@pytest.mark.parametrize("values", [
+    "configs.sft.General.output_dir=s3:/bucket/x", "configs.ppo.General.rm_pretrain=s3:bucket/rm",
+    "configs.sft.General.base_model=gs://bucket/model", "configs.rm.Dataset.train_file=s3:/bucket/data.jsonl",
+])
+def test_the_chart_refuses_the_same_locations(values: str) -> None:
+    """values.schema.json carries the rule (generated from the config models by `make schema`)."""
+    from chart_helpers import render, render_error
+
+    key = values.split("=")[0].replace(".", "/")
+    assert f"at '/{key}'" in render_error("rlhf-sft", sets=(values,))
+    assert render("rlhf-sft", sets=(values.split("=")[0] + "=s3://bucket/x",))

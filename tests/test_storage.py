@@ -192,3 +192,52 @@ def test_stages_write_to_s3_resume_from_it_and_read_from_it(s3_env, tiny_model, 
     assert third.wait(timeout=400) == 0, (tmp_path / "rm.log").read_text()[-3000:]
     assert json.loads(storage.read_text(f"{root}/rm/rlhf_stage.json"))["stage"] == "rm"
     assert storage.read_text(f"{root}/rm-output/metrics.jsonl")
+
+
+def test_a_broken_newest_checkpoint_in_s3_is_moved_aside_and_the_previous_one_resumed(
+    s3_env, tiny_model, tmp_path, capfd, monkeypatch
+):
+    """The object store is the truth: its truncated shard is set aside there (copied, never deleted), and a run on
+    another node resumes from the previous complete checkpoint."""
+    root = prefix()
+    config = local_config("sft", base_model=tiny_model, output_dir=f"{root}/sft-output", checkpoint_dir=tmp_path / "m")
+    config["Training"].update(num_training_workers=1, epochs=1, max_train_steps=5, save_steps=2, logging_steps=1)
+    path = str(write_config(tmp_path / "sft.yaml", config))
+    assert main(["train", "sft", "--config_path", path, "--in-process", "--stop-at-step", "4"]) == 0
+    step = f"{root}/sft-output/checkpoints/step-00000004"
+    [shard] = [name for name in storage.list_dir(step) if name.endswith(".distcp")]
+    storage.download_file(f"{step}/{shard}", tmp_path / "shard")
+    truncated = (tmp_path / "shard").read_bytes()[:100]
+    (tmp_path / "shard").write_bytes(truncated)
+    storage.upload_file(tmp_path / "shard", f"{step}/{shard}")
+    capfd.readouterr()
+
+    monkeypatch.setenv("RLHF_JOBS_CACHE_DIR", str(tmp_path / "other-node-cache"))
+    assert main(["train", "sft", "--config_path", path, "--in-process"]) == 0
+    out = capfd.readouterr().out
+    assert f"[resume] checkpoint {step} is broken: {shard} is 100 bytes, complete.json recorded " in out, out[-3000:]
+    assert "resuming at epoch 1, step 2/5" in out
+    [kept] = [name for name in storage.list_dir(f"{root}/sft-output/checkpoints") if ".broken-" in name]
+    assert kept.startswith("step-00000004.broken-")
+    storage.download_file(f"{root}/sft-output/checkpoints/{kept}/{shard}", tmp_path / "kept")
+    assert (tmp_path / "kept").read_bytes() == truncated, "nothing deleted"
+    assert json.loads((tmp_path / "m" / "rlhf_stage.json").read_text())["step"] == 5
+
+
+def test_a_full_disk_while_writing_a_final_model_keeps_the_old_one(tmp_path):
+    import errno
+
+    from rlhf_jobs.store.storage import DiskFull
+
+    model = tmp_path / "model"
+    write_atomically(model, write_files(2, "old"), {"stage": "sft"})
+
+    def disk_fills_up(directory: Path) -> None:
+        write_files(1, "new")(directory)
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory / "model.safetensors"))
+
+    with pytest.raises(DiskFull, match=rf"^no space left on device at {model} \(writing the final model; [0-9.]+ \w+ "
+                                       r"free there\); the training state in General\.output_dir is intact"):
+        write_atomically(model, disk_fills_up, {"stage": "sft"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "no staging directory left"
+    assert (model / "part-001.bin").read_text() == "old-1" and read_marker(model)["stage"] == "sft"

@@ -8,7 +8,9 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from rlhf_jobs.core import locations
 
 OPTIMIZERS = ("AdamW", "Adam", "SGD", "RMSprop")
 LR_SCHEDULERS = ("linear", "cosine", "constant")
@@ -18,6 +20,23 @@ PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
+
+
+def _location(kind: locations.Kind) -> tuple[AfterValidator, Any]:
+    """Checks of a key that takes a location of `kind`: `locations.problem`, and its pattern in the JSON schema."""
+
+    def check(value: str) -> str:
+        problem = locations.problem(value, kind)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    return AfterValidator(check), Field(json_schema_extra={"pattern": locations.pattern(kind)})
+
+
+# A local path, a hub id or s3://bucket/prefix; and a local path or a URL fsspec opens (locations.py).
+StorageLocation = Annotated[str, *_location(locations.STORAGE)]
+DataLocation = Annotated[str, *_location(locations.DATA)]
 
 
 class Section(BaseModel):
@@ -166,17 +185,17 @@ class StageConfig(Section):
 
 
 class ModelGeneral(Section):
-    base_model: str = Field(description="Hub name or local path of the model to start from.")
-    output_dir: str = Field(description="Ray Train checkpoints (for resume), metrics.jsonl, TensorBoard.")
-    checkpoint_dir: str = Field(description="Where the final Hugging Face model is written.")
+    base_model: StorageLocation = Field(description="Hub name or local path of the model to start from.")
+    output_dir: StorageLocation = Field(description="Ray Train checkpoints (for resume), metrics.jsonl, TensorBoard.")
+    checkpoint_dir: StorageLocation = Field(description="Where the final Hugging Face model is written.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
 
 
 class DataFiles(Section):
     """Where a stage's records are, how validation is held out, how prompts are formatted."""
 
-    train_file: str = Field(description="JSON array or JSONL file: local path or URL.")
-    validation_file: str | None = Field(None, description="Validation data; None = split train_file.")
+    train_file: DataLocation = Field(description="JSON array or JSONL file: local path or URL.")
+    validation_file: DataLocation | None = Field(None, description="Validation data; None = split train_file.")
     validation_split_percentage: Annotated[int, Field(ge=0, le=50)] = Field(
         5, description="Share of train_file held out when there is no validation_file."
     )
@@ -219,12 +238,13 @@ class RMConfig(StageConfig):
 
 
 class PPOGeneral(Section):
-    model_name: str = Field(description="Base policy (hub name or path); used as is if model_pretrain is None.")
-    model_pretrain: str | None = Field(None, description="SFT checkpoint_dir to start the policy from.")
-    rm_name: str = Field(description="Base reward model; used as is if rm_pretrain is None.")
-    rm_pretrain: str | None = Field(None, description="Reward-model checkpoint_dir to score with.")
-    output_dir: str = Field(description="Ray Train checkpoints (for resume), metrics.jsonl, TensorBoard.")
-    checkpoint_dir: str = Field(description="Where the final policy is written.")
+    model_name: StorageLocation = Field(
+        description="Base policy (hub name or path); used as is if model_pretrain is None.")
+    model_pretrain: StorageLocation | None = Field(None, description="SFT checkpoint_dir to start the policy from.")
+    rm_name: StorageLocation = Field(description="Base reward model; used as is if rm_pretrain is None.")
+    rm_pretrain: StorageLocation | None = Field(None, description="Reward-model checkpoint_dir to score with.")
+    output_dir: StorageLocation = Field(description="Ray Train checkpoints (for resume), metrics.jsonl, TensorBoard.")
+    checkpoint_dir: StorageLocation = Field(description="Where the final policy is written.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
 
 

@@ -30,6 +30,7 @@ from rlhf_jobs.core.loading import (
     validate_config,
 )
 from rlhf_jobs.store.checkpoints import require_stage
+from rlhf_jobs.store.markers import MARKER
 
 STAGES = registry.NAMES
 
@@ -120,11 +121,11 @@ def resolve_configs(backend: Backend, options: PipelineOptions) -> dict[str, dic
     """The config of every stage that runs, with pipeline paths and its inputs wired, validated.
 
     A stage's inputs (`Stage.inputs`, and a base model that names another stage's `checkpoint_dir` in the config
-    files) read the final model of the producing stage in this pipeline when that stage runs now or finished in it
-    before; otherwise the config's own value stays (a model elsewhere, or None: the base model as is). Only the
-    stages that run need a config file.
+    files) read the final model of the producing stage in this pipeline when that stage runs now or ran in it
+    before (it must have finished: checked before anything runs); otherwise the config's own value stays (a model
+    elsewhere, or None: the base model as is). Only the stages that run need a config file.
     """
-    available = set(options.stages) | finished_stages(backend)
+    available = set(options.stages) | set(backend.load_record().get("stages", {}))
     raw = {stage: read_config_file(path) for stage in registry.NAMES
            if (path := _config_file(options.config_dir, stage, required=stage in options.stages))}
     original_checkpoints = {stage: str(config.get("General", {}).get("checkpoint_dir", "")) for stage, config in
@@ -180,12 +181,6 @@ def check_inputs(backend: Backend, options: PipelineOptions, stage: str, config:
             require_stage(location, entry.inputs[key], f"{source.of(('General', key))}: General.{key}")
 
 
-def finished_stages(backend: Backend) -> set[str]:
-    """Stages the backend's record says finished (their final models are where the pipeline put them)."""
-    return {stage for stage, entry in backend.load_record().get("stages", {}).items()
-            if entry.get("status") == "succeeded"}
-
-
 def upstream_stages(backend: Backend, stage: str, config: dict[str, Any]) -> set[str]:
     """The stages whose final models this stage's resolved config reads (its edges in the pipeline's graph)."""
     general = config.get("General", {})
@@ -207,22 +202,30 @@ def plan(backend: Backend, options: PipelineOptions) -> list[StagePlan]:
     """What each requested stage will do, and why.
 
     A stage's hash covers its resolved config and the hashes of the stages it reads from (this run's, or the
-    recorded one of a stage finished before), so a change re-runs exactly the stages downstream of it.
+    recorded one of a stage finished before), so a change re-runs exactly the stages downstream of it. A stage
+    recorded as succeeded whose final model lost its marker (a backend that sees final models: `stage_finished`)
+    runs again, and so does every stage downstream of it (they were built on the model it replaces).
     """
     configs = backend.stage_configs(options)
     record = backend.load_record().get("stages", {})
+    finished = getattr(backend, "stage_finished", None)
     hashes: dict[str, str] = {}
-    plans = []
+    plans: list[StagePlan] = []
+    rerun: dict[str, str] = {options.from_stage: f"--from-stage {options.from_stage}"} if options.from_stage else {}
     for stage in options.stages:
         upstream = sorted(upstream_stages(backend, stage, configs[stage]))
         digest = config_hash(configs[stage], [hashes.get(s) or record.get(s, {}).get("config_hash", "") for s in
                                               upstream])
         hashes[stage] = digest
-        forced = stage == options.from_stage or options.from_stage in upstream_closure(backend, stage, configs)
+        why = rerun.get(stage) or next((rerun[s] for s in upstream_closure(backend, stage, configs) if s in rerun),
+                                       None)
         previous = record.get(stage, {})
         same = previous.get("config_hash") == digest
-        if forced:
-            action, reason = "run", f"--from-stage {options.from_stage}"
+        if why:
+            action, reason = "run", why
+        elif same and previous.get("status") == "succeeded" and finished is not None and not finished(stage):
+            action, reason = "run", f"recorded as finished, but its final model has no {MARKER}"
+            rerun[stage] = f"{stage} runs again"
         elif same and previous.get("status") == "succeeded":
             action, reason = "skip", "finished with the same config"
         elif same:

@@ -22,8 +22,11 @@ from typing import Any
 
 from rlhf_jobs.core.errors import CheckpointError
 from rlhf_jobs.core.stages import REGISTRY, get
-from rlhf_jobs.store import storage
+from rlhf_jobs.store import run_lock, storage
 from rlhf_jobs.store.markers import MARKER, marker_output_dir, read_marker, recorded_hash, run_location
+
+FINAL_MODEL_LATER = ("; the training state in General.output_dir is intact: free some space, then run the same "
+                     "command again to write the final model from it")
 
 
 def product(stage: str) -> str:
@@ -100,28 +103,30 @@ def check_overwritable(
         )
 
 
-def move_aside(path: str | Path) -> Path | str:
-    """Move `path` to `<path>.replaced-<time>` beside it (never deleted); returns the new location.
+def move_aside(path: str | Path, label: str = "replaced") -> Path | str:
+    """Move `path` to `<path>.<label>-<time>` beside it (never deleted); returns the new location.
 
     Locally a rename. In object storage, where there is no rename, every object is copied (server side)
     before the old prefix is deleted, and the local mirror of the prefix (`storage.local_dir`) is moved too.
+    An output_dir another live run holds (`run_lock`) is refused.
     """
+    run_lock.refuse_if_in_use(path)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if storage.is_remote(path):
         uri = str(path).rstrip("/")
-        target, number = f"{uri}.replaced-{stamp}", 1
+        target, number = f"{uri}.{label}-{stamp}", 1
         while storage.exists(target):
-            target, number = f"{uri}.replaced-{stamp}-{number}", number + 1
+            target, number = f"{uri}.{label}-{stamp}-{number}", number + 1
         _copy_prefix(uri, target)
         storage.delete(uri)
         if storage.local_dir(uri).exists():
-            move_aside(storage.local_dir(uri))
+            move_aside(storage.local_dir(uri), label)
         return target
     path = Path(path)
-    target = path.with_name(f"{path.name}.replaced-{stamp}")
+    target = path.with_name(f"{path.name}.{label}-{stamp}")
     number = 1
     while target.exists():
-        target = path.with_name(f"{path.name}.replaced-{stamp}-{number}")
+        target = path.with_name(f"{path.name}.{label}-{stamp}-{number}")
         number += 1
     path.rename(target)
     return target
@@ -157,11 +162,13 @@ def write_atomically(directory: str | Path, write: Callable[[Path], None], marke
     if storage.is_remote(directory):
         return _write_remote(str(directory), write, marker)
     directory = Path(directory).resolve()
-    directory.parent.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex[:8]
     staging = directory.with_name(f".{directory.name}.tmp-{token}")
-    write(staging)
-    (staging / MARKER).write_text(json.dumps({**marker, "written_at": time.time()}, indent=2) + "\n")
+    with storage.writing(directory, "the final model", cleanup=lambda: shutil.rmtree(staging, ignore_errors=True),
+                         then=FINAL_MODEL_LATER):
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        write(staging)
+        (staging / MARKER).write_text(json.dumps({**marker, "written_at": time.time()}, indent=2) + "\n")
     previous = directory.with_name(f".{directory.name}.old-{token}")
     if directory.exists():
         directory.rename(previous)
@@ -180,7 +187,9 @@ def _write_remote(uri: str, write: Callable[[Path], None], marker: dict[str, Any
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix="publish-") as temporary:
         staging = Path(temporary) / "model"
-        write(staging)
+        with storage.writing(staging, f"the final model for {uri} (staged in {storage.CACHE_ENV})",
+                             then=FINAL_MODEL_LATER):
+            write(staging)
         storage.delete(storage.join(uri, MARKER))
         storage.delete(uri)
         storage.upload_tree(staging, uri, skip=(MARKER,))

@@ -68,16 +68,10 @@ def record(config: StageConfig) -> Path:
     if existing is not None and existing != identity:
         raise ConfigError(changed_message(config, existing, identity))
     payload = json.dumps({"identity": identity, "hash": digest(identity), "recorded_at": time.time()}, indent=2)
-    if storage.is_remote(location):
-        if existing is None:
-            storage.write_text(storage.join(location, IDENTITY_FILE), payload + "\n")
-        return Path(storage.local_dir(location))
-    output_dir = Path(location)
-    output_dir.mkdir(parents=True, exist_ok=True)
     if existing is None:
-        temporary = output_dir / f".{IDENTITY_FILE}.tmp"
-        temporary.write_text(payload + "\n")
-        temporary.replace(output_dir / IDENTITY_FILE)
+        storage.write_text(storage.join(location, IDENTITY_FILE), payload + "\n")  # creates a local output_dir
+    output_dir = storage.local_dir(location)
+    output_dir.mkdir(parents=True, exist_ok=True)
     return output_dir
 
 
@@ -178,10 +172,6 @@ def restart_moves(config: StageConfig) -> tuple[tuple[str, str], ...]:
         marker_output_dir(marker) == run_location(output_dir)
     )
     for path in (output_dir, checkpoint_dir if ours else None):
-        if path is not None and _exists(path):
+        if path is not None and storage.exists(path):
             moved.append((str(path), str(move_aside(path))))
     return tuple(moved)
-
-
-def _exists(location: str) -> bool:
-    return storage.exists(location) if storage.is_remote(location) else Path(location).exists()

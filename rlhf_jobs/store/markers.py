@@ -22,11 +22,8 @@ IDENTITY_FILE = "rlhf_run.json"
 
 
 def read_marker(directory: str | Path) -> dict[str, Any] | None:
-    if storage.is_remote(directory):
-        text = storage.read_text(storage.join(str(directory), MARKER))
-        return json.loads(text) if text is not None else None
-    path = Path(directory) / MARKER
-    return json.loads(path.read_text()) if path.is_file() else None
+    text = storage.read_text(storage.join(str(directory), MARKER))
+    return json.loads(text) if text is not None else None
 
 
 def run_location(output_dir: str | Path) -> str:
@@ -45,11 +42,7 @@ def marker_output_dir(marker: dict[str, Any]) -> str | None:
 
 def read_identity(output_dir: str | Path) -> dict[str, Any] | None:
     """The identity recorded in `output_dir` (a local path or an object-storage URI), or None."""
-    if storage.is_remote(output_dir):
-        text = storage.read_text(storage.join(str(output_dir), IDENTITY_FILE))
-    else:
-        path = Path(output_dir) / IDENTITY_FILE
-        text = path.read_text() if path.is_file() else None
+    text = storage.read_text(storage.join(str(output_dir), IDENTITY_FILE))
     return json.loads(text)["identity"] if text is not None else None
 
 

@@ -18,6 +18,8 @@ from typing import Any
 from rlhf_jobs.store import storage, trackers
 
 SYNC_S = 30.0
+MIN_FREE = 1 << 20  # bytes free where the logs go, below which a run stops saying the disk is full
+RESUME_LATER = "; free some space, then run the same command again to resume from the last checkpoint"
 SYNCED = ("metrics.jsonl", trackers.RUNS_FILE)
 
 
@@ -37,13 +39,16 @@ class MetricsLogger:
         if not enabled:
             return
         report_to: Sequence[str] = config.Training.report_to if config is not None else ("tensorboard",)
-        self.local.mkdir(parents=True, exist_ok=True)
-        if self.remote:
-            self._pull()
-        if "tensorboard" in report_to:
-            from torch.utils.tensorboard import SummaryWriter
+        # TensorBoard writes from a thread of its own, whose errors are tracebacks: a full disk is said first.
+        storage.require_free(self.local, MIN_FREE, "metrics and TensorBoard logs", then=RESUME_LATER)
+        with storage.writing(self.local, "metrics and TensorBoard logs", then=RESUME_LATER):
+            self.local.mkdir(parents=True, exist_ok=True)
+            if self.remote:
+                self._pull()
+            if "tensorboard" in report_to:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.local / "tensorboard"))
+                self.writer = SummaryWriter(str(self.local / "tensorboard"))
         if config is not None:
             self.trackers = trackers.open_trackers(report_to, stage, config.to_dict(), tracking or {}, self.local)
 
@@ -51,13 +56,14 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"stage": self.stage, "split": split, "step": step, "time": time.time(), **metrics}
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for name, value in metrics.items():
-                if isinstance(value, int | float):
-                    self.writer.add_scalar(f"{split}/{name}", value, step)
-            self.writer.flush()
+        with storage.writing(self.path, "metrics", then=RESUME_LATER):
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            if self.writer is not None:
+                for name, value in metrics.items():
+                    if isinstance(value, int | float):
+                        self.writer.add_scalar(f"{split}/{name}", value, step)
+                self.writer.flush()
         for tracker in self.trackers:
             tracker.log(step, split, metrics)
         if self.remote:

@@ -15,6 +15,13 @@ from pathlib import Path
 from rlhf_jobs.store import storage
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+STAGING = re.compile(r"^\.step-\d{8}\.download$")
+
+
+def owned(name: str) -> bool:
+    """Whether an entry of a checkpoints directory is a step directory (or a download of one) that cleaning
+    may delete; anything else (a checkpoint moved aside as broken) is left alone."""
+    return bool(STEP_DIR.match(name) or STAGING.match(name))
 
 
 def _local_rank() -> int:
@@ -37,6 +44,10 @@ class RemoteCheckpoints:
         names = [name for name in storage.list_dir(self.uri) if STEP_DIR.match(name)]
         complete = [name for name in names if storage.exists(storage.join(self.uri, name, self.complete))]
         return complete, [name for name in names if name not in complete]
+
+    def step_uri(self, path: Path) -> str:
+        """The object-storage location of the local step directory `path`."""
+        return storage.join(self.uri, path.name)
 
     def upload_shards(self, path: Path) -> None:
         """Every rank calls it after the local save: one process per node uploads that node's files
@@ -63,7 +74,7 @@ class RemoteCheckpoints:
         newest = complete[-1] if complete else None
         if self.local.is_dir():
             for path in self.local.iterdir():
-                if path.name != newest or not (path / self.complete).is_file():
+                if owned(path.name) and (path.name != newest or not (path / self.complete).is_file()):
                     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         if newest and not (self.local / newest / self.complete).is_file():
             staging = self.local / f".{newest}.download"  # renamed whole: a killed download leaves no step dir

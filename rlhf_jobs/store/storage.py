@@ -6,7 +6,8 @@ Training code reads and writes local files; this module moves them:
 - `local_dir(uri)`: a local mirror of a remote directory (`$RLHF_JOBS_CACHE_DIR/mirror/...`), the same
   path on every node, where metrics and checkpoints are written before they are uploaded;
 - `local_model(uri)`: a remote model downloaded once per node into the cache, for `from_pretrained`;
-- `upload_tree` / `download_tree` / `upload_file` / `read_text` / `write_text` / `delete`;
+- `upload_tree` / `download_tree` / `upload_file`;
+- `read_text` / `write_text` / `create_text` / `exists` / `delete` / `file_sizes`, for a local path or a URI alike;
 - `check_location`: the pre-flight check (credentials, bucket) that names the config key.
 
 S3 credentials and endpoint come from the standard AWS variables: `AWS_ACCESS_KEY_ID`,
@@ -19,24 +20,31 @@ machine without credentials would wait on the metadata service instead of failin
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from rlhf_jobs.core.errors import ConfigError
+from rlhf_jobs.core.locations import SCHEMES  # the pre-flight check knows S3's credential sources; others would hang
 from rlhf_jobs.core.stages import get
 
 CACHE_ENV = "RLHF_JOBS_CACHE_DIR"
-SCHEMES = ("s3",)  # the pre-flight check knows S3's credential sources; others would hang on theirs
 
 
 class StorageError(ConfigError):
     """A remote location that cannot be used: no credentials, no such bucket, no access."""
+
+
+class DiskFull(StorageError):
+    """No space left where a run writes; the message is one line naming the path and the space needed."""
 
 
 def is_remote(location: str | os.PathLike[str] | None) -> bool:
@@ -153,6 +161,15 @@ def _listing(uri: str) -> list[tuple[str, int]]:
     return sorted((info.path[len(path) + 1 :], info.size) for info in infos if info.type == fs.FileType.File)
 
 
+def file_sizes(location: str | Path) -> dict[str, int]:
+    """{path relative to `location`: size in bytes} of every file under a local directory or a remote prefix."""
+    if is_remote(location):
+        return dict(_listing(str(location)))
+    root = Path(location)
+    return {path.relative_to(root).as_posix(): path.stat().st_size
+            for path in sorted(root.rglob("*")) if path.is_file()} if root.is_dir() else {}
+
+
 def local_model(location: str) -> str:
     """A local directory holding the model at `location`: itself, or a per-node cached download.
 
@@ -214,11 +231,16 @@ def download_tree(uri: str, local: str | Path) -> None:
     Path(local).mkdir(parents=True, exist_ok=True)
 
 
-def read_text(uri: str) -> str | None:
-    """The text of one object, or None when there is none."""
+def read_text(location: str | Path) -> str | None:
+    """The text of one file or object, or None when there is none."""
+    if not is_remote(location):
+        try:
+            return Path(location).read_text()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
     from pyarrow import fs
 
-    remote_fs, path = filesystem(uri)
+    remote_fs, path = filesystem(str(location))
     try:
         with remote_fs.open_input_stream(path) as stream:
             return stream.read().decode()
@@ -230,17 +252,55 @@ def read_text(uri: str) -> str | None:
         raise
 
 
-def write_text(uri: str, text: str) -> None:
-    remote_fs, path = filesystem(uri)
+def write_text(location: str | Path, text: str) -> None:
+    """Replace one file or object with `text` (a local file is written beside it, then renamed into place)."""
+    if not is_remote(location):
+        path = Path(location)
+        temporary = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        with writing(path, path.name, cleanup=lambda: temporary.unlink(missing_ok=True)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(text)
+            os.replace(temporary, path)
+        return
+    remote_fs, path = filesystem(str(location))
     with remote_fs.open_output_stream(path) as stream:
         stream.write(text.encode())
 
 
-def exists(uri: str) -> bool:
+def create_text(location: str | Path, text: str) -> bool:
+    """Create one file or object holding `text` unless there is one already; whether this call created it.
+
+    Locally `O_CREAT | O_EXCL`, which two processes cannot both win. Object storage through pyarrow has no
+    create-if-absent: the object is written when absent and read back, so two writers within the same
+    instant can both see their own text (`run_lock` notices at its next renewal)."""
+    if not is_remote(location):
+        path = Path(location)
+        with writing(path, path.name):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            try:
+                with os.fdopen(descriptor, "w") as handle:
+                    handle.write(text)
+            except BaseException:
+                path.unlink(missing_ok=True)  # not a torn file that looks taken
+                raise
+        return True
+    if exists(str(location)):
+        return False
+    write_text(location, text)
+    return read_text(location) == text
+
+
+def exists(location: str | Path) -> bool:
     """A file, or a directory (a prefix with objects under it)."""
+    if not is_remote(location):
+        return Path(location).exists()
     from pyarrow import fs
 
-    remote_fs, path = filesystem(uri)
+    remote_fs, path = filesystem(str(location))
     return remote_fs.get_file_info(path).type != fs.FileType.NotFound
 
 
@@ -253,16 +313,102 @@ def list_dir(uri: str) -> list[str]:
     return sorted(info.base_name for info in infos)
 
 
-def delete(uri: str) -> None:
-    """Remove a file or everything under a prefix; nothing there is fine."""
+def delete(location: str | Path) -> None:
+    """Remove a file, or everything under a directory or prefix; nothing there is fine."""
+    if not is_remote(location):
+        path = Path(location)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+        return
     from pyarrow import fs
 
-    remote_fs, path = filesystem(uri)
+    remote_fs, path = filesystem(str(location))
     kind = remote_fs.get_file_info(path).type
     if kind == fs.FileType.File:
         remote_fs.delete_file(path)
     elif kind == fs.FileType.Directory:
         remote_fs.delete_dir(path)
+
+
+# ---- a full disk ----------------------------------------------------------------------------------------
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+NO_SPACE_WORDS = ("No space left on device", "Disk quota exceeded")
+
+
+def _errors(error: BaseException) -> Iterator[BaseException]:
+    """`error`, its causes and contexts, and the per-rank errors a `torch.distributed.checkpoint` failure holds."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        pending += [current.__cause__, current.__context__]
+        for failure in (getattr(current, "failures", None) or {}).values():  # CheckpointException: rank -> (error, tb)
+            pending.append(failure[0] if isinstance(failure, tuple) else failure)
+
+
+def no_space(error: BaseException) -> bool:
+    """Whether `error` says a disk is full (ENOSPC, EDQUOT, or their words in a wrapped message)."""
+    return any(
+        (isinstance(item, OSError) and item.errno in NO_SPACE) or any(word in str(item) for word in NO_SPACE_WORDS)
+        for item in _errors(error) if isinstance(item, BaseException)
+    )
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free space (for this user) on the file system holding `path`, or its nearest existing parent."""
+    existing = Path(path).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        return shutil.disk_usage(existing).free
+    except OSError:
+        return None
+
+
+def mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB" if size < 2**30 else f"{size / 2**30:.2f} GiB"
+
+
+def require_free(path: str | Path, needed: int, what: str, then: str = "") -> None:
+    """`DiskFull` when less than `needed` bytes are free at the local `path` (before a writer that would fail badly)."""
+    if is_remote(path):
+        return
+    free = free_bytes(path)
+    if free is not None and free < needed:
+        raise DiskFull(f"no space left on device at {path} (at least {mib(needed)} needed for {what}; {mib(free)} "
+                       f"free there){then}")
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, what: str, needed: Callable[[], int | None] | None = None,
+            cleanup: Callable[[], None] | None = None, then: str = "") -> Iterator[None]:
+    """Writing `what` at the local `path`: a full disk becomes one `DiskFull` line naming the path, the space `what`
+    needs (`needed()`, bytes) and the space free, and ending with `then` (what is intact, what to do).
+
+    `cleanup` removes what the failed write left (a partial checkpoint, a staging directory), whatever the error.
+    Some writers lose the errno (torch's zip writer raises "unexpected pos"), so an error is also taken for a full
+    disk when, after the cleanup, less than `needed()` is free."""
+    try:
+        yield
+    except BaseException as err:
+        if is_remote(path) or isinstance(err, KeyboardInterrupt | SystemExit):
+            raise
+        size = needed() if needed is not None else None
+        if cleanup is not None:
+            cleanup()
+        free = free_bytes(path)
+        if not (no_space(err) or (size is not None and free is not None and free < size)):
+            raise
+        needs = f", about {mib(size)}" if size else ""
+        room = f"; {mib(free)} free there" if free is not None else ""
+        raise DiskFull(f"no space left on device at {path} (writing {what}{needs}{room}){then}") from None
 
 
 # ---- pre-flight ----------------------------------------------------------------------------------

@@ -131,9 +131,11 @@ def _chart_fills(definition: dict[str, Any], filled: tuple[str, ...]) -> None:
             continue
         field = properties[key]
         description = field.pop("description", "")
+        # The location rule (rlhf_jobs/core/locations.py) stays; "" passes it.
+        pattern = next((item["pattern"] for item in [field, *field.get("anyOf", [])] if "pattern" in item), None)
         properties[key] = {
             "description": f"{description} Empty or null: filled in by the chart under <mountPath>/<run>/.".strip(),
-            "anyOf": [{"type": "string"}, {"type": "null"}],
+            "anyOf": [{"type": "string", **({"pattern": pattern} if pattern else {})}, {"type": "null"}],
         }
     if "required" in definition:
         definition["required"] = [key for key in definition["required"] if key not in filled]

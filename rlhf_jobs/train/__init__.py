@@ -11,7 +11,7 @@ from typing import Any
 
 from rlhf_jobs.core.config import StageConfig
 from rlhf_jobs.core.stages import get
-from rlhf_jobs.store import storage, trackers
+from rlhf_jobs.store import run_lock, storage, trackers
 from rlhf_jobs.train import preflight
 
 
@@ -24,7 +24,8 @@ def train(config: StageConfig, stop_at_step: int | None = None, on_config_change
     `fresh`: move this run's old output_dir and final model aside even with the same config;
     `in_process`: run the one worker in this process (`preflight.check_in_process`).
     Pre-flight, before Ray starts: object-storage locations usable, trackers installed, directories,
-    final and input models (`preflight`), then the run's identity.
+    final and input models (`preflight`); then, holding the output_dir's lock until the run ends (`run_lock`:
+    a second run on it is refused), the run's identity and the training.
     """
     if in_process:
         preflight.check_in_process(config.Training)
@@ -34,6 +35,7 @@ def train(config: StageConfig, stop_at_step: int | None = None, on_config_change
     from rlhf_jobs.train.model_checks import check_models
 
     check_models(config)
-    preflight.settle_identity(config, on_config_change, fresh)
-    trainer = importlib.import_module(get(config.stage).trainer)
-    return trainer.train(config, stop_at_step=stop_at_step, in_process=in_process)
+    with run_lock.holding(config.General.output_dir):
+        preflight.settle_identity(config, on_config_change, fresh)
+        trainer = importlib.import_module(get(config.stage).trainer)
+        return trainer.train(config, stop_at_step=stop_at_step, in_process=in_process)

@@ -15,19 +15,15 @@ from rlhf_jobs.core.config import StageConfig, TrainingBase
 from rlhf_jobs.core.errors import ConfigError
 from rlhf_jobs.core.loading import looks_local
 from rlhf_jobs.core.stages import get
-from rlhf_jobs.store import identity
+from rlhf_jobs.store import identity, storage
 from rlhf_jobs.store.checkpoints import check_overwritable, require_stage
 from rlhf_jobs.store.hub import check_hub_model
-
-
-def _remote(location: str) -> bool:
-    return "://" in location
 
 
 def check_directories(config: StageConfig) -> None:
     """checkpoint_dir and output_dir: separate (neither inside the other) and writable."""
     general = config.General
-    if _remote(general.output_dir) or _remote(general.checkpoint_dir):
+    if storage.is_remote(general.output_dir) or storage.is_remote(general.checkpoint_dir):
         return
     output_dir, checkpoint_dir = Path(general.output_dir).resolve(), Path(general.checkpoint_dir).resolve()
     if output_dir == checkpoint_dir or output_dir in checkpoint_dir.parents or checkpoint_dir in output_dir.parents:
@@ -66,7 +62,7 @@ def check_models(config: StageConfig) -> None:
     for model in stage.trained:
         key = next(k for k in model.keys if getattr(general, k, None))
         location = getattr(general, key)
-        if _remote(location):
+        if storage.is_remote(location):
             continue
         if key in stage.inputs:
             require_stage(location, stage.inputs[key], f"General.{key}")
@@ -77,7 +73,7 @@ def check_models(config: StageConfig) -> None:
 def check(config: StageConfig) -> None:
     """The read-only checks: directories, what checkpoint_dir holds, the models the stage starts from."""
     check_directories(config)
-    if not _remote(config.General.checkpoint_dir):
+    if not storage.is_remote(config.General.checkpoint_dir):
         check_overwritable(config.General.checkpoint_dir, stage=config.stage, output_dir=config.General.output_dir)
     check_models(config)
 

@@ -37,6 +37,16 @@ class LocalBackend:
                     raise ConfigError(f"{stage} stage: {err}") from None
         return configs
 
+    def stage_finished(self, stage: str) -> bool:
+        """Whether the stage's final model is there with its marker: one whose marker is gone is not finished."""
+        from rlhf_jobs.store.markers import read_marker
+
+        try:
+            marker = read_marker(self.stage_paths(stage)[1])
+        except ValueError:  # a torn marker
+            return False
+        return marker is not None and marker.get("stage") == stage
+
     def load_record(self) -> dict[str, Any]:
         path = self.workdir / RECORD_FILE
         return json.loads(path.read_text()) if path.is_file() else {}
