@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_jobs.core.errors import OutOfMemory, RunStopped, UserError
+from rlhf_jobs.core.stages import DEFAULT_PIPELINE
 from rlhf_jobs.core.stages import NAMES as STAGES
 from rlhf_jobs.core.stages import get as get_stage
 from rlhf_jobs.tools.convert import ALL_FORMATS as CONVERT_FORMATS
@@ -97,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pipeline = commands.add_parser("pipeline", help="run SFT -> RM -> PPO, locally or on KubeRay")
     pipeline.add_argument("--backend", choices=("local", "kuberay"), default="local")
-    pipeline.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset (default: all)")
+    pipeline.add_argument("--stages", default=",".join(DEFAULT_PIPELINE),
+                          help=f"comma-separated, from {','.join(STAGES)} (default: {','.join(DEFAULT_PIPELINE)}; "
+                               "e.g. sft,dpo)")
     pipeline.add_argument("--from-stage", choices=STAGES, help="run this stage and the ones after it again")
     _add_set(pipeline)
     local = pipeline.add_argument_group("local backend")
