@@ -174,18 +174,20 @@ def run_local_pipeline(args: argparse.Namespace) -> int:
 
 
 def show_samples(stage: str, config: dict[str, Any], path: Path, count: int = 5) -> None:
-    """After a policy stage (PPO): held-out prompts with the answers of the model it started from and of its
-    result, scored by its reward model."""
+    """After a policy stage (PPO, DPO): held-out prompts with the answers of the model it started from and of its
+    result, scored by its reward model when it has one (DPO has none: the answers side by side)."""
     from rlhf_jobs.tools import generate
 
     entry, general = get_stage(stage), config["General"]
     start, result = general.get(entry.compare_with), general["checkpoint_dir"]
     started_from = get_stage(entry.inputs[entry.compare_with]).product if start else "base model"
+    reward_model = general.get(entry.reward_key) if entry.reward_key else None
     samples, _ = generate.compare([start or general[entry.base_model_keys[0]], result], held_out=result,
-                                  reward_model=general.get(entry.reward_key) if entry.reward_key else None,
-                                  limit=count)
+                                  reward_model=reward_model, limit=count)
+    scored = "reward-model scores" if reward_model else \
+        f"no scores (a reward model scores them: rlhf-jobs generate --model ... --held-out {result} --rm DIR)"
     print(f"\n{len(samples)} held-out prompts, the answers of the {started_from} and of the {entry.product}, "
-          "reward-model scores:")
+          f"{scored}:")
     print(generate.table(samples))
     print(f"sample answers: {generate.write_jsonl(samples, path)}")
 

@@ -197,3 +197,180 @@ def test_bad_input_is_one_line_naming_the_line_or_key(tiny_model: Path, tmp_path
                               ({"label_smoothing": 0.5}, r"Training\.label_smoothing: Input should be less than 0\.5")):
         with pytest.raises(ConfigError, match=message):
             validate_config(dpo_config(tmp_path, tiny_model, data, **training), "dpo", paths=False)
+
+
+# ---- 2 workers = 1 worker: gradients and precomputed reference log-probs (real process groups, no Ray) -----------
+
+
+def dpo_steps(rank: int, world_size: int, policy_dir: str, reference_dir: str,
+              layouts: dict[str, tuple[int, int, str, bool, bool]]) -> dict[str, dict[str, Any]]:
+    """One optimizer step's gradient per layout (batch size, accumulation, strategy, packed, precomputed) through
+    the trainer's own code (`accumulate_gradients`), the reference live (a frozen copy, sharded under FSDP) or
+    precomputed by `reference_table` on this layout. All layouts of a worker count share one process group."""
+    from rlhf_jobs.algorithms import supervised
+    from rlhf_jobs.engine import sharding
+    from rlhf_jobs.engine.models import unwrap
+    from rlhf_jobs.engine.worker import Worker
+
+    worker = Worker(rank, world_size, torch.device("cpu"))
+    results = {}
+    for name, (batch_size, accumulation, strategy, packed, precompute) in layouts.items():
+        task = task_for(Path(policy_dir), packed, batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                        strategy=strategy, beta=0.5)
+        examples = [{**dpo.tokenize_dpo(record, task.tokenizer, "instruction", 256), "split": "train",
+                     "index": index} for index, record in enumerate(sample_pairs(8))]
+        model = sharding.prepare(load_causal_lm(policy_dir, task.tokenizer, dropout=False), task.training, worker)
+        reference = load_causal_lm(reference_dir, task.tokenizer, dropout=False).eval().requires_grad_(False)
+        reference = sharding.prepare(reference, task.training, worker, trainable=False)
+        table = task.reference_table(model, reference, examples, worker)
+        if precompute:
+            task.precomputed = {"train": table}
+        else:
+            task.reference = reference
+        indices, _ = supervised.step_micro_batches(list(range(8)), 0, batch_size, accumulation, worker)
+        batches = [task.collate([examples[i] for i in chunk]) for chunk in indices]
+        _, items = supervised.accumulate_gradients(model, task, batches, task.training, worker)
+        gradient = {key: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                    for key, p in unwrap(model).named_parameters()}
+        results[name] = {"gradient": gradient, "items": items, "table": table, "window": task.window_sums()}
+    return results
+
+
+def test_the_same_global_batch_gives_the_same_gradient_in_every_layout(trl_models: dict[str, Path]) -> None:
+    """Policy seed 1 against reference seed 0 (Δ ≠ 0): 8 pairs on 1 worker, 4 × accumulation 2, 4 on each of
+    2 workers (DDP and FSDP, the reference sharded too), packed or padded, with the reference live or precomputed
+    (each worker its share, summed): the same gradient, and the same precomputed table everywhere. Gradients
+    reach ~4 (summed log-probs of a random policy): atol 1e-5 is float32 summation order, a pair weighted
+    wrongly is off by far more."""
+    from process_group import run_processes
+
+    policy, reference = str(trl_models["policy"]), str(trl_models["reference"])
+    one = run_processes(dpo_steps, 1, policy, reference, {"8 × 1 worker": (8, 1, "ddp", False, False),
+                                                          "4 × accumulation 2, packed, precomputed":
+                                                              (4, 2, "ddp", True, True)})
+    two = run_processes(dpo_steps, 2, policy, reference, {"4 × 2 workers (DDP), packed": (4, 1, "ddp", True, False),
+                                                          "4 × 2 workers (FSDP)": (4, 1, "fsdp", False, False),
+                                                          "4 × 2 workers (FSDP), precomputed":
+                                                              (4, 1, "fsdp", False, True)})
+    expected = one[0]["8 × 1 worker"]
+    assert expected["items"] == 8 and expected["table"].shape == (8, 2) and (expected["table"] < 0).all()
+    for name in [*one[0], *two[0]]:
+        ranks = [results[name] for results in (one if name in one[0] else two)]
+        assert sum(rank["window"]["pairs"] for rank in ranks) == 8, name
+        assert sum(rank["window"]["correct"] for rank in ranks) == expected["window"]["correct"], name
+        for rank in ranks:
+            assert rank["items"] == 8, name
+            torch.testing.assert_close(rank["table"], expected["table"], rtol=1e-6, atol=1e-5, msg=name)
+            for key, grad in expected["gradient"].items():
+                torch.testing.assert_close(rank["gradient"][key], grad, rtol=2e-5, atol=1e-5, msg=f"{name}: {key}")
+
+
+# ---- real runs ---------------------------------------------------------------------------------------------
+
+
+def records(output_dir: Path, split: str = "train") -> dict[int, dict[str, Any]]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if r["split"] == split}
+
+
+def run_config(tmp_path: Path, name: str, model: Path, **training: Any) -> Path:
+    """A short DPO run from `model` (no SFT model: the reference is `model` too) on 48 sample pairs, 12 held out."""
+    data = tmp_path / "pairs.jsonl"
+    if not data.exists():
+        data.write_text("".join(json.dumps(p) + "\n" for p in sample_pairs(48)))
+    config = dpo_config(tmp_path / name, model, data, {"validation_split_percentage": 25},
+                        **{"batch_size": 4, "epochs": 1, "max_train_steps": 6, "learning_rate": 1e-3,
+                           "warmup_ratio": 0.0, "logging_steps": 1, "eval_steps": 3, "save_dtype": "float32",
+                           **training})
+    return write_config(tmp_path / f"{name}.yaml", config)
+
+
+def train(config: Path, *args: str) -> None:
+    from rlhf_jobs.cli import main
+
+    assert main(["train", "dpo", "--config_path", str(config), *args]) == 0
+
+
+def assert_same(run: dict[int, dict[str, Any]], expected: dict[int, dict[str, Any]], keys: tuple[str, ...],
+                rel: float, abs: float = 1e-7) -> None:
+    assert sorted(run) == sorted(expected)
+    for step, record in expected.items():
+        for key in keys:
+            assert run[step][key] == pytest.approx(record[key], rel=rel, abs=abs), (step, key)
+
+
+@pytest.mark.slow
+def test_precomputed_reference_equals_the_live_one_and_a_resume_reads_it(tiny_model: Path, tmp_path: Path,
+                                                                         capfd) -> None:
+    """Policy = reference at the start: the first loss is log 2. The losses, rewards and held-out metrics with the
+    reference's log-probs computed once before training equal those with the live reference; a run stopped at
+    step 3 and continued reads them from its checkpoint and computes what the uninterrupted run does."""
+    from safetensors.torch import load_file
+
+    train(run_config(tmp_path, "live", tiny_model), "--in-process")
+    live, live_eval = records(tmp_path / "live" / "out"), records(tmp_path / "live" / "out", "eval")
+    assert live[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert (live[1]["margin"], live[1]["accuracy"]) == (0.0, 0.0)
+    assert live_eval[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6) and sorted(live_eval) == [0, 3, 6]
+    assert live_eval[6]["eval_accuracy"] > 0.5 and live_eval[6]["eval_loss"] < math.log(2)
+    assert live[6]["margin"] > 0 and live[6]["rewards_chosen"] > live[6]["rewards_rejected"]
+
+    train(run_config(tmp_path, "precomputed", tiny_model, precompute_reference=True), "--in-process")
+    assert "reference log-probs of 36 train and 12 held-out pairs computed; reference freed" in capfd.readouterr().out
+    # The same log-probs in other batches (another packing): float32 summation order, ~1e-6 on rewards of ~0.1-1.
+    # Accuracy counts rewards of 0 at step 1 (policy = reference), which that noise may tip: from step 2 on.
+    precomputed = records(tmp_path / "precomputed" / "out")
+    keys = ("loss", "rewards_chosen", "rewards_rejected", "margin")
+    assert_same(precomputed, live, keys, rel=1e-5, abs=1e-5)
+    assert [precomputed[step]["accuracy"] for step in range(2, 7)] == [live[step]["accuracy"] for step in range(2, 7)]
+    assert_same(records(tmp_path / "precomputed" / "out", "eval"), live_eval, ("eval_loss", "eval_margin"), rel=1e-5,
+                abs=1e-5)
+
+    split = run_config(tmp_path, "split", tiny_model, precompute_reference=True)
+    train(split, "--in-process", "--stop-at-step", "3")
+    saved = torch.load(next((tmp_path / "split" / "out" / "checkpoints").glob("step-*")) / "state.pt",
+                       weights_only=False)
+    assert saved["task"]["reference_logps"]["train"].shape == (36, 2)
+    capfd.readouterr()
+    train(split, "--in-process")
+    assert "reference log-probs from the checkpoint" in capfd.readouterr().out
+    assert_same(records(tmp_path / "split" / "out"), precomputed, (*keys, "accuracy"), rel=1e-6)
+    final, expected = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("split", "precomputed"))
+    for key, tensor in expected.items():
+        torch.testing.assert_close(final[key], tensor, rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_precomputed_log_probs_of_other_pairs_are_refused(tiny_model: Path) -> None:
+    from rlhf_jobs.engine.worker import Worker
+
+    config = validate_config(dpo_config(Path("/tmp/unused"), tiny_model, "x.jsonl", precompute_reference=True),
+                             "dpo", paths=False)
+    saved = {"task": {"reference_logps": {"fingerprint": "of other pairs", "train": torch.zeros(3, 2)}}}
+    with pytest.raises(DataError, match=r"^Dataset\.train_file: the pairs are not those this run started with"):
+        dpo.DPOTask().start(torch.nn.Linear(1, 1), config, Worker(0, 1, torch.device("cpu")), saved,
+                            {"fingerprint": "of these pairs"})
+
+
+@pytest.mark.slow
+def test_lora_trains_against_its_disabled_adapter(tiny_model: Path, tmp_path: Path) -> None:
+    """With LoRA the reference is the policy with its adapter disabled (no second model), live or precomputed."""
+    lora = {"lora": {"r": 8, "alpha": 16}, "learning_rate": 1e-2}
+    train(run_config(tmp_path, "lora", tiny_model, **lora), "--in-process")
+    train(run_config(tmp_path, "lora-precomputed", tiny_model, precompute_reference=True, **lora), "--in-process")
+    live, evaluation = records(tmp_path / "lora" / "out"), records(tmp_path / "lora" / "out", "eval")
+    assert live[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert evaluation[6]["eval_loss"] < evaluation[0]["eval_loss"] - 0.05
+    assert evaluation[6]["eval_accuracy"] > evaluation[0]["eval_accuracy"] + 0.5
+    assert_same(records(tmp_path / "lora-precomputed" / "out"), live, ("loss", "margin"), rel=1e-5, abs=1e-5)
+    assert (tmp_path / "lora" / "model" / "model.safetensors").is_file(), "merged into a plain model"
+
+
+@pytest.mark.slow
+def test_fsdp_run_on_two_workers_trains(tiny_model: Path, tmp_path: Path) -> None:
+    """FSDP over 2 Ray workers, the frozen reference sharded like the policy."""
+    train(run_config(tmp_path, "fsdp", tiny_model, strategy="fsdp", num_training_workers=2, batch_size=2))
+    steps, evaluation = records(tmp_path / "fsdp" / "out"), records(tmp_path / "fsdp" / "out", "eval")
+    assert steps[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert evaluation[6]["eval_loss"] < evaluation[0]["eval_loss"] - 0.05
+    assert evaluation[6]["eval_accuracy"] > 0.5
+    assert (tmp_path / "fsdp" / "model" / "rlhf_stage.json").is_file()
