@@ -142,13 +142,17 @@ deploy-rm: ## Install the reward-model stage's RayJob (release rlhf-[RUN-]rm; af
 deploy-ppo: ## Install the PPO stage's RayJob (release rlhf-[RUN-]ppo; reads the SFT and RM checkpoints)
 	$(call deploy_stage,ppo)
 
+.PHONY: deploy-dpo
+deploy-dpo: ## Install the DPO stage's RayJob (release rlhf-[RUN-]dpo; reads the SFT checkpoint)
+	$(call deploy_stage,dpo)
+
 .PHONY: schema
 schema: venv ## Regenerate the chart's generated files from the stage registry: values.schema.json's configs, files/stages.json
 	$(BIN)/python -m rlhf_jobs.tools.chart_schema
 
 .PHONY: lint-chart
 lint-chart: ## helm lint --strict the chart for each stage
-	for s in sft rm ppo; do $(HELM) lint --strict ./helm --set stage=$$s || exit 1; done
+	for s in sft rm ppo dpo; do $(HELM) lint --strict ./helm --set stage=$$s || exit 1; done
 
 .PHONY: test-chart
 test-chart: venv ## Chart tests: render every stage, validate against the KubeRay CRDs, reject bad values

@@ -374,3 +374,31 @@ def test_fsdp_run_on_two_workers_trains(tiny_model: Path, tmp_path: Path) -> Non
     assert evaluation[6]["eval_loss"] < evaluation[0]["eval_loss"] - 0.05
     assert evaluation[6]["eval_accuracy"] > 0.5
     assert (tmp_path / "fsdp" / "model" / "rlhf_stage.json").is_file()
+
+
+@pytest.mark.slow
+def test_pipeline_sft_then_dpo_shows_both_models_answers(tmp_path: Path, repo_root: Path) -> None:
+    """`rlhf-jobs pipeline --stages sft,dpo` with configs/local: DPO starts from this run's SFT model, the summary
+    shows its held-out accuracy and margin, and held-out answers of both models are shown side by side (no
+    reward model: no scores)."""
+    import subprocess
+    import sys
+
+    workdir = tmp_path / "run"
+    command = [sys.executable, "-m", "rlhf_jobs.cli", "pipeline", "--backend", "local", "--workdir", str(workdir),
+               "--tiny-model", "--in-process", "--stages", "sft,dpo", "--set", "Training.num_training_workers=1",
+               "--set", "sft.Training.epochs=1", "--set", "dpo.Training.epochs=1"]
+    done = subprocess.run(command, cwd=repo_root, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads((workdir / "pipeline.json").read_text())
+    assert {stage: entry["status"] for stage, entry in record["stages"].items()} == {"sft": "succeeded",
+                                                                                     "dpo": "succeeded"}
+    marker = json.loads((workdir / "dpo" / "rlhf_stage.json").read_text())
+    assert marker["config"]["General"]["model_pretrain"] == str(workdir / "sft")
+    row = next(line for line in done.stdout.splitlines() if line.startswith("dpo "))
+    assert "succeeded" in row and "accuracy 0.00 → " in row and "margin 0.00 → " in row
+    assert "5 held-out prompts, the answers of the SFT model and of the DPO policy, no scores" in done.stdout
+    samples = [json.loads(line) for line in (workdir / "dpo-samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 5 and all(set(s["answers"]) == {"sft", "dpo"} for s in samples)
+    assert all(answer["score"] is None for s in samples for answer in s["answers"].values())
+    assert (workdir / "curves.png").stat().st_size > 10_000
