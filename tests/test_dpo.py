@@ -402,3 +402,16 @@ def test_pipeline_sft_then_dpo_shows_both_models_answers(tmp_path: Path, repo_ro
     assert len(samples) == 5 and all(set(s["answers"]) == {"sft", "dpo"} for s in samples)
     assert all(answer["score"] is None for s in samples for answer in s["answers"].values())
     assert (workdir / "curves.png").stat().st_size > 10_000
+
+
+def test_precompute_reference_may_change_when_a_run_resumes(tiny_model: Path, tmp_path: Path) -> None:
+    """The out-of-memory advice names it: turning it on for the resume computes the same starting model's
+    log-probs, so it is not part of the run's identity (a changed beta is)."""
+    from rlhf_jobs.store import identity
+
+    def of(**training: Any) -> dict[str, Any]:
+        return identity.compute(validate_config(dpo_config(tmp_path, tiny_model, "x.jsonl", **training), "dpo",
+                                                paths=False))
+
+    assert of(precompute_reference=True) == of(precompute_reference=False)
+    assert of(beta=0.2) != of(beta=0.1)

@@ -1,7 +1,7 @@
-"""The supervised training loop SFT and the reward model share.
+"""The supervised training loop SFT, the reward model and DPO share.
 
 A stage supplies a `SupervisedTask` (model, tokenised data, summed loss, evaluation sums); this
-loop does the rest the same way for both:
+loop does the rest the same way for all:
 
 - **Data order.** Each epoch is a seeded permutation of the training examples (padded with its
   first examples to a multiple of the worker count). An optimizer step takes the next
@@ -17,7 +17,8 @@ loop does the rest the same way for both:
 - **Checkpoints** (`train_state.TrainState`): every `save_steps` and at each epoch's end, and when
   the run is told to stop (`control.StopControl`); a rerun with the same `output_dir` resumes.
   Dropout is reseeded per step and rank, so a resumed run computes what an uninterrupted one does.
-- **Evaluation** per epoch on the unwrapped model (a DDP wrapper would broadcast buffers and hang a
+- **Evaluation** at the start, at each epoch's end (and every `eval_steps` where the stage's Training has
+  them) on the unwrapped model (a DDP wrapper would broadcast buffers and hang a
   worker with no batch); under FSDP every worker runs the same number of batches.
 - The final model (gathered, merged, in the save dtype) is written atomically to `checkpoint_dir`.
 """
