@@ -190,7 +190,8 @@ class DPOTask:
             report_response_truncation(examples, names[split], dataset.max_length)
             kept = drop_identical(examples, names[split], dataset.max_length)
             data[split] = [{**example, "split": split, "index": index} for index, example in enumerate(kept)]
-        return {**data, "fingerprint": fingerprint(data)}
+        # What precomputed reference log-probs are checked against on a resume (only they need it).
+        return {**data, "fingerprint": fingerprint(data) if config.Training.precompute_reference else None}
 
     # -- worker: models
 
