@@ -145,6 +145,10 @@ deploy-%: ## Install one stage's RayJob with Helm: make deploy-<stage> (release 
 	$(if $(filter $*,$(STAGES)),,$(error unknown stage '$*': expected one of $(STAGES) ($(CHART)/files/stages.json)))
 	$(call deploy_stage,$*)
 
+.PHONY: deploy-dpo
+deploy-dpo: ## Install the DPO stage's RayJob (release rlhf-[RUN-]dpo; reads the SFT checkpoint)
+	$(call deploy_stage,dpo)
+
 .PHONY: schema
 schema: venv ## Regenerate the generated files: values.schema.json (configs), files/stages.json (registry), k8s/rbac (permissions)
 	$(BIN)/python -m rlhf_jobs.tools.chart_schema

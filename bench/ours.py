@@ -29,16 +29,19 @@ def _general(model: Path, run_dir: Path) -> dict[str, str]:
 
 def supervised_config(stage: str, settings: Settings, model: Path, train_file: Path, run_dir: Path,
                       workers: int, training: dict[str, Any] | None = None) -> StageConfig:
-    """The SFT or RM config of the benchmark: the same loop, its own steps and learning rate.
+    """The SFT, RM or DPO config of the benchmark: the same loop, its own steps and learning rate.
 
     `training`: Training keys to set besides (LoRA, strategy, mixed precision, resources...).
     """
-    steps, learning_rate = (
-        (settings.sft_steps, settings.sft_learning_rate) if stage == "sft"
-        else (settings.rm_steps, settings.rm_learning_rate)
-    )
+    steps, learning_rate = {
+        "sft": (settings.sft_steps, settings.sft_learning_rate), "rm": (settings.rm_steps, settings.rm_learning_rate),
+        "dpo": (settings.rm_steps, settings.dpo_learning_rate),
+    }[stage]
+    general = _general(model, run_dir)
+    if stage == "dpo":  # the policy and its frozen reference: the benchmark's model (no SFT model before it)
+        general["model_name"] = general.pop("base_model")
     data = {
-        "General": _general(model, run_dir),
+        "General": general,
         "Dataset": {"train_file": str(train_file), "validation_split_percentage": 0,
                     "max_length": settings.max_length},
         "Training": {
@@ -57,6 +60,13 @@ def sft_config(settings: Settings, model: Path, train_file: Path, run_dir: Path,
 
 def rm_config(settings: Settings, model: Path, train_file: Path, run_dir: Path, workers: int) -> StageConfig:
     return supervised_config("rm", settings, model, train_file, run_dir, workers)
+
+
+def dpo_config(settings: Settings, model: Path, train_file: Path, run_dir: Path, workers: int) -> StageConfig:
+    """DPO as TRL's side runs it: the reward model's pairs, batch and steps, beta `dpo_beta`, the sigmoid loss, the
+    reference a second frozen copy of the model (as `trl_side.dpo` passes `ref_model`)."""
+    return supervised_config("dpo", settings, model, train_file, run_dir, workers,
+                             {"beta": settings.dpo_beta, "loss_type": "sigmoid"})
 
 
 def ppo_config(settings: Settings, model: Path, train_file: Path, run_dir: Path, workers: int,

@@ -1,5 +1,5 @@
-"""Benchmark against TRL: SFT tokens/s, reward-model pairs/s, PPO s/iteration and rollout tokens/s, and
-the fixed cost of Ray Train, at two model sizes. Prints the tables and writes bench/RESULTS.md (`make bench`).
+"""Benchmark against TRL: SFT tokens/s, reward-model pairs/s, DPO pairs/s, PPO s/iteration and rollout tokens/s,
+and the fixed cost of Ray Train, at two model sizes. Prints the tables and writes bench/RESULTS.md (`make bench`).
 
 Same model, records, prompt text, batch size, max length, steps and optimizer on both sides, on CPU
 in fp32, the same torch threads per training process (common.SIZES). Ours runs through
@@ -45,7 +45,7 @@ from common import (
     write_section,
 )
 
-STAGES = ("sft", "rm", "ppo", "ray")  # "ray" runs at the tiny size only: a fixed cost, not the model's
+STAGES = ("sft", "rm", "dpo", "ppo", "ray")  # "ray" runs at the tiny size only: a fixed cost, not the model's
 
 # Why we are slower where we are, and what would close it: measured (see bench/README.md), not guessed.
 SLOWER_NOTES = {
@@ -59,6 +59,12 @@ SLOWER_NOTES = {
         "both sides train with dropout off (TRL's `disable_dropout=True` default). Ours packs chosen and "
         "rejected sequences without padding and reads each sequence's last token; if this row shows ours "
         "slower, profile the step as bench/profile_sft_step.py does for SFT."
+    ),
+    "DPO": (
+        "both sides run chosen and rejected in one forward with dropout off and the reference as a second frozen "
+        "copy; ours packs the sequences without padding and runs the LM head only at response positions (TRL 1.12 "
+        "forces padding-free off for DPO and computes logits at every position). If this row shows ours slower, "
+        "profile the step as bench/profile_sft_step.py does for SFT."
     ),
     "PPO": (
         "the update, the policy's and the critic's forward and backward over prompt and response, is most of "
@@ -113,9 +119,9 @@ def alternate(repeats: int, *runs: Callable[[], Any]) -> list[list[Any]]:
 
 def bench_supervised(stage: str, settings: Settings, model: Path, train_file: Path, work: Path,
                      repeats: int) -> list[dict[str, Any]]:
-    make_config = ours.sft_config if stage == "sft" else ours.rm_config
+    make_config = {"sft": ours.sft_config, "rm": ours.rm_config, "dpo": ours.dpo_config}[stage]
     items = "tokens" if stage == "sft" else "pairs"
-    trl_run = trl_side.sft if stage == "sft" else trl_side.rm
+    trl_run = {"sft": trl_side.sft, "rm": trl_side.rm, "dpo": trl_side.dpo}[stage]
     counter = iter(range(10**6))
 
     def ours_run(workers: int) -> float:
@@ -132,7 +138,7 @@ def bench_supervised(stage: str, settings: Settings, model: Path, train_file: Pa
         runs.append(lambda: trl_side.sft(settings, model, train_file, trl_dir, loss_type="nll"))
     ours_1, trl, *trl_same = alternate(repeats, *runs)
     ours_2 = [ours_run(2) for _ in range(repeats)] if settings.extra_rows else []
-    name = "SFT training" if stage == "sft" else "Reward model"
+    name = {"sft": "SFT training", "rm": "Reward model", "dpo": "DPO"}[stage]
     unit = "label tokens/s" if stage == "sft" else "pairs/s"
     rows = [row(f"{name} ({unit}, higher is better)", median(ours_1), median(trl), ours_1, trl, higher_is_better=True)]
     if trl_same:
@@ -260,6 +266,8 @@ def settings_lines(settings: Settings) -> str:
 - SFT / RM: batch {settings.batch_size} sequences / {settings.stage_batch_size("rm")} pairs, max length \
 {settings.max_length}, {settings.sft_steps} / {settings.rm_steps} steps, windows of {settings.logging_steps} steps, \
 cosine schedule with {settings.warmup_ratio:.0%} warm-up.
+- DPO: the RM's pairs, batch and steps, beta {settings.dpo_beta}, sigmoid loss, learning rate \
+{settings.dpo_learning_rate:g}, the reference a second frozen copy of the model.
 - PPO: {settings.ppo_batch_size} prompts per rollout, {settings.max_new_tokens} new tokens, {settings.ppo_epochs} PPO \
 epochs × {minibatches} minibatch(es), {settings.ppo_iterations} iterations."""
 
@@ -307,6 +315,8 @@ def bench_size(size: str, stages: list[str], work: Path, repeats: int) -> list[d
         rows += bench_supervised("sft", settings, model, sft_file, work, repeats)
     if "rm" in stages:
         rows += bench_supervised("rm", settings, model, rm_file, work, repeats)
+    if "dpo" in stages:  # the reward model's pairs: the same records, batch and steps
+        rows += bench_supervised("dpo", settings, model, rm_file, work, repeats)
     if "ppo" in stages:
         rows += bench_ppo(settings, model, work, repeats)
     if "ray" in stages and size == "tiny":

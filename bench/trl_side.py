@@ -317,7 +317,7 @@ def dpo(settings: Settings, model_dir: Path, train_file: Path, output_dir: Path,
 
 
 def main() -> None:
-    """TRL's side of the GRPO or DPO row alone, at one size (ours has no such stage yet)."""
+    """TRL's side of the GRPO or DPO row alone, at one size (run_all.py runs both sides of the DPO row)."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("stage", choices=("grpo", "dpo"))
     parser.add_argument("--size", default="tiny", choices=sorted(SIZES))

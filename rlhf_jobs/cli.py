@@ -13,6 +13,7 @@ from typing import Any
 
 from rlhf_jobs.core import exit_codes
 from rlhf_jobs.core.errors import OutOfMemory, RunStopped, UserError
+from rlhf_jobs.core.stages import DEFAULT_PIPELINE
 from rlhf_jobs.core.stages import NAMES as STAGES
 from rlhf_jobs.core.stages import get as get_stage
 from rlhf_jobs.tools.convert import ALL_FORMATS as CONVERT_FORMATS
@@ -98,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pipeline = commands.add_parser("pipeline", help="run SFT -> RM -> PPO, locally or on KubeRay")
     pipeline.add_argument("--backend", choices=("local", "kuberay"), default="local")
-    pipeline.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset (default: all)")
+    pipeline.add_argument("--stages", default=",".join(DEFAULT_PIPELINE),
+                          help=f"comma-separated, from {','.join(STAGES)} (default: {','.join(DEFAULT_PIPELINE)}; "
+                               "e.g. sft,dpo)")
     pipeline.add_argument("--from-stage", choices=STAGES, help="run this stage and the ones after it again")
     _add_set(pipeline)
     local = pipeline.add_argument_group("local backend")
@@ -172,18 +175,20 @@ def run_local_pipeline(args: argparse.Namespace) -> int:
 
 
 def show_samples(stage: str, config: dict[str, Any], path: Path, count: int = 5) -> None:
-    """After a policy stage (PPO): held-out prompts with the answers of the model it started from and of its
-    result, scored by its reward model."""
+    """After a policy stage (PPO, DPO): held-out prompts with the answers of the model it started from and of its
+    result, scored by its reward model when it has one (DPO has none: the answers side by side)."""
     from rlhf_jobs.tools import generate
 
     entry, general = get_stage(stage), config["General"]
     start, result = general.get(entry.compare_with), general["checkpoint_dir"]
     started_from = get_stage(entry.inputs[entry.compare_with]).product if start else "base model"
+    reward_model = general.get(entry.reward_key) if entry.reward_key else None
     samples, _ = generate.compare([start or general[entry.base_model_keys[0]], result], held_out=result,
-                                  reward_model=general.get(entry.reward_key) if entry.reward_key else None,
-                                  limit=count)
+                                  reward_model=reward_model, limit=count)
+    scored = "reward-model scores" if reward_model else \
+        f"no scores (a reward model scores them: rlhf-jobs generate --model ... --held-out {result} --rm DIR)"
     print(f"\n{len(samples)} held-out prompts, the answers of the {started_from} and of the {entry.product}, "
-          "reward-model scores:")
+          f"{scored}:")
     print(generate.table(samples))
     print(f"sample answers: {generate.write_jsonl(samples, path)}")
 

@@ -336,11 +336,11 @@ def test_stage_from_value_or_release_name(release: str, sets: tuple[str, ...], s
     assert stage_config(objects)["General"]["checkpoint_dir"].endswith(f"/{stage}")
 
 
-@pytest.mark.parametrize("release", ["trainer", "rlhf-sft-x", "rlhf-dpo"])
+@pytest.mark.parametrize("release", ["trainer", "rlhf-sft-x", "rlhf-kto"])
 def test_stage_unknown_fails_clearly(release: str) -> None:
     message = render_error(release)
-    assert f'the release name "{release}" does not end in -sft, -rm or -ppo' in message
-    assert "--set stage=sft|rm|ppo" in message
+    assert f'the release name "{release}" does not end in -sft, -rm, -ppo or -dpo' in message
+    assert "--set stage=sft|rm|ppo|dpo" in message
 
 
 # ---- the shared PVC -------------------------------------------------------------------------------
@@ -521,7 +521,7 @@ def test_notes_tell_how_to_watch_and_read_logs() -> None:
 @pytest.mark.parametrize(
     ("sets", "message"),
     [
-        (("stage=dpo",), "at '/stage': value must be one of '', 'sft', 'rm', 'ppo'"),
+        (("stage=kto",), "at '/stage': value must be one of '', 'sft', 'rm', 'ppo', 'dpo'"),
         (("configs.sft.Training.num_training_workers=-1",),
          "at '/configs/sft/Training/num_training_workers': exclusiveMinimum: got -1, want 0"),
         (("configs.sft.Training.num_training_workers=two",),
@@ -1060,26 +1060,29 @@ def _template(chart: Path, release: str, *sets: str) -> list[dict]:
 
 
 def test_templates_take_stages_and_chaining_from_the_stage_file(tmp_path: Path) -> None:
-    """Nothing in the templates names a stage: a fourth stage in the stage file gets its release-name suffix, its
-    inputs filled from the earlier stages, the next-stage line after PPO; the first stage creates the PVC."""
+    """Nothing in the templates names a stage: one more stage in the stage file gets its release-name suffix, its
+    inputs filled from the earlier stages, the next-stage line after the last; the first stage creates the PVC."""
     registry = json.loads(STAGES_FILE.read_text())["stages"]
-    chart = _chart_with_stages(tmp_path / "four", [*registry, {"name": "dpo", "inputs": {"model_pretrain": "sft"}}])
-    objects = _template(chart, "rlhf-dpo", "run=exp1")
+    chart = _chart_with_stages(tmp_path / "more", [*registry, {"name": "kto", "inputs": {"model_pretrain": "sft"}}])
+    objects = _template(chart, "rlhf-kto", "run=exp1")
     rayjob = one(objects, "RayJob")
-    assert rayjob["spec"]["entrypoint"].startswith("rlhf-jobs train dpo --config_path ")
-    assert rayjob["metadata"]["labels"]["rlhf-jobs.io/stage"] == "dpo"
-    assert stage_config(objects)["General"] == {"checkpoint_dir": "/mnt/rlhf/exp1/dpo",
-                                                "output_dir": "/mnt/rlhf/exp1/work/dpo",
+    assert rayjob["spec"]["entrypoint"].startswith("rlhf-jobs train kto --config_path ")
+    assert rayjob["metadata"]["labels"]["rlhf-jobs.io/stage"] == "kto"
+    assert stage_config(objects)["General"] == {"checkpoint_dir": "/mnt/rlhf/exp1/kto",
+                                                "output_dir": "/mnt/rlhf/exp1/work/kto",
                                                 "model_pretrain": "/mnt/rlhf/exp1/sft"}
     assert "PersistentVolumeClaim" not in by_kind(objects)
-    notes = helm("install", "rlhf-ppo", str(chart), "--dry-run=client", "--namespace", "rlhf").split("NOTES:", 1)[1]
-    assert "Next stage: helm install rlhf-dpo ./helm -n rlhf --set run=default" in notes
+    notes = helm("install", f"rlhf-{registry[-1]['name']}", str(chart), "--dry-run=client", "--namespace",
+                 "rlhf").split("NOTES:", 1)[1]
+    assert "Next stage: helm install rlhf-kto ./helm -n rlhf --set run=default" in notes
     try:
         _template(chart, "trainer")
         raise AssertionError("rendered without a stage")
     except HelmError as err:
-        assert 'the release name "trainer" does not end in -sft, -rm, -ppo or -dpo' in str(err)
-        assert "--set stage=sft|rm|ppo|dpo" in str(err)
+        names = [entry["name"] for entry in registry]
+        listed = ", ".join(f"-{name}" for name in names)
+        assert f'the release name "trainer" does not end in {listed} or -kto' in str(err)
+        assert f"--set stage={'|'.join(names)}|kto" in str(err)
 
     # Another order and no chaining: the first stage's release creates the PVC, PPO's inputs stay as values say.
     reordered = [{**entry, "inputs": {}} for entry in (registry[1], registry[0], *registry[2:])]
@@ -1498,7 +1501,8 @@ def test_cross_field_rules_fail_at_template_time_as_the_trainer_states_them(tmp_
                     assert f"configs.{stage}.Training: {message} (the {stage} trainer would refuse" in chart_error
                     refused.append(message)
         one(render(f"rlhf-{stage}"), "RayJob")  # the defaults keep every rule
-    assert len(refused) == 9, refused  # every violation was one: 3 stages x warmup, and PPO's 6
+    # every violation was one: each stage's warmup, and PPO's 6
+    assert len(refused) == len(stages.REGISTRY) + 6, refused
 
 
 def test_every_cross_field_rule_of_the_trainers_is_in_the_chart() -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from rlhf_jobs.core.data import PPO_SCHEMA, RM_SCHEMA, SFT_SCHEMA, read_records
 from rlhf_jobs.core.errors import DataError
-from rlhf_jobs.tools.convert import convert, convert_records, detect_format, split_hh
+from rlhf_jobs.tools.convert import convert, convert_records, detect_format, source_formats, split_hh
 
 FIXTURES = Path(__file__).parent / "fixtures" / "convert"
 SCHEMAS = {"sft": SFT_SCHEMA, "rm": RM_SCHEMA, "ppo": PPO_SCHEMA}
@@ -150,7 +150,14 @@ def test_unknown_format_and_kind(tmp_path):
     with pytest.raises(DataError, match="unknown source format 'dolly' for rm"):
         convert("rm", str(FIXTURES / "hh.jsonl"), str(tmp_path / "out.jsonl"), "dolly")
     with pytest.raises(DataError, match="unknown kind"):
-        convert("dpo", str(FIXTURES / "hh.jsonl"), str(tmp_path / "out.jsonl"))
+        convert("kto", str(FIXTURES / "hh.jsonl"), str(tmp_path / "out.jsonl"))
+
+
+def test_dpo_reads_the_reward_models_pairs_with_the_same_converters(tmp_path):
+    assert source_formats("dpo") == source_formats("rm")
+    convert("rm", str(FIXTURES / "hh.jsonl"), str(tmp_path / "rm.jsonl"))
+    convert("dpo", str(FIXTURES / "hh.jsonl"), str(tmp_path / "dpo.jsonl"))
+    assert (tmp_path / "dpo.jsonl").read_text() == (tmp_path / "rm.jsonl").read_text()
 
 
 def test_nothing_left_to_write_is_an_error(tmp_path):

@@ -338,3 +338,26 @@ def test_from_stage_checks_its_inputs_before_moving_anything(tmp_path: Path, con
     everything = RecordingBackend(run)
     run_pipeline(everything, PipelineOptions(config_dir=config_dir, from_stage="ppo"))
     assert everything.ran == ["sft", "rm", "ppo"]
+
+
+def test_dpo_runs_on_this_pipelines_sft_model_when_asked_for(tmp_path: Path, config_dir: Path) -> None:
+    """`--stages sft,dpo`: DPO's policy (and reference) is this run's SFT model; the default pipeline has no DPO."""
+    from rlhf_jobs.pipeline.plan import parse_stages
+
+    data = yaml.safe_load((config_dir / "rm.yaml").read_text())["Dataset"]
+    dpo = {"General": {"model_name": "gpt2", "model_pretrain": "ck/sft", "output_dir": "o/dpo",
+                       "checkpoint_dir": "ck/dpo"}, "Dataset": data, "Training": {"num_training_workers": 1}}
+    (config_dir / "dpo.yaml").write_text(yaml.safe_dump(dpo))
+    backend = RecordingBackend(tmp_path / "run")
+    run_pipeline(backend, PipelineOptions(stages=parse_stages("dpo,sft"), config_dir=config_dir, base_model="tiny"))
+    work = str((tmp_path / "run").resolve())
+    assert backend.ran == ["sft", "dpo"]
+    assert backend.configs["dpo"]["General"] == {"model_name": "tiny", "model_pretrain": f"{work}/sft",
+                                                 "output_dir": f"{work}/dpo-output", "checkpoint_dir": f"{work}/dpo"}
+    default = RecordingBackend(tmp_path / "other")
+    run_pipeline(default, PipelineOptions(config_dir=config_dir))
+    assert default.ran == ["sft", "rm", "ppo"]
+    changed = RecordingBackend(tmp_path / "run")
+    run_pipeline(changed, PipelineOptions(stages=["sft", "dpo"], config_dir=config_dir,
+                                          overrides=["sft.Training.epochs=2"]))
+    assert changed.ran == ["sft", "dpo"], "a changed SFT model re-runs DPO"

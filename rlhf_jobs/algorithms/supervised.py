@@ -1,7 +1,7 @@
-"""The supervised training loop SFT and the reward model share.
+"""The supervised training loop SFT, the reward model and DPO share.
 
 A stage supplies a `SupervisedTask` (model, tokenised data, summed loss, evaluation sums); this
-loop does the rest the same way for both:
+loop does the rest the same way for all:
 
 - **Data order.** Each epoch is a seeded permutation of the training examples (padded with its
   first examples to a multiple of the worker count). An optimizer step takes the next
@@ -17,7 +17,8 @@ loop does the rest the same way for both:
 - **Checkpoints** (`train_state.TrainState`): every `save_steps` and at each epoch's end, and when
   the run is told to stop (`control.StopControl`); a rerun with the same `output_dir` resumes.
   Dropout is reseeded per step and rank, so a resumed run computes what an uninterrupted one does.
-- **Evaluation** per epoch on the unwrapped model (a DDP wrapper would broadcast buffers and hang a
+- **Evaluation** at the start, at each epoch's end (and every `eval_steps` where the stage's Training has
+  them) on the unwrapped model (a DDP wrapper would broadcast buffers and hang a
   worker with no batch); under FSDP every worker runs the same number of batches.
 - The final model (gathered, merged, in the save dtype) is written atomically to `checkpoint_dir`.
 """
@@ -74,6 +75,32 @@ class SupervisedTask(Protocol):
         """Stage facts for `rlhf_stage.json` that later stages read (e.g. reward statistics)."""
 
 
+# A task may also have (the loop checks with getattr; SFT and the RM have none of these):
+# - `start(model, config, worker, saved, data)`: on each worker once the model is distributed and the checkpoint
+#   (`saved`, None on a fresh start) loaded, before the first evaluation (DPO: its reference);
+# - `state() -> dict`: what the task adds to every checkpoint (`saved["task"]` on resume);
+# - `window_keys` and `window_sums() -> dict` (sums since the last call, reset by it), `window_metrics(sums)`:
+#   statistics of the training steps, added up over the logging window and the workers (DPO: rewards, accuracy).
+
+
+def start_model(config: StageConfig) -> str:
+    """The model a supervised stage starts from: the first set General key of its trained model (the SFT/RM
+    `base_model`; DPO's `model_pretrain`, else `model_name`)."""
+    from rlhf_jobs.core.stages import get
+
+    return get(config.stage).trained[0].name(config.General)
+
+
+def window_metrics(task: SupervisedTask, worker: Worker) -> dict[str, float]:
+    """A task's own training statistics over the logging window, summed over the workers (every rank calls it)."""
+    keys = getattr(task, "window_keys", ())
+    if not keys:
+        return {}
+    sums = task.window_sums()  # type: ignore[attr-defined]
+    reduced = all_reduce_sum([sums.get(key, 0.0) for key in keys], worker.device)
+    return task.window_metrics(dict(zip(keys, reduced, strict=True)))  # type: ignore[attr-defined]
+
+
 # ---- data order -----------------------------------------------------------------------------------
 
 
@@ -105,17 +132,19 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def prepare_examples(
-    config: StageConfig, schema: RecordSchema, tokenize: Callable[[dict[str, Any], Any, str, int], dict[str, Any]]
+    config: StageConfig, schema: RecordSchema, tokenize: Callable[[dict[str, Any], Any, str, int], dict[str, Any]],
+    clip_texts: bool = True,
 ) -> dict[str, list[dict[str, Any]] | None]:
     """Driver side of SFT and the RM: validated splits, each record tokenised by `tokenize`.
 
-    `tokenize(record, tokenizer, prompt_format, max_length)` builds one example.
+    `tokenize(record, tokenizer, prompt_format, max_length)` builds one example. `clip_texts=False`: texts are
+    not cut to what max_length tokens can cover first (`data.clip_text`; then `tokenize` does it, per field).
     """
     general, dataset = config.General, config.Dataset
-    tokenizer = load_tokenizer(general.base_model, general.trust_remote_code)
+    tokenizer = load_tokenizer(start_model(config), general.trust_remote_code)
     train, evaluation = load_splits(dataset.train_file, dataset.validation_file,
                                     dataset.validation_split_percentage, schema, config.Training.seed,
-                                    max_tokens=dataset.max_length)
+                                    max_tokens=dataset.max_length if clip_texts else None)
 
     def tokenize_all(records: Any, name: str) -> list[dict[str, Any]]:
         examples = list(records.map(
@@ -220,6 +249,8 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> dict[
     store = TrainState(general.output_dir, worker)
     tensors = {"model": ModelState(model, optimizer, trainable_only=training.lora is not None)}
     saved = store.load(tensors)
+    if hasattr(task, "start"):
+        task.start(model, config, worker, saved, loop_config["data"])
     batch_size = training.batch_size
     accumulation = resumed_accumulation(saved, training, worker) if saved else training.gradient_accumulation_steps
     per_epoch = steps_per_epoch(len(train_examples), batch_size, accumulation, worker.world_size)
@@ -241,7 +272,8 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> dict[
 
         extra = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                  "step": step, "epoch": epoch, "consumed": consumed,
-                 "global_batch": batch_size * accumulation * worker.world_size}
+                 "global_batch": batch_size * accumulation * worker.world_size,
+                 **({"task": task.state()} if hasattr(task, "state") else {})}
         store.save(step, tensors, extra)
         ray.train.report({"step": step, **metrics})
 
@@ -262,6 +294,7 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> dict[
         eval_metrics = run_evaluation(0)
     model.train()
     stop = StopControl(worker, loop_config.get("stop_at_step"))
+    eval_every = getattr(training, "eval_steps", None)  # a stage's Training may evaluate every N steps (DPO)
     window = {"loss": 0.0, "items": 0.0, "start": time.perf_counter()}
     progress(worker, task.stage, f"{len(train_examples)} train examples, {worker.world_size} worker(s), "
                                  f"{per_epoch} steps/epoch, {total_steps} steps")
@@ -290,7 +323,7 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> dict[
                 "loss": loss_total / max(window["items"], 1.0), "learning_rate": scheduler.get_last_lr()[0],
                 "epoch": epoch + consumed / len(order),
                 f"{task.items_name}_per_second": window["items"] / max(elapsed, 1e-9),
-                "memory_peak_gib": memory,
+                "memory_peak_gib": memory, **window_metrics(task, worker),
             }
             logger.log(step, metrics)
             progress(worker, task.stage,
@@ -300,8 +333,9 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> dict[
             window = {"loss": 0.0, "items": 0.0, "start": time.perf_counter()}
 
         stop_reason = stop.should_stop(step) if step < total_steps else None
-        if epoch_ended or step == total_steps:
+        if epoch_ended or step == total_steps or (eval_every and step % eval_every == 0):
             eval_metrics = run_evaluation(step)
+        if epoch_ended or step == total_steps:
             save_checkpoint(eval_metrics)
         elif (training.save_steps and step % training.save_steps == 0) or stop_reason:
             save_checkpoint({})
@@ -324,7 +358,7 @@ def save_final_model(config: StageConfig, model: torch.nn.Module, tokenizer: Any
     module = export.gathered_model(model, worker)
     if not worker.is_main:
         return
-    dtype = export.save_dtype(config.Training, stored_dtype(general.base_model, general.trust_remote_code))
+    dtype = export.save_dtype(config.Training, stored_dtype(start_model(config), general.trust_remote_code))
     final = export.exportable(module, config.Training, dtype)
 
     def write(directory: Any) -> None:

@@ -324,3 +324,53 @@ class PPOConfig(StageConfig):
     General: PPOGeneral
     Dataset: PromptDataset
     Training: PPOTraining = Field(default_factory=PPOTraining)
+
+
+# ---- DPO ----------------------------------------------------------------------------------------
+
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+
+
+class DPOGeneral(Section):
+    model_name: str = Field(description="Base policy (hub name or path); used as is if model_pretrain is None.")
+    model_pretrain: str | None = Field(None, description="SFT checkpoint_dir to start the policy from.")
+    output_dir: str = Field(description="Ray Train checkpoints (for resume), metrics.jsonl, TensorBoard.")
+    checkpoint_dir: str = Field(description="Where the final policy is written.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
+
+
+class DPOTraining(SupervisedTraining):
+    """The supervised loop's settings (batch_size counts pairs) plus DPO's own."""
+
+    learning_rate: PositiveFloat = Field(1e-6, description="Peak learning rate (TRL's DPO default).")
+    beta: PositiveFloat = Field(0.1, description="Strength of the implicit KL to the reference (DPO's beta).")
+    loss_type: Literal[DPO_LOSSES] = Field(
+        "sigmoid", description="sigmoid (DPO), ipo (TRL's length-normalised IPO) or hinge (SLiC)."
+    )
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = Field(
+        0.0, description="Conservative DPO (sigmoid only): the share of pairs assumed mislabelled, "
+        "-(1-e)·logσ(βΔ) - e·logσ(-βΔ).",
+    )
+    precompute_reference: bool = Field(
+        False, description="Compute the reference's log-probs of every pair once before training, keep them with "
+        "the run's checkpoints and free the reference model (less memory per step).",
+    )
+    eval_steps: PositiveInt | None = Field(
+        None, description="Also evaluate every N optimizer steps (always at the start and the end of each epoch).",
+    )
+    logprob_chunk_size: PositiveInt = Field(
+        256, description="Token positions per chunk when computing log-probs over the vocabulary."
+    )
+
+    @model_validator(mode="after")
+    def _smoothing_is_sigmoid(self) -> DPOTraining:
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError(f"label_smoothing ({self.label_smoothing}) is conservative DPO, a variant of loss_type "
+                             f"sigmoid; loss_type {self.loss_type} has none: set label_smoothing to 0")
+        return self
+
+
+class DPOConfig(StageConfig):
+    General: DPOGeneral
+    Dataset: TextDataset
+    Training: DPOTraining = Field(default_factory=DPOTraining)

@@ -6,6 +6,7 @@ Files are a JSON array or JSON Lines, local or at any URL fsspec opens (http(s),
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,6 +81,9 @@ RM_SCHEMA = RecordSchema(
     check=_different_pair,
     keep="tail",
 )
+# DPO reads the reward model's files (the same fields, the same converters, which are keyed by the schema's name);
+# a pair whose chosen equals rejected is dropped and counted by the stage instead of stopping the run.
+DPO_SCHEMA = dataclasses.replace(RM_SCHEMA, check=None)
 PPO_SCHEMA = RecordSchema("ppo", required=(), one_of=(("prompt", "instruction"),), optional=("context",), keep="tail")
 
 

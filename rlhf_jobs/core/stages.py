@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rlhf_jobs.core.config import PPOConfig, RMConfig, SFTConfig, StageConfig
-from rlhf_jobs.core.data import PPO_SCHEMA, RM_SCHEMA, SFT_SCHEMA, RecordSchema
+from rlhf_jobs.core.config import DPOConfig, PPOConfig, RMConfig, SFTConfig, StageConfig
+from rlhf_jobs.core.data import DPO_SCHEMA, PPO_SCHEMA, RM_SCHEMA, SFT_SCHEMA, RecordSchema
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,9 @@ class Stage:
     # model) and of the stage's result are shown side by side, scored by the model in `reward_key` if set.
     compare_with: str | None = None
     reward_key: str | None = None
+    # Whether `rlhf-jobs pipeline` runs it when no --stages are given (SFT -> RM -> PPO; DPO is an alternative to
+    # RM + PPO, asked for with --stages sft,dpo).
+    in_default_pipeline: bool = True
 
     @property
     def model_keys(self) -> tuple[str, ...]:
@@ -115,10 +118,28 @@ REGISTRY: dict[str, Stage] = {
             memory_advice="smaller Training.rollout_batch_size / mini_batch_size or more gradient_accumulation_steps",
             compare_with="model_pretrain", reward_key="rm_pretrain",
         ),
+        Stage(
+            name="dpo", title="DPO", product="DPO policy", config_type=DPOConfig, records=DPO_SCHEMA,
+            trainer="rlhf_jobs.algorithms.dpo",
+            base_model_keys=("model_name",), inputs={"model_pretrain": "sft"},
+            trained=(TrainedModel(("model_pretrain", "model_name"), "CAUSAL_LM"),),
+            summary=(Summary("accuracy", "eval_accuracy", fmt="{:.2f}"),
+                     Summary("margin", "eval_margin", fmt="{:.2f}")),
+            panels=(("DPO preference", (Curve("eval_accuracy", "eval", "eval accuracy"),
+                                        Curve("accuracy", "train", "train accuracy"))),
+                    ("DPO loss and margin", (Curve("loss", "train", "train loss"),
+                                             Curve("eval_loss", "eval", "eval loss"),
+                                             Curve("eval_margin", "eval", "eval margin")))),
+            memory_advice="Training.precompute_reference: true (no reference model while training), a smaller "
+                          "Training.batch_size with more gradient_accumulation_steps, or a smaller "
+                          "logprob_chunk_size",
+            compare_with="model_pretrain", in_default_pipeline=False,
+        ),
     )
 }
 
 NAMES: tuple[str, ...] = tuple(REGISTRY)
+DEFAULT_PIPELINE: tuple[str, ...] = tuple(name for name, stage in REGISTRY.items() if stage.in_default_pipeline)
 
 
 def get(name: str) -> Stage:

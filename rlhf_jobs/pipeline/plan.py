@@ -68,7 +68,7 @@ class StagePlan:
 
 @dataclass
 class PipelineOptions:
-    stages: Sequence[str] = STAGES
+    stages: Sequence[str] = registry.DEFAULT_PIPELINE
     config_dir: Path = Path("configs/local")
     overrides: Sequence[str] = ()
     base_model: str | None = None

@@ -37,6 +37,9 @@ RESUMABLE_KEYS = (
     "Training.gradient_checkpointing",
     "Training.rollout_batch_size",
     "Training.logprob_chunk_size",
+    # DPO: the reference's log-probs, live or computed once, are those of the same starting model either way
+    # (a resume that turns it on computes them then), so it may change to get out of memory.
+    "Training.precompute_reference",
 )
 
 

@@ -52,7 +52,10 @@ RULES: tuple[Rule, ...] = (
          "that many micro-batches"),
 )
 # "Model._validator" -> why the chart does not check it (the trainer still does, at start).
-TRAINER_ONLY: dict[str, str] = {}
+TRAINER_ONLY: dict[str, str] = {
+    "DPOTraining._smoothing_is_sigmoid": "compares a key with one value of another (label_smoothing needs loss_type "
+                                         "sigmoid), which none of the kinds above states",
+}
 
 
 def sections(config_type: type[BaseModel]) -> dict[str, type[BaseModel]]:
