@@ -3,8 +3,12 @@
 Every worker holds four models: the **policy** (trainable, DDP), a frozen **reference** copy of
 the initial policy, the **critic** (trainable, DDP: the reward model's backbone with its score
 head applied at every position, so values start out as reward-model scores) and the frozen
-**reward model**. Frozen models are in eval mode under `torch.no_grad`; dropout is off in all four
-(PPO's ratio must compare the same function at rollout and at update time).
+**reward model**. Frozen models are in eval mode under `torch.no_grad`. Every dropout is off in all
+four, LoRA's `lora_dropout` and attention-dropout rates included (`models.disable_dropout`): the first
+minibatch of each iteration must see exactly the rollout's log-probs and values (ratio exactly 1), which
+`onpolicy.FirstUpdateCheck` measures and logs every iteration. The reference computes exactly the
+policy's initial function in every precision and strategy (`sharding.reference_dtype`): KL is exactly 0
+before the first update.
 
 One iteration (`train_loop`, steps 1-5):
 
@@ -23,8 +27,9 @@ One iteration (`train_loop`, steps 1-5):
 3. **Advantages** (`compute_gae`). GAE(`gamma`, `lam`) over the response tokens (the value after the
    last one is 0); returns = advantages + values; advantages whitened with the mean/variance of ALL workers.
 4. **Update** (`ppo_update`). `ppo_epochs` passes over shuffled minibatches of `mini_batch_size`:
-   per-token ratio `exp(logp_new - logp_old)`, clipped surrogate loss and clipped value loss, both masked
-   means over response tokens. One backward of `policy_loss + vf_coef × value_loss` fills the gradients
+   per-token ratio `exp(logp_new - logp_old)`, clipped surrogate loss and clipped value loss, both means
+   over the minibatch's response tokens on ALL workers (every token weighs the same, as in SFT and the RM:
+   2 workers compute what 1 worker computes with their union). One backward of `policy_loss + vf_coef × value_loss` fills the gradients
    of the two separate models, each clipped to `max_grad_norm` and stepped by its own optimizer
    (`learning_rate` / `critic_learning_rate`). Prompt and padding tokens never contribute.
 5. **KL control** (optional, `target_kl`): Ziegler et al.'s adaptive coefficient; then the metrics
@@ -56,10 +61,26 @@ from rlhf_jobs.checkpoints import require_stage, write_atomically
 from rlhf_jobs.config import PPOTraining, StageConfig
 from rlhf_jobs.control import StopControl, stopped
 from rlhf_jobs.data import PPO_SCHEMA, DataError, load_splits, report_truncation
-from rlhf_jobs.distributed import Moments, all_reduce_max, all_reduce_sum, global_mean_var, peak_memory_gib
+from rlhf_jobs.distributed import (
+    Moments,
+    all_reduce_max,
+    all_reduce_sum,
+    global_items_divisor,
+    global_mean_var,
+    peak_memory_gib,
+)
 from rlhf_jobs.logprobs import entropy, selective_log_softmax
 from rlhf_jobs.metrics_log import MetricsLogger
-from rlhf_jobs.models import bos_ids, load_causal_lm, load_reward_model, load_tokenizer, stored_dtype, unwrap
+from rlhf_jobs.models import (
+    bos_ids,
+    disable_dropout,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    stored_dtype,
+    unwrap,
+)
+from rlhf_jobs.onpolicy import FirstUpdateCheck
 from rlhf_jobs.prompts import record_prompt
 from rlhf_jobs.train_state import ModelState, TrainState
 from rlhf_jobs.worker import Worker, progress, setup_worker
@@ -412,12 +433,13 @@ def load_models(config: StageConfig, worker: Worker, reward_stats: dict[str, flo
     # Each model is distributed as soon as it is loaded: under FSDP a worker then never holds more than one
     # full model besides the shards of those before it (loading all four first peaked at four full copies).
     policy = load_causal_lm(policy_path, tokenizer, trust, dropout=False, dtype=trained_dtype)
-    if lora:
-        policy = add_lora(policy, lora, "CAUSAL_LM")
+    if lora:  # peft's lora_dropout is a new dropout: off too (`disable_dropout`)
+        policy = disable_dropout(add_lora(policy, lora, "CAUSAL_LM"))
     policy = sharding.prepare(policy, training, worker)
     reference = None
     if not lora:
-        reference = frozen(load_causal_lm(policy_path, tokenizer, trust, dropout=False, dtype=frozen_dtype))
+        reference = frozen(load_causal_lm(policy_path, tokenizer, trust, dropout=False,
+                                          dtype=sharding.reference_dtype(training)))
         reference = sharding.prepare(reference, training, worker, trainable=False)
     # The critic reads the policy's tokens: it starts from the RM when they share a vocabulary (its value
     # head then starts as the normalised score), else from the policy's backbone with a fresh value head.
@@ -426,7 +448,8 @@ def load_models(config: StageConfig, worker: Worker, reward_stats: dict[str, flo
                                    dtype=trained_dtype)
     critic = Critic.from_classifier(classifier, reward_stats if same_vocab else None)
     if lora:  # the transformer gets adapters; the score head stays the reward model's
-        critic.classifier = add_lora(classifier, lora, "FEATURE_EXTRACTION", exclude=("score", "classifier"))
+        critic.classifier = disable_dropout(add_lora(classifier, lora, "FEATURE_EXTRACTION",
+                                                     exclude=("score", "classifier")))
     critic = sharding.prepare(critic, training, worker)
     reward_model = None
     if not (lora and same_vocab):
@@ -597,17 +620,27 @@ UPDATE_STATS = ("policy_loss", "value_loss", "clip_fraction", "value_clip_fracti
 
 
 def ppo_update(models: PPOModels, optimizers: Optimizers, batch: Experience, advantages: torch.Tensor,
-               returns: torch.Tensor, training: PPOTraining) -> dict[str, float]:
+               returns: torch.Tensor, training: PPOTraining,
+               world_size: int = 1) -> tuple[dict[str, float], FirstUpdateCheck]:
     """`ppo_epochs` passes of clipped policy and value updates over shuffled minibatches, each split into
-    `gradient_accumulation_steps` micro-batches; the mean of each statistic over the updates."""
+    `gradient_accumulation_steps` micro-batches; (the mean of each statistic over the updates, the check
+    that the first minibatch saw the rollout's numbers).
+
+    Every response token of a minibatch weighs the same on any worker: the losses are sums over this
+    worker's tokens divided by `global_items_divisor` (the minibatch's tokens on ALL workers / world_size,
+    as DDP and FSDP average gradients), so 2 workers compute what 1 worker does with their union. Each
+    worker's statistics are then its sums × world_size / all tokens: their mean over workers is the mean
+    over all tokens.
+    """
     mini_batch_size = training.mini_batch_size or batch.size
     micro_size = mini_batch_size // training.gradient_accumulation_steps
     updates = training.ppo_epochs * (batch.size // mini_batch_size)
     sums = dict.fromkeys(UPDATE_STATS, 0.0)
     width, device, scaler = batch.response.size(1), batch.response.device, optimizers.scaler
+    check = FirstUpdateCheck()
     for _ in range(training.ppo_epochs):
         for rows in torch.randperm(batch.size).split(mini_batch_size):
-            tokens = batch.mask[rows].sum().clamp(min=1)  # each micro-batch adds its share of the minibatch mean
+            _, tokens = global_items_divisor(batch.mask[rows].sum().item(), world_size, device)
             micro_batches = rows.split(micro_size)
             for index, micro in enumerate(micro_batches):
                 minibatch = {key: value[micro] for key, value in batch.inputs.items()}
@@ -619,6 +652,7 @@ def ppo_update(models: PPOModels, optimizers: Optimizers, batch: Experience, adv
                     logp = response_logprobs(response_logits(models.policy, minibatch, width), batch.response[micro],
                                              training.temperature, training.logprob_chunk_size)
                     values = response_slice(models.critic(**minibatch), width)
+                    check.add(logp, batch.old_logp[micro], mask, values, batch.old_values[micro])
                     pg_loss, pg_stats = policy_loss(logp, batch.old_logp[micro], advantages[micro], mask,
                                                     training.cliprange, tokens)
                     vf_loss, vf_stats = value_loss(values, batch.old_values[micro], returns[micro], mask,
@@ -628,9 +662,10 @@ def ppo_update(models: PPOModels, optimizers: Optimizers, batch: Experience, adv
                 for name, value in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg_stats, **vf_stats}.items():
                     sums[name] += value.item() / updates
             optim.step([(optimizers.policy, models.policy), (optimizers.critic, models.critic)], training, scaler)
+            check.stepped()
             optimizers.policy_schedule.step()
             optimizers.critic_schedule.step()
-    return sums
+    return sums, check
 
 
 # ---- worker: metrics and evaluation ----------------------------------------------------------------------------
@@ -762,12 +797,14 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
         # -- 4. update
         start = time.perf_counter()
-        update_stats = ppo_update(models, optimizers, batch, advantages, returns, training)
+        update_stats, on_policy = ppo_update(models, optimizers, batch, advantages, returns, training,
+                                             worker.world_size)
         time_update = time.perf_counter() - start
         iteration, data_position = iteration + 1, data_position + batch_size
 
         # -- 5. KL control and metrics (over all workers)
         metrics = iteration_metrics(batch, kl, non_score, returns, update_stats, worker)
+        metrics |= on_policy.metrics(worker.device)
         sequences = batch_size * worker.world_size
         metrics |= {
             "kl_coeff": optimizers.kl_control.value, "learning_rate": optimizers.policy_schedule.get_last_lr()[0],

@@ -37,7 +37,7 @@ from rlhf_jobs.checkpoints import write_atomically
 from rlhf_jobs.config import ConfigError, StageConfig, TrainingBase
 from rlhf_jobs.control import StopControl, stopped
 from rlhf_jobs.data import RecordSchema, load_splits, report_truncation
-from rlhf_jobs.distributed import all_reduce_max, all_reduce_sum, peak_memory_gib
+from rlhf_jobs.distributed import all_reduce_max, all_reduce_sum, global_items_divisor, peak_memory_gib
 from rlhf_jobs.metrics_log import MetricsLogger
 from rlhf_jobs.models import load_tokenizer, stored_dtype, unwrap
 from rlhf_jobs.train_state import ModelState, TrainState
@@ -193,12 +193,13 @@ def accumulate_gradients(model: torch.nn.Module, task: SupervisedTask, micro_bat
     Every item weighs 1 / (items of the step on all workers): the summed loss of each micro-batch is
     divided by that count, times the worker count because DDP and FSDP average gradients over workers.
     """
-    (step_items,) = all_reduce_sum([float(sum(task.count(b) for b in micro_batches))], worker.device)
+    step_items, divisor = global_items_divisor(sum(task.count(b) for b in micro_batches), worker.world_size,
+                                               worker.device)
     loss_sum = 0.0
     for index, batch in enumerate(micro_batches):
         with sharding.gradient_sync(model, index == len(micro_batches) - 1), optim.autocast(training, worker.device):
             loss = task.loss_sum(model, batch)
-            scaled = loss * worker.world_size / max(step_items, 1.0)
+            scaled = loss / divisor
             (scaler.scale(scaled) if scaler else scaled).backward()
         loss_sum += loss.item()
     return loss_sum, step_items

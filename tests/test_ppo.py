@@ -348,3 +348,34 @@ def test_ppo_raises_the_held_out_score_and_resumes(
     after = held_out_scores(tmp_path / "policy", rm_checkpoint, full)
     print(f"held-out RM score: SFT {before:.3f} -> PPO {after:.3f}; final kl {train[-1]['kl']:.3f}")
     assert after > before + 0.1
+
+
+# ---- one in-process worker: every iteration starts on-policy ------------------------------------------------
+
+
+@pytest.mark.parametrize("training", [
+    {"lora": {"r": 4, "dropout": 0.1}, "learning_rate": 1e-2},
+    {"mixed_precision": "bf16"},
+], ids=["fp32-lora-dropout", "bf16-full"])
+def test_every_iteration_starts_on_policy_and_the_first_has_kl_zero(
+    training: dict, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """A real run (the trainer's own loop, one worker in this process): the first minibatch of every iteration,
+    before the optimizer steps, sees exactly the rollout's log-probs and values, also once the adapter is trained
+    (iterations 2 and 3, LoRA dropout 0.1); under bf16 the reference computes the policy's function, KL exactly 0
+    at iteration 1. Before: bf16 KL up to 2e-3 per token under DDP, LoRA dropout ratios off by up to 0.77."""
+    from rlhf_jobs.cli import main
+
+    config = ppo_config(tmp_path, tiny_llama, None, None, num_training_workers=1, training_iteration=3,
+                        experience_batch_size=4, mini_batch_size=4, ppo_epochs=2, max_new_tokens=8, eval_steps=100,
+                        save_critic=False, **training)
+    config["Dataset"]["validation_split_percentage"] = 0
+    path = str(write_config(tmp_path / "ppo.yaml", config))
+    assert main(["train", "ppo", "--config_path", path, "--in-process"]) == 0
+    train = metric_records(tmp_path / "output", "train")
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert train[0]["kl"] == 0.0
+    for record in train:
+        assert record["first_update_max_log_ratio"] == 0.0, record
+        assert record["first_update_max_value_change"] == 0.0, record
+    assert train[-1]["approx_kl"] > 0  # the updates did move the policy
