@@ -12,13 +12,15 @@ before the first update.
 
 One iteration (`train_loop`, steps 1-5):
 
-1. **Rollout** (`collect_experience`). Each worker takes the next `experience_batch_size` prompts of
-   its shard (`rank::world_size` of a per-epoch seeded shuffle, so every prompt is used every epoch),
-   left-padded and left-truncated to `max_prompt_length`, and samples responses in one batched
-   `generate` with the KV cache. Tokens after the first EOS are padding (the EOS itself is part of
-   the response). One forward over prompt + response gives the log-probs of the response tokens
-   under the policy and the reference (temperature-scaled logits, the same in rollout and update)
-   and the critic's value of each response token. The reward model scores the decoded
+1. **Rollout** (`collect_experience`). An iteration takes the next `experience_batch_size × workers`
+   prompts of one seeded shuffle of all prompts per epoch (`prompt_batch`; every prompt is used once
+   per epoch), worker `r` every `workers`-th of them from `r`: the order and the global batch do not
+   depend on the worker count, so a run resumes on another number of workers where it stopped
+   (`resumed_layout`). Prompts are left-padded and left-truncated to `max_prompt_length`; responses are
+   sampled in one batched `generate` with the KV cache. Tokens after the first EOS are padding (the EOS
+   itself is part of the response). One forward over prompt + response gives the log-probs of the
+   response tokens under the policy and the reference (temperature-scaled logits, the same in rollout
+   and update) and the critic's value of each response token. The reward model scores the decoded
    `prompt_text + response_text`, re-tokenised with its own tokenizer.
 2. **Rewards** (`compute_rewards`). Per token: `-kl_coeff × KL` (k1 `logp - ref_logp`, or k3
    `(r - 1) - log r` with `r = exp(ref_logp - logp)`); the score (`shape_scores`: normalised with the
@@ -28,17 +30,18 @@ One iteration (`train_loop`, steps 1-5):
    last one is 0); returns = advantages + values; advantages whitened with the mean/variance of ALL workers.
 4. **Update** (`ppo_update`). `ppo_epochs` passes over shuffled minibatches of `mini_batch_size`:
    per-token ratio `exp(logp_new - logp_old)`, clipped surrogate loss and clipped value loss, both means
-   over the minibatch's response tokens on ALL workers (every token weighs the same, as in SFT and the RM:
-   2 workers compute what 1 worker computes with their union). One backward of `policy_loss + vf_coef × value_loss` fills the gradients
-   of the two separate models, each clipped to `max_grad_norm` and stepped by its own optimizer
-   (`learning_rate` / `critic_learning_rate`). Prompt and padding tokens never contribute.
+   over the minibatch's response tokens on ALL workers (every token weighs the same, as in SFT and the
+   RM: 2 workers compute what 1 worker computes with their union). One backward of
+   `policy_loss + vf_coef × value_loss` fills the gradients of the two separate models, each clipped to
+   `max_grad_norm` and stepped by its own optimizer (`learning_rate` / `critic_learning_rate`). Prompt
+   and padding tokens never contribute.
 5. **KL control** (optional, `target_kl`): Ziegler et al.'s adaptive coefficient; then the metrics
    (`iteration_metrics`, over all workers).
 
 Metrics go to `metrics.jsonl` and TensorBoard every iteration; the held-out prompts are scored
 (`eval_score_mean`, split "eval") at the start, every `eval_steps` iterations and at the end. Ray
-Train checkpoints (policy, critic, optimizers, schedulers, KL coefficient, iteration, data
-position) every `save_steps` (default `eval_steps`) iterations and at the end; a rerun with the
+Train checkpoints (policy, critic, optimizers, schedulers, KL coefficient, iteration, prompt
+position, global batch) every `save_steps` (default `eval_steps`) iterations and at the end; a rerun with the
 same `output_dir` resumes. The final policy + tokenizer are written to `checkpoint_dir`
 (atomically, with the `rlhf_stage.json` marker) and the critic to `checkpoint_dir/critic`.
 """
@@ -58,7 +61,7 @@ from rlhf_jobs import export, launcher, optim, sharding
 from rlhf_jobs.adapters import add_lora, disabled_adapter
 from rlhf_jobs.batching import pad
 from rlhf_jobs.checkpoints import require_stage, write_atomically
-from rlhf_jobs.config import PPOTraining, StageConfig
+from rlhf_jobs.config import ConfigError, PPOTraining, StageConfig
 from rlhf_jobs.control import StopControl, stopped
 from rlhf_jobs.data import PPO_SCHEMA, DataError, load_splits, report_truncation
 from rlhf_jobs.distributed import (
@@ -82,6 +85,7 @@ from rlhf_jobs.models import (
 )
 from rlhf_jobs.onpolicy import FirstUpdateCheck
 from rlhf_jobs.prompts import record_prompt
+from rlhf_jobs.supervised import epoch_order
 from rlhf_jobs.train_state import ModelState, TrainState
 from rlhf_jobs.worker import Worker, progress, setup_worker
 
@@ -369,23 +373,53 @@ def prepare(config: StageConfig) -> dict[str, Any]:
     return {**prompts, "reward_stats": reward_stats}
 
 
-def shard_order(n_prompts: int, worker: Worker, seed: int, epoch: int) -> list[int]:
-    """This worker's prompt indices for `epoch`: rank::world_size of a seeded shuffle, padded so shards are equal."""
-    order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    shard_size = math.ceil(n_prompts / worker.world_size)
-    order += order[: shard_size * worker.world_size - n_prompts]
-    return order[worker.rank :: worker.world_size]
-
-
 def prompt_batch(examples: list[dict[str, Any]], worker: Worker, seed: int, position: int,
-                 size: int) -> list[dict[str, Any]]:
-    """The `size` prompts after the first `position` of this worker's endless stream (epoch after epoch)."""
-    shard_size = math.ceil(len(examples) / worker.world_size)
+                 global_batch: int) -> list[dict[str, Any]]:
+    """This worker's share of the `global_batch` prompts after the first `position` of the prompt stream: every
+    `world_size`-th of them from its rank on.
+
+    The stream is one seeded shuffle of ALL prompts per epoch, epoch after epoch, the same on any number of
+    workers: a run resumed on another worker count (same global batch, `resumed_layout`) serves the rest of the
+    epoch's prompts, each once.
+    """
+    orders: dict[int, list[int]] = {}
     batch = []
-    for index in range(position, position + size):
-        epoch, offset = divmod(index, shard_size)
-        batch.append(examples[shard_order(len(examples), worker, seed, epoch)[offset]])
+    for index in range(position + worker.rank, position + global_batch, worker.world_size):
+        epoch, offset = divmod(index, len(examples))
+        if epoch not in orders:
+            orders[epoch] = epoch_order(len(examples), epoch, seed, 1)
+        batch.append(examples[orders[epoch][offset]])
     return batch
+
+
+def resumed_layout(saved: dict[str, Any] | None, training: PPOTraining, worker: Worker) -> PPOTraining:
+    """`training` with the per-worker experience batch, minibatch and gradient accumulation that keep the
+    checkpoint's global batch and global minibatch on this number of workers (2 workers × 8 prompts -> 1 worker
+    × 16), so iterations, schedule and prompt position mean what they meant. Micro-batches never grow."""
+    batch = training.experience_batch_size
+    mini = training.mini_batch_size or batch
+    if not saved or "global_batch" not in saved:  # a fresh run (or a checkpoint from before global batches)
+        return training
+    global_batch, global_mini = saved["global_batch"], saved["global_mini_batch"]
+    if global_batch == batch * worker.world_size and global_mini == mini * worker.world_size:
+        return training
+    if global_batch % worker.world_size or global_mini % worker.world_size:
+        raise ConfigError(
+            f"Training.num_training_workers: the checkpoint was written with a global batch of {global_batch} "
+            f"prompts per iteration (minibatches of {global_mini}), which {worker.world_size} worker(s) cannot "
+            "share evenly; resume with a worker count that divides both, or start over (--on-config-change restart)"
+        )
+    new_batch, new_mini = global_batch // worker.world_size, global_mini // worker.world_size
+    micro = mini // training.gradient_accumulation_steps
+    accumulation = next(steps for steps in range(1, new_mini + 1)
+                        if new_mini % steps == 0 and new_mini // steps <= micro)
+    rollout = min(training.rollout_batch_size, new_batch) if training.rollout_batch_size else None
+    progress(worker, STAGE, f"resuming on {worker.world_size} worker(s): experience_batch_size {batch} -> {new_batch}, "
+                            f"mini_batch_size {mini} -> {new_mini}, gradient_accumulation_steps "
+                            f"{training.gradient_accumulation_steps} -> {accumulation} keep the global batch of "
+                            f"{global_batch} prompts")
+    return training.model_copy(update={"experience_batch_size": new_batch, "mini_batch_size": new_mini,
+                                       "gradient_accumulation_steps": accumulation, "rollout_batch_size": rollout})
 
 
 # ---- worker: models and optimizers ---------------------------------------------------------------------------
@@ -474,8 +508,19 @@ class Optimizers:
 
     @classmethod
     def build(cls, models: PPOModels, training: PPOTraining, total_updates: int, device: torch.device) -> Optimizers:
-        policy = optim.build_optimizer(models.policy, training)
-        critic = optim.build_optimizer(models.critic, training, training.critic_learning_rate)
+        return cls.around(*cls.optimizers(models, training), training, total_updates, device)
+
+    @staticmethod
+    def optimizers(models: PPOModels, training: PPOTraining) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+        """The policy's and the critic's optimizers alone (a resume loads their state before the schedules
+        are built: how many updates a run has depends on the checkpoint's global batch)."""
+        return (optim.build_optimizer(models.policy, training),
+                optim.build_optimizer(models.critic, training, training.critic_learning_rate))
+
+    @classmethod
+    def around(cls, policy: torch.optim.Optimizer, critic: torch.optim.Optimizer, training: PPOTraining,
+               total_updates: int, device: torch.device) -> Optimizers:
+        """Schedules over `total_updates`, the KL coefficient and the loss scaler, around built optimizers."""
         return cls(policy, critic, optim.build_scheduler(policy, training, total_updates),
                    optim.build_scheduler(critic, training, total_updates),
                    AdaptiveKLController(training.kl_coeff, training.target_kl, training.kl_horizon),
@@ -735,31 +780,35 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     general, training = config.General, config.Training
     train_prompts, eval_prompts = loop_config["data"]["train"], loop_config["data"]["eval"]
     reward_stats = loop_config["data"]["reward_stats"] if training.normalize_score else None
-    batch_size = training.experience_batch_size
-    prompts_per_worker = math.ceil(len(train_prompts) / worker.world_size)
-    iterations = training.training_iteration or training.epochs * math.ceil(prompts_per_worker / batch_size)
-    updates_per_iteration = batch_size // (training.mini_batch_size or batch_size)
     save_steps = training.save_steps or training.eval_steps
 
-    # -- models, optimizers, resume
+    # -- models, optimizers, resume (on any number of workers: the global batch stays the checkpoint's)
     models = load_models(config, worker, reward_stats)
-    optimizers = Optimizers.build(models, training, iterations * updates_per_iteration * training.ppo_epochs,
-                                  worker.device)
+    policy_optimizer, critic_optimizer = Optimizers.optimizers(models, training)
     store = TrainState(general.output_dir, worker)
-    tensors = {"policy": ModelState(models.policy, optimizers.policy, trainable_only=True),
-               "critic": ModelState(models.critic, optimizers.critic, trainable_only=True)}
-    iteration, data_position = 0, 0
+    tensors = {"policy": ModelState(models.policy, policy_optimizer, trainable_only=True),
+               "critic": ModelState(models.critic, critic_optimizer, trainable_only=True)}
     saved = store.load(tensors)
+    training = resumed_layout(saved, training, worker)
+    batch_size = training.experience_batch_size
+    global_batch = batch_size * worker.world_size
+    global_mini_batch = (training.mini_batch_size or batch_size) * worker.world_size
+    iterations = training.training_iteration or training.epochs * math.ceil(len(train_prompts) / global_batch)
+    updates = iterations * (global_batch // global_mini_batch) * training.ppo_epochs
+    optimizers = Optimizers.around(policy_optimizer, critic_optimizer, training, updates, worker.device)
+    iteration, position = 0, 0
     if saved:
         optimizers.load_state_dict(saved)
-        iteration, data_position = saved["iteration"], saved["data_position"]
+        iteration = saved["iteration"]
+        position = saved.get("prompt_position", iteration * global_batch)
         progress(worker, STAGE, f"resuming at iteration {iteration}/{iterations}")
 
     def save_checkpoint(metrics: dict[str, Any]) -> None:
         import ray.train
 
         store.save(iteration, tensors, {**optimizers.state_dict(), "iteration": iteration,
-                                        "data_position": data_position})
+                                        "prompt_position": position, "global_batch": global_batch,
+                                        "global_mini_batch": global_mini_batch})
         ray.train.report({"iteration": iteration, **metrics})
 
     logger = MetricsLogger(general.output_dir, STAGE, worker.is_main, config, loop_config.get("tracking"))
@@ -781,7 +830,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
         # -- 1. rollout
         start = time.perf_counter()
-        prompts = prompt_batch(train_prompts, worker, training.seed, data_position, batch_size)
+        prompts = prompt_batch(train_prompts, worker, training.seed, position, global_batch)
         batch = collect_experience(models, prompts, training, worker.device)
         time_rollout = time.perf_counter() - start
 
@@ -800,17 +849,17 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         update_stats, on_policy = ppo_update(models, optimizers, batch, advantages, returns, training,
                                              worker.world_size)
         time_update = time.perf_counter() - start
-        iteration, data_position = iteration + 1, data_position + batch_size
+        iteration, position = iteration + 1, position + global_batch
 
         # -- 5. KL control and metrics (over all workers)
         metrics = iteration_metrics(batch, kl, non_score, returns, update_stats, worker)
         metrics |= on_policy.metrics(worker.device)
-        sequences = batch_size * worker.world_size
+        sequences = global_batch
         metrics |= {
             "kl_coeff": optimizers.kl_control.value, "learning_rate": optimizers.policy_schedule.get_last_lr()[0],
             "time_rollout": time_rollout, "time_update": time_update,
             "tokens_per_second": metrics["response_length"] * sequences / max(time_rollout, 1e-9),
-            "epoch": data_position / prompts_per_worker,
+            "epoch": position / len(train_prompts),
         }
         optimizers.kl_control.update(metrics["kl"], sequences)
         logger.log(iteration, metrics)

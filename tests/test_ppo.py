@@ -204,19 +204,20 @@ def test_padding_embeddings_get_zero_gradient_through_a_real_model() -> None:
 # ---- data order -----------------------------------------------------------------------------------------
 
 
-def test_every_prompt_is_used_each_epoch_across_workers() -> None:
+def test_every_prompt_is_used_once_per_epoch_on_any_number_of_workers() -> None:
+    """The stream of prompts is one seeded shuffle of all of them per epoch, whatever the worker count: 2 workers
+    taking 2 each from a global batch of 4, then 1 worker taking 4, serve each of the 7 prompts once per epoch."""
     prompts = [{"input_ids": [i], "text": str(i)} for i in range(7)]
-    workers = [Worker(rank, 2, CPU) for rank in range(2)]
-    shard_size = 4  # ceil(7 / 2); one prompt repeats to keep the shards equal
-    for epoch in range(3):
-        seen = set()
-        for worker in workers:
-            batch = ppo.prompt_batch(prompts, worker, seed=1, position=epoch * shard_size, size=shard_size)
-            seen |= {p["input_ids"][0] for p in batch}
-        assert seen == set(range(7))
-    first = ppo.prompt_batch(prompts, workers[0], seed=1, position=0, size=4)
-    second = ppo.prompt_batch(prompts, workers[0], seed=1, position=4, size=4)
-    assert [p["input_ids"] for p in first] != [p["input_ids"] for p in second]  # reshuffled per epoch
+    two = [Worker(rank, 2, CPU) for rank in range(2)]
+    served = [p["input_ids"][0] for position in (0, 4) for w in two
+              for p in ppo.prompt_batch(prompts, w, seed=1, position=position, global_batch=4)]
+    served += [p["input_ids"][0] for position in (8, 12)
+               for p in ppo.prompt_batch(prompts, Worker(0, 1, CPU), seed=1, position=position, global_batch=4)]
+    one = [p["input_ids"][0] for p in ppo.prompt_batch(prompts, Worker(0, 1, CPU), seed=1, position=0, global_batch=16)]
+    assert sorted(served) == sorted(one) and sorted(one[:7]) == sorted(one[7:14]) == list(range(7))
+    assert one[:7] != one[7:14]  # reshuffled per epoch
+    halves = [p["input_ids"][0] for w in two for p in ppo.prompt_batch(prompts, w, seed=1, position=0, global_batch=4)]
+    assert sorted(halves) == sorted(one[:4])  # worker r takes every 2nd prompt of the global batch from r
 
 
 def test_prompts_are_left_truncated_and_the_text_matches_the_ids(tiny_model: Path) -> None:
