@@ -543,26 +543,49 @@ class Optimizers:
 # ---- worker: rollout ---------------------------------------------------------------------------------------------
 
 
-def generation_settings(training: PPOTraining, tokenizer: Any) -> dict[str, Any]:
-    return dict(
-        do_sample=True, temperature=training.temperature, top_k=training.top_k or None, top_p=training.top_p,
-        max_new_tokens=training.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, use_cache=True,
+def sampling_config(training: PPOTraining, tokenizer: Any) -> Any:
+    """Sampling from exactly softmax(logits / temperature), the distribution whose log-probs PPO trains on.
+
+    Every setting that reshapes it is given its neutral value (top_k 0: transformers' default is 50),
+    and `generate_responses` hides the checkpoint's own `generation_config.json` (repetition_penalty,
+    no_repeat_ngram_size, top_k/top_p, min_p, suppressed tokens, ...) while it samples: `generate` would
+    merge its values into any setting left unset. TRL samples the same way.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True, temperature=training.temperature, top_k=0, top_p=1.0, max_new_tokens=training.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
     )
+
+
+@contextlib.contextmanager
+def without_checkpoint_generation_config(model: torch.nn.Module) -> Any:
+    """`model.generate` with only the settings it is given: the checkpoint's generation config is swapped for
+    an empty one for the call (`generate` fills every unset field from it)."""
+    from transformers import GenerationConfig
+
+    hf_model = sharding.hf_model(model)
+    saved = hf_model.generation_config
+    hf_model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        hf_model.generation_config = saved
 
 
 @torch.no_grad()
 def generate_responses(models: PPOModels, prompts: list[dict[str, Any]], training: PPOTraining,
                        device: torch.device) -> list[list[int]]:
-    """Sampled response ids per prompt, up to and including the first EOS (a sharded policy is gathered
-    once for the whole call)."""
+    """Sampled response ids per prompt, up to and including the first EOS, from exactly softmax(logits /
+    temperature) (`sampling_config`; a sharded policy is gathered once for the whole call)."""
     tokenizer = models.tokenizer
     query, query_mask = pad([p["input_ids"] for p in prompts], tokenizer.pad_token_id, side="left", device=device)
     model = unwrap(models.policy)
     model.eval()
-    with sharding.gathered(model), optim.autocast(training, device):
+    with sharding.gathered(model), optim.autocast(training, device), without_checkpoint_generation_config(model):
         output = model.generate(input_ids=query, attention_mask=query_mask,
-                                **generation_settings(training, tokenizer))
+                                generation_config=sampling_config(training, tokenizer))
     model.train()
     response = output[:, query.size(1) :]
     lengths = response_mask(response, tokenizer.eos_token_id).sum(1)

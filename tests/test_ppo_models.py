@@ -225,3 +225,65 @@ def test_disable_dropout_finds_modules_module_rates_and_config_rates(llama_with_
     assert "extra" in live_dropout(model)
     assert live_dropout(disable_dropout(model)) == []
     assert model.model.layers[1].self_attn.attention_dropout == 0.0 and model.extra.p == 0.0
+
+
+# ---- sampling: exactly softmax(logits / temperature) ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_with_generation_config(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny GPT-2 with a generation_config.json that reshapes sampling in every way a checkpoint can."""
+    import json
+    import shutil
+
+    path = tmp_path_factory.mktemp("generation") / "model"
+    shutil.copytree(tiny_model, path)
+    (path / "generation_config.json").write_text(json.dumps({
+        "do_sample": True, "top_k": 5, "top_p": 0.5, "min_p": 0.2, "repetition_penalty": 1.5,
+        "no_repeat_ngram_size": 2, "bos_token_id": 0, "eos_token_id": 0,
+    }))
+    return path
+
+
+def sample_by_hand(model: torch.nn.Module, prompts: list[dict], pad_id: int, temperature: float,
+                   steps: int) -> torch.Tensor:
+    """`steps` tokens per prompt drawn from softmax(logits / temperature) of full forwards, one multinomial draw
+    for the batch per step (as `generate` draws)."""
+    ids, mask = pad([p["input_ids"] for p in prompts], pad_id, side="left")
+    width = ids.size(1)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+            token = torch.multinomial(torch.softmax(logits[:, -1].float() / temperature, -1), 1)
+            ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    return ids[:, width:]
+
+
+def test_responses_are_sampled_from_exactly_softmax_of_logits_over_temperature(
+    model_with_generation_config: Path, tmp_path: Path
+) -> None:
+    """The rollout draws the very tokens a hand-written sampler draws from softmax(logits / T) with the same
+    seed: neither the checkpoint's generation_config.json (top_k 5, top_p 0.5, min_p, repetition penalty,
+    no-repeat n-grams) nor transformers' default top_k of 50 reshapes it. Before: top_k 50 always applied, and
+    the checkpoint's settings merged in."""
+    path = model_with_generation_config
+    training, models, prompts = ppo_setup(path, path, tmp_path, temperature=0.7, max_new_tokens=10)
+    torch.manual_seed(3)
+    responses = ppo.generate_responses(models, prompts, training, CPU)
+    torch.manual_seed(3)
+    expected = sample_by_hand(ppo.unwrap(models.policy).eval(), prompts, models.tokenizer.pad_token_id, 0.7, 10)
+    for response, tokens in zip(responses, expected, strict=True):
+        assert len(response) > 1 and response == tokens[: len(response)].tolist()
+    # and the checkpoint keeps its generation config for whoever loads it
+    assert ppo.unwrap(models.policy).generation_config.top_k == 5
+
+
+def test_truncated_sampling_is_refused_in_the_ppo_config(tmp_path: Path) -> None:
+    from rlhf_jobs.config import ConfigError
+
+    for key, value in (("top_k", 50), ("top_p", 0.9)):
+        config = local_config("ppo", output_dir=tmp_path / "o", checkpoint_dir=tmp_path / "c")
+        config["Training"][key] = value
+        with pytest.raises(ConfigError, match=rf"Training\.{key}: sampling from .* only makes the rollout "
+                                              r"off-policy.*TRL forces top_k 0 and top_p 1"):
+            validate_config(config, "ppo", paths=False)
