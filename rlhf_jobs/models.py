@@ -51,13 +51,34 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, padding_side: str
 def bos_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """[BOS] when the tokenizer adds one to a text by itself (Llama), else [] (GPT-2, Qwen).
 
-    Every stage tokenises with `add_special_tokens=False` and prepends this, so SFT, the reward
-    model and PPO see exactly the same tokens, and no EOS is ever appended by the tokenizer.
+    Every stage tokenises with `add_special_tokens=False` and prepends this unless the text wrote its
+    own BOS (`split_bos`), so SFT, the reward model and PPO see exactly the same tokens, one BOS at most,
+    and no EOS is ever appended by the tokenizer.
     """
     bos = tokenizer.bos_token_id
     if bos is None:
         return []
     return [bos] if tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos] else []
+
+
+def split_bos(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> tuple[list[int], list[int]]:
+    """(the BOS a model input starts with, the rest of `ids`), for ids tokenised with `add_special_tokens=False`.
+
+    The BOS is the one the text wrote itself (a chat template that writes it, as Llama 3's does) or else the
+    tokenizer's own (`bos_ids`): never both, as TRL tokenises templated text with add_special_tokens=False.
+    """
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[:1] == [bos]:
+        return [bos], ids[1:]
+    return bos_ids(tokenizer), ids
+
+
+def with_bos_tail(tokenizer: PreTrainedTokenizerBase, ids: list[int], length: int) -> tuple[list[int], bool]:
+    """(`ids` as a model input of at most `length` tokens: its BOS (`split_bos`), then the last tokens of the
+    rest; whether any were cut)."""
+    head, body = split_bos(tokenizer, ids)
+    kept = min(max(length - len(head), 0), len(body))
+    return head + body[len(body) - kept :], kept < len(body)
 
 
 def adapter_base(name: str) -> str | None:

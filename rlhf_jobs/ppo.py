@@ -75,13 +75,14 @@ from rlhf_jobs.distributed import (
 from rlhf_jobs.logprobs import entropy, selective_log_softmax
 from rlhf_jobs.metrics_log import MetricsLogger
 from rlhf_jobs.models import (
-    bos_ids,
     disable_dropout,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
+    split_bos,
     stored_dtype,
     unwrap,
+    with_bos_tail,
 )
 from rlhf_jobs.onpolicy import FirstUpdateCheck
 from rlhf_jobs.prompts import record_prompt
@@ -335,14 +336,17 @@ def sequence_inputs(query: torch.Tensor, query_mask: torch.Tensor, response: tor
 
 
 def tokenize_prompts(records: Any, tokenizer: Any, style: str, max_prompt_length: int) -> list[dict[str, Any]]:
-    """[BOS] + prompt ids, left-truncated to max_prompt_length, and the text of exactly those prompt ids
-    (what the RM sees, before its own BOS)."""
-    bos = bos_ids(tokenizer)
+    """[BOS] + prompt ids, left-truncated to max_prompt_length (one BOS, whether the tokenizer adds it or a chat
+    template writes it), and the text of exactly those ids (what the RM sees: with the BOS only where the text
+    wrote it, since a tokenizer that adds BOS adds its own)."""
     examples = []
     for record in records:
         full = tokenizer(record_prompt(record, style, tokenizer), add_special_tokens=False)["input_ids"]
-        ids = full[-(max_prompt_length - len(bos)) :]
-        examples.append({"input_ids": bos + ids, "text": tokenizer.decode(ids), "truncated": len(full) > len(ids)})
+        bos, body = split_bos(tokenizer, full)
+        input_ids, truncated = with_bos_tail(tokenizer, full, max_prompt_length)
+        written = full[: len(full) - len(body)]  # the BOS the text itself starts with, if any
+        text = tokenizer.decode(written + input_ids[len(bos) :])
+        examples.append({"input_ids": input_ids, "text": text, "truncated": truncated})
     return examples
 
 
@@ -602,8 +606,9 @@ def score_responses(models: PPOModels, prompts: list[dict[str, Any]], response: 
     ]
     rm_tokenizer = models.rm_tokenizer
     config = sharding.hf_model(unwrap(models.critic if models.reward_model is None else models.reward_model)).config
-    room = (getattr(config, "max_position_embeddings", None) or 1024) - len(bos := bos_ids(rm_tokenizer))
-    sequences = [bos + ids[-room:] for ids in rm_tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    length = getattr(config, "max_position_embeddings", None) or 1024
+    sequences = [with_bos_tail(rm_tokenizer, ids, length)[0]
+                 for ids in rm_tokenizer(texts, add_special_tokens=False)["input_ids"]]
     input_ids, attention_mask = pad(sequences, rm_tokenizer.pad_token_id, device=device)
     with optim.autocast(training, device):
         return models.reward_scores(input_ids, attention_mask)

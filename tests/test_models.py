@@ -255,3 +255,33 @@ def test_lora_on_a_bf16_base_is_merged_in_fp32(save_dtype: torch.dtype, tiny_lla
                  - reference(**inputs).logits).abs().max().item()
     print(f"{save_dtype}: adapter effect on logits {effect:.2e}, merged export off by {error:.2e}")
     assert error < (1e-6 if save_dtype == torch.float32 else effect)
+
+
+def test_a_chat_template_that_writes_bos_gets_one_bos_in_every_stage(tiny_llama: Path, tmp_path: Path) -> None:
+    """A Llama-3-style chat template writes BOS itself, and the tokenizer adds BOS too: SFT, the RM and PPO
+    start every sequence with exactly one BOS (the text's), as a GPT-2-style tokenizer with that template does.
+    Before: two BOS in every stage."""
+    from rlhf_jobs.ppo import tokenize_prompts
+    from rlhf_jobs.prompts import record_prompt
+    from rlhf_jobs.tiny_model import CHAT_TEMPLATE
+
+    tokenizer = load_tokenizer(str(tiny_llama))
+    tokenizer.chat_template = "{{ bos_token }}" + CHAT_TEMPLATE
+    tokenizer.save_pretrained(tmp_path / "llama3-style")
+    tokenizer = load_tokenizer(str(tmp_path / "llama3-style"))
+    bos = tokenizer.bos_token_id
+    assert bos_ids(tokenizer) == [bos] and record_prompt(RECORD, "chat", tokenizer).startswith(tokenizer.bos_token)
+    sft = tokenize_sft(RECORD, tokenizer, "chat", 64)
+    pair = tokenize_pair(PAIR, tokenizer, "chat", 64)
+    short_pair = tokenize_pair(PAIR, tokenizer, "chat", 8)  # truncated from the left: the BOS stays in front
+    prompt = tokenize_prompts([PAIR], tokenizer, "chat", 64)[0]
+    short_prompt = tokenize_prompts([PAIR], tokenizer, "chat", 6)[0]
+    for ids in (sft["input_ids"], pair["chosen_ids"], pair["rejected_ids"], short_pair["chosen_ids"],
+                prompt["input_ids"], short_prompt["input_ids"]):
+        assert ids[0] == bos and ids.count(bos) == 1, ids
+    assert len(short_pair["chosen_ids"]) == 8 and len(short_prompt["input_ids"]) == 6
+    assert sft["labels"][0] == IGNORE_INDEX and sft["labels"].count(IGNORE_INDEX) < len(sft["labels"])
+    # the text PPO hands the reward model wrote its BOS: the RM's tokenizer reads it back, once
+    for example in (prompt, short_prompt):
+        assert example["text"].startswith(tokenizer.bos_token) and example["text"].count(tokenizer.bos_token) == 1
+        assert tokenizer(example["text"], add_special_tokens=False)["input_ids"] == example["input_ids"]
