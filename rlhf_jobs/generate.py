@@ -143,7 +143,7 @@ def generate(models: Sequence[str], records: list[dict[str, Any]], settings: Set
                 sample = samples[start + offset]
                 sample.prompt_text = sample.prompt_text or prompt["text"]
                 sample.answers[label] = {  # type: ignore[index]
-                    # the text exactly as the reward model read it (after the prompt text)
+                    # the answer; the reward model read join_response(prompt_text, text), as in its training pairs
                     "model": str(path), "text": tokenizer.decode(ids, skip_special_tokens=True),
                     "score": value, "tokens": len(ids), "eos": bool(ids) and ids[-1] == tokenizer.eos_token_id,
                 }

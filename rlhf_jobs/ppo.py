@@ -20,8 +20,8 @@ One iteration (`train_loop`, steps 1-5):
    sampled in one batched `generate` with the KV cache. Tokens after the first EOS are padding (the EOS
    itself is part of the response). One forward over prompt + response gives the log-probs of the
    response tokens under the policy and the reference (temperature-scaled logits, the same in rollout
-   and update) and the critic's value of each response token. The reward model scores the decoded
-   `prompt_text + response_text`, re-tokenised with its own tokenizer.
+   and update) and the critic's value of each response token. The reward model scores the text it was
+   trained on, `join_response(prompt_text, response_text)`, re-tokenised with its own tokenizer.
 2. **Rewards** (`compute_rewards`). Per token: `-kl_coeff × KL` (k1 `logp - ref_logp`, or k3
    `(r - 1) - log r` with `r = exp(ref_logp - logp)`); the score (`shape_scores`: normalised with the
    reward model's recorded mean/std, clipped to ±`score_clip`, minus `missing_eos_penalty` without EOS)
@@ -85,7 +85,7 @@ from rlhf_jobs.models import (
     with_bos_tail,
 )
 from rlhf_jobs.onpolicy import FirstUpdateCheck
-from rlhf_jobs.prompts import record_prompt
+from rlhf_jobs.prompts import join_response, record_prompt
 from rlhf_jobs.supervised import epoch_order
 from rlhf_jobs.train_state import ModelState, TrainState
 from rlhf_jobs.worker import Worker, progress, setup_worker
@@ -599,19 +599,29 @@ def generate_responses(models: PPOModels, prompts: list[dict[str, Any]], trainin
 @torch.no_grad()
 def score_responses(models: PPOModels, prompts: list[dict[str, Any]], response: torch.Tensor, mask: torch.Tensor,
                     training: PPOTraining, device: torch.device) -> torch.Tensor:
-    """The reward model's score of [BOS] prompt text + response text (EOS dropped), in its own tokens."""
-    texts = [
-        prompt["text"] + models.tokenizer.decode(tokens[: int(length)].tolist(), skip_special_tokens=True)
-        for prompt, tokens, length in zip(prompts, response, mask.sum(1), strict=True)
-    ]
-    rm_tokenizer = models.rm_tokenizer
+    """The reward model's score of each response, read as it read its training pairs (`reward_model_inputs`)."""
     config = sharding.hf_model(unwrap(models.critic if models.reward_model is None else models.reward_model)).config
-    length = getattr(config, "max_position_embeddings", None) or 1024
-    sequences = [with_bos_tail(rm_tokenizer, ids, length)[0]
-                 for ids in rm_tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    input_ids, attention_mask = pad(sequences, rm_tokenizer.pad_token_id, device=device)
+    sequences = reward_model_inputs(models.tokenizer, models.rm_tokenizer, prompts, response, mask,
+                                    getattr(config, "max_position_embeddings", None) or 1024)
+    input_ids, attention_mask = pad(sequences, models.rm_tokenizer.pad_token_id, device=device)
     with optim.autocast(training, device):
         return models.reward_scores(input_ids, attention_mask)
+
+
+def reward_model_inputs(tokenizer: Any, rm_tokenizer: Any, prompts: list[dict[str, Any]], response: torch.Tensor,
+                        mask: torch.Tensor, max_length: int) -> list[list[int]]:
+    """The reward model's token ids for each response: the text its training pairs were made of,
+    `join_response(prompt text, response text)` (EOS dropped), in its own tokens with its BOS, the tail kept.
+
+    The join matters: a SentencePiece tokenizer decodes a response's first token without its leading space,
+    and "Assistant:" + "Hello" would be scored as "Assistant:Hello" where the RM learnt "Assistant: Hello".
+    """
+    texts = [
+        join_response(prompt["text"], tokenizer.decode(tokens[: int(length)].tolist(), skip_special_tokens=True))
+        for prompt, tokens, length in zip(prompts, response, mask.sum(1), strict=True)
+    ]
+    return [with_bos_tail(rm_tokenizer, ids, max_length)[0]
+            for ids in rm_tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def shape_scores(raw: torch.Tensor, has_eos: torch.Tensor, reward_stats: dict[str, float] | None,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import local_config
+from conftest import SAMPLES, local_config
 
 from rlhf_jobs import ppo
 from rlhf_jobs.batching import pad
@@ -287,3 +287,44 @@ def test_truncated_sampling_is_refused_in_the_ppo_config(tmp_path: Path) -> None
         with pytest.raises(ConfigError, match=rf"Training\.{key}: sampling from .* only makes the rollout "
                                               r"off-policy.*TRL forces top_k 0 and top_p 1"):
             validate_config(config, "ppo", paths=False)
+
+
+# ---- the reward model scores the text it was trained on --------------------------------------------------------
+
+
+def sentencepiece_style_tokenizer() -> object:
+    """A Metaspace (SentencePiece-style) BPE tokenizer, as Llama 2's and Mistral's: it decodes a text's first
+    token without the space it stands for."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [value for line in (SAMPLES / "sample_rm_data.jsonl").read_text().splitlines()
+             for value in json.loads(line).values() if isinstance(value, str)]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.train_from_iterator([*texts, "Human: Assistant:\n\n"], trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=list("\n:.?!,'\"-"),
+        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
+def test_the_reward_model_reads_a_response_as_it_read_its_training_pairs() -> None:
+    """A raw HH prompt ending in "Assistant:" and a sampled answer "▁Hello ▁there": the reward model gets exactly
+    the tokens `rm.tokenize_pair` made of the pair {prompt, chosen: "Hello there"}. Before: the response, decoded
+    alone, lost its leading space and the RM scored "Assistant:Hello there"."""
+    from rlhf_jobs.rm import tokenize_pair
+
+    tokenizer = sentencepiece_style_tokenizer()
+    record = {"prompt": "Human: Say hello.\n\nAssistant:", "chosen": "Hello there", "rejected": "No."}
+    prompts = ppo.tokenize_prompts([record], tokenizer, "raw", 64)
+    full = tokenizer(record["prompt"] + " Hello there", add_special_tokens=False)["input_ids"]
+    answer = full[len(tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]) :]
+    assert tokenizer.decode(answer) == "Hello there"  # the leading space is gone once decoded alone
+    response, mask = pad([[*answer, tokenizer.eos_token_id]], tokenizer.pad_token_id)
+    scored = ppo.reward_model_inputs(tokenizer, tokenizer, prompts, response, mask, 1024)
+    assert scored == [tokenize_pair(record, tokenizer, "raw", 1024)["chosen_ids"]]
+    assert tokenizer.decode(scored[0]).endswith("Assistant: Hello there")
