@@ -78,11 +78,17 @@ class Moments:
         return max(self.squares / max(self.count, 1) - self.mean**2, 0.0)
 
     @property
+    def sample_var(self) -> float:
+        """Unbiased variance, × count / (count - 1) (Bessel's correction; the population variance of one value)."""
+        return self.var * self.count / (self.count - 1) if self.count > 1 else self.var
+
+    @property
     def std(self) -> float:
         return math.sqrt(self.var)
 
 
-def global_mean_var(values: torch.Tensor, mask: torch.Tensor, device: torch.device) -> tuple[float, float]:
-    """Mean and variance of the masked values of ALL workers."""
+def global_mean_var(values: torch.Tensor, mask: torch.Tensor, device: torch.device,
+                    unbiased: bool = False) -> tuple[float, float]:
+    """Mean and variance (population, or `unbiased`) of the masked values of ALL workers."""
     moments = Moments().add(values, mask).reduce(device)
-    return moments.mean, moments.var
+    return moments.mean, moments.sample_var if unbiased else moments.var

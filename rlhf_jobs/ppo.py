@@ -27,7 +27,8 @@ One iteration (`train_loop`, steps 1-5):
    reward model's recorded mean/std, clipped to ±`score_clip`, minus `missing_eos_penalty` without EOS)
    is added at the last response token.
 3. **Advantages** (`compute_gae`). GAE(`gamma`, `lam`) over the response tokens (the value after the
-   last one is 0); returns = advantages + values; advantages whitened with the mean/variance of ALL workers.
+   last one is 0); returns = advantages + values; advantages whitened with the mean and the unbiased
+   variance (as TRL) of ALL workers' response tokens.
 4. **Update** (`ppo_update`). `ppo_epochs` passes over shuffled minibatches of `mini_batch_size`:
    per-token ratio `exp(logp_new - logp_old)`, clipped surrogate loss and clipped value loss, both means
    over the minibatch's response tokens on ALL workers (every token weighs the same, as in SFT and the
@@ -105,17 +106,22 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return masked_sum(values, mask, dim) / (mask.sum() if dim is None else mask.sum(dim)).clamp(min=1)
 
 
-def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Population variance of the masked values."""
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of the masked values: unbiased (Bessel's correction n / (n - 1), as TRL's `masked_var`), or the
+    population variance."""
     mean = masked_mean(values, mask)
-    return masked_mean((values - mean) ** 2, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    count = mask.sum()
+    return variance * count / (count - 1) if unbiased and count > 1 else variance
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
                   stats: tuple[float, float] | None = None) -> torch.Tensor:
     """(values - mean) / std over the masked entries (mean kept if not shift_mean); 0 outside the mask.
 
-    `stats` = (mean, var) computed elsewhere, e.g. over all workers by `global_mean_var`.
+    The variance is the unbiased one, as TRL's `masked_whiten` (for PPO's thousands of tokens per batch the two
+    differ by a factor of 1 + 1/n). `stats` = (mean, unbiased variance) computed elsewhere, e.g. over all workers
+    by `global_mean_var(..., unbiased=True)`.
     """
     mean, var = stats if stats is not None else (masked_mean(values, mask), masked_var(values, mask))
     whitened = (values - mean) * torch.rsqrt(torch.as_tensor(var, dtype=values.dtype) + 1e-8)
@@ -481,9 +487,10 @@ def load_models(config: StageConfig, worker: Worker, reward_stats: dict[str, flo
         reference = sharding.prepare(reference, training, worker, trainable=False)
     # The critic reads the policy's tokens: it starts from the RM when they share a vocabulary (its value
     # head then starts as the normalised score), else from the policy's backbone with a fresh value head.
+    # Started from the RM, it is the RM too under LoRA (adapter disabled), which reads the RM tokenizer's padding.
     same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
-    classifier = load_reward_model(rm_path if same_vocab else policy_path, tokenizer, trust, dropout=False,
-                                   dtype=trained_dtype)
+    classifier = load_reward_model(rm_path if same_vocab else policy_path, rm_tokenizer if same_vocab else tokenizer,
+                                   trust, dropout=False, dtype=trained_dtype)
     critic = Critic.from_classifier(classifier, reward_stats if same_vocab else None)
     if lora:  # the transformer gets adapters; the score head stays the reward model's
         critic.classifier = disable_dropout(add_lora(classifier, lora, "FEATURE_EXTRACTION",
@@ -878,9 +885,10 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         rewards, non_score = compute_rewards(scores, kl, batch.mask, optimizers.kl_control.value)
         if training.whiten_rewards:
             rewards = masked_whiten(rewards, batch.mask, shift_mean=False,
-                                    stats=global_mean_var(rewards, batch.mask, worker.device))
+                                    stats=global_mean_var(rewards, batch.mask, worker.device, unbiased=True))
         advantages, returns = compute_gae(rewards, batch.old_values, batch.mask, training.gamma, training.lam)
-        advantages = masked_whiten(advantages, batch.mask, stats=global_mean_var(advantages, batch.mask, worker.device))
+        advantages = masked_whiten(advantages, batch.mask,
+                                   stats=global_mean_var(advantages, batch.mask, worker.device, unbiased=True))
 
         # -- 4. update
         start = time.perf_counter()

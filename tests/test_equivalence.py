@@ -135,7 +135,7 @@ def test_evaluation_on_two_workers_equals_one(stage: str, count: int, tiny_llama
 def whitening(rank: int, world_size: int, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     rows = slice(rank * values.size(0) // world_size, (rank + 1) * values.size(0) // world_size)
     local, local_mask = values[rows], mask[rows]
-    stats = ppo.global_mean_var(local, local_mask, CPU)
+    stats = ppo.global_mean_var(local, local_mask, CPU, unbiased=True)
     return ppo.masked_whiten(local, local_mask, stats=stats)
 
 
@@ -218,7 +218,8 @@ def ppo_update_on_fixed_experience(rank: int, world_size: int, model_dir: str) -
     kl = ppo.kl_estimate(batch.old_logp, batch.ref_logp, "k1") * batch.mask
     rewards, _ = ppo.compute_rewards(batch.raw_score, kl, batch.mask, 0.05)
     advantages, returns = ppo.compute_gae(rewards, batch.old_values, batch.mask, 1.0, 0.95)
-    advantages = ppo.masked_whiten(advantages, batch.mask, stats=ppo.global_mean_var(advantages, batch.mask, CPU))
+    advantages = ppo.masked_whiten(advantages, batch.mask,
+                                   stats=ppo.global_mean_var(advantages, batch.mask, CPU, unbiased=True))
     optimizers = ppo.Optimizers.build(models, training, 4, CPU)
     stats, _ = ppo.ppo_update(models, optimizers, batch, advantages, returns, training, world_size)
     weights = {f"{name}.{key}": value.detach().clone() for name in ("policy", "critic")

@@ -69,13 +69,18 @@ def test_rewards_put_the_score_on_the_last_response_token() -> None:
 
 
 def test_masked_whiten_by_hand() -> None:
-    # Masked values 1, 2, 3: mean 2, variance 2/3, std 0.816497 -> ∓1.224745; the pad (100) is ignored.
-    values = torch.tensor([1.0, 2.0, 3.0, 100.0])
+    # Masked values 1, 2, 4: mean 7/3; squared deviations 16/9, 1/9, 25/9, sum 42/9. Unbiased variance (as
+    # TRL's masked_whiten) 42/9 / 2 = 7/3, std 1.527525 -> (-4/3, -1/3, 5/3) / std; the pad (100) is ignored.
+    # (The population variance, 14/9, is what whitening used before.)
+    values = torch.tensor([1.0, 2.0, 4.0, 100.0])
     mask = torch.tensor([1.0, 1.0, 1.0, 0.0])
-    close(ppo.masked_mean(values, mask), 2.0)
-    close(ppo.masked_var(values, mask), 2.0 / 3.0)
-    close(ppo.masked_whiten(values, mask), [-1.224745, 0.0, 1.224745, 0.0])
-    close(ppo.masked_whiten(values, mask, shift_mean=False), [0.775255, 2.0, 3.224745, 0.0])
+    close(ppo.masked_mean(values, mask), 7.0 / 3.0)
+    close(ppo.masked_var(values, mask), 7.0 / 3.0)
+    close(ppo.masked_var(values, mask, unbiased=False), 14.0 / 9.0)
+    close(ppo.masked_whiten(values, mask), [-0.872872, -0.218218, 1.091089, 0.0])
+    close(ppo.masked_whiten(values, mask, shift_mean=False), [1.460462, 2.115115, 3.424423, 0.0])
+    stats = global_mean_var(values, mask, CPU, unbiased=True)  # what the training loop passes, over all workers
+    close(ppo.masked_whiten(values, mask, stats=stats), [-0.872872, -0.218218, 1.091089, 0.0])
 
 
 def test_global_mean_var_with_one_worker_matches_the_local_statistics() -> None:

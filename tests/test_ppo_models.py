@@ -328,3 +328,30 @@ def test_the_reward_model_reads_a_response_as_it_read_its_training_pairs() -> No
     scored = ppo.reward_model_inputs(tokenizer, tokenizer, prompts, response, mask, 1024)
     assert scored == [tokenize_pair(record, tokenizer, "raw", 1024)["chosen_ids"]]
     assert tokenizer.decode(scored[0]).endswith("Assistant: Hello there")
+
+
+def test_with_lora_the_shared_reward_model_reads_its_own_padding(tiny_llama: Path, tmp_path: Path) -> None:
+    """With LoRA the reward model is the critic's base with the adapter disabled. Its tokenizer pads with BOS
+    here while the policy's pads with EOS (same vocabulary): padded batches must score as each sequence alone.
+    Before: the classifier looked for the policy's pad id, read a pad position and scored padding."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_jobs.models import load_reward_model
+
+    rm_dir = tmp_path / "rm"
+    rm_tokenizer = load_tokenizer(str(tiny_llama))
+    rm_tokenizer.pad_token = rm_tokenizer.bos_token
+    torch.manual_seed(5)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1)
+    rm.config.pad_token_id = rm_tokenizer.pad_token_id
+    rm.save_pretrained(rm_dir)
+    rm_tokenizer.save_pretrained(rm_dir)
+    _, models, _ = ppo_setup(tiny_llama, rm_dir, tmp_path, lora={"r": 4})
+    assert models.reward_model is None and models.rm_tokenizer.pad_token_id != models.tokenizer.pad_token_id
+    sequences = [[0, 5, 9, 13, 2, 40, 7], [0, 8, 3], [0, 21, 22, 23, 24]]
+    input_ids, attention_mask = pad(sequences, models.rm_tokenizer.pad_token_id)
+    scores = models.reward_scores(input_ids, attention_mask)
+    alone = load_reward_model(str(rm_dir), models.rm_tokenizer).eval()
+    with torch.no_grad():
+        expected = torch.cat([alone(input_ids=torch.tensor([ids])).logits.squeeze(-1) for ids in sequences])
+    torch.testing.assert_close(scores, expected.float(), rtol=1e-4, atol=1e-4)
