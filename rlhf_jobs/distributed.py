@@ -20,15 +20,16 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def global_items_divisor(local_items: float, world_size: int, device: torch.device) -> tuple[float, float]:
+def global_items_divisor(local_items: float, device: torch.device) -> tuple[float, float]:
     """(items of a step on ALL workers, what each worker divides its summed loss by).
 
     Every item (label token, pair, response token) of an optimizer step weighs the same on any number of
     workers: the divisor is the step's item count over all workers / the worker count, because DDP and FSDP
     average gradients over the workers. Averaged over the workers, the quotients are the mean over all items,
-    so 2 workers compute what 1 worker does with the same global batch.
+    so 2 workers compute what 1 worker does with the same global batch. Every worker must call it.
     """
     (total,) = all_reduce_sum([float(local_items)], device)
+    world_size = torch.distributed.get_world_size() if is_distributed() else 1
     return total, max(total, 1.0) / world_size
 
 

@@ -710,15 +710,14 @@ UPDATE_STATS = ("policy_loss", "value_loss", "clip_fraction", "value_clip_fracti
 
 
 def ppo_update(models: PPOModels, optimizers: Optimizers, batch: Experience, advantages: torch.Tensor,
-               returns: torch.Tensor, training: PPOTraining,
-               world_size: int = 1) -> tuple[dict[str, float], FirstUpdateCheck]:
+               returns: torch.Tensor, training: PPOTraining) -> tuple[dict[str, float], FirstUpdateCheck]:
     """`ppo_epochs` passes of clipped policy and value updates over shuffled minibatches, each split into
     `gradient_accumulation_steps` micro-batches; (the mean of each statistic over the updates, the check
     that the first minibatch saw the rollout's numbers).
 
     Every response token of a minibatch weighs the same on any worker: the losses are sums over this
-    worker's tokens divided by `global_items_divisor` (the minibatch's tokens on ALL workers / world_size,
-    as DDP and FSDP average gradients), so 2 workers compute what 1 worker does with their union. Each
+    worker's tokens divided by `global_items_divisor` (the minibatch's tokens on ALL workers / the worker
+    count, as DDP and FSDP average gradients), so 2 workers compute what 1 worker does with their union. Each
     worker's statistics are then its sums × world_size / all tokens: their mean over workers is the mean
     over all tokens.
     """
@@ -730,7 +729,7 @@ def ppo_update(models: PPOModels, optimizers: Optimizers, batch: Experience, adv
     check = FirstUpdateCheck()
     for _ in range(training.ppo_epochs):
         for rows in torch.randperm(batch.size).split(mini_batch_size):
-            _, tokens = global_items_divisor(batch.mask[rows].sum().item(), world_size, device)
+            _, tokens = global_items_divisor(batch.mask[rows].sum().item(), device)
             micro_batches = rows.split(micro_size)
             for index, micro in enumerate(micro_batches):
                 minibatch = {key: value[micro] for key, value in batch.inputs.items()}
@@ -892,8 +891,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
         # -- 4. update
         start = time.perf_counter()
-        update_stats, on_policy = ppo_update(models, optimizers, batch, advantages, returns, training,
-                                             worker.world_size)
+        update_stats, on_policy = ppo_update(models, optimizers, batch, advantages, returns, training)
         time_update = time.perf_counter() - start
         iteration, position = iteration + 1, position + global_batch
 

@@ -193,8 +193,7 @@ def accumulate_gradients(model: torch.nn.Module, task: SupervisedTask, micro_bat
     Every item weighs 1 / (items of the step on all workers): the summed loss of each micro-batch is
     divided by that count, times the worker count because DDP and FSDP average gradients over workers.
     """
-    step_items, divisor = global_items_divisor(sum(task.count(b) for b in micro_batches), worker.world_size,
-                                               worker.device)
+    step_items, divisor = global_items_divisor(sum(task.count(b) for b in micro_batches), worker.device)
     loss_sum = 0.0
     for index, batch in enumerate(micro_batches):
         with sharding.gradient_sync(model, index == len(micro_batches) - 1), optim.autocast(training, worker.device):

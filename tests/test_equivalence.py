@@ -221,7 +221,7 @@ def ppo_update_on_fixed_experience(rank: int, world_size: int, model_dir: str) -
     advantages = ppo.masked_whiten(advantages, batch.mask,
                                    stats=ppo.global_mean_var(advantages, batch.mask, CPU, unbiased=True))
     optimizers = ppo.Optimizers.build(models, training, 4, CPU)
-    stats, _ = ppo.ppo_update(models, optimizers, batch, advantages, returns, training, world_size)
+    stats, _ = ppo.ppo_update(models, optimizers, batch, advantages, returns, training)
     weights = {f"{name}.{key}": value.detach().clone() for name in ("policy", "critic")
                for key, value in unwrap(getattr(models, name)).named_parameters() if value.requires_grad}
     return {"stats": stats, "weights": weights, "tokens": batch.mask.sum().item()}
@@ -252,7 +252,7 @@ def fsdp_first_iteration(rank: int, world_size: int, model_dir: str) -> list[dic
         kl = ppo.kl_estimate(batch.old_logp, batch.ref_logp, "k1") * batch.mask
         optimizers = ppo.Optimizers.build(models, training, 4, CPU)
         advantages = torch.randn_like(batch.old_logp)
-        _, check = ppo.ppo_update(models, optimizers, batch, advantages, advantages, training, world_size)
+        _, check = ppo.ppo_update(models, optimizers, batch, advantages, advantages, training)
         results.append({"precision": precision, "max_kl": kl.abs().max().item(), **check.metrics(CPU)})
     return results
 

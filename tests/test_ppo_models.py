@@ -239,8 +239,8 @@ def model_with_generation_config(tiny_model: Path, tmp_path_factory: pytest.Temp
     path = tmp_path_factory.mktemp("generation") / "model"
     shutil.copytree(tiny_model, path)
     (path / "generation_config.json").write_text(json.dumps({
-        "do_sample": True, "top_k": 5, "top_p": 0.5, "min_p": 0.2, "repetition_penalty": 1.5,
-        "no_repeat_ngram_size": 2, "bos_token_id": 0, "eos_token_id": 0,
+        "do_sample": True, "top_k": 5, "top_p": 0.5, "min_p": 0.9, "repetition_penalty": 100.0,
+        "no_repeat_ngram_size": 1, "bos_token_id": 0, "eos_token_id": 0,
     }))
     return path
 
@@ -263,9 +263,9 @@ def test_responses_are_sampled_from_exactly_softmax_of_logits_over_temperature(
     model_with_generation_config: Path, tmp_path: Path
 ) -> None:
     """The rollout draws the very tokens a hand-written sampler draws from softmax(logits / T) with the same
-    seed: neither the checkpoint's generation_config.json (top_k 5, top_p 0.5, min_p, repetition penalty,
-    no-repeat n-grams) nor transformers' default top_k of 50 reshapes it. Before: top_k 50 always applied, and
-    the checkpoint's settings merged in."""
+    seed: neither the checkpoint's generation_config.json (top_k 5, top_p 0.5, min_p 0.9, repetition penalty,
+    no-repeat n-grams) nor transformers' default top_k of 50 reshapes it. Before: the checkpoint's min_p,
+    repetition penalty and no-repeat n-grams were merged in (its top_k/top_p were overridden)."""
     path = model_with_generation_config
     training, models, prompts = ppo_setup(path, path, tmp_path, temperature=0.7, max_new_tokens=10)
     torch.manual_seed(3)
