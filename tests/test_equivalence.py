@@ -136,7 +136,7 @@ def test_evaluation_on_two_workers_equals_one(stage: str, count: int, tiny_llama
 def whitening(rank: int, world_size: int, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     rows = slice(rank * values.size(0) // world_size, (rank + 1) * values.size(0) // world_size)
     local, local_mask = values[rows], mask[rows]
-    stats = ppo.global_mean_var(local, local_mask, CPU)
+    stats = ppo.global_mean_var(local, local_mask, CPU, unbiased=True)
     return ppo.masked_whiten(local, local_mask, stats=stats)
 
 
@@ -173,3 +173,97 @@ def test_iteration_metrics_of_two_workers_equal_those_of_their_union() -> None:
                     "eos_fraction"):
             assert metrics[key] == pytest.approx(union[key], rel=1e-6, abs=1e-9), key
         assert metrics["policy_loss"] == pytest.approx(1.5)  # the update's statistics: mean over workers
+
+
+# ---- PPO: the update on 2 workers equals the update on 1; FSDP starts on-policy -------------------------------
+
+PPO_PROMPTS = [{"prompt": p} for p in ("Name a colour of the sky.", "Say hello politely, then stop.",
+                                      "Give one word for happy.", "What do bees make?", "Describe rain.",
+                                      "Count to three.", "Name a fruit.", "Why is the sea salty?")]
+
+
+def ppo_models(worker: Worker, model_dir: str, **training: Any) -> tuple[Any, Any, list[dict[str, Any]]]:
+    from rlhf_jobs.core.loading import validate_config
+
+    config = {
+        "General": {"model_name": model_dir, "rm_name": model_dir, "output_dir": "unused", "checkpoint_dir": "unused"},
+        "Dataset": {"train_file": "unused"},
+        "Training": {"num_training_workers": worker.world_size, "max_new_tokens": 12, **training},
+    }
+    training_config = validate_config(config, "ppo", paths=False).Training
+    torch.manual_seed(0)  # the critic's value head comes from the (random) score head: the same in every process
+    models = ppo.load_models(validate_config(config, "ppo", paths=False), worker, None)
+    tokenizer = load_tokenizer(model_dir, padding_side="left")
+    return training_config, models, ppo.tokenize_prompts(PPO_PROMPTS, tokenizer, "instruction", 64)
+
+
+def ppo_update_on_fixed_experience(rank: int, world_size: int, model_dir: str) -> dict[str, Any]:
+    """Every process samples the same 8 responses (same weights, same seed); worker r then updates on its
+    share of them, as if it had sampled them: 1 worker × 8 sequences vs 2 workers × 4."""
+    worker = Worker(rank, world_size, CPU)
+    per_worker = len(PPO_PROMPTS) // world_size
+    training, models, prompts = ppo_models(worker, model_dir, optimizer="SGD", learning_rate=0.5,
+                                           critic_learning_rate=0.5, experience_batch_size=per_worker,
+                                           gradient_accumulation_steps=2, ppo_epochs=2, max_grad_norm=None)
+    torch.manual_seed(1)
+    responses = ppo.generate_responses(models, prompts, training, CPU)
+    # The untrained model never samples EOS within 12 tokens: cut responses to unequal lengths instead, so the
+    # workers hold different numbers of response tokens (34 and 28).
+    responses = [ids[:length] for ids, length in zip(responses, (12, 3, 7, 12, 5, 12, 9, 2), strict=True)]
+    everything = ppo.judge_responses(models, prompts, responses, training, CPU)
+    rows = slice(rank * per_worker, (rank + 1) * per_worker)
+    batch = ppo.Experience({k: v[rows] for k, v in everything.inputs.items()}, everything.response[rows],
+                           everything.mask[rows], everything.old_logp[rows], everything.ref_logp[rows],
+                           everything.old_values[rows], everything.entropy, everything.raw_score[rows],
+                           everything.has_eos[rows])
+    kl = ppo.kl_estimate(batch.old_logp, batch.ref_logp, "k1") * batch.mask
+    rewards, _ = ppo.compute_rewards(batch.raw_score, kl, batch.mask, 0.05)
+    advantages, returns = ppo.compute_gae(rewards, batch.old_values, batch.mask, 1.0, 0.95)
+    advantages = ppo.masked_whiten(advantages, batch.mask,
+                                   stats=ppo.global_mean_var(advantages, batch.mask, CPU, unbiased=True))
+    optimizers = ppo.Optimizers.build(models, training, 4, CPU)
+    stats, _ = ppo.ppo_update(models, optimizers, batch, advantages, returns, training)
+    weights = {f"{name}.{key}": value.detach().clone() for name in ("policy", "critic")
+               for key, value in unwrap(getattr(models, name)).named_parameters() if value.requires_grad}
+    return {"stats": stats, "weights": weights, "tokens": batch.mask.sum().item()}
+
+
+def test_ppo_update_on_two_workers_equals_one_worker_with_their_union(tiny_model: Path) -> None:
+    """Losses are sums over the minibatch's response tokens on ALL workers / their count, as SFT and the RM
+    weigh tokens: the statistics (averaged over workers) and the weights after two PPO epochs (SGD, so a
+    differently weighted gradient shows in the weights) are those of one worker holding both halves."""
+    one = run_processes(ppo_update_on_fixed_experience, 1, str(tiny_model))[0]
+    two = run_processes(ppo_update_on_fixed_experience, 2, str(tiny_model))
+    assert two[0]["tokens"] != two[1]["tokens"]  # a mean of per-worker means would weigh tokens differently
+    for name, value in one["stats"].items():
+        assert sum(w["stats"][name] for w in two) / 2 == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    for result in two:
+        for key, weight in one["weights"].items():
+            torch.testing.assert_close(result["weights"][key], weight, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def fsdp_first_iteration(rank: int, world_size: int, model_dir: str) -> list[dict[str, float]]:
+    results = []
+    for precision in ("no", "bf16"):
+        worker = Worker(rank, world_size, CPU)
+        training, models, prompts = ppo_models(worker, model_dir, strategy="fsdp", mixed_precision=precision,
+                                               experience_batch_size=2, mini_batch_size=2)
+        torch.manual_seed(2 + rank)
+        batch = ppo.collect_experience(models, prompts[2 * rank : 2 * rank + 2], training, CPU)
+        kl = ppo.kl_estimate(batch.old_logp, batch.ref_logp, "k1") * batch.mask
+        optimizers = ppo.Optimizers.build(models, training, 4, CPU)
+        advantages = torch.randn_like(batch.old_logp)
+        _, check = ppo.ppo_update(models, optimizers, batch, advantages, advantages, training)
+        results.append({"precision": precision, "max_kl": kl.abs().max().item(), **check.metrics(CPU)})
+    return results
+
+
+@pytest.mark.slow
+def test_fsdp_ppo_starts_with_kl_zero_and_ratio_one_in_fp32_and_bf16(tiny_llama: Path) -> None:
+    """FSDP (2 workers): the reference, sharded with the policy's MixedPrecisionPolicy, computes exactly the
+    policy's function, and the first update sees exactly the rollout's log-probs and values."""
+    for results in run_processes(fsdp_first_iteration, 2, str(tiny_llama)):
+        for result in results:
+            assert result["max_kl"] == 0.0, result
+            assert result["first_update_max_log_ratio"] == 0.0, result
+            assert result["first_update_max_value_change"] == 0.0, result

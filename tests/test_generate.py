@@ -11,6 +11,7 @@ import torch
 from rlhf_jobs.algorithms import ppo
 from rlhf_jobs.cli import main
 from rlhf_jobs.core.config import PPOTraining
+from rlhf_jobs.core.prompts import join_response
 from rlhf_jobs.engine.models import bos_ids, load_tokenizer
 from rlhf_jobs.tools import generate
 
@@ -54,7 +55,8 @@ def test_answers_side_by_side_scored_like_ppo(
         "Give me a tip for sleeping well.", "What is a good breakfast?", "Summarise this. [Cats sleep a lot.]"]
     assert list(lines[0]["answers"]) == generate.labels_for([str(tiny_model), str(sft_checkpoint)])
 
-    # The prompt text is PPO's, exactly; each score is the RM's score of prompt text + answer, recomputed here.
+    # The prompt text is PPO's, exactly; each score is the RM's score of prompt text + answer (joined as its
+    # training pairs were), recomputed here.
     tokenizer = load_tokenizer(str(sft_checkpoint), padding_side="left")
     expected = ppo.tokenize_prompts(PROMPTS, tokenizer, "instruction", 128)
     assert [line["prompt_text"] for line in lines] == [p["text"] for p in expected]
@@ -63,7 +65,7 @@ def test_answers_side_by_side_scored_like_ppo(
     for line in lines:
         for answer in line["answers"].values():
             assert 0 < answer["tokens"] <= 12 and isinstance(answer["eos"], bool)
-            ids = bos_ids(rm_tokenizer) + rm_tokenizer(line["prompt_text"] + answer["text"],
+            ids = bos_ids(rm_tokenizer) + rm_tokenizer(join_response(line["prompt_text"], answer["text"]),
                                                        add_special_tokens=False)["input_ids"]
             with torch.no_grad():
                 score = rm(input_ids=torch.tensor([ids])).logits.item()

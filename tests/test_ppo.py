@@ -69,13 +69,18 @@ def test_rewards_put_the_score_on_the_last_response_token() -> None:
 
 
 def test_masked_whiten_by_hand() -> None:
-    # Masked values 1, 2, 3: mean 2, variance 2/3, std 0.816497 -> ∓1.224745; the pad (100) is ignored.
-    values = torch.tensor([1.0, 2.0, 3.0, 100.0])
+    # Masked values 1, 2, 4: mean 7/3; squared deviations 16/9, 1/9, 25/9, sum 42/9. Unbiased variance (as
+    # TRL's masked_whiten) 42/9 / 2 = 7/3, std 1.527525 -> (-4/3, -1/3, 5/3) / std; the pad (100) is ignored.
+    # (The population variance, 14/9, is what whitening used before.)
+    values = torch.tensor([1.0, 2.0, 4.0, 100.0])
     mask = torch.tensor([1.0, 1.0, 1.0, 0.0])
-    close(ppo.masked_mean(values, mask), 2.0)
-    close(ppo.masked_var(values, mask), 2.0 / 3.0)
-    close(ppo.masked_whiten(values, mask), [-1.224745, 0.0, 1.224745, 0.0])
-    close(ppo.masked_whiten(values, mask, shift_mean=False), [0.775255, 2.0, 3.224745, 0.0])
+    close(ppo.masked_mean(values, mask), 7.0 / 3.0)
+    close(ppo.masked_var(values, mask), 7.0 / 3.0)
+    close(ppo.masked_var(values, mask, unbiased=False), 14.0 / 9.0)
+    close(ppo.masked_whiten(values, mask), [-0.872872, -0.218218, 1.091089, 0.0])
+    close(ppo.masked_whiten(values, mask, shift_mean=False), [1.460462, 2.115115, 3.424423, 0.0])
+    stats = global_mean_var(values, mask, CPU, unbiased=True)  # what the training loop passes, over all workers
+    close(ppo.masked_whiten(values, mask, stats=stats), [-0.872872, -0.218218, 1.091089, 0.0])
 
 
 def test_global_mean_var_with_one_worker_matches_the_local_statistics() -> None:
@@ -204,19 +209,20 @@ def test_padding_embeddings_get_zero_gradient_through_a_real_model() -> None:
 # ---- data order -----------------------------------------------------------------------------------------
 
 
-def test_every_prompt_is_used_each_epoch_across_workers() -> None:
+def test_every_prompt_is_used_once_per_epoch_on_any_number_of_workers() -> None:
+    """The stream of prompts is one seeded shuffle of all of them per epoch, whatever the worker count: 2 workers
+    taking 2 each from a global batch of 4, then 1 worker taking 4, serve each of the 7 prompts once per epoch."""
     prompts = [{"input_ids": [i], "text": str(i)} for i in range(7)]
-    workers = [Worker(rank, 2, CPU) for rank in range(2)]
-    shard_size = 4  # ceil(7 / 2); one prompt repeats to keep the shards equal
-    for epoch in range(3):
-        seen = set()
-        for worker in workers:
-            batch = ppo.prompt_batch(prompts, worker, seed=1, position=epoch * shard_size, size=shard_size)
-            seen |= {p["input_ids"][0] for p in batch}
-        assert seen == set(range(7))
-    first = ppo.prompt_batch(prompts, workers[0], seed=1, position=0, size=4)
-    second = ppo.prompt_batch(prompts, workers[0], seed=1, position=4, size=4)
-    assert [p["input_ids"] for p in first] != [p["input_ids"] for p in second]  # reshuffled per epoch
+    two = [Worker(rank, 2, CPU) for rank in range(2)]
+    served = [p["input_ids"][0] for position in (0, 4) for w in two
+              for p in ppo.prompt_batch(prompts, w, seed=1, position=position, global_batch=4)]
+    served += [p["input_ids"][0] for position in (8, 12)
+               for p in ppo.prompt_batch(prompts, Worker(0, 1, CPU), seed=1, position=position, global_batch=4)]
+    one = [p["input_ids"][0] for p in ppo.prompt_batch(prompts, Worker(0, 1, CPU), seed=1, position=0, global_batch=16)]
+    assert sorted(served) == sorted(one) and sorted(one[:7]) == sorted(one[7:14]) == list(range(7))
+    assert one[:7] != one[7:14]  # reshuffled per epoch
+    halves = [p["input_ids"][0] for w in two for p in ppo.prompt_batch(prompts, w, seed=1, position=0, global_batch=4)]
+    assert sorted(halves) == sorted(one[:4])  # worker r takes every 2nd prompt of the global batch from r
 
 
 def test_prompts_are_left_truncated_and_the_text_matches_the_ids(tiny_model: Path) -> None:
@@ -348,3 +354,34 @@ def test_ppo_raises_the_held_out_score_and_resumes(
     after = held_out_scores(tmp_path / "policy", rm_checkpoint, full)
     print(f"held-out RM score: SFT {before:.3f} -> PPO {after:.3f}; final kl {train[-1]['kl']:.3f}")
     assert after > before + 0.1
+
+
+# ---- one in-process worker: every iteration starts on-policy ------------------------------------------------
+
+
+@pytest.mark.parametrize("training", [
+    {"lora": {"r": 4, "dropout": 0.1}, "learning_rate": 1e-2},
+    {"mixed_precision": "bf16"},
+], ids=["fp32-lora-dropout", "bf16-full"])
+def test_every_iteration_starts_on_policy_and_the_first_has_kl_zero(
+    training: dict, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """A real run (the trainer's own loop, one worker in this process): the first minibatch of every iteration,
+    before the optimizer steps, sees exactly the rollout's log-probs and values, also once the adapter is trained
+    (iterations 2 and 3, LoRA dropout 0.1); under bf16 the reference computes the policy's function, KL exactly 0
+    at iteration 1. Before: bf16 KL up to 2e-3 per token under DDP, LoRA dropout ratios off by up to 0.77."""
+    from rlhf_jobs.cli import main
+
+    config = ppo_config(tmp_path, tiny_llama, None, None, num_training_workers=1, training_iteration=3,
+                        experience_batch_size=4, mini_batch_size=4, ppo_epochs=2, max_new_tokens=8, eval_steps=100,
+                        save_critic=False, **training)
+    config["Dataset"]["validation_split_percentage"] = 0
+    path = str(write_config(tmp_path / "ppo.yaml", config))
+    assert main(["train", "ppo", "--config_path", path, "--in-process"]) == 0
+    train = metric_records(tmp_path / "output", "train")
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert train[0]["kl"] == 0.0
+    for record in train:
+        assert record["first_update_max_log_ratio"] == 0.0, record
+        assert record["first_update_max_value_change"] == 0.0, record
+    assert train[-1]["approx_kl"] > 0  # the updates did move the policy

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -328,3 +329,85 @@ def test_every_rank_resumes_from_the_same_checkpoint_past_a_broken_one(tmp_path:
     assert results == [(2, 2.0), (2, 2.0)]
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names[0] == "step-00000002" and names[1].startswith("step-00000004.broken-") and len(names) == 2
+
+
+def recording_ppo_loop(record: str, loop_config: dict) -> object:
+    """PPO's own training loop, with every rollout's prompts appended to `record` (one JSON line per worker and
+    iteration). Pickled by value to the Ray workers, so it patches the worker's own `ppo` module."""
+    import json
+
+    import ray.train
+
+    from rlhf_jobs.algorithms import ppo
+
+    original = ppo.collect_experience
+
+    def collect(models: Any, prompts: list, training: Any, device: Any) -> Any:
+        with open(record, "a") as handle:
+            handle.write(json.dumps({"rank": ray.train.get_context().get_world_rank(),
+                                     "prompts": [p["text"] for p in prompts]}) + "\n")
+        return original(models, prompts, training, device)
+
+    ppo.collect_experience = collect
+    try:
+        return ppo.train_loop(loop_config)
+    finally:
+        ppo.collect_experience = original
+
+
+def served_prompts(record: Path) -> list[dict]:
+    return [json.loads(line) for line in record.read_text().splitlines()]
+
+
+def test_ppo_stopped_on_two_workers_resumes_on_one_without_serving_a_prompt_twice(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """16 prompts, 2 workers × 4 per rollout: 2 iterations per epoch, 4 in 2 epochs. Stopped after iteration 1 on
+    2 workers, resumed on 1 (in this process): the one worker takes 8 prompts per rollout (the global batch), the
+    run still ends at iteration 4, and each epoch serves every prompt exactly once. Before: the resumed run
+    planned 8 iterations and served some prompts of the epoch twice."""
+    import functools
+    import sys
+
+    import ray.cloudpickle
+
+    from rlhf_jobs.algorithms import ppo
+    from rlhf_jobs.core.errors import RunStopped
+    from rlhf_jobs.core.loading import validate_config
+    from rlhf_jobs.engine import launcher
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me fact number {i} about the sea."}) + "\n"
+                               for i in range(16)))
+    config = local_config("ppo", model_name=tiny_model, rm_name=tiny_model, output_dir=tmp_path / "out",
+                          checkpoint_dir=tmp_path / "model", train_file=prompts)
+    config["General"].update(model_pretrain=None, rm_pretrain=None)
+    config["Dataset"]["validation_split_percentage"] = 0
+    config["Training"].update(num_training_workers=2, experience_batch_size=4, mini_batch_size=2, epochs=2,
+                              training_iteration=None, ppo_epochs=1, max_new_tokens=4, save_steps=100,
+                              eval_steps=100, save_critic=False)
+    record = tmp_path / "served.jsonl"
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # this test module is not importable there
+    loop = functools.partial(recording_ppo_loop, str(record))
+
+    def train(in_process: bool = False, stop_at_step: int | None = None) -> None:
+        """What `rlhf-jobs train ppo` runs, with the recording loop."""
+        stage_config = validate_config(config, "ppo")
+        launcher.run_trainer(stage_config, loop, data=ppo.prepare(stage_config), stop_at_step=stop_at_step,
+                             in_process=in_process)
+
+    with pytest.raises(RunStopped):
+        train(stop_at_step=1)
+    first = served_prompts(record)
+    assert sorted(r["rank"] for r in first) == [0, 1] and all(len(r["prompts"]) == 4 for r in first)
+
+    config["Training"]["num_training_workers"] = 1
+    train(in_process=True)
+    resumed = served_prompts(record)[len(first):]
+    assert len(resumed) == 3 and all(len(r["prompts"]) == 8 for r in resumed)  # iterations 2, 3, 4
+    assert sorted(records(tmp_path / "out")) == [1, 2, 3, 4]
+    served = [text for r in first + resumed for text in r["prompts"]]
+    every = sorted(set(served))
+    assert len(every) == 16
+    assert sorted(served[:16]) == sorted(served[16:]) == every  # each epoch: every prompt exactly once
+    assert records(tmp_path / "out")[4]["epoch"] == pytest.approx(2.0)

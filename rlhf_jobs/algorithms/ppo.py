@@ -3,37 +3,46 @@
 Every worker holds four models: the **policy** (trainable, DDP), a frozen **reference** copy of
 the initial policy, the **critic** (trainable, DDP: the reward model's backbone with its score
 head applied at every position, so values start out as reward-model scores) and the frozen
-**reward model**. Frozen models are in eval mode under `torch.no_grad`; dropout is off in all four
-(PPO's ratio must compare the same function at rollout and at update time).
+**reward model**. Frozen models are in eval mode under `torch.no_grad`. Every dropout is off in all
+four, LoRA's `lora_dropout` and attention-dropout rates included (`models.disable_dropout`): the first
+minibatch of each iteration must see exactly the rollout's log-probs and values (ratio exactly 1), which
+`onpolicy.FirstUpdateCheck` measures and logs every iteration. The reference computes exactly the
+policy's initial function in every precision and strategy (`sharding.reference_dtype`): KL is exactly 0
+before the first update.
 
 One iteration (`train_loop`, steps 1-5):
 
-1. **Rollout** (`collect_experience`). Each worker takes the next `experience_batch_size` prompts of
-   its shard (`rank::world_size` of a per-epoch seeded shuffle, so every prompt is used every epoch),
-   left-padded and left-truncated to `max_prompt_length`, and samples responses in one batched
-   `generate` with the KV cache. Tokens after the first EOS are padding (the EOS itself is part of
-   the response). One forward over prompt + response gives the log-probs of the response tokens
-   under the policy and the reference (temperature-scaled logits, the same in rollout and update)
-   and the critic's value of each response token. The reward model scores the decoded
-   `prompt_text + response_text`, re-tokenised with its own tokenizer.
+1. **Rollout** (`collect_experience`). An iteration takes the next `experience_batch_size × workers`
+   prompts of one seeded shuffle of all prompts per epoch (`prompt_batch`; every prompt is used once
+   per epoch), worker `r` every `workers`-th of them from `r`: the order and the global batch do not
+   depend on the worker count, so a run resumes on another number of workers where it stopped
+   (`resumed_layout`). Prompts are left-padded and left-truncated to `max_prompt_length`; responses are
+   sampled in one batched `generate` with the KV cache. Tokens after the first EOS are padding (the EOS
+   itself is part of the response). One forward over prompt + response gives the log-probs of the
+   response tokens under the policy and the reference (temperature-scaled logits, the same in rollout
+   and update) and the critic's value of each response token. The reward model scores the text it was
+   trained on, `join_response(prompt_text, response_text)`, re-tokenised with its own tokenizer.
 2. **Rewards** (`compute_rewards`). Per token: `-kl_coeff × KL` (k1 `logp - ref_logp`, or k3
    `(r - 1) - log r` with `r = exp(ref_logp - logp)`); the score (`shape_scores`: normalised with the
    reward model's recorded mean/std, clipped to ±`score_clip`, minus `missing_eos_penalty` without EOS)
    is added at the last response token.
 3. **Advantages** (`compute_gae`). GAE(`gamma`, `lam`) over the response tokens (the value after the
-   last one is 0); returns = advantages + values; advantages whitened with the mean/variance of ALL workers.
+   last one is 0); returns = advantages + values; advantages whitened with the mean and the unbiased
+   variance (as TRL) of ALL workers' response tokens.
 4. **Update** (`ppo_update`). `ppo_epochs` passes over shuffled minibatches of `mini_batch_size`:
-   per-token ratio `exp(logp_new - logp_old)`, clipped surrogate loss and clipped value loss, both masked
-   means over response tokens. One backward of `policy_loss + vf_coef × value_loss` fills the gradients
-   of the two separate models, each clipped to `max_grad_norm` and stepped by its own optimizer
-   (`learning_rate` / `critic_learning_rate`). Prompt and padding tokens never contribute.
+   per-token ratio `exp(logp_new - logp_old)`, clipped surrogate loss and clipped value loss, both means
+   over the minibatch's response tokens on ALL workers (every token weighs the same, as in SFT and the
+   RM: 2 workers compute what 1 worker computes with their union). One backward of
+   `policy_loss + vf_coef × value_loss` fills the gradients of the two separate models, each clipped to
+   `max_grad_norm` and stepped by its own optimizer (`learning_rate` / `critic_learning_rate`). Prompt
+   and padding tokens never contribute.
 5. **KL control** (optional, `target_kl`): Ziegler et al.'s adaptive coefficient; then the metrics
    (`iteration_metrics`, over all workers).
 
 Metrics go to `metrics.jsonl` and TensorBoard every iteration; the held-out prompts are scored
 (`eval_score_mean`, split "eval") at the start, every `eval_steps` iterations and at the end. Ray
-Train checkpoints (policy, critic, optimizers, schedulers, KL coefficient, iteration, data
-position) every `save_steps` (default `eval_steps`) iterations and at the end; a rerun with the
+Train checkpoints (policy, critic, optimizers, schedulers, KL coefficient, iteration, prompt
+position, global batch) every `save_steps` (default `eval_steps`) iterations and at the end; a rerun with the
 same `output_dir` resumes. The final policy + tokenizer are written to `checkpoint_dir`
 (atomically, with the `rlhf_stage.json` marker) and the critic to `checkpoint_dir/critic`.
 """
@@ -49,17 +58,35 @@ from typing import Any
 
 import torch
 
+from rlhf_jobs.algorithms.rl.onpolicy import FirstUpdateCheck
+from rlhf_jobs.algorithms.supervised import epoch_order
 from rlhf_jobs.core.config import PPOTraining, StageConfig
 from rlhf_jobs.core.data import PPO_SCHEMA, load_splits, report_truncation
-from rlhf_jobs.core.errors import DataError
-from rlhf_jobs.core.prompts import record_prompt
+from rlhf_jobs.core.errors import ConfigError, DataError
+from rlhf_jobs.core.prompts import join_response, record_prompt
 from rlhf_jobs.engine import export, launcher, optim, sharding
 from rlhf_jobs.engine.adapters import add_lora, disabled_adapter
 from rlhf_jobs.engine.batching import pad
 from rlhf_jobs.engine.control import StopControl, stopped
-from rlhf_jobs.engine.distributed import Moments, all_reduce_max, all_reduce_sum, global_mean_var, peak_memory_gib
+from rlhf_jobs.engine.distributed import (
+    Moments,
+    all_reduce_max,
+    all_reduce_sum,
+    global_items_divisor,
+    global_mean_var,
+    peak_memory_gib,
+)
 from rlhf_jobs.engine.logprobs import entropy, selective_log_softmax
-from rlhf_jobs.engine.models import bos_ids, load_causal_lm, load_reward_model, load_tokenizer, stored_dtype, unwrap
+from rlhf_jobs.engine.models import (
+    disable_dropout,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    split_bos,
+    stored_dtype,
+    unwrap,
+    with_bos_tail,
+)
 from rlhf_jobs.engine.train_state import ModelState, TrainState
 from rlhf_jobs.engine.worker import Worker, progress, setup_worker
 from rlhf_jobs.store.checkpoints import require_stage, write_atomically
@@ -80,17 +107,22 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return masked_sum(values, mask, dim) / (mask.sum() if dim is None else mask.sum(dim)).clamp(min=1)
 
 
-def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Population variance of the masked values."""
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of the masked values: unbiased (Bessel's correction n / (n - 1), as TRL's `masked_var`), or the
+    population variance."""
     mean = masked_mean(values, mask)
-    return masked_mean((values - mean) ** 2, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    count = mask.sum()
+    return variance * count / (count - 1) if unbiased and count > 1 else variance
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
                   stats: tuple[float, float] | None = None) -> torch.Tensor:
     """(values - mean) / std over the masked entries (mean kept if not shift_mean); 0 outside the mask.
 
-    `stats` = (mean, var) computed elsewhere, e.g. over all workers by `global_mean_var`.
+    The variance is the unbiased one, as TRL's `masked_whiten` (for PPO's thousands of tokens per batch the two
+    differ by a factor of 1 + 1/n). `stats` = (mean, unbiased variance) computed elsewhere, e.g. over all workers
+    by `global_mean_var(..., unbiased=True)`.
     """
     mean, var = stats if stats is not None else (masked_mean(values, mask), masked_var(values, mask))
     whitened = (values - mean) * torch.rsqrt(torch.as_tensor(var, dtype=values.dtype) + 1e-8)
@@ -311,14 +343,17 @@ def sequence_inputs(query: torch.Tensor, query_mask: torch.Tensor, response: tor
 
 
 def tokenize_prompts(records: Any, tokenizer: Any, style: str, max_prompt_length: int) -> list[dict[str, Any]]:
-    """[BOS] + prompt ids, left-truncated to max_prompt_length, and the text of exactly those prompt ids
-    (what the RM sees, before its own BOS)."""
-    bos = bos_ids(tokenizer)
+    """[BOS] + prompt ids, left-truncated to max_prompt_length (one BOS, whether the tokenizer adds it or a chat
+    template writes it), and the text of exactly those ids (what the RM sees: with the BOS only where the text
+    wrote it, since a tokenizer that adds BOS adds its own)."""
     examples = []
     for record in records:
         full = tokenizer(record_prompt(record, style, tokenizer), add_special_tokens=False)["input_ids"]
-        ids = full[-(max_prompt_length - len(bos)) :]
-        examples.append({"input_ids": bos + ids, "text": tokenizer.decode(ids), "truncated": len(full) > len(ids)})
+        bos, body = split_bos(tokenizer, full)
+        input_ids, truncated = with_bos_tail(tokenizer, full, max_prompt_length)
+        written = full[: len(full) - len(body)]  # the BOS the text itself starts with, if any
+        text = tokenizer.decode(written + input_ids[len(bos) :])
+        examples.append({"input_ids": input_ids, "text": text, "truncated": truncated})
     return examples
 
 
@@ -349,23 +384,53 @@ def prepare(config: StageConfig) -> dict[str, Any]:
     return {**prompts, "reward_stats": reward_stats}
 
 
-def shard_order(n_prompts: int, worker: Worker, seed: int, epoch: int) -> list[int]:
-    """This worker's prompt indices for `epoch`: rank::world_size of a seeded shuffle, padded so shards are equal."""
-    order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    shard_size = math.ceil(n_prompts / worker.world_size)
-    order += order[: shard_size * worker.world_size - n_prompts]
-    return order[worker.rank :: worker.world_size]
-
-
 def prompt_batch(examples: list[dict[str, Any]], worker: Worker, seed: int, position: int,
-                 size: int) -> list[dict[str, Any]]:
-    """The `size` prompts after the first `position` of this worker's endless stream (epoch after epoch)."""
-    shard_size = math.ceil(len(examples) / worker.world_size)
+                 global_batch: int) -> list[dict[str, Any]]:
+    """This worker's share of the `global_batch` prompts after the first `position` of the prompt stream: every
+    `world_size`-th of them from its rank on.
+
+    The stream is one seeded shuffle of ALL prompts per epoch, epoch after epoch, the same on any number of
+    workers: a run resumed on another worker count (same global batch, `resumed_layout`) serves the rest of the
+    epoch's prompts, each once.
+    """
+    orders: dict[int, list[int]] = {}
     batch = []
-    for index in range(position, position + size):
-        epoch, offset = divmod(index, shard_size)
-        batch.append(examples[shard_order(len(examples), worker, seed, epoch)[offset]])
+    for index in range(position + worker.rank, position + global_batch, worker.world_size):
+        epoch, offset = divmod(index, len(examples))
+        if epoch not in orders:
+            orders[epoch] = epoch_order(len(examples), epoch, seed, 1)
+        batch.append(examples[orders[epoch][offset]])
     return batch
+
+
+def resumed_layout(saved: dict[str, Any] | None, training: PPOTraining, worker: Worker) -> PPOTraining:
+    """`training` with the per-worker experience batch, minibatch and gradient accumulation that keep the
+    checkpoint's global batch and global minibatch on this number of workers (2 workers × 8 prompts -> 1 worker
+    × 16), so iterations, schedule and prompt position mean what they meant. Micro-batches never grow."""
+    batch = training.experience_batch_size
+    mini = training.mini_batch_size or batch
+    if not saved or "global_batch" not in saved:  # a fresh run (or a checkpoint from before global batches)
+        return training
+    global_batch, global_mini = saved["global_batch"], saved["global_mini_batch"]
+    if global_batch == batch * worker.world_size and global_mini == mini * worker.world_size:
+        return training
+    if global_batch % worker.world_size or global_mini % worker.world_size:
+        raise ConfigError(
+            f"Training.num_training_workers: the checkpoint was written with a global batch of {global_batch} "
+            f"prompts per iteration (minibatches of {global_mini}), which {worker.world_size} worker(s) cannot "
+            "share evenly; resume with a worker count that divides both, or start over (--on-config-change restart)"
+        )
+    new_batch, new_mini = global_batch // worker.world_size, global_mini // worker.world_size
+    micro = mini // training.gradient_accumulation_steps
+    accumulation = next(steps for steps in range(1, new_mini + 1)
+                        if new_mini % steps == 0 and new_mini // steps <= micro)
+    rollout = min(training.rollout_batch_size, new_batch) if training.rollout_batch_size else None
+    progress(worker, STAGE, f"resuming on {worker.world_size} worker(s): experience_batch_size {batch} -> {new_batch}, "
+                            f"mini_batch_size {mini} -> {new_mini}, gradient_accumulation_steps "
+                            f"{training.gradient_accumulation_steps} -> {accumulation} keep the global batch of "
+                            f"{global_batch} prompts")
+    return training.model_copy(update={"experience_batch_size": new_batch, "mini_batch_size": new_mini,
+                                       "gradient_accumulation_steps": accumulation, "rollout_batch_size": rollout})
 
 
 # ---- worker: models and optimizers ---------------------------------------------------------------------------
@@ -413,21 +478,24 @@ def load_models(config: StageConfig, worker: Worker, reward_stats: dict[str, flo
     # Each model is distributed as soon as it is loaded: under FSDP a worker then never holds more than one
     # full model besides the shards of those before it (loading all four first peaked at four full copies).
     policy = load_causal_lm(policy_path, tokenizer, trust, dropout=False, dtype=trained_dtype)
-    if lora:
-        policy = add_lora(policy, lora, "CAUSAL_LM")
+    if lora:  # peft's lora_dropout is a new dropout: off too (`disable_dropout`)
+        policy = disable_dropout(add_lora(policy, lora, "CAUSAL_LM"))
     policy = sharding.prepare(policy, training, worker)
     reference = None
     if not lora:
-        reference = frozen(load_causal_lm(policy_path, tokenizer, trust, dropout=False, dtype=frozen_dtype))
+        reference = frozen(load_causal_lm(policy_path, tokenizer, trust, dropout=False,
+                                          dtype=sharding.reference_dtype(training)))
         reference = sharding.prepare(reference, training, worker, trainable=False)
     # The critic reads the policy's tokens: it starts from the RM when they share a vocabulary (its value
     # head then starts as the normalised score), else from the policy's backbone with a fresh value head.
+    # Started from the RM, it is the RM too under LoRA (adapter disabled), which reads the RM tokenizer's padding.
     same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
-    classifier = load_reward_model(rm_path if same_vocab else policy_path, tokenizer, trust, dropout=False,
-                                   dtype=trained_dtype)
+    classifier = load_reward_model(rm_path if same_vocab else policy_path, rm_tokenizer if same_vocab else tokenizer,
+                                   trust, dropout=False, dtype=trained_dtype)
     critic = Critic.from_classifier(classifier, reward_stats if same_vocab else None)
     if lora:  # the transformer gets adapters; the score head stays the reward model's
-        critic.classifier = add_lora(classifier, lora, "FEATURE_EXTRACTION", exclude=("score", "classifier"))
+        critic.classifier = disable_dropout(add_lora(classifier, lora, "FEATURE_EXTRACTION",
+                                                     exclude=("score", "classifier")))
     critic = sharding.prepare(critic, training, worker)
     reward_model = None
     if not (lora and same_vocab):
@@ -452,8 +520,19 @@ class Optimizers:
 
     @classmethod
     def build(cls, models: PPOModels, training: PPOTraining, total_updates: int, device: torch.device) -> Optimizers:
-        policy = optim.build_optimizer(models.policy, training)
-        critic = optim.build_optimizer(models.critic, training, training.critic_learning_rate)
+        return cls.around(*cls.optimizers(models, training), training, total_updates, device)
+
+    @staticmethod
+    def optimizers(models: PPOModels, training: PPOTraining) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+        """The policy's and the critic's optimizers alone (a resume loads their state before the schedules
+        are built: how many updates a run has depends on the checkpoint's global batch)."""
+        return (optim.build_optimizer(models.policy, training),
+                optim.build_optimizer(models.critic, training, training.critic_learning_rate))
+
+    @classmethod
+    def around(cls, policy: torch.optim.Optimizer, critic: torch.optim.Optimizer, training: PPOTraining,
+               total_updates: int, device: torch.device) -> Optimizers:
+        """Schedules over `total_updates`, the KL coefficient and the loss scaler, around built optimizers."""
         return cls(policy, critic, optim.build_scheduler(policy, training, total_updates),
                    optim.build_scheduler(critic, training, total_updates),
                    AdaptiveKLController(training.kl_coeff, training.target_kl, training.kl_horizon),
@@ -476,26 +555,49 @@ class Optimizers:
 # ---- worker: rollout ---------------------------------------------------------------------------------------------
 
 
-def generation_settings(training: PPOTraining, tokenizer: Any) -> dict[str, Any]:
-    return dict(
-        do_sample=True, temperature=training.temperature, top_k=training.top_k or None, top_p=training.top_p,
-        max_new_tokens=training.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, use_cache=True,
+def sampling_config(training: PPOTraining, tokenizer: Any) -> Any:
+    """Sampling from exactly softmax(logits / temperature), the distribution whose log-probs PPO trains on.
+
+    Every setting that reshapes it is given its neutral value (top_k 0: transformers' default is 50),
+    and `generate_responses` hides the checkpoint's own `generation_config.json` (repetition_penalty,
+    no_repeat_ngram_size, top_k/top_p, min_p, suppressed tokens, ...) while it samples: `generate` would
+    merge its values into any setting left unset. TRL samples the same way.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True, temperature=training.temperature, top_k=0, top_p=1.0, max_new_tokens=training.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
     )
+
+
+@contextlib.contextmanager
+def without_checkpoint_generation_config(model: torch.nn.Module) -> Any:
+    """`model.generate` with only the settings it is given: the checkpoint's generation config is swapped for
+    an empty one for the call (`generate` fills every unset field from it)."""
+    from transformers import GenerationConfig
+
+    hf_model = sharding.hf_model(model)
+    saved = hf_model.generation_config
+    hf_model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        hf_model.generation_config = saved
 
 
 @torch.no_grad()
 def generate_responses(models: PPOModels, prompts: list[dict[str, Any]], training: PPOTraining,
                        device: torch.device) -> list[list[int]]:
-    """Sampled response ids per prompt, up to and including the first EOS (a sharded policy is gathered
-    once for the whole call)."""
+    """Sampled response ids per prompt, up to and including the first EOS, from exactly softmax(logits /
+    temperature) (`sampling_config`; a sharded policy is gathered once for the whole call)."""
     tokenizer = models.tokenizer
     query, query_mask = pad([p["input_ids"] for p in prompts], tokenizer.pad_token_id, side="left", device=device)
     model = unwrap(models.policy)
     model.eval()
-    with sharding.gathered(model), optim.autocast(training, device):
+    with sharding.gathered(model), optim.autocast(training, device), without_checkpoint_generation_config(model):
         output = model.generate(input_ids=query, attention_mask=query_mask,
-                                **generation_settings(training, tokenizer))
+                                generation_config=sampling_config(training, tokenizer))
     model.train()
     response = output[:, query.size(1) :]
     lengths = response_mask(response, tokenizer.eos_token_id).sum(1)
@@ -505,18 +607,29 @@ def generate_responses(models: PPOModels, prompts: list[dict[str, Any]], trainin
 @torch.no_grad()
 def score_responses(models: PPOModels, prompts: list[dict[str, Any]], response: torch.Tensor, mask: torch.Tensor,
                     training: PPOTraining, device: torch.device) -> torch.Tensor:
-    """The reward model's score of [BOS] prompt text + response text (EOS dropped), in its own tokens."""
-    texts = [
-        prompt["text"] + models.tokenizer.decode(tokens[: int(length)].tolist(), skip_special_tokens=True)
-        for prompt, tokens, length in zip(prompts, response, mask.sum(1), strict=True)
-    ]
-    rm_tokenizer = models.rm_tokenizer
+    """The reward model's score of each response, read as it read its training pairs (`reward_model_inputs`)."""
     config = sharding.hf_model(unwrap(models.critic if models.reward_model is None else models.reward_model)).config
-    room = (getattr(config, "max_position_embeddings", None) or 1024) - len(bos := bos_ids(rm_tokenizer))
-    sequences = [bos + ids[-room:] for ids in rm_tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    input_ids, attention_mask = pad(sequences, rm_tokenizer.pad_token_id, device=device)
+    sequences = reward_model_inputs(models.tokenizer, models.rm_tokenizer, prompts, response, mask,
+                                    getattr(config, "max_position_embeddings", None) or 1024)
+    input_ids, attention_mask = pad(sequences, models.rm_tokenizer.pad_token_id, device=device)
     with optim.autocast(training, device):
         return models.reward_scores(input_ids, attention_mask)
+
+
+def reward_model_inputs(tokenizer: Any, rm_tokenizer: Any, prompts: list[dict[str, Any]], response: torch.Tensor,
+                        mask: torch.Tensor, max_length: int) -> list[list[int]]:
+    """The reward model's token ids for each response: the text its training pairs were made of,
+    `join_response(prompt text, response text)` (EOS dropped), in its own tokens with its BOS, the tail kept.
+
+    The join matters: a SentencePiece tokenizer decodes a response's first token without its leading space,
+    and "Assistant:" + "Hello" would be scored as "Assistant:Hello" where the RM learnt "Assistant: Hello".
+    """
+    texts = [
+        join_response(prompt["text"], tokenizer.decode(tokens[: int(length)].tolist(), skip_special_tokens=True))
+        for prompt, tokens, length in zip(prompts, response, mask.sum(1), strict=True)
+    ]
+    return [with_bos_tail(rm_tokenizer, ids, max_length)[0]
+            for ids in rm_tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def shape_scores(raw: torch.Tensor, has_eos: torch.Tensor, reward_stats: dict[str, float] | None,
@@ -598,17 +711,26 @@ UPDATE_STATS = ("policy_loss", "value_loss", "clip_fraction", "value_clip_fracti
 
 
 def ppo_update(models: PPOModels, optimizers: Optimizers, batch: Experience, advantages: torch.Tensor,
-               returns: torch.Tensor, training: PPOTraining) -> dict[str, float]:
+               returns: torch.Tensor, training: PPOTraining) -> tuple[dict[str, float], FirstUpdateCheck]:
     """`ppo_epochs` passes of clipped policy and value updates over shuffled minibatches, each split into
-    `gradient_accumulation_steps` micro-batches; the mean of each statistic over the updates."""
+    `gradient_accumulation_steps` micro-batches; (the mean of each statistic over the updates, the check
+    that the first minibatch saw the rollout's numbers).
+
+    Every response token of a minibatch weighs the same on any worker: the losses are sums over this
+    worker's tokens divided by `global_items_divisor` (the minibatch's tokens on ALL workers / the worker
+    count, as DDP and FSDP average gradients), so 2 workers compute what 1 worker does with their union. Each
+    worker's statistics are then its sums × world_size / all tokens: their mean over workers is the mean
+    over all tokens.
+    """
     mini_batch_size = training.mini_batch_size or batch.size
     micro_size = mini_batch_size // training.gradient_accumulation_steps
     updates = training.ppo_epochs * (batch.size // mini_batch_size)
     sums = dict.fromkeys(UPDATE_STATS, 0.0)
     width, device, scaler = batch.response.size(1), batch.response.device, optimizers.scaler
+    check = FirstUpdateCheck()
     for _ in range(training.ppo_epochs):
         for rows in torch.randperm(batch.size).split(mini_batch_size):
-            tokens = batch.mask[rows].sum().clamp(min=1)  # each micro-batch adds its share of the minibatch mean
+            _, tokens = global_items_divisor(batch.mask[rows].sum().item(), device)
             micro_batches = rows.split(micro_size)
             for index, micro in enumerate(micro_batches):
                 minibatch = {key: value[micro] for key, value in batch.inputs.items()}
@@ -620,6 +742,7 @@ def ppo_update(models: PPOModels, optimizers: Optimizers, batch: Experience, adv
                     logp = response_logprobs(response_logits(models.policy, minibatch, width), batch.response[micro],
                                              training.temperature, training.logprob_chunk_size)
                     values = response_slice(models.critic(**minibatch), width)
+                    check.add(logp, batch.old_logp[micro], mask, values, batch.old_values[micro])
                     pg_loss, pg_stats = policy_loss(logp, batch.old_logp[micro], advantages[micro], mask,
                                                     training.cliprange, tokens)
                     vf_loss, vf_stats = value_loss(values, batch.old_values[micro], returns[micro], mask,
@@ -629,9 +752,10 @@ def ppo_update(models: PPOModels, optimizers: Optimizers, batch: Experience, adv
                 for name, value in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg_stats, **vf_stats}.items():
                     sums[name] += value.item() / updates
             optim.step([(optimizers.policy, models.policy), (optimizers.critic, models.critic)], training, scaler)
+            check.stepped()
             optimizers.policy_schedule.step()
             optimizers.critic_schedule.step()
-    return sums
+    return sums, check
 
 
 # ---- worker: metrics and evaluation ----------------------------------------------------------------------------
@@ -701,31 +825,35 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     general, training = config.General, config.Training
     train_prompts, eval_prompts = loop_config["data"]["train"], loop_config["data"]["eval"]
     reward_stats = loop_config["data"]["reward_stats"] if training.normalize_score else None
-    batch_size = training.experience_batch_size
-    prompts_per_worker = math.ceil(len(train_prompts) / worker.world_size)
-    iterations = training.training_iteration or training.epochs * math.ceil(prompts_per_worker / batch_size)
-    updates_per_iteration = batch_size // (training.mini_batch_size or batch_size)
     save_steps = training.save_steps or training.eval_steps
 
-    # -- models, optimizers, resume
+    # -- models, optimizers, resume (on any number of workers: the global batch stays the checkpoint's)
     models = load_models(config, worker, reward_stats)
-    optimizers = Optimizers.build(models, training, iterations * updates_per_iteration * training.ppo_epochs,
-                                  worker.device)
+    policy_optimizer, critic_optimizer = Optimizers.optimizers(models, training)
     store = TrainState(general.output_dir, worker)
-    tensors = {"policy": ModelState(models.policy, optimizers.policy, trainable_only=True),
-               "critic": ModelState(models.critic, optimizers.critic, trainable_only=True)}
-    iteration, data_position = 0, 0
+    tensors = {"policy": ModelState(models.policy, policy_optimizer, trainable_only=True),
+               "critic": ModelState(models.critic, critic_optimizer, trainable_only=True)}
     saved = store.load(tensors)
+    training = resumed_layout(saved, training, worker)
+    batch_size = training.experience_batch_size
+    global_batch = batch_size * worker.world_size
+    global_mini_batch = (training.mini_batch_size or batch_size) * worker.world_size
+    iterations = training.training_iteration or training.epochs * math.ceil(len(train_prompts) / global_batch)
+    updates = iterations * (global_batch // global_mini_batch) * training.ppo_epochs
+    optimizers = Optimizers.around(policy_optimizer, critic_optimizer, training, updates, worker.device)
+    iteration, position = 0, 0
     if saved:
         optimizers.load_state_dict(saved)
-        iteration, data_position = saved["iteration"], saved["data_position"]
+        iteration = saved["iteration"]
+        position = saved.get("prompt_position", iteration * global_batch)
         progress(worker, STAGE, f"resuming at iteration {iteration}/{iterations}")
 
     def save_checkpoint(metrics: dict[str, Any]) -> None:
         import ray.train
 
         store.save(iteration, tensors, {**optimizers.state_dict(), "iteration": iteration,
-                                        "data_position": data_position})
+                                        "prompt_position": position, "global_batch": global_batch,
+                                        "global_mini_batch": global_mini_batch})
         ray.train.report({"iteration": iteration, **metrics})
 
     logger = MetricsLogger(general.output_dir, STAGE, worker.is_main, config, loop_config.get("tracking"))
@@ -747,7 +875,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
         # -- 1. rollout
         start = time.perf_counter()
-        prompts = prompt_batch(train_prompts, worker, training.seed, data_position, batch_size)
+        prompts = prompt_batch(train_prompts, worker, training.seed, position, global_batch)
         batch = collect_experience(models, prompts, training, worker.device)
         time_rollout = time.perf_counter() - start
 
@@ -757,24 +885,26 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         rewards, non_score = compute_rewards(scores, kl, batch.mask, optimizers.kl_control.value)
         if training.whiten_rewards:
             rewards = masked_whiten(rewards, batch.mask, shift_mean=False,
-                                    stats=global_mean_var(rewards, batch.mask, worker.device))
+                                    stats=global_mean_var(rewards, batch.mask, worker.device, unbiased=True))
         advantages, returns = compute_gae(rewards, batch.old_values, batch.mask, training.gamma, training.lam)
-        advantages = masked_whiten(advantages, batch.mask, stats=global_mean_var(advantages, batch.mask, worker.device))
+        advantages = masked_whiten(advantages, batch.mask,
+                                   stats=global_mean_var(advantages, batch.mask, worker.device, unbiased=True))
 
         # -- 4. update
         start = time.perf_counter()
-        update_stats = ppo_update(models, optimizers, batch, advantages, returns, training)
+        update_stats, on_policy = ppo_update(models, optimizers, batch, advantages, returns, training)
         time_update = time.perf_counter() - start
-        iteration, data_position = iteration + 1, data_position + batch_size
+        iteration, position = iteration + 1, position + global_batch
 
         # -- 5. KL control and metrics (over all workers)
         metrics = iteration_metrics(batch, kl, non_score, returns, update_stats, worker)
-        sequences = batch_size * worker.world_size
+        metrics |= on_policy.metrics(worker.device)
+        sequences = global_batch
         metrics |= {
             "kl_coeff": optimizers.kl_control.value, "learning_rate": optimizers.policy_schedule.get_last_lr()[0],
             "time_rollout": time_rollout, "time_update": time_update,
             "tokens_per_second": metrics["response_length"] * sequences / max(time_rollout, 1e-9),
-            "epoch": data_position / prompts_per_worker,
+            "epoch": position / len(train_prompts),
         }
         optimizers.kl_control.update(metrics["kl"], sequences)
         logger.log(iteration, metrics)

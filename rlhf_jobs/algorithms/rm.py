@@ -21,7 +21,7 @@ from rlhf_jobs.core.prompts import join_response, record_prompt
 from rlhf_jobs.engine import packing
 from rlhf_jobs.engine.batching import pad
 from rlhf_jobs.engine.distributed import Moments
-from rlhf_jobs.engine.models import bos_ids, load_reward_model, load_tokenizer
+from rlhf_jobs.engine.models import load_reward_model, load_tokenizer, with_bos_tail
 from rlhf_jobs.engine.sharding import load_dtype
 from rlhf_jobs.engine.worker import Worker, progress
 
@@ -35,7 +35,8 @@ def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Te
 
 
 def tokenize_pair(record: dict[str, Any], tokenizer: Any, style: str, max_length: int) -> dict[str, Any]:
-    """Token ids of [BOS] prompt+chosen and [BOS] prompt+rejected, keeping the tail when too long.
+    """Token ids of [BOS] prompt+chosen and [BOS] prompt+rejected (one BOS, whether the tokenizer adds it or a
+    chat template writes it), keeping the tail when too long.
 
     No EOS after the response: the classifier reads the last non-pad token, and with pad == EOS (as
     in most Llama-family setups) an appended EOS would be read as padding anyway. The score is the
@@ -43,18 +44,16 @@ def tokenize_pair(record: dict[str, Any], tokenizer: Any, style: str, max_length
     """
     prompt = record_prompt(record, style, tokenizer)
 
-    bos = bos_ids(tokenizer)
-
     def ids(response: str) -> list[int]:
         return tokenizer(join_response(prompt, response), add_special_tokens=False)["input_ids"]
 
-    keep = max_length - len(bos)
-    chosen, rejected = ids(record["chosen"]), ids(record["rejected"])
+    (chosen, chosen_cut), (rejected, rejected_cut) = (with_bos_tail(tokenizer, ids(record[key]), max_length)
+                                                      for key in ("chosen", "rejected"))
     return {
-        "chosen_ids": bos + chosen[-keep:],
-        "rejected_ids": bos + rejected[-keep:],
+        "chosen_ids": chosen,
+        "rejected_ids": rejected,
         "margin": float(record.get("margin") or 0.0),
-        "truncated": max(len(chosen), len(rejected)) > keep,
+        "truncated": chosen_cut or rejected_cut,
     }
 
 

@@ -1,8 +1,9 @@
 """Supervised fine-tuning: next-token loss on the response tokens only.
 
 Each record becomes `[BOS] prompt + response + EOS` (BOS where the tokenizer adds one, as
-Llama's does). Labels are the token ids where the token starts inside the response, and -100
-for BOS, the prompt and the padding, so the model learns to answer, not to repeat the template.
+Llama's does, or where a chat template writes it; never twice). Labels are the token ids where
+the token starts inside the response, and -100 for BOS, the prompt and the padding, so the model
+learns to answer, not to repeat the template.
 The boundary comes from character offsets, never from searching for template tokens (which can
 also occur inside the prompt). The loss is summed over label tokens; the shared loop divides by
 the label tokens of the whole optimizer step.
@@ -26,7 +27,7 @@ from rlhf_jobs.core.errors import DataError
 from rlhf_jobs.core.prompts import join_response, record_prompt
 from rlhf_jobs.engine import packing
 from rlhf_jobs.engine.batching import pad
-from rlhf_jobs.engine.models import bos_ids, load_causal_lm, load_tokenizer
+from rlhf_jobs.engine.models import load_causal_lm, load_tokenizer, split_bos
 from rlhf_jobs.engine.sharding import load_dtype
 from rlhf_jobs.engine.worker import Worker, progress
 
@@ -38,11 +39,11 @@ def tokenize_sft(record: dict[str, Any], tokenizer: Any, style: str, max_length:
     prompt = record_prompt(record, style, tokenizer)
     text = join_response(prompt, record["response"])
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    bos = bos_ids(tokenizer)
-    input_ids = [*bos, *encoded["input_ids"], tokenizer.eos_token_id]
+    bos, body = split_bos(tokenizer, encoded["input_ids"])  # one BOS, whether the template wrote it or not
+    offsets = encoded["offset_mapping"][len(encoded["input_ids"]) - len(body) :]
+    input_ids = [*bos, *body, tokenizer.eos_token_id]
     labels = [IGNORE_INDEX] * len(bos)
-    labels += [tok if start >= len(prompt) else IGNORE_INDEX
-               for tok, (start, _) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)]
+    labels += [tok if start >= len(prompt) else IGNORE_INDEX for tok, (start, _) in zip(body, offsets, strict=True)]
     labels.append(tokenizer.eos_token_id)
     return {"input_ids": input_ids[:max_length], "labels": labels[:max_length],
             "truncated": len(input_ids) > max_length}

@@ -38,7 +38,7 @@ from rlhf_jobs.core.errors import ConfigError
 from rlhf_jobs.engine import export, launcher, optim, sharding
 from rlhf_jobs.engine.adapters import Task, add_lora
 from rlhf_jobs.engine.control import StopControl, stopped
-from rlhf_jobs.engine.distributed import all_reduce_max, all_reduce_sum, peak_memory_gib
+from rlhf_jobs.engine.distributed import all_reduce_max, all_reduce_sum, global_items_divisor, peak_memory_gib
 from rlhf_jobs.engine.models import load_tokenizer, stored_dtype, unwrap
 from rlhf_jobs.engine.train_state import ModelState, TrainState
 from rlhf_jobs.engine.worker import Worker, progress, setup_worker
@@ -223,12 +223,12 @@ def accumulate_gradients(model: torch.nn.Module, task: SupervisedTask, micro_bat
     Every item weighs 1 / (items of the step on all workers): the summed loss of each micro-batch is
     divided by that count, times the worker count because DDP and FSDP average gradients over workers.
     """
-    (step_items,) = all_reduce_sum([float(sum(task.count(b) for b in micro_batches))], worker.device)
+    step_items, divisor = global_items_divisor(sum(task.count(b) for b in micro_batches), worker.device)
     loss_sum = 0.0
     for index, batch in enumerate(micro_batches):
         with sharding.gradient_sync(model, index == len(micro_batches) - 1), optim.autocast(training, worker.device):
             loss = task.loss_sum(model, batch)
-            scaled = loss * worker.world_size / max(step_items, 1.0)
+            scaled = loss / divisor
             (scaler.scale(scaled) if scaler else scaled).backward()
         loss_sum += loss.item()
     return loss_sum, step_items

@@ -289,13 +289,34 @@ class PPOTraining(TrainingBase):
     vf_coef: PositiveFloat = Field(0.1, description="Weight of the value loss.")
     max_new_tokens: PositiveInt = Field(32, description="Response length cap.")
     temperature: PositiveFloat = Field(1.0, description="Sampling temperature.")
-    top_k: NonNegativeInt = Field(0, description="Top-k sampling; 0 disables.")
-    top_p: Annotated[float, Field(gt=0, le=1)] = Field(1.0, description="Nucleus sampling.")
+    top_k: NonNegativeInt = Field(  # the schema's bound: `helm template` refuses it too
+        0, description="Must stay 0: responses are sampled from the full softmax(logits / temperature).",
+        json_schema_extra={"maximum": 0},
+    )
+    top_p: Annotated[float, Field(gt=0, le=1)] = Field(
+        1.0, description="Must stay 1: responses are sampled from the full softmax(logits / temperature).",
+        json_schema_extra={"minimum": 1},
+    )
     normalize_score: bool = Field(True, description="Normalise scores with the RM's recorded mean/std.")
     score_clip: PositiveFloat | None = Field(5.0, description="Clip (normalised) scores to ±score_clip.")
     missing_eos_penalty: NonNegativeFloat = Field(1.0, description="Subtracted from the score without EOS.")
     whiten_rewards: bool = Field(False, description="Whiten per-token rewards before GAE.")
     eval_steps: PositiveInt = Field(5, description="Score held-out prompts every N iterations.")
+
+    @field_validator("top_k", "top_p")
+    @classmethod
+    def _sampling_is_on_policy(cls, value: float, info: Any) -> float:
+        """Truncated sampling draws responses from a distribution other than softmax(logits / temperature), whose
+        log-probs the ratio and the KL use: the rollout would be off-policy (TRL forces top_k 0 and top_p 1)."""
+        neutral = 0 if info.field_name == "top_k" else 1.0
+        if value != neutral:
+            kept = f"the {value} likeliest tokens" if info.field_name == "top_k" else f"the top {value} of the mass"
+            raise ValueError(
+                f"sampling from {kept} only makes the rollout off-policy: PPO trains on the log-probs of the full "
+                f"softmax(logits / temperature) (TRL forces top_k 0 and top_p 1 too); remove it or set {neutral} "
+                "(temperature still sharpens sampling)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _length_known(self) -> PPOTraining:

@@ -20,6 +20,19 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def global_items_divisor(local_items: float, device: torch.device) -> tuple[float, float]:
+    """(items of a step on ALL workers, what each worker divides its summed loss by).
+
+    Every item (label token, pair, response token) of an optimizer step weighs the same on any number of
+    workers: the divisor is the step's item count over all workers / the worker count, because DDP and FSDP
+    average gradients over the workers. Averaged over the workers, the quotients are the mean over all items,
+    so 2 workers compute what 1 worker does with the same global batch. Every worker must call it.
+    """
+    (total,) = all_reduce_sum([float(local_items)], device)
+    world_size = torch.distributed.get_world_size() if is_distributed() else 1
+    return total, max(total, 1.0) / world_size
+
+
 def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if is_distributed():
@@ -66,11 +79,17 @@ class Moments:
         return max(self.squares / max(self.count, 1) - self.mean**2, 0.0)
 
     @property
+    def sample_var(self) -> float:
+        """Unbiased variance, × count / (count - 1) (Bessel's correction; the population variance of one value)."""
+        return self.var * self.count / (self.count - 1) if self.count > 1 else self.var
+
+    @property
     def std(self) -> float:
         return math.sqrt(self.var)
 
 
-def global_mean_var(values: torch.Tensor, mask: torch.Tensor, device: torch.device) -> tuple[float, float]:
-    """Mean and variance of the masked values of ALL workers."""
+def global_mean_var(values: torch.Tensor, mask: torch.Tensor, device: torch.device,
+                    unbiased: bool = False) -> tuple[float, float]:
+    """Mean and variance (population, or `unbiased`) of the masked values of ALL workers."""
     moments = Moments().add(values, mask).reduce(device)
-    return moments.mean, moments.var
+    return moments.mean, moments.sample_var if unbiased else moments.var

@@ -57,5 +57,24 @@ def gathered_model(model: torch.nn.Module, worker: Worker,
 def exportable(module: Any, training: TrainingBase, dtype: torch.dtype) -> Any:
     """What `save_pretrained` writes: a plain merged model, or (export: adapter) the peft adapter alone."""
     if is_adapted(module) and not (training.lora and training.lora.export == "adapter"):
-        module = module.merge_and_unload()
+        module = merged_in_fp32(module, dtype)
     return module.to(dtype)
+
+
+def merged_in_fp32(module: Any, dtype: torch.dtype) -> Any:
+    """The peft model with its adapters merged into the base weights in fp32, each weight then rounded once to
+    `dtype`.
+
+    peft merges in the base weights' dtype: a bf16 base (LoRA under mixed precision) keeps most of a small
+    adapter's change below bf16's resolution, and an fp32 export would then save the rounded weights. One layer
+    at a time is upcast, merged and cast to `dtype`, so no full fp32 copy is held unless `dtype` is fp32.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    for layer in module.modules():
+        if isinstance(layer, LoraLayer):
+            weight = layer.get_base_layer().weight
+            weight.data = weight.data.float()
+            layer.merge()
+            weight.data = weight.data.to(dtype)
+    return module.unload()

@@ -51,13 +51,34 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, padding_side: str
 def bos_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """[BOS] when the tokenizer adds one to a text by itself (Llama), else [] (GPT-2, Qwen).
 
-    Every stage tokenises with `add_special_tokens=False` and prepends this, so SFT, the reward
-    model and PPO see exactly the same tokens, and no EOS is ever appended by the tokenizer.
+    Every stage tokenises with `add_special_tokens=False` and prepends this unless the text wrote its
+    own BOS (`split_bos`), so SFT, the reward model and PPO see exactly the same tokens, one BOS at most,
+    and no EOS is ever appended by the tokenizer.
     """
     bos = tokenizer.bos_token_id
     if bos is None:
         return []
     return [bos] if tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos] else []
+
+
+def split_bos(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> tuple[list[int], list[int]]:
+    """(the BOS a model input starts with, the rest of `ids`), for ids tokenised with `add_special_tokens=False`.
+
+    The BOS is the one the text wrote itself (a chat template that writes it, as Llama 3's does) or else the
+    tokenizer's own (`bos_ids`): never both, as TRL tokenises templated text with add_special_tokens=False.
+    """
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[:1] == [bos]:
+        return [bos], ids[1:]
+    return bos_ids(tokenizer), ids
+
+
+def with_bos_tail(tokenizer: PreTrainedTokenizerBase, ids: list[int], length: int) -> tuple[list[int], bool]:
+    """(`ids` as a model input of at most `length` tokens: its BOS (`split_bos`), then the last tokens of the
+    rest; whether any were cut)."""
+    head, body = split_bos(tokenizer, ids)
+    kept = min(max(length - len(head), 0), len(body))
+    return head + body[len(body) - kept :], kept < len(body)
 
 
 def adapter_base(name: str) -> str | None:
@@ -90,11 +111,58 @@ def _from_pretrained(auto_class: Any, name: str, dtype: torch.dtype, **kwargs: A
     return (merged, info) if kwargs.get("output_loading_info") else merged
 
 
-def _no_dropout(model: PreTrainedModel) -> PreTrainedModel:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+def _is_dropout_rate(name: str, value: Any) -> bool:
+    lowered = name.lower()
+    named = "dropout" in lowered or lowered.endswith("pdrop") or lowered == "layerdrop"
+    return named and isinstance(value, float) and value > 0
+
+
+def _dropout_rates(model: torch.nn.Module) -> Iterator[tuple[str, Any, str]]:
+    """(where, owner, attribute) of every dropout rate a forward may read: `nn.Dropout*` modules (peft's
+    `lora_dropout` included), float rates kept on modules (Llama's `attention_dropout`) and config fields
+    read at forward time (Falcon's `hidden_dropout`)."""
+    from torch.nn.modules.dropout import _DropoutNd
+
+    for name, module in model.named_modules():
+        if isinstance(module, _DropoutNd):
+            if module.p > 0:
+                yield name or type(module).__name__, module, "p"
+            continue
+        for attribute, value in vars(module).items():
+            if _is_dropout_rate(attribute, value):
+                yield f"{name}.{attribute}" if name else attribute, module, attribute
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        config = getattr(module, "config", None)
+        configs = [(f"{name}.config" if name else "config", config)]
+        while configs:
+            where, config = configs.pop()
+            if not hasattr(config, "to_dict") or id(config) in seen:
+                continue
+            seen.add(id(config))
+            for attribute, value in vars(config).items():
+                if _is_dropout_rate(attribute, value):
+                    yield f"{where}.{attribute}", config, attribute
+                elif hasattr(value, "to_dict"):  # a sub-config (text_config, ...)
+                    configs.append((f"{where}.{attribute}", value))
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Every dropout of `model` off, in train mode too: `nn.Dropout` modules (peft's `lora_dropout`
+    included, so call it after the adapters are added), float rates on modules and in the config.
+
+    RL needs it: the rollout's log-probs and values must be what the update's first forward computes
+    (ratio exactly 1), which a dropout mask drawn per forward breaks. The config's rates are zeroed too,
+    so a model saved afterwards records dropout 0.
+    """
+    for _, owner, attribute in list(_dropout_rates(model)):
+        setattr(owner, attribute, 0.0)
     return model
+
+
+def live_dropout(model: torch.nn.Module) -> list[str]:
+    """Where `model` still has a dropout rate above 0 (empty after `disable_dropout`)."""
+    return [where for where, _, _ in _dropout_rates(model)]
 
 
 def _fused_activations(model: PreTrainedModel) -> PreTrainedModel:
@@ -118,7 +186,7 @@ def load_causal_lm(name: str, tokenizer: PreTrainedTokenizerBase, trust_remote_c
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model if dropout else _no_dropout(model)
+    return model if dropout else disable_dropout(model)
 
 
 def load_reward_model(name: str, tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool = False,
@@ -135,7 +203,7 @@ def load_reward_model(name: str, tokenizer: PreTrainedTokenizerBase, trust_remot
         _report_loading(name, info or {})
     model = _fused_activations(model)
     model.config.pad_token_id = tokenizer.pad_token_id
-    return model if dropout else _no_dropout(model)
+    return model if dropout else disable_dropout(model)
 
 
 def _report_loading(name: str, info: dict[str, Any]) -> None:

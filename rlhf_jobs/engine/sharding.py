@@ -35,6 +35,21 @@ def frozen_dtype(training: TrainingBase) -> torch.dtype:
     return compute_dtype(training) or torch.float32
 
 
+def reference_dtype(training: TrainingBase) -> torch.dtype:
+    """The dtype of a frozen copy that must compute exactly what the trained model computes at the start (PPO's
+    reference: KL exactly 0 before the first update).
+
+    Under FSDP the `MixedPrecisionPolicy` casts every parameter to the compute dtype, so the trained model's
+    fp32 masters and a copy stored in that dtype compute the same function. Under DDP autocast casts only the
+    matrix multiplies: the masters' fp32 embeddings, norms and residual stream would meet a bf16 copy's bf16
+    ones, so the copy is kept in the masters' dtype (fp32: twice the memory of bf16). LoRA's base weights are
+    frozen and shared, so they stay in the compute dtype.
+    """
+    if training.lora or training.strategy == "fsdp":
+        return frozen_dtype(training)
+    return load_dtype(training)
+
+
 def load_dtype(training: TrainingBase) -> torch.dtype:
     """The dtype to load a model that will train in: fp32 masters, except under LoRA, whose base weights
     are frozen and may stay in the compute dtype (the adapters are fp32 either way, see `add_lora`)."""

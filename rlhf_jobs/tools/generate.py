@@ -3,8 +3,10 @@ each scored by the reward model, as a table and a JSONL file.
 
 Prompts are built, truncated, sampled and scored by PPO's own functions (`ppo.tokenize_prompts`,
 `ppo.generate_responses`, `ppo.score_responses`), so what you see is what PPO trained on.
-Settings (prompt format, prompt length, sampling) come from the PPO checkpoint's recorded config
-when there is one, else the PPO defaults; flags override them.
+Settings (prompt format, prompt length, temperature, length, seed) come from the PPO checkpoint's
+recorded config when there is one, else the PPO defaults; flags override them. Responses are sampled
+exactly as PPO samples them: from softmax(logits / temperature), whatever the checkpoint's own
+`generation_config.json` says.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ BATCH = 16
 class Settings:
     prompt_format: str
     max_prompt_length: int
-    training: PPOTraining  # sampling settings (temperature, top_k, top_p, max_new_tokens) and the seed
+    training: PPOTraining  # sampling settings (temperature, max_new_tokens) and the seed
 
 
 @dataclass
@@ -81,7 +83,9 @@ def settings_from(checkpoints: Sequence[str], overrides: dict[str, Any] | None =
             dataset, training = config.get("Dataset", {}), config.get("Training", {})
             break
         dataset = dataset or config.get("Dataset", {})
-    sampling = {k: v for k, v in training.items() if k in ("temperature", "top_k", "top_p", "max_new_tokens", "seed")}
+    # Sampled as PPO samples, from the full softmax(logits / temperature) (a checkpoint written before top_k/top_p
+    # were refused may record them: they are not applied).
+    sampling = {k: v for k, v in training.items() if k in ("temperature", "max_new_tokens", "seed")}
     sampling.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return Settings(
         prompt_format=dataset.get("prompt_format", "instruction"),
@@ -146,7 +150,7 @@ def generate(models: Sequence[str], records: list[dict[str, Any]], settings: Set
                 sample = samples[start + offset]
                 sample.prompt_text = sample.prompt_text or prompt["text"]
                 sample.answers[label] = {  # type: ignore[index]
-                    # the text exactly as the reward model read it (after the prompt text)
+                    # the answer; the reward model read join_response(prompt_text, text), as in its training pairs
                     "model": str(path), "text": tokenizer.decode(ids, skip_special_tokens=True),
                     "score": value, "tokens": len(ids), "eos": bool(ids) and ids[-1] == tokenizer.eos_token_id,
                 }
