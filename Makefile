@@ -52,6 +52,10 @@ test: venv ## Run the test suite (docker/kind tests skip where there is no engin
 test-fast: venv ## Run the tests that need no Ray run, Docker or cluster
 	$(BIN)/pytest -m "not slow and not docker and not kind"
 
+.PHONY: test-base-install
+test-base-install: ## A base install (no extras) in .venv-base: SFT, RM and PPO one step each, LoRA refused naming the extra
+	.ci/base-install-smoke
+
 .PHONY: lint
 lint: venv ## ruff
 	$(BIN)/ruff check rlhf_jobs tests bench

@@ -7,11 +7,12 @@ no decoder layers to shard, and fp16 with FSDP each fail here with one clear mes
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from rlhf_jobs.adapters import AdapterError, add_lora
+from rlhf_jobs.adapters import AdapterError, add_lora, require_peft
 from rlhf_jobs.config import StageConfig
 from rlhf_jobs.sharding import ShardingError, check_shardable
 from rlhf_jobs.stages import TrainedModel, get
@@ -31,13 +32,28 @@ def empty_model(name: str, task: str, trust_remote_code: bool = False) -> Any:
         return auto_class.from_config(config, trust_remote_code=trust_remote_code)
 
 
+def check_adapter_inputs(config: StageConfig, trained: tuple[TrainedModel, ...]) -> None:
+    """A model the stage starts from that is a LoRA adapter export (`export: adapter`) loads with peft."""
+    from rlhf_jobs.models import ADAPTER_CONFIG
+
+    general = config.General
+    for model in trained:
+        key = next(k for k in model.keys if getattr(general, k, None))
+        name = model.name(general)
+        if "://" not in name and (Path(name).expanduser() / ADAPTER_CONFIG).is_file():
+            require_peft(f"General.{key} ({name}) is a LoRA adapter: loading it")
+
+
 def check_models(config: StageConfig) -> None:
     training, general = config.Training, config.General
     if training.strategy == "fsdp" and training.mixed_precision == "fp16":
         raise ShardingError("Training.mixed_precision: fp16 is not supported with strategy: fsdp; use bf16")
+    if training.lora:
+        require_peft("Training.lora")
+    trained: tuple[TrainedModel, ...] = get(config.stage).trained
+    check_adapter_inputs(config, trained)
     if not training.lora and training.strategy != "fsdp":
         return
-    trained: tuple[TrainedModel, ...] = get(config.stage).trained
     for model in trained:
         name = model.name(general)
         key = f"General.{next(k for k in model.keys if getattr(general, k, None))}"

@@ -82,6 +82,9 @@ def _from_pretrained(auto_class: Any, name: str, dtype: torch.dtype, **kwargs: A
     base = adapter_base(name)
     if base is None:
         return auto_class.from_pretrained(name, dtype=dtype, **kwargs)
+    from rlhf_jobs.adapters import require_peft
+
+    require_peft(f"{name} is a LoRA adapter: loading it")
     from peft import PeftModel
 
     loaded = auto_class.from_pretrained(storage.local_model(base), dtype=dtype, **kwargs)
