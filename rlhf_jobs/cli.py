@@ -364,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from rlhf_jobs.launcher import OutOfMemory, RunStopped
+    from rlhf_jobs.launcher import OutOfMemory, RunStopped, TrainingDiverged
 
     try:
         return run(args)
@@ -377,6 +377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutOfMemory as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except (KeyboardInterrupt, SystemExit):  # Ray Train turns Ctrl-C during training into SystemExit
         print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130

@@ -9,8 +9,8 @@ from typing import Any
 
 from rlhf_jobs import identity, preemption, storage, trackers
 from rlhf_jobs.config import ConfigError, StageConfig, TrainingBase
-from rlhf_jobs.logs import install_ray_log_filter
-from rlhf_jobs.ray_backend import LazyTorchConfig
+from rlhf_jobs.logs import install_ray_log_filter, stop_ray_output
+from rlhf_jobs.ray_backend import LazyTorchConfig, NoRetryOfDeterministicFailures
 
 RUN_NAME = "ray_train"
 STOPPED_METRIC = "stopped_at_step"  # reported by a worker loop that stopped early (rlhf_jobs.control)
@@ -125,6 +125,10 @@ class OutOfMemory(RuntimeError):
     """Workers of a stage were killed for memory; the message says how far they got and what to change."""
 
 
+class TrainingDiverged(RuntimeError):
+    """A loss, gradient norm or weight became NaN or infinite (`divergence.py`); never retried."""
+
+
 class RunStopped(RuntimeError):
     """The run stopped early at a step boundary, with a checkpoint (`--stop-at-step`, preemption)."""
 
@@ -200,7 +204,9 @@ def absolute_paths(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def trainer_class(in_process: bool = False) -> type:
-    """Ray Train's `TorchTrainer`; on a Ray started in this process, without what only a shared cluster needs.
+    """Ray Train's `TorchTrainer`, which does not restart a run failed by a deterministic error (bad input, a
+    non-finite loss: `ray_backend.NoRetryOfDeterministicFailures`); on a Ray started in this process, without
+    what only a shared cluster needs.
 
     Left out there (each is an actor process on the critical path of every run's start):
     - the placement-group cleaner, which frees the workers' reservation if the controller dies while
@@ -212,8 +218,16 @@ def trainer_class(in_process: bool = False) -> type:
     """
     from ray.train.torch import TorchTrainer
 
-    if in_process or not _started_here:
+    if in_process:
         return TorchTrainer
+
+    class NoRetryTorchTrainer(TorchTrainer):
+        def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
+            kwargs["failure_policy"] = NoRetryOfDeterministicFailures(kwargs["failure_policy"])
+            return super()._initialize_and_run_controller(**kwargs)
+
+    if not _started_here:
+        return NoRetryTorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
@@ -231,7 +245,7 @@ def trainer_class(in_process: bool = False) -> type:
         def _cancel_resource_request(self) -> None:
             pass
 
-    class LocalTorchTrainer(TorchTrainer):
+    class LocalTorchTrainer(NoRetryTorchTrainer):
         def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
             kwargs["callbacks"] = [callback for callback in kwargs["callbacks"]
                                    if not isinstance(callback, (DatasetsCallback, PlacementGroupCleanerCallback))]
@@ -297,11 +311,13 @@ def run_trainer(
                 from rlhf_jobs.models import ModelError
 
                 failures = list(getattr(err, "worker_failures", {}).values())
-                user_errors = ConfigError | DataError | CheckpointError | ModelError
+                user_errors = ConfigError | DataError | CheckpointError | ModelError | TrainingDiverged
                 user_error = next((f for f in failures if isinstance(f, user_errors)), None)
-                if user_error is not None:  # a config problem only a worker could see: one line, not a traceback
+                if user_error is not None:  # a problem only a worker could see: one line, not a traceback
+                    stop_ray_output()
                     raise user_error from None
                 if _memory_failure(err) or any(_memory_failure(f) for f in failures):
+                    stop_ray_output()
                     raise out_of_memory(config, err) from None
                 raise
             # A loop that stopped early returns {STOPPED_METRIC, "reason"} (Result.metrics only holds the

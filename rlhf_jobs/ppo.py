@@ -44,6 +44,7 @@ import contextlib
 import inspect
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,7 @@ from rlhf_jobs.config import PPOTraining, StageConfig
 from rlhf_jobs.control import StopControl, stopped
 from rlhf_jobs.data import PPO_SCHEMA, DataError, load_splits, report_truncation
 from rlhf_jobs.distributed import Moments, all_reduce_max, all_reduce_sum, global_mean_var, peak_memory_gib
+from rlhf_jobs.divergence import StepCheck, check_final_weights
 from rlhf_jobs.logprobs import entropy, selective_log_softmax
 from rlhf_jobs.metrics_log import MetricsLogger
 from rlhf_jobs.models import bos_ids, load_causal_lm, load_reward_model, load_tokenizer, stored_dtype, unwrap
@@ -597,9 +599,11 @@ UPDATE_STATS = ("policy_loss", "value_loss", "clip_fraction", "value_clip_fracti
 
 
 def ppo_update(models: PPOModels, optimizers: Optimizers, batch: Experience, advantages: torch.Tensor,
-               returns: torch.Tensor, training: PPOTraining) -> dict[str, float]:
+               returns: torch.Tensor, training: PPOTraining,
+               check: Callable[[float, list[float]], None] | None = None) -> dict[str, float]:
     """`ppo_epochs` passes of clipped policy and value updates over shuffled minibatches, each split into
-    `gradient_accumulation_steps` micro-batches; the mean of each statistic over the updates."""
+    `gradient_accumulation_steps` micro-batches; the mean of each statistic over the updates. `check` sees each
+    update's loss and the policy's and critic's gradient norms before the weights change."""
     mini_batch_size = training.mini_batch_size or batch.size
     micro_size = mini_batch_size // training.gradient_accumulation_steps
     updates = training.ppo_epochs * (batch.size // mini_batch_size)
@@ -609,6 +613,7 @@ def ppo_update(models: PPOModels, optimizers: Optimizers, batch: Experience, adv
         for rows in torch.randperm(batch.size).split(mini_batch_size):
             tokens = batch.mask[rows].sum().clamp(min=1)  # each micro-batch adds its share of the minibatch mean
             micro_batches = rows.split(micro_size)
+            update_loss = 0.0
             for index, micro in enumerate(micro_batches):
                 minibatch = {key: value[micro] for key, value in batch.inputs.items()}
                 mask, last = batch.mask[micro], index == len(micro_batches) - 1
@@ -625,9 +630,11 @@ def ppo_update(models: PPOModels, optimizers: Optimizers, batch: Experience, adv
                                                    training.cliprange_value, tokens)
                     loss = pg_loss + training.vf_coef * vf_loss
                     (scaler.scale(loss) if scaler else loss).backward()
+                update_loss += loss.item()
                 for name, value in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg_stats, **vf_stats}.items():
                     sums[name] += value.item() / updates
-            optim.step([(optimizers.policy, models.policy), (optimizers.critic, models.critic)], training, scaler)
+            optim.step([(optimizers.policy, models.policy), (optimizers.critic, models.critic)], training, scaler,
+                       check=check and (lambda norms, loss=update_loss: check(loss, norms)))
             optimizers.policy_schedule.step()
             optimizers.critic_schedule.step()
     return sums
@@ -740,6 +747,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                             f"rollout, {iterations} iterations")
     eval_metrics = evaluate(iteration) if saved is None else {}
     stop = StopControl(worker, loop_config.get("stop_at_step"))
+    check_update = StepCheck(STAGE, training, worker, general.output_dir, unit="iteration", models=("policy", "critic"))
     while iteration < iterations:
         # Seeded per iteration and rank: responses differ across workers, and a resumed run samples the same.
         torch.manual_seed(training.seed + 100_003 * iteration + worker.rank)
@@ -762,7 +770,9 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
         # -- 4. update
         start = time.perf_counter()
-        update_stats = ppo_update(models, optimizers, batch, advantages, returns, training)
+        update_stats = ppo_update(models, optimizers, batch, advantages, returns, training,
+                                  check=lambda loss, norms, at=iteration + 1: check_update(at, loss, worker.world_size,
+                                                                                           norms))
         time_update = time.perf_counter() - start
         iteration, data_position = iteration + 1, data_position + batch_size
 
@@ -808,6 +818,9 @@ def save_final(config: StageConfig, models: PPOModels, marker: dict[str, Any], w
         if training.save_critic else None
     if not worker.is_main:
         return
+    for model in (policy, critic):
+        if model is not None:
+            check_final_weights(model, STAGE, general.output_dir)
     dtype = export.save_dtype(training, stored_dtype(general.model_pretrain or general.model_name,
                                                      general.trust_remote_code))
     policy = export.exportable(policy, training, dtype)

@@ -115,3 +115,36 @@ class LazyTorchBackend(Backend):
         # As Ray's backend: a worker that does not tear down in time is killed with its group.
         with contextlib.suppress(GetTimeoutError):
             ray.get(futures, timeout=timeout_s)
+
+
+# Failures that would recur on every attempt, by the qualified names of their classes (matched along the MRO, so
+# the controller needs to import none of them): bad input a worker found, and a run whose loss became non-finite.
+DETERMINISTIC_FAILURES = frozenset({
+    "rlhf_jobs.config.ConfigError", "rlhf_jobs.data.DataError", "rlhf_jobs.checkpoints.CheckpointError",
+    "rlhf_jobs.hub.ModelError", "rlhf_jobs.launcher.TrainingDiverged",
+})
+
+
+def is_deterministic(error: BaseException) -> bool:
+    return any(f"{kind.__module__}.{kind.__qualname__}" in DETERMINISTIC_FAILURES for kind in type(error).__mro__)
+
+
+class NoRetryOfDeterministicFailures:
+    """Ray Train's failure policy, except that a worker group failed by a deterministic error is not restarted
+    (`FailureConfig.max_failures` is for what a restart can get past: a lost node, a killed worker)."""
+
+    def __init__(self, policy: Any) -> None:
+        self.policy = policy
+
+    def make_decision(self, training_failed_error: Any) -> Any:
+        from ray.train.v2._internal.execution.failure_handling import FailureDecision
+
+        failures = getattr(training_failed_error, "worker_failures", None) or {}
+        if any(is_deterministic(error) for error in failures.values()):
+            return FailureDecision.RAISE
+        return self.policy.make_decision(training_failed_error)
+
+    def __getattr__(self, name: str) -> Any:  # only for what this class lacks
+        if name == "policy" or name.startswith("__"):  # not set yet (unpickling)
+            raise AttributeError(name)
+        return getattr(self.policy, name)

@@ -38,6 +38,7 @@ from rlhf_jobs.config import ConfigError, StageConfig, TrainingBase
 from rlhf_jobs.control import StopControl, stopped
 from rlhf_jobs.data import RecordSchema, load_splits, report_truncation
 from rlhf_jobs.distributed import all_reduce_max, all_reduce_sum, peak_memory_gib
+from rlhf_jobs.divergence import StepCheck, check_final_weights
 from rlhf_jobs.metrics_log import MetricsLogger
 from rlhf_jobs.models import load_tokenizer, stored_dtype, unwrap
 from rlhf_jobs.train_state import ModelState, TrainState
@@ -261,6 +262,7 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> dict[
         eval_metrics = run_evaluation(0)
     model.train()
     stop = StopControl(worker, loop_config.get("stop_at_step"))
+    check_step = StepCheck(task.stage, training, worker, general.output_dir)
     window = {"loss": 0.0, "items": 0.0, "start": time.perf_counter()}
     progress(worker, task.stage, f"{len(train_examples)} train examples, {worker.world_size} worker(s), "
                                  f"{per_epoch} steps/epoch, {total_steps} steps")
@@ -272,7 +274,8 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> dict[
         # Dropout masks depend on (step, rank) only: a resumed run draws what an uninterrupted one did.
         torch.manual_seed(training.seed + 1_000_003 * (step + 1) + worker.rank)
         loss_sum, step_items = accumulate_gradients(model, task, micro_batches, training, worker, scaler)
-        optim.step([(optimizer, model)], training, scaler)
+        optim.step([(optimizer, model)], training, scaler,
+                   check=lambda norms, at=step + 1, loss=loss_sum, items=step_items: check_step(at, loss, items, norms))
         scheduler.step()
         step, consumed = step + 1, consumed + taken
         epoch_ended = consumed >= len(order)
@@ -323,6 +326,7 @@ def save_final_model(config: StageConfig, model: torch.nn.Module, tokenizer: Any
     module = export.gathered_model(model, worker)
     if not worker.is_main:
         return
+    check_final_weights(module, stage, general.output_dir)
     dtype = export.save_dtype(config.Training, stored_dtype(general.base_model, general.trust_remote_code))
     final = export.exportable(module, config.Training, dtype)
 

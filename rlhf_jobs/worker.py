@@ -51,13 +51,17 @@ def setup_worker(loop_config: dict[str, Any]) -> tuple[StageConfig, Worker]:
 
 
 def _quiet_report_logs() -> None:
-    """Ray Train V2 logs every `report` and checkpoint at INFO, which drowns the progress lines.
+    """Ray Train V2 logs every `report` and checkpoint at INFO, which drowns the progress lines, and the
+    traceback of every error, also those the driver prints as one line (`logs.quiet_deterministic_tracebacks`).
 
     The report line comes from a logger named after its source file, hence the path lookup; in local mode
     (`--in-process`) from train_fn_utils' logger.
     """
     import importlib.util
 
+    from rlhf_jobs.logs import quiet_deterministic_tracebacks
+
+    quiet_deterministic_tracebacks()
     for name in ("storage", "train_fn_utils"):
         logging.getLogger(f"ray.train.v2._internal.execution.{name}").setLevel(logging.WARNING)
     spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
