@@ -249,8 +249,8 @@ def test_a_bool_is_not_a_number(tmp_path: Path) -> None:
      "at line 2)"),
     ("c.json", '{"General": {}, "Training": {"epochs": 1}, "Training": {}}', "c.json: key 'Training' appears twice in "
      "one mapping; the second"),
-    ("c.conf", "{\n 'General': {},\n 'General': {},\n}\n", "c.conf:3: key 'General' appears twice in one mapping (first "
-     "at line 2)"),
+    ("c.conf", "{\n 'General': {},\n 'General': {},\n}\n",
+     "c.conf:3: key 'General' appears twice in one mapping (first at line 2)"),
 ])
 def test_a_repeated_key_is_refused_naming_the_line(tmp_path: Path, name: str, text: str, expected: str) -> None:
     """PyYAML, json and ast keep the last of two equal keys: a second `Training:` block silently replaced the first."""

@@ -157,7 +157,8 @@ print("peak MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 
 
 @pytest.mark.parametrize(("record", "expected"), [
-    ('{"prompt": "p", "chosen": "a", "rejected": "b", "margin": NaN}', "field 'margin' is NaN: expected a finite number"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "b", "margin": NaN}',
+     "field 'margin' is NaN: expected a finite number"),
     ('{"prompt": "p", "chosen": "a", "rejected": "b", "margin": -Infinity}',
      "field 'margin' is -Infinity: expected a finite number"),
     ('{"prompt": "p", "chosen": "a", "rejected": "b", "score": Infinity}',

@@ -18,8 +18,8 @@ from conftest import REPO, local_config, write_config
 
 from rlhf_jobs.cli import main
 from rlhf_jobs.config import SupervisedTraining
-
-
+from rlhf_jobs.divergence import StepCheck, check_final_weights
+from rlhf_jobs.launcher import TrainingDiverged
 from rlhf_jobs.worker import Worker
 
 CPU = Worker(rank=0, world_size=1, device=torch.device("cpu"))

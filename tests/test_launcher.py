@@ -92,8 +92,8 @@ def test_sharded_cpu_workers_return_freed_memory_to_the_system(monkeypatch: pyte
 
 
 def test_ray_trains_controller_needs_no_torch() -> None:
-    """The backend config and failure policy Ray Train unpickles in its controller process import no torch (a fresh process
-    pays ~3 s for it on the critical path of every run's start); runs on 1 and 2 workers use it throughout."""
+    """The backend config and failure policy Ray Train unpickles in its controller process import no torch (a fresh
+    process pays ~3 s for it on the critical path of every run's start); runs on 1 and 2 workers use them throughout."""
     import subprocess
     import sys
 
