@@ -39,6 +39,10 @@ venv: $(BIN)/rlhf-jobs ## Create .venv with the package and dev tools (CPU torch
 demo: venv ## Run SFT -> RM -> PPO locally on a tiny model (in-process Ray) into runs/demo
 	$(BIN)/rlhf-jobs pipeline --backend local --workdir $(DEMO_DIR) --tiny-model
 
+.PHONY: readme-figures
+readme-figures: venv ## Run the demo afresh (runs/readme-demo-*) and rewrite README.md's demo figures from it
+	$(BIN)/python bench/readme_figures.py
+
 .PHONY: pipeline-1b-lora
 pipeline-1b-lora: venv ## SFT -> RM -> PPO with LoRA on a random-init 1B Llama, 2 workers x 1 CPU (fits 24 GiB)
 	@test -f runs/llama-1b/config.json || $(BIN)/rlhf-jobs tiny-model --llama 1b --output runs/llama-1b

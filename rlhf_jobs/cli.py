@@ -39,12 +39,18 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def train_stage(stage: str, config_path: str, overrides: Sequence[str] = (), stop_at_step: int | None = None,
                 on_config_change: str = "refuse", fresh: bool = False, in_process: bool = False) -> None:
-    """Validate everything the stage reads, then train it on Ray."""
+    """Validate everything the stage reads, train it on Ray, then say in one line what it reached and where the
+    final model is."""
     from rlhf_jobs import trainers
     from rlhf_jobs.config import load_config
+    from rlhf_jobs.report import finished_line
 
-    trainers.train(load_config(config_path, stage, list(overrides)), stop_at_step=stop_at_step,
-                   on_config_change=on_config_change, fresh=fresh, in_process=in_process)
+    config = load_config(config_path, stage, list(overrides))
+    started = time.monotonic()
+    trainers.train(config, stop_at_step=stop_at_step, on_config_change=on_config_change, fresh=fresh,
+                   in_process=in_process)
+    general = config.General
+    print(finished_line(stage, general.output_dir, general.checkpoint_dir, time.monotonic() - started), flush=True)
 
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
@@ -107,9 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the held-out split of the stage that wrote this checkpoint, e.g. runs/demo/ppo")
     generate.add_argument("--rm", metavar="DIR", help="reward model to score with (default: a PPO model's rm_pretrain)")
     generate.add_argument("--num", type=int, default=8, help="how many prompts (default 8; 0 = all)")
-    generate.add_argument("--output", default="samples.jsonl", help="JSONL written here (default: samples.jsonl)")
+    generate.add_argument("--output", metavar="FILE",
+                          help="also write one JSON line per prompt here (default: only print the table)")
     generate.add_argument("--max-new-tokens", type=int, help="default: the PPO config's max_new_tokens")
     generate.add_argument("--temperature", type=float, help="default: the PPO config's temperature")
+    generate.add_argument("--greedy", action="store_true",
+                          help="the most likely token at every step instead of sampling: what each model "
+                               "prefers, the same on every run")
     generate.add_argument("--seed", type=int, help="default: the PPO config's seed")
 
     pipeline = commands.add_parser("pipeline", help="run SFT -> RM -> PPO, locally or on KubeRay")
@@ -185,13 +195,16 @@ def run_local_pipeline(args: argparse.Namespace) -> int:
 
 
 def show_samples(backend: Any, path: Path, count: int = 5) -> None:
-    """After PPO: held-out prompts with the SFT and the PPO policy's answers and their reward-model scores."""
+    """After PPO: every held-out prompt answered by the SFT and the PPO policy, sampled as PPO samples (what it
+    optimised; seeded), the reward model's score of each answer, their means, and the first `count` answers.
+    A handful of sampled answers is too few to compare two policies; all the held-out prompts are not."""
     from rlhf_jobs import generate
 
     sft, rm, ppo = (backend.stage_paths(stage)[1] for stage in STAGES)
-    samples, _ = generate.compare([sft, ppo], held_out=ppo, reward_model=rm, limit=count)
-    print(f"\n{len(samples)} held-out prompts, the SFT and the PPO policy's answers, reward-model scores:")
-    print(generate.table(samples))
+    samples, _ = generate.compare([sft, ppo], held_out=ppo, reward_model=rm, limit=None)
+    print(f"\nthe SFT and the PPO policy's answers to the {len(samples)} held-out prompts, sampled as PPO samples, "
+          "scored by the reward model:")
+    print(generate.table(samples, answers=count))
     print(f"sample answers: {generate.write_jsonl(samples, path)}")
 
 
@@ -283,12 +296,16 @@ def show_status(args: argparse.Namespace, clients=None) -> int:
     """`rlhf-jobs status`: a KubeRay run's record, from wherever a kubeconfig (or in-cluster config) reaches."""
     from rlhf_jobs.backends import runner
     from rlhf_jobs.backends.helm import Helm
-    from rlhf_jobs.backends.kube import Clients
+    from rlhf_jobs.backends.kube import Clients, ClusterUnavailable
     from rlhf_jobs.backends.kuberay import KubeRayBackend, status_table
 
-    clients = clients or Clients.from_environment()
-    backend = KubeRayBackend(clients, Helm(), args.namespace, args.run)
-    record = backend.load_record()
+    try:
+        clients = clients or Clients.from_environment()
+        backend = KubeRayBackend(clients, Helm(), args.namespace, args.run)
+        record = backend.load_record()
+    except ClusterUnavailable as err:
+        raise ClusterUnavailable(f"{err}; for a local pipeline: rlhf-jobs status --workdir DIR (the pipeline's "
+                                 "default: runs/pipeline)") from None
     job = runner.read_job(clients, args.namespace, args.run) if clients.batch is not None else None
     if job is not None:
         print(f"runner Job {runner.runner_name(args.run)}: {runner.job_state(job)}")
@@ -342,12 +359,15 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "generate":
         from rlhf_jobs import generate
 
+        generate.check_options(args.num, args.max_new_tokens, args.temperature, args.output)
         samples, _ = generate.compare(
             args.model, prompts_file=args.prompts, held_out=args.held_out, reward_model=args.rm, limit=args.num,
             overrides={"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed},
+            greedy=args.greedy,
         )
         print(generate.table(samples))
-        print(f"written: {generate.write_jsonl(samples, args.output)}")
+        if args.output:
+            print(f"written: {generate.write_jsonl(samples, args.output)}")
     elif args.command == "pipeline":
         if args.backend == "local":
             return run_local_pipeline(args)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from rlhf_jobs.adapters import AdapterError, add_lora, require_peft
-from rlhf_jobs.config import StageConfig
+from rlhf_jobs.config import ConfigError, StageConfig
 from rlhf_jobs.sharding import ShardingError, check_shardable
 from rlhf_jobs.stages import TrainedModel, get
 
@@ -44,6 +44,42 @@ def check_adapter_inputs(config: StageConfig, trained: tuple[TrainedModel, ...])
             require_peft(f"General.{key} ({name}) is a LoRA adapter: loading it")
 
 
+def positions(name: str, trust_remote_code: bool = False) -> int | None:
+    """How many token positions a model has (its config's max_position_embeddings; GPT-2: n_positions)."""
+    from transformers import AutoConfig
+
+    from rlhf_jobs.models import adapter_base
+    from rlhf_jobs.storage import local_model
+
+    model_config = AutoConfig.from_pretrained(local_model(adapter_base(name) or name),
+                                              trust_remote_code=trust_remote_code)
+    value = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    return int(value) if isinstance(value, int) else None
+
+
+def check_positions(config: StageConfig, trained: tuple[TrainedModel, ...]) -> None:
+    """The longest sequence the stage builds fits every model it trains (a longer one fails inside a worker:
+    GPT-2's position embeddings have no row for it)."""
+    general, dataset = config.General, config.Dataset
+    if config.stage == "ppo":
+        length = dataset.max_prompt_length + config.Training.max_new_tokens
+        what = (f"Dataset.max_prompt_length + Training.max_new_tokens = {dataset.max_prompt_length} + "
+                f"{config.Training.max_new_tokens} = {length} tokens")
+        advice = "lower them to add up to at most"
+    else:
+        length, what = dataset.max_length, f"Dataset.max_length is {dataset.max_length} tokens"
+        advice = "lower Dataset.max_length to at most"
+    for model in trained:
+        name = model.name(general)
+        if "://" in name:  # in object storage: not downloaded on the driver just for this
+            continue
+        limit = positions(name, general.trust_remote_code)
+        if limit is not None and length > limit:
+            key = next(k for k in model.keys if getattr(general, k, None))
+            raise ConfigError(f"{what}, but General.{key} ({name}) has {limit} positions (max_position_embeddings); "
+                              f"{advice} {limit}")
+
+
 def check_models(config: StageConfig) -> None:
     training, general = config.Training, config.General
     if training.strategy == "fsdp" and training.mixed_precision == "fp16":
@@ -52,6 +88,7 @@ def check_models(config: StageConfig) -> None:
         require_peft("Training.lora")
     trained: tuple[TrainedModel, ...] = get(config.stage).trained
     check_adapter_inputs(config, trained)
+    check_positions(config, trained)
     if not training.lora and training.strategy != "fsdp":
         return
     for model in trained:
