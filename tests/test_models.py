@@ -47,7 +47,7 @@ def test_a_bf16_stored_model_trains_every_weight(tiny_llama: Path, tmp_path: Pat
     config = local_config("sft", base_model=tiny_llama, output_dir=tmp_path / "out", checkpoint_dir=tmp_path / "m")
     config["Training"].update(num_training_workers=1, max_train_steps=3, learning_rate=1e-6, warmup_ratio=0.0,
                               lr_scheduler="constant", weight_decay=0.0, save_dtype="float32")
-    assert main(["train", "sft", "--config_path", str(write_config(tmp_path / "c.yaml", config))]) == 0
+    assert main(["train", "sft", "--config_path", str(write_config(tmp_path / "c.yaml", config)), "--in-process"]) == 0
     before, after = load_file(tiny_llama / "model.safetensors"), load_file(tmp_path / "m" / "model.safetensors")
     assert all(tensor.dtype == torch.float32 for tensor in after.values())
     # Norm weights start at exactly 1.0 and move by ~1e-6: representable in fp32, not in bf16. The input
