@@ -117,16 +117,15 @@ class LazyTorchBackend(Backend):
             ray.get(futures, timeout=timeout_s)
 
 
-# Failures that would recur on every attempt, by the qualified names of their classes (matched along the MRO, so
-# the controller needs to import none of them): bad input a worker found, and a run whose loss became non-finite.
-DETERMINISTIC_FAILURES = frozenset({
-    "rlhf_jobs.config.ConfigError", "rlhf_jobs.data.DataError", "rlhf_jobs.checkpoints.CheckpointError",
-    "rlhf_jobs.hub.ModelError", "rlhf_jobs.launcher.TrainingDiverged",
-})
+# Failures that would recur on every attempt: bad input a worker found, and a run whose loss became non-finite.
+# Matched by class name along the MRO, among rlhf_jobs' classes (the controller needs to import none of them, and
+# a class may move between modules).
+DETERMINISTIC_FAILURES = frozenset({"ConfigError", "DataError", "CheckpointError", "ModelError", "TrainingDiverged"})
 
 
 def is_deterministic(error: BaseException) -> bool:
-    return any(f"{kind.__module__}.{kind.__qualname__}" in DETERMINISTIC_FAILURES for kind in type(error).__mro__)
+    return any(kind.__module__.startswith("rlhf_jobs.") and kind.__name__ in DETERMINISTIC_FAILURES
+               for kind in type(error).__mro__)
 
 
 class NoRetryOfDeterministicFailures:
