@@ -382,6 +382,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def last_word(message: str) -> None:
+    """The command's closing line, on stderr, after everything written to stdout (a pipe buffers stdout)."""
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rlhf_jobs.launcher import OutOfMemory, RunStopped, TrainingDiverged
@@ -389,19 +395,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
+        last_word(f"error: {err}")
         return 2
     except RunStopped as stopped:
-        print(str(stopped), file=sys.stderr)
+        last_word(str(stopped))
         return 0 if stopped.reason.startswith("--stop-at-step") else 75  # EX_TEMPFAIL: try again
     except OutOfMemory as err:
-        print(f"error: {err}", file=sys.stderr)
+        last_word(f"error: {err}")
         return 3
     except TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr)
+        last_word(f"error: {err}")
         return 1
     except (KeyboardInterrupt, SystemExit):  # Ray Train turns Ctrl-C during training into SystemExit
-        print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        last_word("interrupted; re-run the same command to resume from the last checkpoint")
         return 130
 
 
