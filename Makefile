@@ -40,6 +40,10 @@ venv: $(BIN)/rlhf-jobs ## Create .venv with the package and dev tools (CPU torch
 demo: venv ## Run SFT -> RM -> PPO locally on a tiny model (in-process Ray) into runs/demo
 	$(BIN)/rlhf-jobs pipeline --backend local --workdir $(DEMO_DIR) --tiny-model
 
+.PHONY: readme-figures
+readme-figures: venv ## Run the demo afresh (runs/readme-demo-*) and rewrite README.md's demo figures from it
+	$(BIN)/python bench/readme_figures.py
+
 .PHONY: pipeline-1b-lora
 pipeline-1b-lora: venv ## SFT -> RM -> PPO with LoRA on a random-init 1B Llama, 2 workers x 1 CPU (fits 24 GiB)
 	@test -f runs/llama-1b/config.json || $(BIN)/rlhf-jobs tiny-model --llama 1b --output runs/llama-1b
@@ -52,6 +56,10 @@ test: venv ## Run the test suite (docker/kind tests skip where there is no engin
 .PHONY: test-fast
 test-fast: venv ## Run the tests that need no Ray run, Docker or cluster
 	$(BIN)/pytest -m "not slow and not docker and not kind"
+
+.PHONY: test-base-install
+test-base-install: ## A base install (no extras) in .venv-base: SFT, RM and PPO one step each, LoRA refused naming the extra
+	.ci/base-install-smoke
 
 .PHONY: lint
 lint: venv ## ruff

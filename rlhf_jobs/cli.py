@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_jobs.core import exit_codes
-from rlhf_jobs.core.errors import OutOfMemory, RunStopped, UserError
+from rlhf_jobs.core.errors import OutOfMemory, RunStopped, TrainingDiverged, UserError
 from rlhf_jobs.core.stages import DEFAULT_PIPELINE
 from rlhf_jobs.core.stages import NAMES as STAGES
 from rlhf_jobs.core.stages import get as get_stage
@@ -23,12 +23,17 @@ from rlhf_jobs.tools.tiny_model import LLAMA_SHAPES
 
 def train_stage(stage: str, config_path: str, overrides: Sequence[str] = (), stop_at_step: int | None = None,
                 on_config_change: str = "refuse", fresh: bool = False, in_process: bool = False) -> None:
-    """Validate everything the stage reads, then train it on Ray."""
+    """Validate everything the stage reads, train it on Ray, then say in one line what it reached and where the
+    final model is."""
     from rlhf_jobs.core.loading import load_config
+    from rlhf_jobs.pipeline.report import finished_line
     from rlhf_jobs.train import train
 
-    train(load_config(config_path, stage, list(overrides)), stop_at_step=stop_at_step,
-                   on_config_change=on_config_change, fresh=fresh, in_process=in_process)
+    config = load_config(config_path, stage, list(overrides))
+    started = time.monotonic()
+    train(config, stop_at_step=stop_at_step, on_config_change=on_config_change, fresh=fresh, in_process=in_process)
+    general = config.General
+    print(finished_line(stage, general.output_dir, general.checkpoint_dir, time.monotonic() - started), flush=True)
 
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
@@ -92,9 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the held-out split of the stage that wrote this checkpoint, e.g. runs/demo/ppo")
     generate.add_argument("--rm", metavar="DIR", help="reward model to score with (default: a PPO model's rm_pretrain)")
     generate.add_argument("--num", type=int, default=8, help="how many prompts (default 8; 0 = all)")
-    generate.add_argument("--output", default="samples.jsonl", help="JSONL written here (default: samples.jsonl)")
+    generate.add_argument("--output", metavar="FILE",
+                          help="also write one JSON line per prompt here (default: only print the table)")
     generate.add_argument("--max-new-tokens", type=int, help="default: the PPO config's max_new_tokens")
     generate.add_argument("--temperature", type=float, help="default: the PPO config's temperature")
+    generate.add_argument("--greedy", action="store_true",
+                          help="the most likely token at every step instead of sampling: what each model "
+                               "prefers, the same on every run")
     generate.add_argument("--seed", type=int, help="default: the PPO config's seed")
 
     pipeline = commands.add_parser("pipeline", help="run SFT -> RM -> PPO, locally or on KubeRay")
@@ -175,8 +184,10 @@ def run_local_pipeline(args: argparse.Namespace) -> int:
 
 
 def show_samples(stage: str, config: dict[str, Any], path: Path, count: int = 5) -> None:
-    """After a policy stage (PPO, DPO): held-out prompts with the answers of the model it started from and of its
-    result, scored by its reward model when it has one (DPO has none: the answers side by side)."""
+    """After a policy stage (PPO, DPO): every held-out prompt answered by the model it started from and by its
+    result, sampled as the stage samples (seeded), each answer's reward-model score when it has a reward model
+    (DPO has none), their means, and the first `count` answers. A handful of sampled answers is too few to compare
+    two policies; all the held-out prompts are not."""
     from rlhf_jobs.tools import generate
 
     entry, general = get_stage(stage), config["General"]
@@ -184,12 +195,12 @@ def show_samples(stage: str, config: dict[str, Any], path: Path, count: int = 5)
     started_from = get_stage(entry.inputs[entry.compare_with]).product if start else "base model"
     reward_model = general.get(entry.reward_key) if entry.reward_key else None
     samples, _ = generate.compare([start or general[entry.base_model_keys[0]], result], held_out=result,
-                                  reward_model=reward_model, limit=count)
-    scored = "reward-model scores" if reward_model else \
-        f"no scores (a reward model scores them: rlhf-jobs generate --model ... --held-out {result} --rm DIR)"
-    print(f"\n{len(samples)} held-out prompts, the answers of the {started_from} and of the {entry.product}, "
+                                  reward_model=reward_model, limit=None)
+    scored = "scored by the reward model" if reward_model else \
+        f"not scored (a reward model scores them: rlhf-jobs generate --model ... --held-out {result} --rm DIR)"
+    print(f"\nthe {started_from}'s and the {entry.product}'s answers to the {len(samples)} held-out prompts, "
           f"{scored}:")
-    print(generate.table(samples))
+    print(generate.table(samples, answers=count))
     print(f"sample answers: {generate.write_jsonl(samples, path)}")
 
 
@@ -296,12 +307,16 @@ def show_status(args: argparse.Namespace, clients=None) -> int:
     """`rlhf-jobs status`: a KubeRay run's record, from wherever a kubeconfig (or in-cluster config) reaches."""
     from rlhf_jobs.pipeline.backends import runner
     from rlhf_jobs.pipeline.backends.helm import Helm
-    from rlhf_jobs.pipeline.backends.kube import Clients
+    from rlhf_jobs.pipeline.backends.kube import Clients, ClusterUnavailable
     from rlhf_jobs.pipeline.backends.kuberay import KubeRayBackend, status_table
 
-    clients = clients or Clients.from_environment()
-    backend = KubeRayBackend(clients, Helm(), args.namespace, args.run)
-    record = backend.load_record()
+    try:
+        clients = clients or Clients.from_environment()
+        backend = KubeRayBackend(clients, Helm(), args.namespace, args.run)
+        record = backend.load_record()
+    except ClusterUnavailable as err:
+        raise ClusterUnavailable(f"{err}; for a local pipeline: rlhf-jobs status --workdir DIR (the pipeline's "
+                                 "default: runs/pipeline)") from None
     job = runner.read_job(clients, args.namespace, args.run) if clients.batch is not None else None
     if job is not None:
         print(f"runner Job {runner.runner_name(args.run)}: {runner.job_state(job)}")
@@ -355,12 +370,15 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "generate":
         from rlhf_jobs.tools import generate
 
+        generate.check_options(args.num, args.max_new_tokens, args.temperature, args.output)
         samples, _ = generate.compare(
             args.model, prompts_file=args.prompts, held_out=args.held_out, reward_model=args.rm, limit=args.num,
             overrides={"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed},
+            greedy=args.greedy,
         )
         print(generate.table(samples))
-        print(f"written: {generate.write_jsonl(samples, args.output)}")
+        if args.output:
+            print(f"written: {generate.write_jsonl(samples, args.output)}")
     elif args.command == "pipeline":
         if args.backend == "local":
             return run_local_pipeline(args)
@@ -375,21 +393,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def last_word(message: str) -> None:
+    """The command's closing line, on stderr, after everything written to stdout (a pipe buffers stdout)."""
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        last_word(f"error: {err}")
         return exit_codes.BAD_INPUT
     except RunStopped as stopped:
-        print(str(stopped), file=sys.stderr)
+        last_word(str(stopped))
         return 0 if stopped.reason.startswith("--stop-at-step") else exit_codes.PREEMPTED  # EX_TEMPFAIL: try again
     except OutOfMemory as err:
-        print(f"error: {err}", file=sys.stderr)
+        last_word(f"error: {err}")
         return exit_codes.OUT_OF_MEMORY
+    except TrainingDiverged as err:
+        last_word(f"error: {err}")
+        return exit_codes.STAGE_FAILED
     except (KeyboardInterrupt, SystemExit):  # Ray Train turns Ctrl-C during training into SystemExit
-        print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        last_word("interrupted; re-run the same command to resume from the last checkpoint")
         return 130
 
 

@@ -209,3 +209,48 @@ def test_ppo_config_shape() -> None:
         "ppo", paths=False,
     )
     assert config.General.model_pretrain is None and config.Training.kl_coeff == 0.1
+
+
+def test_non_finite_numbers_are_refused_naming_the_key(tmp_path: Path) -> None:
+    """`learning_rate: .inf` trained into NaN and certified the model finished."""
+    config = tmp_path / "c.yaml"
+    data = sft_dict(tmp_path)
+    text = yaml.safe_dump(data).replace("learning_rate: 1.0e-05", "learning_rate: .inf")
+    config.write_text(text.replace("  epochs: 1\n", "  epochs: 1\n  warmup_ratio: .nan\n"))
+    with pytest.raises(ConfigError) as raised:
+        load_config(config, "sft")
+    assert str(raised.value).splitlines()[1:] == ["  Training.learning_rate: Input should be a finite number (got inf)",
+                                                  "  Training.warmup_ratio: Input should be a finite number (got nan)"]
+    with pytest.raises(ConfigError, match=r"^--set Training.max_grad_norm=-.inf: Training.max_grad_norm: Input should "
+                                          r"be a finite number"):
+        load_config(config, "sft", ["Training.learning_rate=1e-5", "Training.warmup_ratio=0",
+                                    "Training.max_grad_norm=-.inf"])
+
+
+def test_a_bool_is_not_a_number(tmp_path: Path) -> None:
+    """`epochs: true` was read as 1."""
+    message = error_of(tmp_path, lambda d: d["Training"].update(epochs=True))
+    assert "Training.epochs: expected a number, got a bool (got True)" in message
+    assert "Training.resources_per_worker.CPU: expected a number" in error_of(
+        tmp_path, lambda d: d["Training"].update(resources_per_worker={"CPU": False}))
+    validate_config({**sft_dict(tmp_path), "General": {**sft_dict(tmp_path)["General"], "trust_remote_code": True}},
+                    "sft")
+
+
+@pytest.mark.parametrize(("name", "text", "expected"), [
+    ("c.yaml", "General: {}\nTraining:\n  epochs: 2\nTraining:\n  batch_size: 2\n",
+     "c.yaml:4: key 'Training' appears twice in one mapping (first at line 2); the second would replace the first: "
+     "merge them into one"),
+    ("c.yaml", "Training:\n  epochs: 2\n  epochs: 3\n", "c.yaml:3: key 'epochs' appears twice in one mapping (first "
+     "at line 2)"),
+    ("c.json", '{"General": {}, "Training": {"epochs": 1}, "Training": {}}', "c.json: key 'Training' appears twice in "
+     "one mapping; the second"),
+    ("c.conf", "{\n 'General': {},\n 'General': {},\n}\n",
+     "c.conf:3: key 'General' appears twice in one mapping (first at line 2)"),
+])
+def test_a_repeated_key_is_refused_naming_the_line(tmp_path: Path, name: str, text: str, expected: str) -> None:
+    """PyYAML, json and ast keep the last of two equal keys: a second `Training:` block silently replaced the first."""
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        load_config(tmp_path / name, "sft")
+    assert str(raised.value).startswith(f"{tmp_path}/{expected}")

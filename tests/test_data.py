@@ -155,3 +155,32 @@ print("peak MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
     assert "1 of 21 record(s) longer than Dataset.max_length=256 tokens were truncated" in process.stdout
     peak = int(process.stdout.split("peak MB")[1])
     assert peak < 1500, f"peak RSS {peak} MB"
+
+
+@pytest.mark.parametrize(("record", "expected"), [
+    ('{"prompt": "p", "chosen": "a", "rejected": "b", "margin": NaN}',
+     "field 'margin' is NaN: expected a finite number"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "b", "margin": -Infinity}',
+     "field 'margin' is -Infinity: expected a finite number"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "b", "score": Infinity}',
+     "field 'score' is Infinity: expected a finite number"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "b", "margin": true}', "field 'margin' must be a number, got bool"),
+    ('{"prompt": null, "chosen": "a", "rejected": "b"}', "field 'prompt' is null: expected a string"),
+    ('{"prompt": "p", "chosen": null, "rejected": "b"}', "field 'chosen' is null: expected a string"),
+])
+def test_non_finite_numbers_and_nulls_are_refused_naming_the_line(tmp_path: Path, record: str, expected: str) -> None:
+    """Python's json reads NaN and Infinity (no JSON standard has them): a NaN margin trained a NaN reward model."""
+    path = write(tmp_path / "rm.jsonl", f'{{"prompt": "p", "chosen": "a", "rejected": "b"}}\n{record}\n')
+    with pytest.raises(DataError) as raised:
+        read_records(path, RM_SCHEMA)
+    assert str(raised.value) == f"{path}:2: {expected}"
+
+
+def test_a_null_response_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    path = write(tmp_path / "sft.json", '[\n {"instruction": "i", "response": "r"},\n {"instruction": "i", '
+                 '"response": null}\n]')
+    with pytest.raises(DataError, match=r"sft\.json:3: field 'response' is null: expected a string$"):
+        read_records(path, SFT_SCHEMA)
+    prompts = write(tmp_path / "p.jsonl", '{"prompt": null}\n')
+    with pytest.raises(DataError, match=r"p\.jsonl:1: field 'prompt' is null: expected a string$"):
+        read_records(prompts, PPO_SCHEMA)

@@ -70,8 +70,16 @@ def test_answers_side_by_side_scored_like_ppo(
             with torch.no_grad():
                 score = rm(input_ids=torch.tensor([ids])).logits.item()
             assert answer["score"] == pytest.approx(score, abs=1e-3), answer
-    assert "prompt 1: Give me a tip for sleeping well." in printed
-    assert "mean reward-model score over 3 prompt(s): " in printed and f"written: {output}" in printed
+    assert "prompt 1: Give me a tip for sleeping well." in printed and f"written: {output}" in printed
+    # A score column per model; the mean of each column last.
+    header, *rows, mean = printed.split("\n\n")[0].splitlines()
+    assert header.split() == ["prompt", *generate.labels_for([str(tiny_model), str(sft_checkpoint)])]
+    scores = [[answer["score"] for answer in line["answers"].values()] for line in lines]
+    for row, expected_scores in zip(rows, scores, strict=True):
+        assert [float(cell) for cell in row.split()[-2:]] == pytest.approx(expected_scores, abs=1e-3)
+    assert mean.split()[:4] == ["mean", "over", "3", "prompt(s)"]
+    assert [float(cell) for cell in mean.split()[-2:]] == pytest.approx(
+        [sum(column) / 3 for column in zip(*scores, strict=True)], abs=2e-3)
 
     # Sampling is seeded: the same command gives the same answers.
     assert main(argv) == 0
@@ -90,3 +98,33 @@ def test_held_out_split_of_a_checkpoint(sft_checkpoint: Path, rm_checkpoint: Pat
                  str(rm_checkpoint), "--num", "3", "--output", str(output)]) == 0
     lines = [json.loads(line) for line in output.read_text().splitlines()]
     assert [line["prompt"].split(" [")[0] for line in lines] == [r["instruction"] for r in list(held_out)[:3]]
+
+
+@pytest.mark.slow
+def test_greedy_answers_are_each_model_s_most_likely_and_no_file_is_written_by_default(
+    sft_checkpoint: Path, rm_checkpoint: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """`--greedy`: what each model prefers, the same whatever the seed; without --output nothing is written (it
+    wrote samples.jsonl into the directory it ran from, the repository root)."""
+    from transformers import AutoModelForCausalLM
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    monkeypatch.chdir(tmp_path)
+    argv = ["generate", "--model", str(sft_checkpoint), "--rm", str(rm_checkpoint), "--prompts", str(prompts),
+            "--greedy", "--max-new-tokens", "8"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert main([*argv, "--seed", "7", "--temperature", "0.5"]) == 0
+    assert capsys.readouterr().out == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl"] and "written" not in first
+
+    tokenizer = load_tokenizer(str(sft_checkpoint), padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(sft_checkpoint).eval()
+    prompt = ppo.tokenize_prompts(PROMPTS[:1], tokenizer, "instruction", 128)[0]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt["input_ids"]]), do_sample=False, max_new_tokens=8,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    expected = tokenizer.decode(out[0, len(prompt["input_ids"]):], skip_special_tokens=True)
+    label, shown = first.split("prompt 1: ")[1].splitlines()[1].split(None, 1)
+    assert (label, shown) == (sft_checkpoint.name, " ".join(expected.split()) or "(empty)")

@@ -1130,12 +1130,12 @@ def test_the_local_pipelines_ppo_samples_survive_a_new_stage(grpo_stage, tmp_pat
 
     asked = {}
 
-    def compare(models, held_out, reward_model, limit):
+    def compare(models, held_out, reward_model, limit=None):
         asked.update(models=models, held_out=held_out, reward_model=reward_model)
         return [], None
 
     monkeypatch.setattr(generate, "compare", compare)
-    monkeypatch.setattr(generate, "table", lambda samples: "")
+    monkeypatch.setattr(generate, "table", lambda samples, answers=None: "")
     monkeypatch.setattr(generate, "write_jsonl", lambda samples, path: path)
     config = {"General": {"model_name": "base", "model_pretrain": "/w/sft", "rm_pretrain": "/w/rm",
                           "checkpoint_dir": "/w/ppo"}}

@@ -182,14 +182,23 @@ def test_interrupted_ppo_resumes_without_redoing_sft_or_rm(tmp_path: Path) -> No
     resumed = steps[steps.index(done_before) + 1:]
     assert resumed and min(s for s in resumed) >= done_before - 1, "PPO restarted from scratch"
     assert (workdir / "curves.png").stat().st_size > 10_000
-    # Looking at results: held-out prompts with the SFT and PPO answers and their reward-model scores.
-    shown = "5 held-out prompts, the answers of the SFT model and of the PPO policy, reward-model scores:"
+    # Looking at results: every held-out prompt's SFT and PPO answers and their reward-model scores.
+    shown = "the SFT model's and the PPO policy's answers to the 12 held-out prompts, scored by the reward model"
     assert shown in second.stdout
     samples = [json.loads(line) for line in (workdir / "ppo-samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 5
+    assert len(samples) == 12
     assert all(set(s["answers"]) == {"sft", "ppo"} and all(isinstance(a["score"], float) for a in s["answers"].values())
                for s in samples)
+    assert second.stdout.count("\nprompt ") == 5  # the first five answers are shown
     assert "PreemptionWatcher" not in second.stdout + second.stderr
+    # This is the demo (`make demo`'s command, PPO stopped and resumed): the README's figures script reads its output,
+    # in the shape of the README's block.
+    from test_readme_figures import check_shape, readme_figures
+
+    module = readme_figures()
+    shown = module.parse(module.demo_block(second.stdout, workdir))
+    check_shape(shown)
+    assert shown["prompts"] == module.parse(module.readme_block((REPO / "README.md").read_text()))["prompts"]
 
 
 def test_a_subset_of_stages_reads_a_finished_model_from_elsewhere(tmp_path: Path, config_dir: Path) -> None:

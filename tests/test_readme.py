@@ -50,4 +50,5 @@ def test_the_readme_sample_commands_run(tmp_path: Path) -> None:
         assert process.returncode == 0, f"{shlex.join(command)}\n{process.stdout[-2000:]}\n{process.stderr[-3000:]}"
     for stage in ("sft", "rm", "ppo"):
         assert json.loads((tmp_path / "runs" / "local" / stage / "rlhf_stage.json").read_text())["stage"] == stage
-    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "runs" / "local" / "samples.jsonl").read_text().splitlines()) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["configs", "examples", "runs"]  # nothing in the root

@@ -53,6 +53,7 @@ import contextlib
 import inspect
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +77,7 @@ from rlhf_jobs.engine.distributed import (
     global_mean_var,
     peak_memory_gib,
 )
+from rlhf_jobs.engine.divergence import StepCheck, check_final_weights
 from rlhf_jobs.engine.logprobs import entropy, selective_log_softmax
 from rlhf_jobs.engine.models import (
     disable_dropout,
@@ -555,18 +557,20 @@ class Optimizers:
 # ---- worker: rollout ---------------------------------------------------------------------------------------------
 
 
-def sampling_config(training: PPOTraining, tokenizer: Any) -> Any:
+def sampling_config(training: PPOTraining, tokenizer: Any, greedy: bool = False) -> Any:
     """Sampling from exactly softmax(logits / temperature), the distribution whose log-probs PPO trains on.
 
     Every setting that reshapes it is given its neutral value (top_k 0: transformers' default is 50),
     and `generate_responses` hides the checkpoint's own `generation_config.json` (repetition_penalty,
     no_repeat_ngram_size, top_k/top_p, min_p, suppressed tokens, ...) while it samples: `generate` would
-    merge its values into any setting left unset. TRL samples the same way.
+    merge its values into any setting left unset. TRL samples the same way. `greedy` (for `rlhf-jobs generate`
+    only): the most likely token at every step.
     """
     from transformers import GenerationConfig
 
     return GenerationConfig(
-        do_sample=True, temperature=training.temperature, top_k=0, top_p=1.0, max_new_tokens=training.max_new_tokens,
+        do_sample=not greedy, temperature=None if greedy else training.temperature, top_k=None if greedy else 0,
+        top_p=None if greedy else 1.0, max_new_tokens=training.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
     )
 
@@ -588,7 +592,7 @@ def without_checkpoint_generation_config(model: torch.nn.Module) -> Any:
 
 @torch.no_grad()
 def generate_responses(models: PPOModels, prompts: list[dict[str, Any]], training: PPOTraining,
-                       device: torch.device) -> list[list[int]]:
+                       device: torch.device, greedy: bool = False) -> list[list[int]]:
     """Sampled response ids per prompt, up to and including the first EOS, from exactly softmax(logits /
     temperature) (`sampling_config`; a sharded policy is gathered once for the whole call)."""
     tokenizer = models.tokenizer
@@ -597,7 +601,7 @@ def generate_responses(models: PPOModels, prompts: list[dict[str, Any]], trainin
     model.eval()
     with sharding.gathered(model), optim.autocast(training, device), without_checkpoint_generation_config(model):
         output = model.generate(input_ids=query, attention_mask=query_mask,
-                                generation_config=sampling_config(training, tokenizer))
+                                generation_config=sampling_config(training, tokenizer, greedy))
     model.train()
     response = output[:, query.size(1) :]
     lengths = response_mask(response, tokenizer.eos_token_id).sum(1)
@@ -711,10 +715,13 @@ UPDATE_STATS = ("policy_loss", "value_loss", "clip_fraction", "value_clip_fracti
 
 
 def ppo_update(models: PPOModels, optimizers: Optimizers, batch: Experience, advantages: torch.Tensor,
-               returns: torch.Tensor, training: PPOTraining) -> tuple[dict[str, float], FirstUpdateCheck]:
+               returns: torch.Tensor, training: PPOTraining,
+               step_check: Callable[[float, list[float]], None] | None = None,
+               ) -> tuple[dict[str, float], FirstUpdateCheck]:
     """`ppo_epochs` passes of clipped policy and value updates over shuffled minibatches, each split into
     `gradient_accumulation_steps` micro-batches; (the mean of each statistic over the updates, the check
-    that the first minibatch saw the rollout's numbers).
+    that the first minibatch saw the rollout's numbers). `step_check` sees each update's loss and the policy's
+    and critic's gradient norms before the weights change (a non-finite one stops the run).
 
     Every response token of a minibatch weighs the same on any worker: the losses are sums over this
     worker's tokens divided by `global_items_divisor` (the minibatch's tokens on ALL workers / the worker
@@ -732,6 +739,7 @@ def ppo_update(models: PPOModels, optimizers: Optimizers, batch: Experience, adv
         for rows in torch.randperm(batch.size).split(mini_batch_size):
             _, tokens = global_items_divisor(batch.mask[rows].sum().item(), device)
             micro_batches = rows.split(micro_size)
+            update_loss = 0.0
             for index, micro in enumerate(micro_batches):
                 minibatch = {key: value[micro] for key, value in batch.inputs.items()}
                 mask, last = batch.mask[micro], index == len(micro_batches) - 1
@@ -749,9 +757,11 @@ def ppo_update(models: PPOModels, optimizers: Optimizers, batch: Experience, adv
                                                    training.cliprange_value, tokens)
                     loss = pg_loss + training.vf_coef * vf_loss
                     (scaler.scale(loss) if scaler else loss).backward()
+                update_loss += loss.item()
                 for name, value in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg_stats, **vf_stats}.items():
                     sums[name] += value.item() / updates
-            optim.step([(optimizers.policy, models.policy), (optimizers.critic, models.critic)], training, scaler)
+            optim.step([(optimizers.policy, models.policy), (optimizers.critic, models.critic)], training, scaler,
+                       check=step_check and (lambda norms, loss=update_loss: step_check(loss, norms)))
             check.stepped()
             optimizers.policy_schedule.step()
             optimizers.critic_schedule.step()
@@ -869,6 +879,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                             f"rollout, {iterations} iterations")
     eval_metrics = evaluate(iteration) if saved is None else {}
     stop = StopControl(worker, loop_config.get("stop_at_step"))
+    check_update = StepCheck(STAGE, training, worker, general.output_dir, unit="iteration", models=("policy", "critic"))
     while iteration < iterations:
         # Seeded per iteration and rank: responses differ across workers, and a resumed run samples the same.
         torch.manual_seed(training.seed + 100_003 * iteration + worker.rank)
@@ -892,7 +903,9 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
         # -- 4. update
         start = time.perf_counter()
-        update_stats, on_policy = ppo_update(models, optimizers, batch, advantages, returns, training)
+        update_stats, on_policy = ppo_update(
+            models, optimizers, batch, advantages, returns, training,
+            step_check=lambda loss, norms, at=iteration + 1: check_update(at, loss, worker.world_size, norms))
         time_update = time.perf_counter() - start
         iteration, position = iteration + 1, position + global_batch
 
@@ -939,6 +952,9 @@ def save_final(config: StageConfig, models: PPOModels, marker: dict[str, Any], w
         if training.save_critic else None
     if not worker.is_main:
         return
+    for model in (policy, critic):
+        if model is not None:
+            check_final_weights(model, STAGE, general.output_dir)
     dtype = export.save_dtype(training, stored_dtype(general.model_pretrain or general.model_name,
                                                      general.trust_remote_code))
     policy = export.exportable(policy, training, dtype)

@@ -39,6 +39,7 @@ from rlhf_jobs.engine import export, launcher, optim, sharding
 from rlhf_jobs.engine.adapters import Task, add_lora
 from rlhf_jobs.engine.control import StopControl, stopped
 from rlhf_jobs.engine.distributed import all_reduce_max, all_reduce_sum, global_items_divisor, peak_memory_gib
+from rlhf_jobs.engine.divergence import StepCheck, check_final_weights
 from rlhf_jobs.engine.models import load_tokenizer, stored_dtype, unwrap
 from rlhf_jobs.engine.train_state import ModelState, TrainState
 from rlhf_jobs.engine.worker import Worker, progress, setup_worker
@@ -295,6 +296,7 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> dict[
     model.train()
     stop = StopControl(worker, loop_config.get("stop_at_step"))
     eval_every = getattr(training, "eval_steps", None)  # a stage's Training may evaluate every N steps (DPO)
+    check_step = StepCheck(task.stage, training, worker, general.output_dir)
     window = {"loss": 0.0, "items": 0.0, "start": time.perf_counter()}
     progress(worker, task.stage, f"{len(train_examples)} train examples, {worker.world_size} worker(s), "
                                  f"{per_epoch} steps/epoch, {total_steps} steps")
@@ -306,7 +308,8 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> dict[
         # Dropout masks depend on (step, rank) only: a resumed run draws what an uninterrupted one did.
         torch.manual_seed(training.seed + 1_000_003 * (step + 1) + worker.rank)
         loss_sum, step_items = accumulate_gradients(model, task, micro_batches, training, worker, scaler)
-        optim.step([(optimizer, model)], training, scaler)
+        optim.step([(optimizer, model)], training, scaler,
+                   check=lambda norms, at=step + 1, loss=loss_sum, items=step_items: check_step(at, loss, items, norms))
         scheduler.step()
         step, consumed = step + 1, consumed + taken
         epoch_ended = consumed >= len(order)
@@ -358,6 +361,7 @@ def save_final_model(config: StageConfig, model: torch.nn.Module, tokenizer: Any
     module = export.gathered_model(model, worker)
     if not worker.is_main:
         return
+    check_final_weights(module, stage, general.output_dir)
     dtype = export.save_dtype(config.Training, stored_dtype(start_model(config), general.trust_remote_code))
     final = export.exportable(module, config.Training, dtype)
 

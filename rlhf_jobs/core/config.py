@@ -6,9 +6,9 @@ Reading files, `--set` overrides and the messages for invalid values live in `lo
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from rlhf_jobs.core import locations
 
@@ -46,7 +46,20 @@ class Section(BaseModel):
     Values that cannot be converted (`batch_size: two`) are still errors.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """Lax mode reads `epochs: true` as 1; a bool is only a bool."""
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and not _accepts_bool(field.annotation):
+            raise ValueError("expected a number, got a bool")
+        return value
+
+
+def _accepts_bool(annotation: Any) -> bool:
+    return annotation is bool or annotation is Any or any(_accepts_bool(arg) for arg in get_args(annotation))
 
 
 # ---- resources ------------------------------------------------------------------------------------

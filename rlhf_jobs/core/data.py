@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -41,11 +42,19 @@ class RecordSchema:
                 missing.append(" or ".join(group))
         if missing:
             return f"missing field {', '.join(repr(m) for m in missing)} (expected {self.describe()})"
+        for group in self.one_of:
+            if all(record.get(key) is None for key in group):
+                return f"field {next(key for key in group if key in record)!r} is null: expected a string"
+        for key, value in record.items():  # json reads NaN and Infinity, which no JSON standard has
+            if isinstance(value, float) and not math.isfinite(value):
+                return f"field {key!r} is {json.dumps(value)}: expected a finite number"
         for key in (*self.required, *self.optional, *(k for g in self.one_of for k in g)):
             value = record.get(key)
             if key in self.numeric:
-                if value is not None and not isinstance(value, int | float):
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
                     return f"field {key!r} must be a number, got {type(value).__name__}"
+            elif value is None and key in self.required:
+                return f"field {key!r} is null: expected a string"
             elif value is not None and not isinstance(value, str):
                 return f"field {key!r} must be a string, got {type(value).__name__}"
         for key in self.required:

@@ -34,6 +34,10 @@ class OutOfMemory(RuntimeError):
     """Workers of a stage were killed for memory; the message says how far they got and what to change (exit 3)."""
 
 
+class TrainingDiverged(RuntimeError):
+    """A loss, gradient norm or weight became NaN or infinite (`engine/divergence.py`); never retried (exit 1)."""
+
+
 class RunStopped(RuntimeError):
     """The run stopped early at a step boundary, with a checkpoint (`--stop-at-step`, preemption)."""
 
@@ -41,3 +45,15 @@ class RunStopped(RuntimeError):
         super().__init__(f"{stage}: stopped after step {step} ({reason}); run the same command again to continue "
                          "from there")
         self.step, self.reason = step, reason
+
+
+# Failures that would recur on every attempt: bad input a worker found, and a run whose loss became non-finite.
+# Matched by class name along the MRO, among rlhf_jobs' classes (Ray Train's controller needs to import none of them,
+# and a class may move between modules).
+DETERMINISTIC_FAILURES = frozenset({"UserError", "TrainingDiverged"})
+
+
+def is_deterministic(error: BaseException) -> bool:
+    """Whether running again would fail the same way (Ray Train does not restart such a run)."""
+    return any(kind.__module__.startswith("rlhf_jobs.") and kind.__name__ in DETERMINISTIC_FAILURES
+               for kind in type(error).__mro__)

@@ -33,9 +33,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     suffix = path.suffix.lower()
     try:
         if suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
         elif suffix == ".json":
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_json_keys)
         elif suffix == ".conf":
             data = _read_conf(path, text)
         else:
@@ -49,9 +49,44 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{where}: not a valid {suffix} config: {detail}") from None
     except (yaml.YAMLError, json.JSONDecodeError) as err:
         raise ConfigError(f"{path}: not a valid {suffix} config: {err}") from None
+    except DuplicateKey as err:
+        raise ConfigError(f"{path}{f':{err.line}' if err.line else ''}: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with General/Dataset/Training, got {type(data).__name__}")
     return data
+
+
+class DuplicateKey(Exception):
+    """A key written twice in one mapping: the second would silently replace the first."""
+
+    def __init__(self, key: Any, line: int | None = None, first: int | None = None) -> None:
+        where = f" (first at line {first})" if first else ""
+        super().__init__(f"key {key!r} appears twice in one mapping{where}; the second would replace the first: "
+                         "merge them into one")
+        self.line = line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key repeated in one mapping (PyYAML keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise DuplicateKey(key, line, seen[key])
+            if isinstance(key, str | int | float | bool):
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _unique_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    repeated = next((key for index, key in enumerate(keys) if key in keys[:index]), None)
+    if repeated is not None:
+        raise DuplicateKey(repeated)
+    return dict(pairs)
 
 
 _LITERAL_NODES = (ast.Expression, ast.Dict, ast.List, ast.Tuple, ast.Set, ast.Constant, ast.Load)
@@ -63,6 +98,13 @@ def _read_conf(path: Path, text: str) -> Any:
     """A `.conf` file's Python literal; anything else (calls, names, arithmetic) is named with its line."""
     tree = ast.parse(text, filename=str(path), mode="eval")
     for node in ast.walk(tree):
+        if isinstance(node, ast.Dict):
+            seen: dict[Any, int] = {}
+            for key in node.keys:
+                if isinstance(key, ast.Constant) and key.value in seen:
+                    raise DuplicateKey(key.value, key.lineno, seen[key.value])
+                if isinstance(key, ast.Constant):
+                    seen[key.value] = key.lineno
         negative_number = isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd) and isinstance(
             node.operand, ast.Constant)
         if isinstance(node, _LITERAL_NODES) or negative_number or isinstance(node, ast.USub | ast.UAdd):

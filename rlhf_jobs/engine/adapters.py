@@ -8,6 +8,8 @@ backbone, whose frozen base is also the reward model).
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from typing import Any, Literal
 
 import torch
@@ -20,6 +22,19 @@ Task = Literal["CAUSAL_LM", "SEQ_CLS", "FEATURE_EXTRACTION"]
 
 class AdapterError(ConfigError):
     """A LoRA config that does not fit the model."""
+
+
+LORA_EXTRA = "pip install 'rlhf-jobs[lora]'"
+
+
+def require_peft(what: str) -> None:
+    """Driver pre-flight of what needs peft (LoRA, loading an adapter export): one line naming the extra."""
+    try:
+        installed = importlib.util.find_spec("peft") is not None
+    except ValueError:  # in sys.modules as None: cannot be imported
+        installed = False
+    if not installed:
+        raise AdapterError(f"{what} needs the peft package, which is not installed ({LORA_EXTRA})")
 
 
 def lora_config(lora: LoRA, task: Task, exclude: tuple[str, ...] = ()) -> Any:
@@ -59,9 +74,9 @@ def add_lora(model: torch.nn.Module, lora: LoRA, task: Task, key: str = "Trainin
 
 
 def is_adapted(model: torch.nn.Module) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
+    """Whether `model` is a peft model; never imports peft (a base install has none, and then nothing is adapted)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def disabled_adapter(model: torch.nn.Module) -> Any:

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_jobs.core.config import StageConfig, TrainingBase
-from rlhf_jobs.core.errors import OutOfMemory, ResourceError, RunStopped, UserError
+from rlhf_jobs.core.errors import OutOfMemory, ResourceError, RunStopped, TrainingDiverged, UserError
 from rlhf_jobs.core.stages import get
 from rlhf_jobs.engine import preemption
 from rlhf_jobs.engine.control import STOPPED_METRIC
-from rlhf_jobs.engine.logs import install_ray_log_filter
-from rlhf_jobs.engine.ray_backend import LazyTorchConfig
+from rlhf_jobs.engine.logs import install_ray_log_filter, stop_ray_output
+from rlhf_jobs.engine.ray_backend import LazyTorchConfig, NoRetryOfDeterministicFailures
 from rlhf_jobs.store import identity, storage, trackers
 
 RUN_NAME = "ray_train"
@@ -163,7 +163,9 @@ def absolute_paths(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def trainer_class(in_process: bool = False) -> type:
-    """Ray Train's `TorchTrainer`; on a Ray started in this process, without what only a shared cluster needs.
+    """Ray Train's `TorchTrainer`, which does not restart a run failed by a deterministic error (bad input, a
+    non-finite loss: `ray_backend.NoRetryOfDeterministicFailures`); on a Ray started in this process, without
+    what only a shared cluster needs.
 
     Left out there (each is an actor process on the critical path of every run's start):
     - the placement-group cleaner, which frees the workers' reservation if the controller dies while
@@ -175,8 +177,16 @@ def trainer_class(in_process: bool = False) -> type:
     """
     from ray.train.torch import TorchTrainer
 
-    if in_process or not _started_here:
+    if in_process:
         return TorchTrainer
+
+    class NoRetryTorchTrainer(TorchTrainer):
+        def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
+            kwargs["failure_policy"] = NoRetryOfDeterministicFailures(kwargs["failure_policy"])
+            return super()._initialize_and_run_controller(**kwargs)
+
+    if not _started_here:
+        return NoRetryTorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
@@ -194,7 +204,7 @@ def trainer_class(in_process: bool = False) -> type:
         def _cancel_resource_request(self) -> None:
             pass
 
-    class LocalTorchTrainer(TorchTrainer):
+    class LocalTorchTrainer(NoRetryTorchTrainer):
         def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
             kwargs["callbacks"] = [callback for callback in kwargs["callbacks"]
                                    if not isinstance(callback, (DatasetsCallback, PlacementGroupCleanerCallback))]
@@ -256,10 +266,12 @@ def run_trainer(
                     raise result.error
             except Exception as err:
                 failures = list(getattr(err, "worker_failures", {}).values())
-                user_error = next((f for f in failures if isinstance(f, UserError)), None)
-                if user_error is not None:  # a config problem only a worker could see: one line, not a traceback
+                user_error = next((f for f in failures if isinstance(f, UserError | TrainingDiverged)), None)
+                if user_error is not None:  # a problem only a worker could see: one line, not a traceback
+                    stop_ray_output()
                     raise user_error from None
                 if _memory_failure(err) or any(_memory_failure(f) for f in failures):
+                    stop_ray_output()
                     raise out_of_memory(config, err) from None
                 raise
             # A loop that stopped early returns {STOPPED_METRIC, "reason"} (Result.metrics only holds the

@@ -98,11 +98,27 @@ def stored_dtype(name: str, trust_remote_code: bool = False) -> torch.dtype:
 
 
 def _from_pretrained(auto_class: Any, name: str, dtype: torch.dtype, **kwargs: Any) -> Any:
-    """The model (with `output_loading_info=True`: (model, loading info of `name` or the adapter's base))."""
+    """The model (with `output_loading_info=True`: (model, loading info of `name` or the adapter's base)); one
+    whose weights hold NaN or inf (a diverged run's) is refused."""
+    from rlhf_jobs.engine.divergence import non_finite_parameter
+
+    loaded = _load(auto_class, name, dtype, **kwargs)
+    model = loaded[0] if kwargs.get("output_loading_info") else loaded
+    bad = non_finite_parameter(model)
+    if bad is not None:
+        raise ModelError(f"{name}: its weights are not finite ({bad} holds NaN or inf): the run that wrote it "
+                         "diverged; train it again (e.g. with a lower learning_rate)")
+    return loaded
+
+
+def _load(auto_class: Any, name: str, dtype: torch.dtype, **kwargs: Any) -> Any:
     name = storage.local_model(name)
     base = adapter_base(name)
     if base is None:
         return auto_class.from_pretrained(name, dtype=dtype, **kwargs)
+    from rlhf_jobs.engine.adapters import require_peft
+
+    require_peft(f"{name} is a LoRA adapter: loading it")
     from peft import PeftModel
 
     loaded = auto_class.from_pretrained(storage.local_model(base), dtype=dtype, **kwargs)

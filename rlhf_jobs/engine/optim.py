@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,6 +52,19 @@ def build_optimizer(
                                                **({"fused": True} if fused else {}))
 
 
+def gradient_norm(model: torch.nn.Module, max_norm: float | None) -> float:
+    """The total gradient norm of `model` (FSDP: over all shards), clipping to `max_norm` when set."""
+    gradients = [p for p in model.parameters() if p.grad is not None]
+    if not gradients:
+        return 0.0
+    if max_norm:
+        norm = torch.nn.utils.clip_grad_norm_(gradients, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in gradients])
+    full_tensor = getattr(norm, "full_tensor", None)  # a DTensor under FSDP
+    return float(full_tensor() if full_tensor else norm)
+
+
 def warmup_steps(training: TrainingBase, total_steps: int) -> int:
     return training.warmup_steps or math.ceil(training.warmup_ratio * total_steps)
 
@@ -87,14 +101,18 @@ def grad_scaler(training: TrainingBase, device: torch.device) -> torch.amp.GradS
 
 
 def step(pairs: list[tuple[torch.optim.Optimizer, torch.nn.Module]], training: TrainingBase,
-         scaler: torch.amp.GradScaler | None) -> None:
-    """Unscale (fp16), clip each model's gradients to max_grad_norm, step each optimizer, clear gradients."""
+         scaler: torch.amp.GradScaler | None, check: Callable[[list[float]], None] | None = None) -> None:
+    """Unscale (fp16), clip each model's gradients to max_grad_norm, step each optimizer, clear gradients.
+
+    `check` sees each model's gradient norm (before clipping) before any weight changes, and may raise
+    (`divergence.StepCheck`)."""
+    norms = []
     for optimizer, model in pairs:
         if scaler:
             scaler.unscale_(optimizer)
-        if training.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
-                                           training.max_grad_norm)
+        norms.append(gradient_norm(model, training.max_grad_norm))
+    if check:
+        check(norms)
     for optimizer, _ in pairs:
         scaler.step(optimizer) if scaler else optimizer.step()
     if scaler:

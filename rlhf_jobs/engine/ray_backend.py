@@ -17,6 +17,8 @@ from typing import Any
 import ray
 from ray.train.backend import Backend, BackendConfig
 
+from rlhf_jobs.core.errors import is_deterministic
+
 
 @dataclass
 class LazyTorchConfig(BackendConfig):
@@ -115,3 +117,24 @@ class LazyTorchBackend(Backend):
         # As Ray's backend: a worker that does not tear down in time is killed with its group.
         with contextlib.suppress(GetTimeoutError):
             ray.get(futures, timeout=timeout_s)
+
+
+class NoRetryOfDeterministicFailures:
+    """Ray Train's failure policy, except that a worker group failed by a deterministic error is not restarted
+    (`FailureConfig.max_failures` is for what a restart can get past: a lost node, a killed worker)."""
+
+    def __init__(self, policy: Any) -> None:
+        self.policy = policy
+
+    def make_decision(self, training_failed_error: Any) -> Any:
+        from ray.train.v2._internal.execution.failure_handling import FailureDecision
+
+        failures = getattr(training_failed_error, "worker_failures", None) or {}
+        if any(is_deterministic(error) for error in failures.values()):
+            return FailureDecision.RAISE
+        return self.policy.make_decision(training_failed_error)
+
+    def __getattr__(self, name: str) -> Any:  # only for what this class lacks
+        if name == "policy" or name.startswith("__"):  # not set yet (unpickling)
+            raise AttributeError(name)
+        return getattr(self.policy, name)

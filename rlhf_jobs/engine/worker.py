@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from rlhf_jobs.core.config import StageConfig
+from rlhf_jobs.core.errors import is_deterministic
 from rlhf_jobs.core.loading import validate_config
 
 
@@ -51,14 +52,29 @@ def setup_worker(loop_config: dict[str, Any]) -> tuple[StageConfig, Worker]:
     return config, worker
 
 
+class _DeterministicTraceback(logging.Filter):
+    """Drops Ray Train's "Error in training function" traceback when the error is one of ours that the driver
+    prints as one line (`errors.is_deterministic`); any other error keeps its traceback. Ray Train logs it
+    while handling the error, in the thread that raised it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = sys.exc_info()[1]
+        return not (str(record.msg).startswith("Error in training function") and error is not None
+                    and is_deterministic(error))
+
+
 def _quiet_report_logs() -> None:
-    """Ray Train V2 logs every `report` and checkpoint at INFO, which drowns the progress lines.
+    """Ray Train V2 logs every `report` and checkpoint at INFO, which drowns the progress lines, and the
+    traceback of every error, also those the driver prints as one line (`_DeterministicTraceback`).
 
     The report line comes from a logger named after its source file, hence the path lookup; in local mode
     (`--in-process`) from train_fn_utils' logger.
     """
     import importlib.util
 
+    logger = logging.getLogger("ray.train.v2._internal.util")
+    if not any(isinstance(f, _DeterministicTraceback) for f in logger.filters):
+        logger.addFilter(_DeterministicTraceback())
     for name in ("storage", "train_fn_utils"):
         logging.getLogger(f"ray.train.v2._internal.execution.{name}").setLevel(logging.WARNING)
     spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")

@@ -44,6 +44,14 @@ def key_metrics(stage: str, metrics: list[dict[str, Any]]) -> str:
     return ", ".join(parts)
 
 
+def finished_line(stage: str, output_dir: str, checkpoint_dir: str, seconds: float) -> str:
+    """The last line of `rlhf-jobs train`: how long, the stage's key figures, where the final model is."""
+    from rlhf_jobs.store.storage import local_dir
+
+    figures = key_metrics(stage, read_metrics(local_dir(output_dir)))
+    return f"{stage} finished in {seconds:.0f} s: {figures}; final model: {checkpoint_dir}"
+
+
 def _table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]

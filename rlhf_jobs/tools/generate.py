@@ -12,6 +12,7 @@ exactly as PPO samples them: from softmax(logits / temperature), whatever the ch
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 from rlhf_jobs.core.config import PPOTraining, PromptDataset
 from rlhf_jobs.core.data import PPO_SCHEMA, load_splits, read_records
-from rlhf_jobs.core.errors import CheckpointError, DataError
+from rlhf_jobs.core.errors import CheckpointError, ConfigError, DataError
 from rlhf_jobs.core.stages import REGISTRY
 from rlhf_jobs.store.markers import read_marker
 
@@ -31,6 +32,7 @@ class Settings:
     prompt_format: str
     max_prompt_length: int
     training: PPOTraining  # sampling settings (temperature, max_new_tokens) and the seed
+    greedy: bool = False  # the most likely token at every step instead of sampling
 
 
 @dataclass
@@ -72,8 +74,24 @@ def _samples_policy(marker: dict[str, Any]) -> bool:
     return stage is not None and stage.reward_key is not None
 
 
-def settings_from(checkpoints: Sequence[str], overrides: dict[str, Any] | None = None) -> Settings:
-    """The first PPO checkpoint's prompt and sampling settings (else defaults), with `overrides` applied."""
+def check_options(num: int | None, max_new_tokens: int | None, temperature: float | None,
+                  output: str | None) -> None:
+    """The command's numbers and output path, each refused in one line (before any model loads)."""
+    if num is not None and num < 0:
+        raise ConfigError(f"--num: expected 0 (every prompt) or a positive number of prompts, got {num}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens: expected a positive number of tokens, got {max_new_tokens}")
+    if temperature is not None and not (temperature > 0 and math.isfinite(temperature)):
+        raise ConfigError(f"--temperature: expected a positive number, got {temperature:g}; for the most likely "
+                          "answer use --greedy")
+    if output is not None and Path(output).is_dir():
+        raise ConfigError(f"--output: {output} is a directory; expected a file to write the JSON lines to")
+
+
+def settings_from(checkpoints: Sequence[str], overrides: dict[str, Any] | None = None,
+                  greedy: bool = False) -> Settings:
+    """The first PPO checkpoint's prompt and sampling settings (else defaults), with `overrides` applied;
+    `greedy`: the most likely token at every step (no sampling)."""
     dataset: dict[str, Any] = {}
     training: dict[str, Any] = {}
     for directory in checkpoints:
@@ -90,7 +108,7 @@ def settings_from(checkpoints: Sequence[str], overrides: dict[str, Any] | None =
     return Settings(
         prompt_format=dataset.get("prompt_format", "instruction"),
         max_prompt_length=dataset.get("max_prompt_length", PromptDataset.model_fields["max_prompt_length"].default),
-        training=PPOTraining.model_validate({**sampling, "training_iteration": 1}),
+        training=PPOTraining.model_validate({**sampling, "training_iteration": 1}), greedy=greedy,
     )
 
 
@@ -141,7 +159,7 @@ def generate(models: Sequence[str], records: list[dict[str, Any]], settings: Set
         torch.manual_seed(training.seed)
         for start in range(0, len(prompts), BATCH):
             batch = prompts[start : start + BATCH]
-            responses = ppo.generate_responses(held, batch, training, device)
+            responses = ppo.generate_responses(held, batch, training, device, greedy=settings.greedy)
             scores: list[float | None] = [None] * len(batch)
             if rm is not None:
                 response, mask = pad(responses, tokenizer.pad_token_id, device=device)
@@ -170,28 +188,37 @@ def _question(record: dict[str, Any]) -> str:
     return question + (f" [{record['context']}]" if record.get("context") else "")
 
 
-def table(samples: list[Sample], width: int = 100) -> str:
-    """Per prompt, one row per model: score and answer; then each model's mean score."""
+def score_table(samples: list[Sample], width: int = 60) -> str:
+    """The reward model's score of every model's answer, one column per model, one row per prompt, then the
+    means: which model the reward model prefers, at a glance."""
+    labels = list(samples[0].answers or {})
+    widths = [max(len(label), 7) for label in labels]
+    rows = [f"{'':>3}  {'prompt':<{width}}  " + "  ".join(f"{label:>{w}}" for label, w in zip(labels, widths,
+                                                                                              strict=True))]
+    for number, sample in enumerate(samples, start=1):
+        scores = [(sample.answers or {})[label]["score"] for label in labels]
+        rows.append(f"{number:>3}  {_one_line(_question(sample.record), width):<{width}}  "
+                    + "  ".join(f"{score:>{w}.3f}" for score, w in zip(scores, widths, strict=True)))
+    means = [sum(s.answers[label]["score"] for s in samples) / len(samples) for label in labels]  # type: ignore[index]
+    rows.append(f"{'':>3}  {f'mean over {len(samples)} prompt(s)':<{width}}  "
+                + "  ".join(f"{mean:>{w}.3f}" for mean, w in zip(means, widths, strict=True)))
+    return "\n".join(row.rstrip() for row in rows)
+
+
+def table(samples: list[Sample], width: int = 100, answers: int | None = None) -> str:
+    """The reward-model scores (a column per model, when there is a reward model), then per prompt each
+    model's answer (of the first `answers` prompts; None: all)."""
     if not samples:
         return "(no prompts)"
     labels = list(samples[0].answers or {})
+    scored = all(a["score"] is not None for s in samples for a in (s.answers or {}).values())
+    lines = [score_table(samples), ""] if scored else ["(no reward model given: no scores; pass --rm DIR)", ""]
     name_width = max(len(label) for label in labels)
-    lines = []
-    for number, sample in enumerate(samples, start=1):
+    for number, sample in enumerate(samples[:answers], start=1):
         lines.append(f"prompt {number}: {_one_line(_question(sample.record), width)}")
         for label in labels:
             answer = (sample.answers or {})[label]
-            score = f"{answer['score']:7.3f}" if answer["score"] is not None else "      -"
-            lines.append(f"  {label.ljust(name_width)}  {score}  {_one_line(answer['text'], width) or '(empty)'}")
-    means = []
-    for label in labels:
-        scores = [s.answers[label]["score"] for s in samples if s.answers and s.answers[label]["score"] is not None]
-        if scores:
-            means.append(f"{label} {sum(scores) / len(scores):.3f}")
-    if means:
-        lines.append(f"mean reward-model score over {len(samples)} prompt(s): {', '.join(means)}")
-    else:
-        lines.append("(no reward model given: no scores; pass --rm DIR)")
+            lines.append(f"  {label.ljust(name_width)}  {_one_line(answer['text'], width) or '(empty)'}")
     return "\n".join(lines)
 
 
@@ -208,8 +235,8 @@ def write_jsonl(samples: list[Sample], path: str | Path) -> Path:
 
 def compare(models: Sequence[str], *, prompts_file: str | None = None, held_out: str | None = None,
             reward_model: str | None = None, limit: int | None = 8,
-            overrides: dict[str, Any] | None = None) -> tuple[list[Sample], Settings]:
-    """Read the prompts (a file, or a checkpoint's held-out split), then `generate`."""
+            overrides: dict[str, Any] | None = None, greedy: bool = False) -> tuple[list[Sample], Settings]:
+    """Read the prompts (a file, or a checkpoint's held-out split), then `generate` (`limit` 0 or None: all)."""
     if not models:
         raise CheckpointError("give at least one model directory (--model DIR)")
     for model in models:
@@ -219,7 +246,7 @@ def compare(models: Sequence[str], *, prompts_file: str | None = None, held_out:
         raise DataError("give the prompts as --prompts FILE or --held-out CHECKPOINT_DIR (one of them)")
     records = read_prompts(prompts_file) if prompts_file else held_out_records(str(held_out))
     records = records[:limit] if limit else records
-    settings = settings_from([*([held_out] if held_out else []), *models], overrides)
+    settings = settings_from([*([held_out] if held_out else []), *models], overrides, greedy)
     rm = reward_model or default_reward_model([*([held_out] if held_out else []), *models])
     if rm and not Path(rm).is_dir():
         raise CheckpointError(f"--rm {rm}: no such reward model directory")

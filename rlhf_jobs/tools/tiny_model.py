@@ -7,11 +7,11 @@ trained on the sample data. The Llama tokenizer adds a BOS token as Llama's does
 
 from __future__ import annotations
 
-import json
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rlhf_jobs.core.paths import SAMPLE_DATA
 from rlhf_jobs.core.prompts import INPUT_KEY, INSTRUCTION_KEY, INTRO, RESPONSE_KEY
@@ -34,15 +34,62 @@ def sample_files() -> list[Path]:
         files = sorted(directory.glob("*.jsonl"))
         if files:
             return files
-    raise FileNotFoundError(f"no sample data in {' or '.join(map(str, SAMPLE_DIRS))}; pass --data FILE ...")
+    from rlhf_jobs.core.errors import ConfigError
+
+    raise ConfigError(f"no sample data in {' or '.join(map(str, SAMPLE_DIRS))}; pass --data FILE ...")
 
 
 def _texts(files: list[Path]) -> Iterator[str]:
+    from rlhf_jobs.core.data import read_numbered
+
     yield f"{INTRO}\n\n{INSTRUCTION_KEY}\n\n{INPUT_KEY}\n\n{RESPONSE_KEY}\n<|user|>\n<|assistant|>\n"
     for path in files:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                yield from (v for v in json.loads(line).values() if isinstance(v, str))
+        for _, record in read_numbered(str(path)):
+            if isinstance(record, dict):
+                yield from (v for v in record.values() if isinstance(v, str))
+
+
+def check_new_directory(output: str | Path, key: str = "--output") -> Path:
+    """`output` must be a new or empty directory: a side command never overwrites a model (a finished stage's,
+    whose marker would then certify random weights) nor anything else; a file there is an error too."""
+    from rlhf_jobs.core.errors import ConfigError
+    from rlhf_jobs.store.checkpoints import describe
+    from rlhf_jobs.store.markers import MARKER, read_marker
+
+    path = Path(output)
+    if path.is_file():
+        raise ConfigError(f"{key}: {path} is a file; expected a new directory")
+    if path.is_dir() and any(path.iterdir()):
+        marker = read_marker(path) if (path / MARKER).is_file() else None
+        entries = sorted(entry.name for entry in path.iterdir())
+        held = describe(marker) if marker else "a model" if "config.json" in entries else \
+            f"{len(entries)} file(s): {', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}"
+        raise ConfigError(f"{key}: {path} is not empty (it holds {held}); refusing to overwrite it: choose a new "
+                          "directory")
+    return path
+
+
+def _check_data(data: list[Path] | None) -> list[Path]:
+    from rlhf_jobs.core.errors import ConfigError
+
+    files = data or sample_files()
+    for path in files:
+        if not Path(path).is_file():
+            raise ConfigError(f"--data: {path}: file not found")
+    return files
+
+
+def _save_new(output: str | Path, model: Any, tokenizer: Any) -> Path:
+    """Write model and tokenizer into a temp directory beside `output`, then rename it into place."""
+    output = check_new_directory(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if output.is_dir():
+        output.rmdir()  # empty (checked above)
+    staging.rename(output)
+    return output
 
 
 def train_tokenizer(files: list[Path], vocab_size: int, llama: bool = False) -> PreTrainedTokenizerFast:
@@ -85,12 +132,14 @@ def build_tiny_model(
     n_positions: int = 512,
     seed: int = 0,
 ) -> Path:
-    """Write a tiny GPT-2 (about 0.8M parameters) and its tokenizer to `output`."""
+    """Write a tiny GPT-2 (about 0.8M parameters) and its tokenizer to `output`, a new or empty directory."""
+    check_new_directory(output)
+    files = _check_data(data)
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    tokenizer = train_tokenizer(data or sample_files(), vocab_size)
+    tokenizer = train_tokenizer(files, vocab_size)
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=n_positions,
@@ -100,11 +149,7 @@ def build_tiny_model(
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    model = GPT2LMHeadModel(config)
-    output = Path(output)
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
-    return output
+    return _save_new(output, GPT2LMHeadModel(config), tokenizer)
 
 
 @dataclass(frozen=True)
@@ -134,12 +179,14 @@ def build_llama(output: str | Path, shape: LlamaShape | str = "tiny", dtype: str
     trained on the sample data; its vocabulary can be smaller than the model's (the extra
     embedding rows are never read, but the LM head computes them, as in a real model).
     """
+    check_new_directory(output)
+    files = _check_data(data)
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = LLAMA_SHAPES[shape] if isinstance(shape, str) else shape
     torch.manual_seed(seed)
-    tokenizer = train_tokenizer(data or sample_files(), min(shape.vocab_size, 2048), llama=True)
+    tokenizer = train_tokenizer(files, min(shape.vocab_size, 2048), llama=True)
     config = LlamaConfig(
         vocab_size=max(shape.vocab_size, len(tokenizer)), hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size, num_hidden_layers=shape.layers,
@@ -148,10 +195,7 @@ def build_llama(output: str | Path, shape: LlamaShape | str = "tiny", dtype: str
     )
     with torch.device("cpu"):
         model = LlamaForCausalLM(config).to(getattr(torch, dtype))
-    output = Path(output)
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
-    return output
+    return _save_new(output, model, tokenizer)
 
 
 def parameter_count(shape: LlamaShape) -> int:

@@ -7,14 +7,16 @@ answers for, in seconds), and the run's identity in `output_dir` (see `identity.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from rlhf_jobs.core.config import StageConfig, TrainingBase
-from rlhf_jobs.core.errors import ConfigError
+from rlhf_jobs.core.errors import CheckpointError, ConfigError
 from rlhf_jobs.core.loading import looks_local
-from rlhf_jobs.core.stages import get
+from rlhf_jobs.core.stages import NAMES, get
 from rlhf_jobs.store import identity, storage
 from rlhf_jobs.store.checkpoints import check_overwritable, require_stage
 from rlhf_jobs.store.hub import check_hub_model
@@ -65,9 +67,22 @@ def check_models(config: StageConfig) -> None:
         if storage.is_remote(location):
             continue
         if key in stage.inputs:
-            require_stage(location, stage.inputs[key], f"General.{key}")
+            marker = require_stage(location, stage.inputs[key], f"General.{key}")
+            check_finite_metrics(marker, location, f"General.{key}")
         elif not looks_local(location):
             check_hub_model(location, f"General.{key}")
+
+
+def check_finite_metrics(marker: dict[str, Any], location: str, key: str) -> None:
+    """A final model whose run recorded NaN or infinite metrics diverged (written before runs stopped at the first
+    non-finite loss): later stages refuse it."""
+    metrics = marker.get("metrics") or {}
+    bad = [f"{name} {value}" for name, value in metrics.items()
+           if isinstance(value, float) and not math.isfinite(value)]
+    if bad:
+        title = get(str(marker.get("stage"))).title if marker.get("stage") in NAMES else "its"
+        raise CheckpointError(f"{key}: {location}: its run ended with non-finite metrics ({', '.join(bad)}): it "
+                              f"diverged; train the {title} stage again (e.g. with a lower learning_rate)")
 
 
 def check(config: StageConfig) -> None:

@@ -19,6 +19,8 @@ class LocalBackend:
 
     def __init__(self, workdir: str | Path, in_process: bool = False) -> None:
         self.workdir = Path(workdir).resolve()
+        if self.workdir.exists() and not self.workdir.is_dir():
+            raise ConfigError(f"--workdir: {workdir} is a file; expected a pipeline's work directory")
         self.tracking_group = self.workdir.name  # W&B group / MLflow parent run of the stages
         self.in_process = in_process  # each stage's one worker in this process (`rlhf-jobs train --in-process`)
 
@@ -49,7 +51,21 @@ class LocalBackend:
 
     def load_record(self) -> dict[str, Any]:
         path = self.workdir / RECORD_FILE
-        return json.loads(path.read_text()) if path.is_file() else {}
+        if not path.is_file():
+            return {}
+        try:
+            record = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            where = f"line {err.lineno}: {err.msg}" if isinstance(err, json.JSONDecodeError) else str(err)
+            raise ConfigError(
+                f"{path}: the pipeline record is damaged (not valid JSON, {where}); nothing was changed: move it "
+                f"aside (mv {path} {path}.damaged) to start a new record, each stage then resuming from its last "
+                "checkpoint"
+            ) from None
+        if not isinstance(record, dict) or not isinstance(record.get("stages", {}), dict):
+            raise ConfigError(f"{path}: the pipeline record is damaged (expected a JSON object with 'stages'); "
+                              f"nothing was changed: move it aside (mv {path} {path}.damaged) to start a new record")
+        return record
 
     def save_record(self, record: dict[str, Any]) -> None:
         """Write-then-rename, so an interrupt never leaves a torn record."""
