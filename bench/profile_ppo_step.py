@@ -22,7 +22,11 @@ from common import DATA, PPO_FILE, REPO, SIZES, build_model, read_jsonl
 from ours import ppo_config
 
 from rlhf_jobs.algorithms import ppo
+from rlhf_jobs.algorithms.rl import advantages as rl_advantages
+from rlhf_jobs.algorithms.rl import losses, rollout
+from rlhf_jobs.algorithms.rl import rewards as rl_rewards
 from rlhf_jobs.engine import optim
+from rlhf_jobs.engine.batching import pad
 from rlhf_jobs.engine.models import unwrap
 from rlhf_jobs.engine.worker import Worker
 
@@ -44,7 +48,7 @@ def main() -> None:
     worker = Worker(0, 1, device)
     models = ppo.load_models(config, worker, None)
     optimizers = ppo.Optimizers.build(models, training, 10_000, device)
-    prompts = ppo.tokenize_prompts(read_jsonl(DATA / PPO_FILE), models.tokenizer, "instruction",
+    prompts = rollout.tokenize_prompts(read_jsonl(DATA / PPO_FILE), models.tokenizer, "instruction",
                                    settings.max_prompt_length)
     times: dict[str, list[float]] = defaultdict(list)
 
@@ -55,26 +59,28 @@ def main() -> None:
         return result
 
     for iteration in range(args.iterations):
-        batch_prompts = ppo.prompt_batch(prompts, worker, settings.seed, iteration * settings.ppo_batch_size,
-                                         settings.ppo_batch_size)
+        batch_prompts = rollout.prompt_batch(prompts, worker, settings.seed, iteration * settings.ppo_batch_size,
+                                             settings.ppo_batch_size)
         start = time.perf_counter()
-        responses = timed("generate", ppo.generate_responses, models, batch_prompts, training, device)
-        query, query_mask = ppo.pad([p["input_ids"] for p in batch_prompts], models.tokenizer.pad_token_id,
-                                    side="left", device=device)
-        response, mask = ppo.pad(responses, models.tokenizer.pad_token_id, device=device)
-        inputs = ppo.sequence_inputs(query, query_mask, response, mask)
+        responses = timed("generate", models.engine.generate, [p["input_ids"] for p in batch_prompts],
+                          rollout.Sampling.of(training))
+        query, query_mask = pad([p["input_ids"] for p in batch_prompts], models.tokenizer.pad_token_id,
+                                side="left", device=device)
+        response, mask = pad(responses, models.tokenizer.pad_token_id, device=device)
+        inputs = rollout.sequence_inputs(query, query_mask, response, mask)
         width = response.size(1)
         with torch.no_grad(), optim.autocast(training, device):
-            timed("rollout: policy forward", ppo.response_logits, unwrap(models.policy), inputs, width)
+            timed("rollout: policy forward", rollout.response_logits, unwrap(models.policy), inputs, width)
             timed("rollout: reference forward", models.reference_logits, inputs, width)
             timed("rollout: critic forward", unwrap(models.critic), **inputs)
-            timed("rollout: reward model", ppo.score_responses, models, batch_prompts, response, mask, training,
-                  device)
+            timed("rollout: reward model", models.reward,
+                  rl_rewards.Responses(batch_prompts, response, mask, models.tokenizer))
         batch = ppo.judge_responses(models, batch_prompts, responses, training, device)  # what the update needs
-        kl = ppo.kl_estimate(batch.old_logp, batch.ref_logp, training.kl_estimator) * batch.mask
-        rewards, _ = ppo.compute_rewards(batch.raw_score, kl, batch.mask, training.kl_coeff)
-        advantages, returns = ppo.compute_gae(rewards, batch.old_values, batch.mask, training.gamma, training.lam)
-        advantages = ppo.masked_whiten(advantages, batch.mask)
+        kl = losses.kl_estimate(batch.old_logp, batch.ref_logp, training.kl_estimator) * batch.mask
+        rewards, _ = rl_advantages.compute_rewards(batch.raw_score, kl, batch.mask, training.kl_coeff)
+        advantages, returns = rl_advantages.compute_gae(rewards, batch.old_values, batch.mask, training.gamma,
+                                                        training.lam)
+        advantages = losses.masked_whiten(advantages, batch.mask)
         timed("update (all PPO epochs)", ppo.ppo_update, models, optimizers, batch, advantages, returns, training)
         times["iteration (rollout forwards counted once)"].append(
             time.perf_counter() - start - sum(times[k][-1] for k in times if k.startswith("rollout")))

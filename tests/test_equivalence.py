@@ -21,6 +21,8 @@ from conftest import SAMPLES
 from process_group import run_processes
 
 from rlhf_jobs.algorithms import ppo, supervised
+from rlhf_jobs.algorithms.rl import advantages as rl_advantages
+from rlhf_jobs.algorithms.rl import losses, rollout
 from rlhf_jobs.core.config import SupervisedTraining
 from rlhf_jobs.engine import packing, sharding
 from rlhf_jobs.engine.models import load_causal_lm, load_reward_model, load_tokenizer, unwrap
@@ -137,7 +139,7 @@ def whitening(rank: int, world_size: int, values: torch.Tensor, mask: torch.Tens
     rows = slice(rank * values.size(0) // world_size, (rank + 1) * values.size(0) // world_size)
     local, local_mask = values[rows], mask[rows]
     stats = ppo.global_mean_var(local, local_mask, CPU, unbiased=True)
-    return ppo.masked_whiten(local, local_mask, stats=stats)
+    return losses.masked_whiten(local, local_mask, stats=stats)
 
 
 def test_advantages_are_whitened_with_the_statistics_of_all_workers() -> None:
@@ -194,7 +196,7 @@ def ppo_models(worker: Worker, model_dir: str, **training: Any) -> tuple[Any, An
     torch.manual_seed(0)  # the critic's value head comes from the (random) score head: the same in every process
     models = ppo.load_models(validate_config(config, "ppo", paths=False), worker, None)
     tokenizer = load_tokenizer(model_dir, padding_side="left")
-    return training_config, models, ppo.tokenize_prompts(PPO_PROMPTS, tokenizer, "instruction", 64)
+    return training_config, models, rollout.tokenize_prompts(PPO_PROMPTS, tokenizer, "instruction", 64)
 
 
 def ppo_update_on_fixed_experience(rank: int, world_size: int, model_dir: str) -> dict[str, Any]:
@@ -206,7 +208,7 @@ def ppo_update_on_fixed_experience(rank: int, world_size: int, model_dir: str) -
                                            critic_learning_rate=0.5, experience_batch_size=per_worker,
                                            gradient_accumulation_steps=2, ppo_epochs=2, max_grad_norm=None)
     torch.manual_seed(1)
-    responses = ppo.generate_responses(models, prompts, training, CPU)
+    responses = models.engine.generate([p["input_ids"] for p in prompts], rollout.Sampling.of(training))
     # The untrained model never samples EOS within 12 tokens: cut responses to unequal lengths instead, so the
     # workers hold different numbers of response tokens (34 and 28).
     responses = [ids[:length] for ids, length in zip(responses, (12, 3, 7, 12, 5, 12, 9, 2), strict=True)]
@@ -216,10 +218,10 @@ def ppo_update_on_fixed_experience(rank: int, world_size: int, model_dir: str) -
                            everything.mask[rows], everything.old_logp[rows], everything.ref_logp[rows],
                            everything.old_values[rows], everything.entropy, everything.raw_score[rows],
                            everything.has_eos[rows])
-    kl = ppo.kl_estimate(batch.old_logp, batch.ref_logp, "k1") * batch.mask
-    rewards, _ = ppo.compute_rewards(batch.raw_score, kl, batch.mask, 0.05)
-    advantages, returns = ppo.compute_gae(rewards, batch.old_values, batch.mask, 1.0, 0.95)
-    advantages = ppo.masked_whiten(advantages, batch.mask,
+    kl = losses.kl_estimate(batch.old_logp, batch.ref_logp, "k1") * batch.mask
+    rewards, _ = rl_advantages.compute_rewards(batch.raw_score, kl, batch.mask, 0.05)
+    advantages, returns = rl_advantages.compute_gae(rewards, batch.old_values, batch.mask, 1.0, 0.95)
+    advantages = losses.masked_whiten(advantages, batch.mask,
                                    stats=ppo.global_mean_var(advantages, batch.mask, CPU, unbiased=True))
     optimizers = ppo.Optimizers.build(models, training, 4, CPU)
     stats, _ = ppo.ppo_update(models, optimizers, batch, advantages, returns, training)
@@ -250,7 +252,7 @@ def fsdp_first_iteration(rank: int, world_size: int, model_dir: str) -> list[dic
                                                experience_batch_size=2, mini_batch_size=2)
         torch.manual_seed(2 + rank)
         batch = ppo.collect_experience(models, prompts[2 * rank : 2 * rank + 2], training, CPU)
-        kl = ppo.kl_estimate(batch.old_logp, batch.ref_logp, "k1") * batch.mask
+        kl = losses.kl_estimate(batch.old_logp, batch.ref_logp, "k1") * batch.mask
         optimizers = ppo.Optimizers.build(models, training, 4, CPU)
         advantages = torch.randn_like(batch.old_logp)
         _, check = ppo.ppo_update(models, optimizers, batch, advantages, advantages, training)

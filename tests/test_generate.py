@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_jobs.algorithms import ppo
+from rlhf_jobs.algorithms.rl import rollout
 from rlhf_jobs.cli import main
 from rlhf_jobs.core.config import PPOTraining
 from rlhf_jobs.core.prompts import join_response
@@ -58,7 +58,7 @@ def test_answers_side_by_side_scored_like_ppo(
     # The prompt text is PPO's, exactly; each score is the RM's score of prompt text + answer (joined as its
     # training pairs were), recomputed here.
     tokenizer = load_tokenizer(str(sft_checkpoint), padding_side="left")
-    expected = ppo.tokenize_prompts(PROMPTS, tokenizer, "instruction", 128)
+    expected = rollout.tokenize_prompts(PROMPTS, tokenizer, "instruction", 128)
     assert [line["prompt_text"] for line in lines] == [p["text"] for p in expected]
     rm = AutoModelForSequenceClassification.from_pretrained(rm_checkpoint).eval()
     rm_tokenizer = AutoTokenizer.from_pretrained(rm_checkpoint)
@@ -121,7 +121,7 @@ def test_greedy_answers_are_each_model_s_most_likely_and_no_file_is_written_by_d
 
     tokenizer = load_tokenizer(str(sft_checkpoint), padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(sft_checkpoint).eval()
-    prompt = ppo.tokenize_prompts(PROMPTS[:1], tokenizer, "instruction", 128)[0]
+    prompt = rollout.tokenize_prompts(PROMPTS[:1], tokenizer, "instruction", 128)[0]
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt["input_ids"]]), do_sample=False, max_new_tokens=8,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)

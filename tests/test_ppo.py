@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import local_config, write_config
 
-from rlhf_jobs.algorithms import ppo
+from rlhf_jobs.algorithms.rl import advantages as rl_advantages
+from rlhf_jobs.algorithms.rl import losses, rollout
 from rlhf_jobs.engine.batching import pad
 from rlhf_jobs.engine.distributed import global_mean_var
 from rlhf_jobs.engine.worker import Worker
@@ -36,7 +37,7 @@ def test_compute_gae_by_hand() -> None:
     rewards = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 9.0]])
     values = torch.tensor([[0.5, 1.0, 1.5], [0.5, 1.0, 7.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    advantages, returns = ppo.compute_gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    advantages, returns = rl_advantages.compute_gae(rewards, values, mask, gamma=0.9, lam=0.5)
     close(advantages, [[2.76125, 3.025, 1.5], [1.85, 1.0, 0.0]])
     close(returns, [[3.26125, 4.025, 3.0], [2.35, 2.0, 0.0]])
 
@@ -44,7 +45,7 @@ def test_compute_gae_by_hand() -> None:
 def test_compute_gae_gamma_one_lam_one_is_reward_to_go_minus_value() -> None:
     rewards = torch.tensor([[0.0, 0.0, 1.0]])
     values = torch.tensor([[0.2, 0.4, 0.6]])
-    advantages, returns = ppo.compute_gae(rewards, values, torch.ones(1, 3), gamma=1.0, lam=1.0)
+    advantages, returns = rl_advantages.compute_gae(rewards, values, torch.ones(1, 3), gamma=1.0, lam=1.0)
     close(advantages, [[0.8, 0.6, 0.4]])
     close(returns, [[1.0, 1.0, 1.0]])
 
@@ -54,16 +55,16 @@ def test_kl_estimators_by_hand() -> None:
     # p = 0.25, q = 0.5: k1 = -0.693147;        r = 2,        k3 = (2 - 1) - log 2   = 0.306853
     logp = torch.tensor([math.log(0.5), math.log(0.25)])
     ref_logp = torch.tensor([math.log(0.25), math.log(0.5)])
-    close(ppo.kl_estimate(logp, ref_logp, "k1"), [0.693147, -0.693147])
-    close(ppo.kl_estimate(logp, ref_logp, "k3"), [0.193147, 0.306853])
-    close(ppo.kl_estimate(logp, logp, "k3"), [0.0, 0.0])
+    close(losses.kl_estimate(logp, ref_logp, "k1"), [0.693147, -0.693147])
+    close(losses.kl_estimate(logp, ref_logp, "k3"), [0.193147, 0.306853])
+    close(losses.kl_estimate(logp, logp, "k3"), [0.0, 0.0])
 
 
 def test_rewards_put_the_score_on_the_last_response_token() -> None:
     # kl_coeff 0.5: non-score = -0.5 × KL; the score goes on token 2 of row 0 and token 1 of row 1.
     kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    rewards, non_score = ppo.compute_rewards(torch.tensor([2.0, -1.0]), kl, mask, kl_coeff=0.5)
+    rewards, non_score = rl_advantages.compute_rewards(torch.tensor([2.0, -1.0]), kl, mask, kl_coeff=0.5)
     close(non_score, [[-0.05, -0.1, -0.15], [-0.2, -0.25, 0.0]])
     close(rewards, [[-0.05, -0.1, 1.85], [-0.2, -1.25, 0.0]])
 
@@ -74,13 +75,13 @@ def test_masked_whiten_by_hand() -> None:
     # (The population variance, 14/9, is what whitening used before.)
     values = torch.tensor([1.0, 2.0, 4.0, 100.0])
     mask = torch.tensor([1.0, 1.0, 1.0, 0.0])
-    close(ppo.masked_mean(values, mask), 7.0 / 3.0)
-    close(ppo.masked_var(values, mask), 7.0 / 3.0)
-    close(ppo.masked_var(values, mask, unbiased=False), 14.0 / 9.0)
-    close(ppo.masked_whiten(values, mask), [-0.872872, -0.218218, 1.091089, 0.0])
-    close(ppo.masked_whiten(values, mask, shift_mean=False), [1.460462, 2.115115, 3.424423, 0.0])
+    close(losses.masked_mean(values, mask), 7.0 / 3.0)
+    close(losses.masked_var(values, mask), 7.0 / 3.0)
+    close(losses.masked_var(values, mask, unbiased=False), 14.0 / 9.0)
+    close(losses.masked_whiten(values, mask), [-0.872872, -0.218218, 1.091089, 0.0])
+    close(losses.masked_whiten(values, mask, shift_mean=False), [1.460462, 2.115115, 3.424423, 0.0])
     stats = global_mean_var(values, mask, CPU, unbiased=True)  # what the training loop passes, over all workers
-    close(ppo.masked_whiten(values, mask, stats=stats), [-0.872872, -0.218218, 1.091089, 0.0])
+    close(losses.masked_whiten(values, mask, stats=stats), [-0.872872, -0.218218, 1.091089, 0.0])
 
 
 def test_global_mean_var_with_one_worker_matches_the_local_statistics() -> None:
@@ -103,7 +104,7 @@ def test_policy_loss_by_hand() -> None:
     logp = old_logp + ratios.log()
     advantages = torch.tensor([[1.0, 1.0, -2.0, -1.0, 5.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
-    loss, stats = ppo.policy_loss(logp, old_logp, advantages, mask, cliprange=0.2)
+    loss, stats = losses.policy_loss(logp, old_logp, advantages, mask, cliprange=0.2)
     close(loss, 0.25)
     close(stats["clip_fraction"], 0.5)
     expected_kl = sum(0.5 * math.log(r) ** 2 for r in (1.5, 0.5, 0.5, 1.1)) / 4  # = 0.141799
@@ -120,20 +121,20 @@ def test_value_loss_by_hand() -> None:
     old_values = torch.tensor([[0.5, 0.5, 1.0, 0.0]])
     returns = torch.tensor([[2.0, 0.0, 0.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    loss, stats = ppo.value_loss(values, old_values, returns, mask, cliprange_value=0.2)
+    loss, stats = losses.value_loss(values, old_values, returns, mask, cliprange_value=0.2)
     close(loss, 0.415)
     close(stats["value_clip_fraction"], 2.0 / 3.0)
 
 
 def test_adaptive_kl_controller() -> None:
     # KL 3 vs target 1: error clipped to 0.2; coeff 0.1 × (1 + 0.2 × 100 / 1000) = 0.102
-    controller = ppo.AdaptiveKLController(0.1, target=1.0, horizon=1000)
+    controller = rl_advantages.AdaptiveKLController(0.1, target=1.0, horizon=1000)
     controller.update(current_kl=3.0, n_steps=100)
     assert controller.value == pytest.approx(0.102)
     # KL 0.9 vs target 1: error -0.1; 0.102 × (1 - 0.1 × 500 / 1000) = 0.0969
     controller.update(current_kl=0.9, n_steps=500)
     assert controller.value == pytest.approx(0.0969)
-    fixed = ppo.AdaptiveKLController(0.1, target=None, horizon=1000)
+    fixed = rl_advantages.AdaptiveKLController(0.1, target=None, horizon=1000)
     fixed.update(current_kl=3.0, n_steps=100)
     assert fixed.value == 0.1
 
@@ -144,7 +145,7 @@ def test_adaptive_kl_controller() -> None:
 def test_response_mask_keeps_the_first_eos_and_drops_what_follows() -> None:
     eos = 0
     response = torch.tensor([[5, 7, 0, 3, 0], [5, 5, 5, 5, 5], [0, 4, 0, 4, 4]])
-    close(ppo.response_mask(response, eos), [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    close(rollout.response_mask(response, eos), [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
 
 
 def test_response_logprobs_reads_the_logits_before_each_response_token() -> None:
@@ -152,12 +153,12 @@ def test_response_logprobs_reads_the_logits_before_each_response_token() -> None
     logits = torch.full((1, 5, 4), -1e9)
     logits[0, 2, 1] = 0.0  # position 2 predicts token 1 with certainty
     logits[0, 3, :] = 0.0  # position 3: uniform over 4 tokens
-    logp = ppo.response_logprobs(logits, torch.tensor([[1, 2]]), temperature=1.0)
+    logp = rollout.response_logprobs(logits, torch.tensor([[1, 2]]), temperature=1.0)
     close(logp, [[0.0, math.log(0.25)]])
     # Temperature divides the logits: [0, log 3] at T=1 becomes [0, log 3 / 2] at T=2 -> p = 1/(1+√3)
     logits = torch.zeros((1, 2, 2))
     logits[0, 0, 1] = math.log(3.0)
-    close(ppo.response_logprobs(logits, torch.tensor([[0]]), temperature=2.0), [[-math.log(1 + math.sqrt(3))]])
+    close(rollout.response_logprobs(logits, torch.tensor([[0]]), temperature=2.0), [[-math.log(1 + math.sqrt(3))]])
 
 
 def test_prompt_and_padding_positions_get_zero_gradient() -> None:
@@ -167,10 +168,11 @@ def test_prompt_and_padding_positions_get_zero_gradient() -> None:
     width = prompt_length + response.size(1)
     logits = torch.randn(2, width, 6, requires_grad=True)
     values = torch.randn(2, width, requires_grad=True)
-    logp = ppo.response_logprobs(logits, response, temperature=0.7)
+    logp = rollout.response_logprobs(logits, response, temperature=0.7)
     response_values = values[:, prompt_length - 1 : -1]
-    pg_loss, _ = ppo.policy_loss(logp, logp.detach(), torch.randn(2, 4), mask, cliprange=0.2)  # ratio 1: unclipped
-    vf_loss, _ = ppo.value_loss(response_values, response_values.detach(), torch.randn(2, 4), mask, cliprange_value=0.2)
+    pg_loss, _ = losses.policy_loss(logp, logp.detach(), torch.randn(2, 4), mask, cliprange=0.2)  # ratio 1: unclipped
+    vf_loss, _ = losses.value_loss(response_values, response_values.detach(), torch.randn(2, 4), mask,
+                                   cliprange_value=0.2)
     (pg_loss + 0.1 * vf_loss).backward()
     for grad in (logits.grad.abs().flatten(2).sum(-1), values.grad.abs()):
         # positions 0..P-2 only see the prompt; position P-1+t predicts response token t
@@ -191,13 +193,13 @@ def test_padding_embeddings_get_zero_gradient_through_a_real_model() -> None:
     query = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
     query_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     response = torch.tensor([[3, 0, 0], [4, 5, 6]])  # row 0: token, EOS, then padding
-    mask = ppo.response_mask(response, eos_token_id=0)
-    inputs = ppo.sequence_inputs(query, query_mask, response, mask)
+    mask = rollout.response_mask(response, eos_token_id=0)
+    inputs = rollout.sequence_inputs(query, query_mask, response, mask)
     embeds = model.get_input_embeddings()(inputs["input_ids"]).detach().requires_grad_(True)
     logits = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
                    position_ids=inputs["position_ids"]).logits
-    logp = ppo.response_logprobs(logits, response, temperature=1.0)
-    loss, _ = ppo.policy_loss(logp, logp.detach(), torch.ones_like(logp), mask.float(), cliprange=0.2)
+    logp = rollout.response_logprobs(logits, response, temperature=1.0)
+    loss, _ = losses.policy_loss(logp, logp.detach(), torch.ones_like(logp), mask.float(), cliprange=0.2)
     loss.backward()
     per_position = embeds.grad.abs().sum(-1)
     pads = inputs["attention_mask"] == 0
@@ -215,13 +217,15 @@ def test_every_prompt_is_used_once_per_epoch_on_any_number_of_workers() -> None:
     prompts = [{"input_ids": [i], "text": str(i)} for i in range(7)]
     two = [Worker(rank, 2, CPU) for rank in range(2)]
     served = [p["input_ids"][0] for position in (0, 4) for w in two
-              for p in ppo.prompt_batch(prompts, w, seed=1, position=position, global_batch=4)]
+              for p in rollout.prompt_batch(prompts, w, seed=1, position=position, global_batch=4)]
     served += [p["input_ids"][0] for position in (8, 12)
-               for p in ppo.prompt_batch(prompts, Worker(0, 1, CPU), seed=1, position=position, global_batch=4)]
-    one = [p["input_ids"][0] for p in ppo.prompt_batch(prompts, Worker(0, 1, CPU), seed=1, position=0, global_batch=16)]
+               for p in rollout.prompt_batch(prompts, Worker(0, 1, CPU), seed=1, position=position, global_batch=4)]
+    one = [p["input_ids"][0]
+           for p in rollout.prompt_batch(prompts, Worker(0, 1, CPU), seed=1, position=0, global_batch=16)]
     assert sorted(served) == sorted(one) and sorted(one[:7]) == sorted(one[7:14]) == list(range(7))
     assert one[:7] != one[7:14]  # reshuffled per epoch
-    halves = [p["input_ids"][0] for w in two for p in ppo.prompt_batch(prompts, w, seed=1, position=0, global_batch=4)]
+    halves = [p["input_ids"][0]
+              for w in two for p in rollout.prompt_batch(prompts, w, seed=1, position=0, global_batch=4)]
     assert sorted(halves) == sorted(one[:4])  # worker r takes every 2nd prompt of the global batch from r
 
 
@@ -230,8 +234,8 @@ def test_prompts_are_left_truncated_and_the_text_matches_the_ids(tiny_model: Pat
 
     tokenizer = load_tokenizer(str(tiny_model))
     records = [{"prompt": "Describe the weather today in a few words.", "context": None}]
-    full = ppo.tokenize_prompts(records, tokenizer, "instruction", 10_000)[0]
-    short = ppo.tokenize_prompts(records, tokenizer, "instruction", 8)[0]
+    full = rollout.tokenize_prompts(records, tokenizer, "instruction", 10_000)[0]
+    short = rollout.tokenize_prompts(records, tokenizer, "instruction", 8)[0]
     assert short["input_ids"] == full["input_ids"][-8:]
     assert full["text"].endswith("### Response:\n")
     assert tokenizer(short["text"], add_special_tokens=False)["input_ids"] == short["input_ids"]
@@ -291,7 +295,7 @@ def held_out_scores(policy_dir: Path, rm_dir: Path, config: dict, samples: int =
     _, held_out = load_splits(dataset["train_file"], None, dataset["validation_split_percentage"], PPO_SCHEMA,
                               training.get("seed", 42))
     tokenizer = load_tokenizer(str(policy_dir), padding_side="left")
-    prompts = ppo.tokenize_prompts(held_out, tokenizer, "instruction", dataset["max_prompt_length"])
+    prompts = rollout.tokenize_prompts(held_out, tokenizer, "instruction", dataset["max_prompt_length"])
     policy = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
     rm_tokenizer = load_tokenizer(str(rm_dir))
     reward_model = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
@@ -306,7 +310,7 @@ def held_out_scores(policy_dir: Path, rm_dir: Path, config: dict, samples: int =
                 eos_token_id=tokenizer.eos_token_id,
             )
             response = output[:, query.size(1) :]
-            mask = ppo.response_mask(response, tokenizer.eos_token_id)
+            mask = rollout.response_mask(response, tokenizer.eos_token_id)
             texts = [p["text"] + tokenizer.decode(r[: int(n)].tolist(), skip_special_tokens=True)
                      for p, r, n in zip(prompts, response, mask.sum(1), strict=True)]
             encoded = rm_tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")

@@ -12,11 +12,13 @@ import torch
 from conftest import SAMPLES, local_config
 
 from rlhf_jobs.algorithms import ppo
+from rlhf_jobs.algorithms.rl import losses, rollout
+from rlhf_jobs.algorithms.rl import rewards as rl_rewards
 from rlhf_jobs.core.loading import validate_config
 from rlhf_jobs.core.prompts import record_prompt
 from rlhf_jobs.engine.batching import pad
 from rlhf_jobs.engine.logprobs import entropy, selective_log_softmax
-from rlhf_jobs.engine.models import load_tokenizer
+from rlhf_jobs.engine.models import load_tokenizer, unwrap
 from rlhf_jobs.engine.worker import Worker
 
 CPU = torch.device("cpu")
@@ -36,7 +38,7 @@ def ppo_setup(policy: Path, reward: Path, tmp_path: Path, **training: object) ->
     torch.manual_seed(0)
     models = ppo.load_models(config, WORKER, STATS)
     tokenizer = load_tokenizer(str(policy), padding_side="left")
-    prompts = ppo.tokenize_prompts(PROMPTS, tokenizer, "instruction", 64)
+    prompts = rollout.tokenize_prompts(PROMPTS, tokenizer, "instruction", 64)
     return config.Training, models, prompts
 
 
@@ -66,7 +68,7 @@ def test_the_critic_starts_at_the_normalised_reward_model_score(
     torch.manual_seed(1)
     batch = ppo.collect_experience(models, prompts, training, CPU)
     with torch.no_grad():
-        values = ppo.unwrap(models.critic)(**batch.inputs)
+        values = unwrap(models.critic)(**batch.inputs)
     real = batch.inputs["attention_mask"].bool()
     sequences = [ids[keep].tolist() for ids, keep in zip(batch.inputs["input_ids"], real, strict=True)]
     input_ids, attention_mask = pad(sequences, models.rm_tokenizer.pad_token_id)
@@ -88,7 +90,7 @@ def test_before_any_update_kl_is_zero_and_the_first_minibatch_ratio_is_one(
     width = batch.response.size(1)
     rows = torch.randperm(batch.size)  # the update's first minibatch: another order, another batch shape
     minibatch = {key: value[rows] for key, value in batch.inputs.items()}
-    logp = ppo.response_logprobs(ppo.response_logits(models.policy, minibatch, width), batch.response[rows],
+    logp = rollout.response_logprobs(rollout.response_logits(models.policy, minibatch, width), batch.response[rows],
                                  training.temperature)
     ratio = (logp - batch.old_logp[rows]).exp() * batch.mask[rows] + (1 - batch.mask[rows])
     torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-5)
@@ -97,7 +99,7 @@ def test_before_any_update_kl_is_zero_and_the_first_minibatch_ratio_is_one(
 def test_micro_batched_rollout_forwards_equal_one_batch(tiny_model: Path, tmp_path: Path) -> None:
     training, models, prompts = ppo_setup(tiny_model, tiny_model, tmp_path)
     torch.manual_seed(3)
-    responses = ppo.generate_responses(models, prompts, training, CPU)
+    responses = models.engine.generate([p["input_ids"] for p in prompts], rollout.Sampling.of(training))
     whole = ppo.judge_responses(models, prompts, responses, training, CPU)
     chunked = ppo.judge_responses(models, prompts, responses, training.model_copy(update={"rollout_batch_size": 1}),
                                   CPU)
@@ -115,16 +117,16 @@ def test_lora_reference_is_the_base_model_and_kl_starts_at_zero(tiny_llama: Path
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     with torch.no_grad():
         logits = base(**batch.inputs).logits
-    expected = ppo.response_logprobs(logits, batch.response, training.temperature) * batch.mask
+    expected = rollout.response_logprobs(logits, batch.response, training.temperature) * batch.mask
     torch.testing.assert_close(batch.ref_logp * batch.mask, expected, rtol=1e-5, atol=1e-5)
-    kl = ppo.kl_estimate(batch.old_logp, batch.ref_logp, "k1") * batch.mask
+    kl = losses.kl_estimate(batch.old_logp, batch.ref_logp, "k1") * batch.mask
     assert kl.abs().max().item() == 0.0
 
 
 def test_prompts_start_with_bos_for_a_llama_tokenizer_and_not_for_gpt2(tiny_llama: Path, tiny_model: Path) -> None:
     llama, gpt2 = load_tokenizer(str(tiny_llama)), load_tokenizer(str(tiny_model))
     for tokenizer, bos in ((llama, [llama.bos_token_id]), (gpt2, [])):
-        example = ppo.tokenize_prompts(PROMPTS[:1], tokenizer, "instruction", 16)[0]
+        example = rollout.tokenize_prompts(PROMPTS[:1], tokenizer, "instruction", 16)[0]
         assert len(example["input_ids"]) == 16  # left-truncated, BOS kept in front
         assert example["input_ids"][: len(bos)] == bos
         assert example["input_ids"].count(tokenizer.bos_token_id) == len(bos)
@@ -159,7 +161,7 @@ def test_chunked_log_probs_and_entropy_equal_the_full_vocabulary_computation(dty
 def test_log_ratio_is_clamped_so_the_loss_stays_finite() -> None:
     logp = torch.tensor([[0.0, -1.0]])
     old_logp = torch.tensor([[-200.0, -1.0]])  # a ratio of e^200 overflows float32
-    loss, stats = ppo.policy_loss(logp, old_logp, torch.tensor([[-1.0, 1.0]]), torch.ones(1, 2), cliprange=0.2)
+    loss, stats = losses.policy_loss(logp, old_logp, torch.tensor([[-1.0, 1.0]]), torch.ones(1, 2), cliprange=0.2)
     assert math.isfinite(loss.item()) and math.isfinite(stats["approx_kl"].item())
 
 
@@ -207,9 +209,9 @@ def test_no_dropout_is_left_in_the_rl_models_and_the_first_update_is_on_policy(
     rows = torch.randperm(batch.size)  # the update's first minibatch: another order
     minibatch = {key: value[rows] for key, value in batch.inputs.items()}
     width, real = batch.response.size(1), batch.mask[rows].bool()
-    logp = ppo.response_logprobs(ppo.response_logits(models.policy, minibatch, width), batch.response[rows],
+    logp = rollout.response_logprobs(rollout.response_logits(models.policy, minibatch, width), batch.response[rows],
                                  training.temperature)
-    values = ppo.response_slice(models.critic(**minibatch), width)
+    values = rollout.response_slice(models.critic(**minibatch), width)
     assert torch.equal(logp[real], batch.old_logp[rows][real])  # ratio exactly 1
     assert torch.equal(values[real], batch.old_values[rows][real])
 
@@ -269,13 +271,13 @@ def test_responses_are_sampled_from_exactly_softmax_of_logits_over_temperature(
     path = model_with_generation_config
     training, models, prompts = ppo_setup(path, path, tmp_path, temperature=0.7, max_new_tokens=10)
     torch.manual_seed(3)
-    responses = ppo.generate_responses(models, prompts, training, CPU)
+    responses = models.engine.generate([p["input_ids"] for p in prompts], rollout.Sampling.of(training))
     torch.manual_seed(3)
-    expected = sample_by_hand(ppo.unwrap(models.policy).eval(), prompts, models.tokenizer.pad_token_id, 0.7, 10)
+    expected = sample_by_hand(unwrap(models.policy).eval(), prompts, models.tokenizer.pad_token_id, 0.7, 10)
     for response, tokens in zip(responses, expected, strict=True):
         assert len(response) > 1 and response == tokens[: len(response)].tolist()
     # and the checkpoint keeps its generation config for whoever loads it
-    assert ppo.unwrap(models.policy).generation_config.top_k == 5
+    assert unwrap(models.policy).generation_config.top_k == 5
 
 
 def test_truncated_sampling_is_refused_in_the_ppo_config(tmp_path: Path) -> None:
@@ -320,12 +322,12 @@ def test_the_reward_model_reads_a_response_as_it_read_its_training_pairs() -> No
 
     tokenizer = sentencepiece_style_tokenizer()
     record = {"prompt": "Human: Say hello.\n\nAssistant:", "chosen": "Hello there", "rejected": "No."}
-    prompts = ppo.tokenize_prompts([record], tokenizer, "raw", 64)
+    prompts = rollout.tokenize_prompts([record], tokenizer, "raw", 64)
     full = tokenizer(record["prompt"] + " Hello there", add_special_tokens=False)["input_ids"]
     answer = full[len(tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]) :]
     assert tokenizer.decode(answer) == "Hello there"  # the leading space is gone once decoded alone
     response, mask = pad([[*answer, tokenizer.eos_token_id]], tokenizer.pad_token_id)
-    scored = ppo.reward_model_inputs(tokenizer, tokenizer, prompts, response, mask, 1024)
+    scored = rl_rewards.reward_model_inputs(tokenizer, tokenizer, prompts, response, mask, 1024)
     assert scored == [tokenize_pair(record, tokenizer, "raw", 1024)["chosen_ids"]]
     assert tokenizer.decode(scored[0]).endswith("Assistant: Hello there")
 

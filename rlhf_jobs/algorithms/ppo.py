@@ -50,7 +50,6 @@ same `output_dir` resumes. The final policy + tokenizer are written to `checkpoi
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import time
 from collections.abc import Callable
@@ -59,12 +58,28 @@ from typing import Any
 
 import torch
 
+from rlhf_jobs.algorithms.rl.advantages import AdaptiveKLController, compute_gae, compute_rewards
+from rlhf_jobs.algorithms.rl.losses import kl_estimate, masked_mean, masked_whiten, policy_loss, value_loss
 from rlhf_jobs.algorithms.rl.onpolicy import FirstUpdateCheck
-from rlhf_jobs.algorithms.supervised import epoch_order
+from rlhf_jobs.algorithms.rl.rewards import Responses, RewardModelScore
+from rlhf_jobs.algorithms.rl.rollout import (
+    HFRolloutEngine,
+    RolloutEngine,
+    Sampling,
+    frozen,
+    prompt_batch,
+    reference_logits,
+    response_logits,
+    response_logprobs,
+    response_slice,
+    resumed_layout,
+    row_chunks,
+    sequence_inputs,
+    tokenize_prompts,
+)
 from rlhf_jobs.core.config import PPOTraining, StageConfig
 from rlhf_jobs.core.data import PPO_SCHEMA, load_splits, report_truncation
-from rlhf_jobs.core.errors import ConfigError, DataError
-from rlhf_jobs.core.prompts import join_response, record_prompt
+from rlhf_jobs.core.errors import DataError
 from rlhf_jobs.engine import export, launcher, optim, sharding
 from rlhf_jobs.engine.adapters import add_lora, disabled_adapter
 from rlhf_jobs.engine.batching import pad
@@ -78,16 +93,14 @@ from rlhf_jobs.engine.distributed import (
     peak_memory_gib,
 )
 from rlhf_jobs.engine.divergence import StepCheck, check_final_weights
-from rlhf_jobs.engine.logprobs import entropy, selective_log_softmax
+from rlhf_jobs.engine.logprobs import entropy
 from rlhf_jobs.engine.models import (
     disable_dropout,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
-    split_bos,
     stored_dtype,
     unwrap,
-    with_bos_tail,
 )
 from rlhf_jobs.engine.train_state import ModelState, TrainState
 from rlhf_jobs.engine.worker import Worker, progress, setup_worker
@@ -100,171 +113,37 @@ STAGE = "ppo"
 # ---- masked statistics ------------------------------------------------------------------------------
 
 
-def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    return (values * mask).sum() if dim is None else (values * mask).sum(dim)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of `values` where `mask` is 1 (over everything, or along `dim`)."""
-    return masked_sum(values, mask, dim) / (mask.sum() if dim is None else mask.sum(dim)).clamp(min=1)
 
 
-def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance of the masked values: unbiased (Bessel's correction n / (n - 1), as TRL's `masked_var`), or the
-    population variance."""
-    mean = masked_mean(values, mask)
-    variance = masked_mean((values - mean) ** 2, mask)
-    count = mask.sum()
-    return variance * count / (count - 1) if unbiased and count > 1 else variance
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
-                  stats: tuple[float, float] | None = None) -> torch.Tensor:
-    """(values - mean) / std over the masked entries (mean kept if not shift_mean); 0 outside the mask.
-
-    The variance is the unbiased one, as TRL's `masked_whiten` (for PPO's thousands of tokens per batch the two
-    differ by a factor of 1 + 1/n). `stats` = (mean, unbiased variance) computed elsewhere, e.g. over all workers
-    by `global_mean_var(..., unbiased=True)`.
-    """
-    mean, var = stats if stats is not None else (masked_mean(values, mask), masked_var(values, mask))
-    whitened = (values - mean) * torch.rsqrt(torch.as_tensor(var, dtype=values.dtype) + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * mask
 
 
 # ---- the pieces of the algorithm ---------------------------------------------------------------------
 
 
-def response_mask(response: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """1 for response tokens up to and including the first EOS, 0 after it."""
-    is_eos = (response == eos_token_id).long()
-    eos_before = is_eos.cumsum(dim=1) - is_eos
-    return (eos_before == 0).long()
 
 
-def response_slice(per_position: torch.Tensor, width: int) -> torch.Tensor:
-    """The positions that predict the `width` response tokens of prompt + response.
-
-    The token at position P + t is predicted at position P + t - 1, so the slice is `[:, P - 1 : -1]`.
-    """
-    return per_position[:, -width - 1 : -1]
 
 
-def response_logprobs(logits: torch.Tensor, response: torch.Tensor, temperature: float,
-                      chunk_size: int = 256) -> torch.Tensor:
-    """Log-probs of `response` from the logits of prompt + response (all positions, or only the last
-    `width + 1` as `logits_to_keep` returns them: the response slice is the same).
-
-    Logits are divided by the sampling temperature, in rollout and update alike; the log-softmax is
-    computed in fp32 a chunk of positions at a time (`logprobs.selective_log_softmax`).
-    """
-    return selective_log_softmax(response_slice(logits, response.size(1)), response, temperature, chunk_size)
 
 
-def response_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor], width: int) -> torch.Tensor:
-    """The model's logits at the `width + 1` last positions only (`logits_to_keep`), where it supports that."""
-    hf_model = sharding.hf_model(unwrap(model))
-    if "logits_to_keep" in inspect.signature(hf_model.forward).parameters:
-        return model(**inputs, use_cache=False, logits_to_keep=width + 1).logits
-    return model(**inputs, use_cache=False).logits
 
 
-def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL(policy || reference) estimate from sampled tokens: k1 = log(p/q), k3 = (r - 1) - log r, r = q/p."""
-    if estimator == "k1":
-        return logp - ref_logp
-    if estimator == "k3":
-        log_ratio = ref_logp - logp
-        return log_ratio.exp() - 1 - log_ratio
-    raise ValueError(f"unknown KL estimator {estimator!r}; expected k1 or k3")
 
 
-def compute_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
-                    kl_coeff: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rewards, non-score rewards): -kl_coeff × KL per response token, plus the score at the last one."""
-    non_score = -kl_coeff * kl * mask
-    last = (mask.sum(1).long() - 1).clamp(min=0)
-    rewards = non_score.clone()
-    rewards[torch.arange(rewards.size(0)), last] += score
-    return rewards, non_score
 
 
-def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages, returns) by generalised advantage estimation over the response tokens.
-
-    δ_t = r_t + γ V_{t+1} - V_t and A_t = δ_t + γλ A_{t+1}, with V and A zero past the last
-    response token (the episode ends there). Returns = advantages + values.
-    """
-    values, rewards = values * mask, rewards * mask
-    advantages = torch.zeros_like(rewards)
-    next_value = torch.zeros_like(rewards[:, 0])
-    next_advantage = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.size(1))):
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
-        next_value = values[:, t]
-        advantages[:, t] = next_advantage
-    return advantages, (advantages + values) * mask
 
 
-MAX_LOG_RATIO = 20.0  # exp(20) ≈ 5e8: far outside any clip range, and no overflow to inf
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                cliprange: float, tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate: masked mean of max(-A·ratio, -A·clip(ratio, 1 ± ε)), per token.
-
-    `tokens`: divide the masked sums by this count instead of `mask.sum()` (a micro-batch's share of its
-    minibatch's mean). The log-ratio is clamped to ±20 before `exp` (as OpenRLHF does).
-    """
-    tokens = mask.sum().clamp(min=1) if tokens is None else tokens
-    log_ratio = (logp - old_logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
-    ratio = log_ratio.exp()
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_sum(torch.max(unclipped, clipped), mask) / tokens
-    with torch.no_grad():
-        stats = {
-            "clip_fraction": masked_sum((clipped > unclipped).float(), mask) / tokens,
-            "approx_kl": masked_sum(0.5 * log_ratio**2, mask) / tokens,
-        }
-    return loss, stats
 
 
-def value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float,
-    tokens: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """0.5 × masked mean of max((V - R)², (clip(V, V_old ± ε) - R)²); `tokens` as in `policy_loss`."""
-    tokens = mask.sum().clamp(min=1) if tokens is None else tokens
-    clipped_values = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
-    unclipped_error = (values - returns) ** 2
-    clipped_error = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_sum(torch.max(unclipped_error, clipped_error), mask) / tokens
-    with torch.no_grad():
-        stats = {"value_clip_fraction": masked_sum((clipped_error > unclipped_error).float(), mask) / tokens}
-    return loss, stats
 
 
-class AdaptiveKLController:
-    """Ziegler et al. (2019): kl_coeff *= 1 + clip(KL / target - 1, ±0.2) × n_steps / horizon."""
-
-    def __init__(self, kl_coeff: float, target: float | None, horizon: int) -> None:
-        self.value, self.target, self.horizon = kl_coeff, target, horizon
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        if self.target is None:
-            return
-        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_steps / self.horizon
-
-    def state_dict(self) -> dict[str, float]:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = state["value"]
 
 
 # ---- models ----------------------------------------------------------------------------------------------
@@ -322,41 +201,13 @@ class Critic(torch.nn.Module):
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
 
-def frozen(model: torch.nn.Module) -> torch.nn.Module:
-    model.eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    return model
 
 
-def sequence_inputs(query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor,
-                    mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Left-padded prompt + right-padded response, with positions counted from the first real token
-    (as `generate` counts them for left-padded prompts)."""
-    attention_mask = torch.cat([query_mask, mask], dim=1)
-    return {
-        "input_ids": torch.cat([query, response], dim=1),
-        "attention_mask": attention_mask,
-        "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0),
-    }
 
 
 # ---- driver: data -------------------------------------------------------------------------------------------
 
 
-def tokenize_prompts(records: Any, tokenizer: Any, style: str, max_prompt_length: int) -> list[dict[str, Any]]:
-    """[BOS] + prompt ids, left-truncated to max_prompt_length (one BOS, whether the tokenizer adds it or a chat
-    template writes it), and the text of exactly those ids (what the RM sees: with the BOS only where the text
-    wrote it, since a tokenizer that adds BOS adds its own)."""
-    examples = []
-    for record in records:
-        full = tokenizer(record_prompt(record, style, tokenizer), add_special_tokens=False)["input_ids"]
-        bos, body = split_bos(tokenizer, full)
-        input_ids, truncated = with_bos_tail(tokenizer, full, max_prompt_length)
-        written = full[: len(full) - len(body)]  # the BOS the text itself starts with, if any
-        text = tokenizer.decode(written + input_ids[len(bos) :])
-        examples.append({"input_ids": input_ids, "text": text, "truncated": truncated})
-    return examples
 
 
 def prepare(config: StageConfig) -> dict[str, Any]:
@@ -386,53 +237,8 @@ def prepare(config: StageConfig) -> dict[str, Any]:
     return {**prompts, "reward_stats": reward_stats}
 
 
-def prompt_batch(examples: list[dict[str, Any]], worker: Worker, seed: int, position: int,
-                 global_batch: int) -> list[dict[str, Any]]:
-    """This worker's share of the `global_batch` prompts after the first `position` of the prompt stream: every
-    `world_size`-th of them from its rank on.
-
-    The stream is one seeded shuffle of ALL prompts per epoch, epoch after epoch, the same on any number of
-    workers: a run resumed on another worker count (same global batch, `resumed_layout`) serves the rest of the
-    epoch's prompts, each once.
-    """
-    orders: dict[int, list[int]] = {}
-    batch = []
-    for index in range(position + worker.rank, position + global_batch, worker.world_size):
-        epoch, offset = divmod(index, len(examples))
-        if epoch not in orders:
-            orders[epoch] = epoch_order(len(examples), epoch, seed, 1)
-        batch.append(examples[orders[epoch][offset]])
-    return batch
 
 
-def resumed_layout(saved: dict[str, Any] | None, training: PPOTraining, worker: Worker) -> PPOTraining:
-    """`training` with the per-worker experience batch, minibatch and gradient accumulation that keep the
-    checkpoint's global batch and global minibatch on this number of workers (2 workers × 8 prompts -> 1 worker
-    × 16), so iterations, schedule and prompt position mean what they meant. Micro-batches never grow."""
-    batch = training.experience_batch_size
-    mini = training.mini_batch_size or batch
-    if not saved or "global_batch" not in saved:  # a fresh run (or a checkpoint from before global batches)
-        return training
-    global_batch, global_mini = saved["global_batch"], saved["global_mini_batch"]
-    if global_batch == batch * worker.world_size and global_mini == mini * worker.world_size:
-        return training
-    if global_batch % worker.world_size or global_mini % worker.world_size:
-        raise ConfigError(
-            f"Training.num_training_workers: the checkpoint was written with a global batch of {global_batch} "
-            f"prompts per iteration (minibatches of {global_mini}), which {worker.world_size} worker(s) cannot "
-            "share evenly; resume with a worker count that divides both, or start over (--on-config-change restart)"
-        )
-    new_batch, new_mini = global_batch // worker.world_size, global_mini // worker.world_size
-    micro = mini // training.gradient_accumulation_steps
-    accumulation = next(steps for steps in range(1, new_mini + 1)
-                        if new_mini % steps == 0 and new_mini // steps <= micro)
-    rollout = min(training.rollout_batch_size, new_batch) if training.rollout_batch_size else None
-    progress(worker, STAGE, f"resuming on {worker.world_size} worker(s): experience_batch_size {batch} -> {new_batch}, "
-                            f"mini_batch_size {mini} -> {new_mini}, gradient_accumulation_steps "
-                            f"{training.gradient_accumulation_steps} -> {accumulation} keep the global batch of "
-                            f"{global_batch} prompts")
-    return training.model_copy(update={"experience_batch_size": new_batch, "mini_batch_size": new_mini,
-                                       "gradient_accumulation_steps": accumulation, "rollout_batch_size": rollout})
 
 
 # ---- worker: models and optimizers ---------------------------------------------------------------------------
@@ -446,23 +252,31 @@ class PPOModels:
     reward_model: torch.nn.Module | None  # None with LoRA when it shares the critic's base model
     tokenizer: Any  # the policy's, left padding
     rm_tokenizer: Any  # the reward model's, right padding, left truncation
+    engine: RolloutEngine  # samples the responses (transformers' generate on the policy)
+    reward: RewardModelScore  # the reward model's score of a response
 
-    @torch.no_grad()
     def reference_logits(self, inputs: dict[str, torch.Tensor], width: int) -> torch.Tensor:
-        if self.reference is not None:
-            return response_logits(self.reference, inputs, width)
-        policy = unwrap(self.policy)
-        with disabled_adapter(policy):
-            return response_logits(policy, inputs, width)
+        return reference_logits(self.policy, self.reference, inputs, width)
 
     @torch.no_grad()
     def reward_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.reward_model is not None:
-            return self.reward_model(input_ids=input_ids, attention_mask=attention_mask,
-                                     use_cache=False).logits.squeeze(-1).float()
-        critic = unwrap(self.critic)
-        with disabled_adapter(critic.classifier):
-            return critic(input_ids=input_ids, attention_mask=attention_mask, score=True)
+        return reward_model_forward(self.reward_model, self.critic)(input_ids, attention_mask)
+
+
+def reward_model_forward(reward_model: torch.nn.Module | None,
+                         critic: Critic) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The reward model's score of token ids: the frozen classifier, or with LoRA (no such copy) the critic's base
+    model with its adapter disabled, which is the reward model itself."""
+    if reward_model is not None:
+        return lambda input_ids, attention_mask: reward_model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.squeeze(-1).float()
+
+    def score(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        module = unwrap(critic)
+        with disabled_adapter(module.classifier):
+            return module(input_ids=input_ids, attention_mask=attention_mask, score=True)
+
+    return score
 
 
 def load_models(config: StageConfig, worker: Worker, reward_stats: dict[str, float] | None) -> PPOModels:
@@ -503,10 +317,13 @@ def load_models(config: StageConfig, worker: Worker, reward_stats: dict[str, flo
     if not (lora and same_vocab):
         reward_model = frozen(load_reward_model(rm_path, rm_tokenizer, trust, dropout=False, dtype=frozen_dtype))
         reward_model = sharding.prepare(reward_model, training, worker, trainable=False)
-    return PPOModels(
-        policy=policy, critic=critic, reference=reference, reward_model=reward_model,
-        tokenizer=tokenizer, rm_tokenizer=rm_tokenizer,
-    )
+    scorer = reward_model if reward_model is not None else critic
+    positions = getattr(sharding.hf_model(unwrap(scorer)).config, "max_position_embeddings", None) or 1024
+    reward = RewardModelScore(reward_model_forward(reward_model, critic), rm_tokenizer, positions, training,
+                              worker.device)
+    return PPOModels(policy=policy, critic=critic, reference=reference, reward_model=reward_model,
+                     tokenizer=tokenizer, rm_tokenizer=rm_tokenizer,
+                     engine=HFRolloutEngine(policy, tokenizer, training, worker.device), reward=reward)
 
 
 @dataclass
@@ -557,83 +374,8 @@ class Optimizers:
 # ---- worker: rollout ---------------------------------------------------------------------------------------------
 
 
-def sampling_config(training: PPOTraining, tokenizer: Any, greedy: bool = False) -> Any:
-    """Sampling from exactly softmax(logits / temperature), the distribution whose log-probs PPO trains on.
-
-    Every setting that reshapes it is given its neutral value (top_k 0: transformers' default is 50),
-    and `generate_responses` hides the checkpoint's own `generation_config.json` (repetition_penalty,
-    no_repeat_ngram_size, top_k/top_p, min_p, suppressed tokens, ...) while it samples: `generate` would
-    merge its values into any setting left unset. TRL samples the same way. `greedy` (for `rlhf-jobs generate`
-    only): the most likely token at every step.
-    """
-    from transformers import GenerationConfig
-
-    return GenerationConfig(
-        do_sample=not greedy, temperature=None if greedy else training.temperature, top_k=None if greedy else 0,
-        top_p=None if greedy else 1.0, max_new_tokens=training.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
-    )
 
 
-@contextlib.contextmanager
-def without_checkpoint_generation_config(model: torch.nn.Module) -> Any:
-    """`model.generate` with only the settings it is given: the checkpoint's generation config is swapped for
-    an empty one for the call (`generate` fills every unset field from it)."""
-    from transformers import GenerationConfig
-
-    hf_model = sharding.hf_model(model)
-    saved = hf_model.generation_config
-    hf_model.generation_config = GenerationConfig()
-    try:
-        yield
-    finally:
-        hf_model.generation_config = saved
-
-
-@torch.no_grad()
-def generate_responses(models: PPOModels, prompts: list[dict[str, Any]], training: PPOTraining,
-                       device: torch.device, greedy: bool = False) -> list[list[int]]:
-    """Sampled response ids per prompt, up to and including the first EOS, from exactly softmax(logits /
-    temperature) (`sampling_config`; a sharded policy is gathered once for the whole call)."""
-    tokenizer = models.tokenizer
-    query, query_mask = pad([p["input_ids"] for p in prompts], tokenizer.pad_token_id, side="left", device=device)
-    model = unwrap(models.policy)
-    model.eval()
-    with sharding.gathered(model), optim.autocast(training, device), without_checkpoint_generation_config(model):
-        output = model.generate(input_ids=query, attention_mask=query_mask,
-                                generation_config=sampling_config(training, tokenizer, greedy))
-    model.train()
-    response = output[:, query.size(1) :]
-    lengths = response_mask(response, tokenizer.eos_token_id).sum(1)
-    return [tokens[: int(length)].tolist() for tokens, length in zip(response, lengths, strict=True)]
-
-
-@torch.no_grad()
-def score_responses(models: PPOModels, prompts: list[dict[str, Any]], response: torch.Tensor, mask: torch.Tensor,
-                    training: PPOTraining, device: torch.device) -> torch.Tensor:
-    """The reward model's score of each response, read as it read its training pairs (`reward_model_inputs`)."""
-    config = sharding.hf_model(unwrap(models.critic if models.reward_model is None else models.reward_model)).config
-    sequences = reward_model_inputs(models.tokenizer, models.rm_tokenizer, prompts, response, mask,
-                                    getattr(config, "max_position_embeddings", None) or 1024)
-    input_ids, attention_mask = pad(sequences, models.rm_tokenizer.pad_token_id, device=device)
-    with optim.autocast(training, device):
-        return models.reward_scores(input_ids, attention_mask)
-
-
-def reward_model_inputs(tokenizer: Any, rm_tokenizer: Any, prompts: list[dict[str, Any]], response: torch.Tensor,
-                        mask: torch.Tensor, max_length: int) -> list[list[int]]:
-    """The reward model's token ids for each response: the text its training pairs were made of,
-    `join_response(prompt text, response text)` (EOS dropped), in its own tokens with its BOS, the tail kept.
-
-    The join matters: a SentencePiece tokenizer decodes a response's first token without its leading space,
-    and "Assistant:" + "Hello" would be scored as "Assistant:Hello" where the RM learnt "Assistant: Hello".
-    """
-    texts = [
-        join_response(prompt["text"], tokenizer.decode(tokens[: int(length)].tolist(), skip_special_tokens=True))
-        for prompt, tokens, length in zip(prompts, response, mask.sum(1), strict=True)
-    ]
-    return [with_bos_tail(rm_tokenizer, ids, max_length)[0]
-            for ids in rm_tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def shape_scores(raw: torch.Tensor, has_eos: torch.Tensor, reward_stats: dict[str, float] | None,
@@ -666,8 +408,6 @@ class Experience:
         return self.response.size(0)
 
 
-def row_chunks(size: int, chunk: int) -> list[slice]:
-    return [slice(start, start + chunk) for start in range(0, size, chunk)]
 
 
 @torch.no_grad()
@@ -675,8 +415,9 @@ def collect_experience(models: PPOModels, prompts: list[dict[str, Any]], trainin
                        device: torch.device) -> Experience:
     """Generate, then the four rollout forwards, `rollout_batch_size` prompts at a time."""
     chunk = training.rollout_batch_size or len(prompts)
+    sampling = Sampling.of(training)
     responses = [ids for rows in row_chunks(len(prompts), chunk)
-                 for ids in generate_responses(models, prompts[rows], training, device)]
+                 for ids in models.engine.generate([p["input_ids"] for p in prompts[rows]], sampling)]
     return judge_responses(models, prompts, responses, training, device)
 
 
@@ -702,7 +443,7 @@ def judge_responses(models: PPOModels, prompts: list[dict[str, Any]], responses:
             parts["ref_logp"].append(response_logprobs(models.reference_logits(sub, width), response[rows],
                                                        temperature, chunk_size))
             parts["values"].append(response_slice(unwrap(models.critic)(**sub), width))
-            parts["raw"].append(score_responses(models, prompts[rows], response[rows], mask[rows], training, device))
+            parts["raw"].append(models.reward(Responses(prompts[rows], response[rows], mask[rows], tokenizer)))
     joined = {name: torch.cat(values) for name, values in parts.items()}
     has_eos = ((response == tokenizer.eos_token_id) & (mask == 1)).any(1)
     return Experience(inputs, response, maskf, joined["old_logp"], joined["ref_logp"], joined["values"] * maskf,
@@ -803,7 +544,7 @@ def evaluate_held_out(models: PPOModels, eval_prompts: list[dict[str, Any]] | No
         return {}
     shard = eval_prompts[worker.rank :: worker.world_size]
     chunk = training.rollout_batch_size or training.experience_batch_size
-    if sharding.is_sharded(unwrap(models.policy)):  # every worker must run the same forwards
+    if models.engine.sharded:  # every worker must run the same forwards
         most = math.ceil(len(eval_prompts) / worker.world_size)
         shard, real = shard + eval_prompts[: most - len(shard)], len(shard)
     else:
@@ -814,9 +555,9 @@ def evaluate_held_out(models: PPOModels, eval_prompts: list[dict[str, Any]] | No
         torch.manual_seed(training.seed + 7919 * (worker.rank + 1))
         for rows in row_chunks(len(shard), chunk):
             prompts = shard[rows]
-            response, mask = pad(generate_responses(models, prompts, training, worker.device),
+            response, mask = pad(models.engine.generate([p["input_ids"] for p in prompts], Sampling.of(training)),
                                  models.tokenizer.pad_token_id, device=worker.device)
-            raw = score_responses(models, prompts, response, mask, training, worker.device)
+            raw = models.reward(Responses(prompts, response, mask, models.tokenizer))
             keep = max(0, min(real - rows.start, len(prompts)))  # padding prompts count for nothing
             scores.add(raw[:keep])
             length += mask[:keep].sum().item()
@@ -844,7 +585,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     tensors = {"policy": ModelState(models.policy, policy_optimizer, trainable_only=True),
                "critic": ModelState(models.critic, critic_optimizer, trainable_only=True)}
     saved = store.load(tensors)
-    training = resumed_layout(saved, training, worker)
+    training = resumed_layout(saved, training, worker, STAGE)
     batch_size = training.experience_batch_size
     global_batch = batch_size * worker.world_size
     global_mini_batch = (training.mini_batch_size or batch_size) * worker.world_size

@@ -1,8 +1,8 @@
 """`rlhf-jobs generate`: answers of one or several checkpoints to the same prompts, side by side,
 each scored by the reward model, as a table and a JSONL file.
 
-Prompts are built, truncated, sampled and scored by PPO's own functions (`ppo.tokenize_prompts`,
-`ppo.generate_responses`, `ppo.score_responses`), so what you see is what PPO trained on.
+Prompts are built, truncated, sampled and scored by the RL stages' own pieces (`algorithms/rl/rollout.py`,
+`algorithms/rl/rewards.py`), so what you see is what PPO trained on.
 Settings (prompt format, prompt length, temperature, length, seed) come from the PPO checkpoint's
 recorded config when there is one, else the PPO defaults; flags override them. Responses are sampled
 exactly as PPO samples them: from softmax(logits / temperature), whatever the checkpoint's own
@@ -131,39 +131,45 @@ def generate(models: Sequence[str], records: list[dict[str, Any]], settings: Set
              reward_model: str | None = None) -> list[Sample]:
     """Every model's answer to every record's prompt (same seed per model), scored by `reward_model`.
 
-    Each policy goes through PPO's own rollout functions, wrapped in a `ppo.PPOModels` holding just it,
-    its tokenizer and the reward model.
+    The RL stages' own pieces: prompts built and truncated as they build them (`rollout.tokenize_prompts`),
+    sampled by the same engine and settings (`rollout.HFRolloutEngine`, `rollout.Sampling`), scored as they
+    score (`rewards.RewardModelScore`).
     """
     import torch
     from transformers.utils import logging as hf_logging
 
-    from rlhf_jobs.algorithms import ppo
+    from rlhf_jobs.algorithms.rl.rewards import Responses, RewardModelScore
+    from rlhf_jobs.algorithms.rl.rollout import HFRolloutEngine, Sampling, frozen, tokenize_prompts
     from rlhf_jobs.engine.batching import pad
     from rlhf_jobs.engine.models import load_causal_lm, load_reward_model, load_tokenizer
 
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per model says nothing here
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     samples = [Sample(record, answers={}) for record in records]
-    rm, rm_tokenizer = None, None
+    training = settings.training
+    reward = None
     if reward_model:
         rm_tokenizer = load_tokenizer(reward_model, padding_side="right")
         rm_tokenizer.truncation_side = "left"
-        rm = ppo.frozen(load_reward_model(reward_model, rm_tokenizer, dropout=False)).to(device)
-    training = settings.training
+        rm = frozen(load_reward_model(reward_model, rm_tokenizer, dropout=False)).to(device)
+        reward = RewardModelScore(
+            lambda input_ids, attention_mask: rm(input_ids=input_ids, attention_mask=attention_mask,
+                                                 use_cache=False).logits.squeeze(-1),
+            rm_tokenizer, getattr(rm.config, "max_position_embeddings", None) or 1024, training, device)
+    sampling = Sampling.of(training, greedy=settings.greedy)
     for label, path in zip(labels_for(models), models, strict=True):
         tokenizer = load_tokenizer(path, padding_side="left")
-        policy = load_causal_lm(path, tokenizer, dropout=False).to(device)
-        held = ppo.PPOModels(policy=policy, critic=None, reference=None, reward_model=rm,  # type: ignore[arg-type]
-                             tokenizer=tokenizer, rm_tokenizer=rm_tokenizer)
-        prompts = ppo.tokenize_prompts(records, tokenizer, settings.prompt_format, settings.max_prompt_length)
+        engine = HFRolloutEngine(load_causal_lm(path, tokenizer, dropout=False).to(device), tokenizer, training,
+                                 device)
+        prompts = tokenize_prompts(records, tokenizer, settings.prompt_format, settings.max_prompt_length)
         torch.manual_seed(training.seed)
         for start in range(0, len(prompts), BATCH):
             batch = prompts[start : start + BATCH]
-            responses = ppo.generate_responses(held, batch, training, device, greedy=settings.greedy)
+            responses = engine.generate([prompt["input_ids"] for prompt in batch], sampling)
             scores: list[float | None] = [None] * len(batch)
-            if rm is not None:
+            if reward is not None:
                 response, mask = pad(responses, tokenizer.pad_token_id, device=device)
-                scores = ppo.score_responses(held, batch, response, mask, training, device).tolist()
+                scores = reward(Responses(batch, response, mask, tokenizer)).tolist()
             for offset, (prompt, ids, value) in enumerate(zip(batch, responses, scores, strict=True)):
                 sample = samples[start + offset]
                 sample.prompt_text = sample.prompt_text or prompt["text"]
