@@ -78,7 +78,7 @@ def test_sft_rm_ppo_and_samples_run_without_the_extras(tiny_model: Path, tmp_pat
     assert process.returncode == 0, process.stdout[-2000:] + process.stderr[-4000:]
     for stage in ("sft", "rm", "ppo"):
         assert json.loads((tmp_path / "run" / stage / "rlhf_stage.json").read_text())["stage"] == stage
-    assert (tmp_path / "run" / "samples.jsonl").is_file()
+    assert (tmp_path / "run" / "ppo-samples.jsonl").is_file()
 
 
 def test_lora_without_peft_fails_before_training_naming_the_extra(tiny_model: Path, tmp_path: Path) -> None:
