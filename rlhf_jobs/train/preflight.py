@@ -64,12 +64,10 @@ def check_models(config: StageConfig) -> None:
     for model in stage.trained:
         key = next(k for k in model.keys if getattr(general, k, None))
         location = getattr(general, key)
-        if storage.location(location).mirrored:
-            continue
         if key in stage.inputs:
             marker = require_stage(location, stage.inputs[key], f"General.{key}")
             check_finite_metrics(marker, location, f"General.{key}")
-        elif not looks_local(location):
+        elif not looks_local(location):  # an object-store URI looks local: `storage.check_config` checked it
             check_hub_model(location, f"General.{key}")
 
 
@@ -88,8 +86,7 @@ def check_finite_metrics(marker: dict[str, Any], location: str, key: str) -> Non
 def check(config: StageConfig) -> None:
     """The read-only checks: directories, what checkpoint_dir holds, the models the stage starts from."""
     check_directories(config)
-    if not storage.location(config.General.checkpoint_dir).mirrored:
-        check_overwritable(config.General.checkpoint_dir, stage=config.stage, output_dir=config.General.output_dir)
+    check_overwritable(config.General.checkpoint_dir, stage=config.stage, output_dir=config.General.output_dir)
     check_models(config)
 
 
