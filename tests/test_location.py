@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from servers.py)
 """`storage.Location`: the same assertions against a local directory and a real S3-compatible server (moto's), so
 both implementations are shown to behave alike."""
 
@@ -123,3 +122,33 @@ def test_publish_replaces_a_directory_whole_with_the_commit_file_last(root: stor
     with pytest.raises(RuntimeError, match="the writer failed"):
         root.publish(fails, commit="commit.json", what="a test model")
     assert root.join("commit.json").read_text() == "new", "a failed write leaves the old directory"
+
+
+def test_checkpoint_step_directories_take_one_path_for_both(root: storage.Location, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`StepDirs` (the train state's checkpoints): written in the local copy, kept at the location, committed by
+    `complete.json` last, cleaned in both, and the newest complete one fetched on another machine."""
+    from rlhf_jobs.store.step_dirs import StepDirs
+
+    steps = StepDirs(root.join("checkpoints"), "complete.json")
+    for step in (2, 4, 6):
+        path = steps.local / f"step-{step:08d}"
+        path.mkdir(parents=True)
+        (path / "shard.distcp").write_text(f"s{step}")
+        steps.upload_shards(path)
+        if step < 6:  # step 6 stays partial: killed before its commit
+            (path / "complete.json").write_text("{}")
+            steps.commit(path)
+    root.join("checkpoints", "step-00000002.broken-x", "shard.distcp").write_text("kept")
+    assert steps.sizes(steps.local / "step-00000004") == {"complete.json": 2, "shard.distcp": 2}
+    assert [path.name for path in steps.complete_steps()] == ["step-00000002", "step-00000004"]
+
+    steps.clean(keep=1)
+    assert root.join("checkpoints").names() == ["step-00000002.broken-x", "step-00000004"]
+    assert {path.name for path in steps.local.iterdir()} - {"step-00000002.broken-x"} == {"step-00000004"}
+
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "another-machine"))
+    elsewhere = StepDirs(root.join("checkpoints"), "complete.json")
+    elsewhere.download_latest()
+    assert [path.name for path in elsewhere.complete_steps()] == ["step-00000004"]
+    assert (elsewhere.local / "step-00000004" / "shard.distcp").read_text() == "s4"
