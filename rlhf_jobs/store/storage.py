@@ -513,7 +513,7 @@ def cache_root() -> Path:
 _listing = listing  # the name tests know
 
 
-# ---- the same, for a location given as text ----------------------------------------------------------
+# ---- the same, for a location given as text (scripts, tests) ----------------------------------------
 
 
 def read_text(where: Where) -> str | None:
@@ -547,6 +547,9 @@ def upload_tree(local: str | Path, uri: str, skip: tuple[str, ...] = ()) -> None
 
 def download_file(uri: str, local: str | Path) -> None:
     location(uri).download(Path(local))
+
+
+# ---- pre-flight ----------------------------------------------------------------------------------------------
 
 
 def check_config(config: Any) -> None:
