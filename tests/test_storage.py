@@ -74,6 +74,36 @@ def test_missing_remote_model_names_the_key(s3_env, tmp_path, tiny_model, capsys
     assert capsys.readouterr().err.strip() == expected
 
 
+def test_a_remote_checkpoint_dir_that_is_not_ours_is_refused_before_training(s3_env, tmp_path, tiny_model, capsys):
+    """As for a local one: before anything is written, not after training, when the final model would replace it."""
+    uri = f"{prefix()}/theirs"
+    storage.write_text(f"{uri}/users-file.txt", "keep me")
+    config = local_config("sft", base_model=tiny_model, output_dir=tmp_path / "out", checkpoint_dir=uri)
+    config["Training"].update(num_training_workers=1, max_train_steps=2)
+    path = str(write_config(tmp_path / "sft.yaml", config))
+    assert main(["train", "sft", "--config_path", path, "--in-process"]) == 2
+    expected = f"error: General.checkpoint_dir: {uri} is not empty and holds no rlhf_stage.json; refusing to overwrite"
+    assert capsys.readouterr().err.strip().startswith(expected)
+    assert not (tmp_path / "out").exists(), "nothing written"
+    assert storage.read_text(f"{uri}/users-file.txt") == "keep me"
+
+
+def test_a_remote_input_model_must_be_a_finished_stage_before_training(s3_env, tmp_path, tiny_model, capsys):
+    """DPO from an SFT model in S3 that has no marker (an unfinished or foreign upload): refused at pre-flight, as a
+    local one is, instead of trained on."""
+    uri = f"{prefix()}/not-sft"
+    storage.upload_tree(tiny_model, uri)
+    config = local_config("dpo", model_name=tiny_model, model_pretrain=uri, output_dir=tmp_path / "out",
+                          checkpoint_dir=tmp_path / "model")
+    config["Training"].update(num_training_workers=1, max_train_steps=2)
+    path = str(write_config(tmp_path / "dpo.yaml", config))
+    assert main(["train", "dpo", "--config_path", path, "--in-process"]) == 2
+    expected = (f"error: General.model_pretrain: {uri} has no rlhf_stage.json, so it is not a finished SFT checkpoint; "
+                "run the SFT stage first (rlhf-jobs train sft)")
+    assert capsys.readouterr().err.strip() == expected
+    assert not (tmp_path / "out").exists() and not (tmp_path / "model").exists()
+
+
 # ---- final models ------------------------------------------------------------------------------------
 
 

@@ -117,7 +117,7 @@ def _last_peak_memory(output_dir: str) -> float | None:
     """The highest per-worker peak RSS the run logged (`memory_peak_gib` in metrics.jsonl), if any."""
     import json
 
-    path = storage.local_dir(output_dir) / "metrics.jsonl"
+    path = storage.location(output_dir).local / "metrics.jsonl"
     if not path.is_file():
         return None
     peaks = [json.loads(line).get("memory_peak_gib") for line in path.read_text().splitlines() if line.strip()]
@@ -237,7 +237,7 @@ def run_trainer(
     if not in_process:
         init_ray(training)
     identity.record(config)  # creates a local output_dir; records the run's identity there
-    storage_path, storage_filesystem = storage.ray_storage(config.General.output_dir)
+    storage_path, storage_filesystem = storage.location(config.General.output_dir).ray_storage()
     make_trainer = lambda: trainer_class(in_process)(  # noqa: E731  (one per attempt: a drained node's run restarts)
         train_loop,
         torch_config=LazyTorchConfig(),

@@ -33,7 +33,8 @@ from rlhf_jobs.engine.distributed import all_reduce_sum, is_distributed
 from rlhf_jobs.engine.worker import Worker, progress
 from rlhf_jobs.store import storage
 from rlhf_jobs.store.checkpoints import move_aside
-from rlhf_jobs.store.remote_state import STEP_DIR, RemoteCheckpoints, owned
+from rlhf_jobs.store.disk import writing
+from rlhf_jobs.store.step_dirs import StepDirs
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "complete.json"
@@ -140,42 +141,30 @@ class TrainState:
     """The checkpoints of one run's `output_dir`."""
 
     def __init__(self, output_dir: str, worker: Worker, keep: int = 2) -> None:
-        self.root = storage.local_dir(output_dir) / CHECKPOINTS  # an s3:// output_dir: its local mirror
+        self.steps = StepDirs(storage.location(output_dir).join(CHECKPOINTS), COMPLETE)
+        self.root = self.steps.local  # an s3:// output_dir: its local mirror
         self.worker, self.keep = worker, keep
-        self.remote = (RemoteCheckpoints(storage.join(output_dir, CHECKPOINTS), self.root, COMPLETE)
-                       if storage.is_remote(output_dir) else None)
-
-    def _complete(self) -> list[tuple[int, Path]]:
-        if not self.root.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name))]
-        return sorted((step, path) for step, path in found if (path / COMPLETE).is_file())
 
     def latest(self) -> Path | None:
-        complete = self._complete()
-        return complete[-1][1] if complete else None
+        complete = self.steps.complete_steps()
+        return complete[-1] if complete else None
 
     def clean(self) -> None:
         """Rank 0 deletes partial checkpoints and all but the newest `keep` complete ones (nothing else: a
         checkpoint moved aside as broken stays)."""
-        if self.worker.is_main and self.root.is_dir():
-            keep = {path for _, path in self._complete()[-self.keep :]}
-            for path in self.root.iterdir():
-                if path not in keep and owned(path.name):
-                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-            if self.remote:
-                self.remote.clean(self.keep)
+        if self.worker.is_main:
+            self.steps.clean(self.keep)
         _barrier()
 
     def save(self, step: int, tensors: dict[str, Any], extra: dict[str, Any]) -> Path:
         """Every rank calls it: each writes its shard of `tensors`, rank 0 `extra`, then the commit marker.
 
-        A full disk is one `storage.DiskFull` line naming the path and the size of a checkpoint; the partial
+        A full disk is one `DiskFull` line naming the path and the size of a checkpoint; the partial
         directory is removed, and the last complete checkpoint (cleaned only after a new one is complete) stays."""
         import torch.distributed.checkpoint as dcp
 
         path = self.root / f"step-{step:08d}"
-        with storage.writing(path, f"checkpoint {path.name}", needed=lambda: self._size_estimate(tensors),
+        with writing(path, f"checkpoint {path.name}", needed=lambda: self._size_estimate(tensors),
                              cleanup=lambda: shutil.rmtree(path, ignore_errors=True), then=self._what_stays()):
             if self.worker.is_main:
                 shutil.rmtree(path, ignore_errors=True)  # a partial one from a killed attempt
@@ -186,16 +175,14 @@ class TrainState:
             if self.worker.is_main:
                 torch.save(extra, path / EXTRA)
             _barrier()
-            if self.remote:
-                self.remote.upload_shards(path)
-                _barrier()
+            self.steps.upload_shards(path)
+            _barrier()
             if self.worker.is_main:
-                files = storage.file_sizes(self.remote.step_uri(path) if self.remote else path)  # every node's
+                files = self.steps.sizes(path)  # every node's
                 files.pop(COMPLETE, None)
                 (path / COMPLETE).write_text(json.dumps({"step": step, "time": time.time(),
                                                          "world_size": self.worker.world_size, "files": files}) + "\n")
-                if self.remote:
-                    self.remote.commit(path)
+                self.steps.commit(path)
         self.clean()
         return path
 
@@ -226,9 +213,8 @@ class TrainState:
 
         set_aside = False
         while True:
-            if self.remote:
-                self.remote.download_latest()
-                _barrier()
+            self.steps.download_latest()
+            _barrier()
             self.clean()
             path = self.latest()
             if path is None:
@@ -247,7 +233,7 @@ class TrainState:
         whether it did."""
         broken = 0.0
         if self.worker.is_main and (problem := verify(path)) is not None:
-            location = self.remote.step_uri(path) if self.remote else path
+            location = self.steps.step_location(path)
             moved = move_aside(location, "broken")
             progress(self.worker, "resume", f"checkpoint {location} is broken: {problem}; moved it aside to {moved} "
                                             "(nothing deleted), resuming from the previous complete one")

@@ -46,9 +46,9 @@ def key_metrics(stage: str, metrics: list[dict[str, Any]]) -> str:
 
 def finished_line(stage: str, output_dir: str, checkpoint_dir: str, seconds: float) -> str:
     """The last line of `rlhf-jobs train`: how long, the stage's key figures, where the final model is."""
-    from rlhf_jobs.store.storage import local_dir
+    from rlhf_jobs.store.storage import location
 
-    figures = key_metrics(stage, read_metrics(local_dir(output_dir)))
+    figures = key_metrics(stage, read_metrics(location(output_dir).local))
     return f"{stage} finished in {seconds:.0f} s: {figures}; final model: {checkpoint_dir}"
 
 

@@ -12,10 +12,7 @@ anything else in `checkpoint_dir` is refused, or (this run's old model, on a res
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,12 +31,11 @@ def product(stage: str) -> str:
     return REGISTRY[stage].product if stage in REGISTRY else f"{stage!r} model"
 
 
-def require_stage(directory: str | Path, stage: str, key: str) -> dict[str, Any]:
+def require_stage(directory: storage.Where, stage: str, key: str) -> dict[str, Any]:
     """The marker of `directory`, which must be a finished `stage` checkpoint."""
-    directory = str(directory) if storage.is_remote(directory) else Path(directory)
+    directory = storage.location(directory)
     command, title = f"rlhf-jobs train {stage}", get(stage).title
-    found = storage.exists(directory) if isinstance(directory, str) else directory.is_dir()
-    if not found:
+    if not directory.is_dir():
         raise CheckpointError(
             f"{key}: {directory} does not exist; run the {title} stage first ({command})"
         )
@@ -67,22 +63,18 @@ def describe(marker: dict[str, Any]) -> str:
 
 
 def check_overwritable(
-    directory: str | Path,
+    directory: storage.Where,
     key: str = "General.checkpoint_dir",
     stage: str | None = None,
     output_dir: str | Path | None = None,
 ) -> None:
     """Refuse to replace what this run did not write: data without a marker, another stage's model,
     or a model of another run (another `output_dir`). `stage`/`output_dir` None skip those checks."""
-    if storage.is_remote(directory):
-        if not storage.exists(str(directory)):
-            return
-    else:
-        directory = Path(directory)
-        if directory.is_file():
-            raise CheckpointError(f"{key}: {directory} is a file, expected a directory")
-        if not directory.is_dir() or not any(directory.iterdir()):
-            return
+    directory = storage.location(directory)
+    if directory.is_file():
+        raise CheckpointError(f"{key}: {directory} is a file, expected a directory")
+    if not directory.names():
+        return
     marker = read_marker(directory)
     if marker is None:
         raise CheckpointError(
@@ -103,43 +95,15 @@ def check_overwritable(
         )
 
 
-def move_aside(path: str | Path, label: str = "replaced") -> Path | str:
+def move_aside(path: storage.Where, label: str = "replaced") -> str:
     """Move `path` to `<path>.<label>-<time>` beside it (never deleted); returns the new location.
 
     Locally a rename. In object storage, where there is no rename, every object is copied (server side)
-    before the old prefix is deleted, and the local mirror of the prefix (`storage.local_dir`) is moved too.
+    before the old prefix is deleted, and the local mirror of the prefix (`Location.local`) is moved too.
     An output_dir another live run holds (`run_lock`) is refused.
     """
     run_lock.refuse_if_in_use(path)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    if storage.is_remote(path):
-        uri = str(path).rstrip("/")
-        target, number = f"{uri}.{label}-{stamp}", 1
-        while storage.exists(target):
-            target, number = f"{uri}.{label}-{stamp}-{number}", number + 1
-        _copy_prefix(uri, target)
-        storage.delete(uri)
-        if storage.local_dir(uri).exists():
-            move_aside(storage.local_dir(uri), label)
-        return target
-    path = Path(path)
-    target = path.with_name(f"{path.name}.{label}-{stamp}")
-    number = 1
-    while target.exists():
-        target = path.with_name(f"{path.name}.{label}-{stamp}-{number}")
-        number += 1
-    path.rename(target)
-    return target
-
-
-def _copy_prefix(source: str, target: str) -> None:
-    from pyarrow import fs
-
-    remote_fs, root = storage.filesystem(source)
-    _, target_root = storage.filesystem(target)
-    for info in remote_fs.get_file_info(fs.FileSelector(root, recursive=True, allow_not_found=True)):
-        if info.type == fs.FileType.File:
-            remote_fs.copy_file(info.path, target_root + info.path[len(root):])
+    return str(storage.location(path).move_aside(label))
 
 
 def with_run(marker: dict[str, Any]) -> dict[str, Any]:
@@ -150,49 +114,22 @@ def with_run(marker: dict[str, Any]) -> dict[str, Any]:
     return {**marker, "run": {"output_dir": run_location(output_dir), "identity": recorded_hash(output_dir)}}
 
 
-def write_atomically(directory: str | Path, write: Callable[[Path], None], marker: dict[str, Any]) -> Path | str:
-    """Fill a temp dir beside `directory` with `write`, add the marker, then swap it into place.
+def write_atomically(directory: storage.Where, write: Callable[[Path], None], marker: dict[str, Any]) -> str:
+    """Fill a fresh directory with `write`, add the marker, then put it in place of `directory`
+    (`Location.publish`: a rename on a local disk; in object storage the marker is the commit, deleted first and
+    written last).
 
-    A crash leaves either the old directory or the new one, never a half-written model. The marker
+    A crash leaves either the old model or the new one, never a marker beside half a model. The marker
     gains `run` (output_dir, identity) when its `config` names an output_dir.
     """
     output_dir = (marker.get("config") or {}).get("General", {}).get("output_dir")
     check_overwritable(directory, stage=marker.get("stage"), output_dir=output_dir)
     marker = with_run(marker)
-    if storage.is_remote(directory):
-        return _write_remote(str(directory), write, marker)
-    directory = Path(directory).resolve()
-    token = uuid.uuid4().hex[:8]
-    staging = directory.with_name(f".{directory.name}.tmp-{token}")
-    with storage.writing(directory, "the final model", cleanup=lambda: shutil.rmtree(staging, ignore_errors=True),
-                         then=FINAL_MODEL_LATER):
-        directory.parent.mkdir(parents=True, exist_ok=True)
+    target = storage.location(directory).resolved()
+
+    def write_with_marker(staging: Path) -> None:
         write(staging)
         (staging / MARKER).write_text(json.dumps({**marker, "written_at": time.time()}, indent=2) + "\n")
-    previous = directory.with_name(f".{directory.name}.old-{token}")
-    if directory.exists():
-        directory.rename(previous)
-    staging.rename(directory)
-    shutil.rmtree(previous, ignore_errors=True)
-    return directory
 
-
-def _write_remote(uri: str, write: Callable[[Path], None], marker: dict[str, Any]) -> str:
-    """Write locally, then publish to `uri`: old marker deleted first, files, new marker last.
-
-    A crash leaves no marker (readers refuse the directory and say which stage to run), never a
-    marker beside half a model.
-    """
-    cache = storage.cache_root()
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache, prefix="publish-") as temporary:
-        staging = Path(temporary) / "model"
-        with storage.writing(staging, f"the final model for {uri} (staged in {storage.CACHE_ENV})",
-                             then=FINAL_MODEL_LATER):
-            write(staging)
-        storage.delete(storage.join(uri, MARKER))
-        storage.delete(uri)
-        storage.upload_tree(staging, uri, skip=(MARKER,))
-        text = json.dumps({**marker, "written_at": time.time()}, indent=2) + "\n"
-        storage.write_text(storage.join(uri, MARKER), text)
-    return uri
+    target.publish(write_with_marker, commit=MARKER, what="the final model", then=FINAL_MODEL_LATER)
+    return str(target)

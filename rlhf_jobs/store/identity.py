@@ -52,7 +52,7 @@ def compute(config: StageConfig) -> dict[str, Any]:
     inputs = {}
     for key in get(config.stage).model_keys:
         location = getattr(config.General, key, None)
-        if location and (storage.is_remote(location) or Path(location).is_dir()):
+        if location:  # a hub id has no marker either
             marker = read_marker(location)
             if marker is not None:
                 inputs[f"General.{key}"] = {"stage": marker.get("stage"), "written_at": marker.get("written_at")}
@@ -65,17 +65,16 @@ def record(config: StageConfig) -> Path:
     The preflight (`check`) already settled a differing identity; one found here means the directory
     changed in between, and is refused as well.
     """
-    location = config.General.output_dir
+    output_dir = storage.location(config.General.output_dir)
     identity = compute(config)
-    existing = read_identity(location)
+    existing = read_identity(output_dir)
     if existing is not None and existing != identity:
         raise ConfigError(changed_message(config, existing, identity))
     payload = json.dumps({"identity": identity, "hash": digest(identity), "recorded_at": time.time()}, indent=2)
     if existing is None:
-        storage.write_text(storage.join(location, IDENTITY_FILE), payload + "\n")  # creates a local output_dir
-    output_dir = storage.local_dir(location)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    return output_dir
+        output_dir.join(IDENTITY_FILE).write_text(payload + "\n")  # creates a local output_dir
+    output_dir.local.mkdir(parents=True, exist_ok=True)
+    return output_dir.local
 
 
 # ---- comparing ---------------------------------------------------------------------------------------
@@ -140,9 +139,7 @@ class Decision:
 
 
 def _has_training_state(output_dir: str) -> bool:
-    if storage.is_remote(output_dir):
-        return storage.exists(output_dir)
-    return Path(output_dir).is_dir() and any(Path(output_dir).iterdir())
+    return bool(storage.location(output_dir).names())
 
 
 def check(config: StageConfig, on_config_change: str = "refuse", fresh: bool = False) -> Decision:
@@ -175,6 +172,6 @@ def restart_moves(config: StageConfig) -> tuple[tuple[str, str], ...]:
         marker_output_dir(marker) == run_location(output_dir)
     )
     for path in (output_dir, checkpoint_dir if ours else None):
-        if path is not None and storage.exists(path):
-            moved.append((str(path), str(move_aside(path))))
+        if path is not None and storage.location(path).exists():
+            moved.append((str(path), move_aside(path)))
     return tuple(moved)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 from rlhf_jobs.store import storage
@@ -21,14 +20,14 @@ MARKER = "rlhf_stage.json"
 IDENTITY_FILE = "rlhf_run.json"
 
 
-def read_marker(directory: str | Path) -> dict[str, Any] | None:
-    text = storage.read_text(storage.join(str(directory), MARKER))
+def read_marker(directory: storage.Where) -> dict[str, Any] | None:
+    text = storage.location(directory).join(MARKER).read_text()
     return json.loads(text) if text is not None else None
 
 
-def run_location(output_dir: str | Path) -> str:
+def run_location(output_dir: storage.Where) -> str:
     """How a run's output_dir is recorded and compared: absolute locally, the URI as is in object storage."""
-    return str(output_dir).rstrip("/") if storage.is_remote(output_dir) else str(Path(output_dir).resolve())
+    return storage.location(output_dir).recorded
 
 
 def marker_output_dir(marker: dict[str, Any]) -> str | None:
@@ -40,9 +39,9 @@ def marker_output_dir(marker: dict[str, Any]) -> str | None:
     return run_location(output_dir) if output_dir else None
 
 
-def read_identity(output_dir: str | Path) -> dict[str, Any] | None:
+def read_identity(output_dir: storage.Where) -> dict[str, Any] | None:
     """The identity recorded in `output_dir` (a local path or an object-storage URI), or None."""
-    text = storage.read_text(storage.join(str(output_dir), IDENTITY_FILE))
+    text = storage.location(output_dir).join(IDENTITY_FILE).read_text()
     return json.loads(text)["identity"] if text is not None else None
 
 
@@ -50,6 +49,6 @@ def digest(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def recorded_hash(output_dir: str | Path) -> str | None:
+def recorded_hash(output_dir: storage.Where) -> str | None:
     identity = read_identity(output_dir)
     return digest(identity) if identity is not None else None

@@ -1,7 +1,7 @@
 """Rank 0's metrics: JSON lines in `output_dir/metrics.jsonl`, and the same records to every tracker
 in `Training.report_to` (TensorBoard scalars, MLflow, W&B: `trackers.py`).
 
-With `output_dir` in object storage the files are written to its local mirror (`storage.local_dir`):
+With `output_dir` in object storage the files are written to its local mirror (`Location.local`):
 `metrics.jsonl` is uploaded after every record (one small PUT per logging step, so a killed run loses no
 line a local disk would have kept), TensorBoard's files every `SYNC_S` seconds and at `close`. A run
 resumed on another machine first downloads the earlier `metrics.jsonl` (and the tracker run ids).
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_jobs.store import storage, trackers
+from rlhf_jobs.store.disk import require_free, writing
 
 SYNC_S = 30.0
 MIN_FREE = 1 << 20  # bytes free where the logs go, below which a run stops saying the disk is full
@@ -30,9 +31,9 @@ class MetricsLogger:
                  tracking: Mapping[str, str] | None = None) -> None:
         """`config` (the StageConfig) gives `report_to` and the tracker parameters; without it, TensorBoard only."""
         self.stage, self.enabled, self.output_dir = stage, enabled, str(output_dir)
-        self.local = storage.local_dir(self.output_dir)
+        self.location = storage.location(self.output_dir)
+        self.local = self.location.local
         self.path = self.local / "metrics.jsonl"
-        self.remote = storage.is_remote(self.output_dir)
         self.writer = None
         self.trackers: list[trackers.Tracker] = []
         self.synced_at = time.monotonic()
@@ -40,11 +41,10 @@ class MetricsLogger:
             return
         report_to: Sequence[str] = config.Training.report_to if config is not None else ("tensorboard",)
         # TensorBoard writes from a thread of its own, whose errors are tracebacks: a full disk is said first.
-        storage.require_free(self.local, MIN_FREE, "metrics and TensorBoard logs", then=RESUME_LATER)
-        with storage.writing(self.local, "metrics and TensorBoard logs", then=RESUME_LATER):
+        require_free(self.local, MIN_FREE, "metrics and TensorBoard logs", then=RESUME_LATER)
+        with writing(self.local, "metrics and TensorBoard logs", then=RESUME_LATER):
             self.local.mkdir(parents=True, exist_ok=True)
-            if self.remote:
-                self._pull()
+            self._pull()
             if "tensorboard" in report_to:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -56,7 +56,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"stage": self.stage, "split": split, "step": step, "time": time.time(), **metrics}
-        with storage.writing(self.path, "metrics", then=RESUME_LATER):
+        with writing(self.path, "metrics", then=RESUME_LATER):
             with self.path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
             if self.writer is not None:
@@ -66,25 +66,25 @@ class MetricsLogger:
                 self.writer.flush()
         for tracker in self.trackers:
             tracker.log(step, split, metrics)
-        if self.remote:
-            self.sync(tensorboard=time.monotonic() - self.synced_at >= SYNC_S)
+        self.sync(tensorboard=time.monotonic() - self.synced_at >= SYNC_S)
 
     def sync(self, tensorboard: bool = True) -> None:
-        """Upload metrics.jsonl, the tracker ids and TensorBoard's files (remote output_dir only)."""
-        if not (self.enabled and self.remote):
+        """Upload metrics.jsonl, the tracker ids and TensorBoard's files (nothing to do for a local output_dir)."""
+        if not self.enabled:
             return
         for name in SYNCED:
             if (self.local / name).is_file():
-                storage.upload_file(self.local / name, storage.join(self.output_dir, name))
+                self.location.join(name).upload(self.local / name)
         if tensorboard and (self.local / "tensorboard").is_dir():
-            storage.upload_tree(self.local / "tensorboard", storage.join(self.output_dir, "tensorboard"))
+            self.location.join("tensorboard").upload(self.local / "tensorboard")
         self.synced_at = time.monotonic()
 
     def _pull(self) -> None:
+        """The files a run resumed on another machine continues (nothing to do for a local output_dir)."""
         for name in SYNCED:
-            remote = storage.join(self.output_dir, name)
-            if storage.read_text(remote) is not None:
-                storage.download_file(remote, self.local / name)
+            kept = self.location.join(name)
+            if kept.exists():
+                kept.download(self.local / name)
             else:
                 Path(self.local / name).unlink(missing_ok=True)
 

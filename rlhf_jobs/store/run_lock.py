@@ -15,7 +15,7 @@ A live lock of another host is refused with the way to remove it, should that ho
 
 The lock sits beside `output_dir`, not in it, so moving the old run aside on a restart keeps it in place.
 In object storage pyarrow has no create-if-absent: two runs starting within the same instant could both take
-the lock; the renewal notices and says so (`storage.create_text`).
+the lock; the renewal notices and says so (`Location.create_text`).
 """
 
 from __future__ import annotations
@@ -47,12 +47,9 @@ class LockHeld(ConfigError):
     """Another live run holds the lock of this output_dir."""
 
 
-def location(output_dir: str | Path) -> str:
+def location(output_dir: storage.Where) -> str:
     """Where the lock of `output_dir` lives: `<output_dir>.lock` beside it (absolute, for a local path)."""
-    if storage.is_remote(output_dir):
-        return str(output_dir).rstrip("/") + SUFFIX
-    path = Path(output_dir).expanduser().resolve()
-    return str(path.with_name(path.name + SUFFIX))
+    return str(storage.location(output_dir).resolved().beside(SUFFIX))
 
 
 def _read_first_line(path: str) -> str | None:
@@ -104,7 +101,7 @@ def _when(timestamp: Any) -> str:
 
 def refusal(output_dir: str | Path, lock: str, owner: dict[str, Any], key: str = "General.output_dir") -> str:
     age = time.time() - float(owner.get("renewed_at", 0))
-    remove = f"delete the object {lock}" if storage.is_remote(lock) else f"rm {lock}"
+    remove = storage.location(lock).how_to_delete()
     command = f" ({owner['command']})" if owner.get("command") else ""
     return (f"{key}: {output_dir} is in use by another run: pid {owner.get('pid')} on host {owner.get('host')}"
             f"{command}, started {_when(owner.get('started_at'))}, its lock {lock} renewed {age:.0f} s ago; wait "
@@ -117,11 +114,12 @@ class Lock:
 
     def __init__(self, output_dir: str, lock: str, owner: dict[str, Any]) -> None:
         self.output_dir, self.location, self.owner = output_dir, lock, owner
+        self._file = storage.location(lock)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, name=f"run-lock {lock}", daemon=True)
 
     def _ours(self) -> bool:
-        text = storage.read_text(self.location)
+        text = self._file.read_text()
         try:
             return text is not None and json.loads(text).get("token") == self.owner["token"]
         except ValueError:
@@ -135,7 +133,7 @@ class Lock:
                           "runs may now write there", file=sys.stderr, flush=True)
                     return
                 self.owner["renewed_at"] = time.time()
-                storage.write_text(self.location, json.dumps(self.owner) + "\n")
+                self._file.write_text(json.dumps(self.owner) + "\n")
             except Exception as err:  # a storage hiccup: try again at the next renewal
                 print(f"warning: could not renew the lock {self.location}: {err}", file=sys.stderr, flush=True)
 
@@ -146,22 +144,23 @@ class Lock:
         _held.pop(self.location, None)
         with contextlib.suppress(Exception):  # never mask the run's own outcome
             if self._ours():
-                storage.delete(self.location)
+                self._file.delete()
 
 
 def acquire(output_dir: str | Path, key: str = "General.output_dir") -> Lock:
     """Take the lock of `output_dir`, taking over a stale one; `LockHeld` (one line) when another run holds it."""
     lock = location(output_dir)
+    file = storage.location(lock)
     now = time.time()
     owner = {**_this_machine(), "pid": os.getpid(), "command": " ".join(sys.argv)[:300], "started_at": now,
              "renewed_at": now, "token": uuid.uuid4().hex}
     for _ in range(3):  # a lock released or taken over in between: look again
-        if storage.create_text(lock, json.dumps(owner) + "\n"):
+        if file.create_text(json.dumps(owner) + "\n"):
             held = Lock(str(output_dir), lock, owner)
             _held[lock] = held
             held._thread.start()
             return held
-        text = storage.read_text(lock)
+        text = file.read_text()
         if text is None:
             continue
         try:
@@ -171,9 +170,9 @@ def acquire(output_dir: str | Path, key: str = "General.output_dir") -> Lock:
             theirs, reason = {}, "it does not parse"
         if reason is None:
             raise LockHeld(refusal(output_dir, lock, theirs, key))
-        if storage.read_text(lock) == text:  # still the lock judged stale
+        if file.read_text() == text:  # still the lock judged stale
             print(f"{output_dir}: taking over the lock {lock} of a run that is gone ({reason})", flush=True)
-            storage.delete(lock)
+            file.delete()
     raise LockHeld(f"{key}: {output_dir}: could not take its lock {lock}: other runs keep taking it")
 
 
@@ -187,12 +186,12 @@ def holding(output_dir: str | Path, key: str = "General.output_dir") -> Iterator
         held.release()
 
 
-def refuse_if_in_use(path: str | Path, key: str = "General.output_dir") -> None:
+def refuse_if_in_use(path: storage.Where, key: str = "General.output_dir") -> None:
     """`LockHeld` when another live run holds the lock of `path` (before moving it aside); this process's are fine."""
     lock = location(path)
     if lock in _held:
         return
-    text = storage.read_text(lock)
+    text = storage.location(lock).read_text()
     if text is None:
         return
     try:

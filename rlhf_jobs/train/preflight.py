@@ -25,8 +25,8 @@ from rlhf_jobs.store.hub import check_hub_model
 def check_directories(config: StageConfig) -> None:
     """checkpoint_dir and output_dir: separate (neither inside the other) and writable."""
     general = config.General
-    if storage.is_remote(general.output_dir) or storage.is_remote(general.checkpoint_dir):
-        return
+    if storage.location(general.output_dir).mirrored or storage.location(general.checkpoint_dir).mirrored:
+        return  # not on this machine's file system: `storage.check_config` checked the object store
     output_dir, checkpoint_dir = Path(general.output_dir).resolve(), Path(general.checkpoint_dir).resolve()
     if output_dir == checkpoint_dir or output_dir in checkpoint_dir.parents or checkpoint_dir in output_dir.parents:
         relation = "are the same directory" if output_dir == checkpoint_dir else "are nested (one inside the other)"
@@ -64,12 +64,10 @@ def check_models(config: StageConfig) -> None:
     for model in stage.trained:
         key = next(k for k in model.keys if getattr(general, k, None))
         location = getattr(general, key)
-        if storage.is_remote(location):
-            continue
         if key in stage.inputs:
             marker = require_stage(location, stage.inputs[key], f"General.{key}")
             check_finite_metrics(marker, location, f"General.{key}")
-        elif not looks_local(location):
+        elif not looks_local(location):  # an object-store URI looks local: `storage.check_config` checked it
             check_hub_model(location, f"General.{key}")
 
 
@@ -88,8 +86,7 @@ def check_finite_metrics(marker: dict[str, Any], location: str, key: str) -> Non
 def check(config: StageConfig) -> None:
     """The read-only checks: directories, what checkpoint_dir holds, the models the stage starts from."""
     check_directories(config)
-    if not storage.is_remote(config.General.checkpoint_dir):
-        check_overwritable(config.General.checkpoint_dir, stage=config.stage, output_dir=config.General.output_dir)
+    check_overwritable(config.General.checkpoint_dir, stage=config.stage, output_dir=config.General.output_dir)
     check_models(config)
 
 
