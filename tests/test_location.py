@@ -3,6 +3,7 @@ both implementations are shown to behave alike."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
@@ -152,3 +153,24 @@ def test_checkpoint_step_directories_take_one_path_for_both(root: storage.Locati
     elsewhere.download_latest()
     assert [path.name for path in elsewhere.complete_steps()] == ["step-00000004"]
     assert (elsewhere.local / "step-00000004" / "shard.distcp").read_text() == "s4"
+
+
+def test_a_mirror_holding_one_nodes_shards_of_the_newest_checkpoint_downloads_the_rest(
+        root: storage.Location, tmp_path: Path) -> None:
+    """Multi-node, object storage: node 0's mirror has the newest checkpoint's commit file but only its own shards
+    (the other node uploaded its). A retry on node 0 used to keep that copy, and `verify` then moved the good
+    checkpoint aside as broken; the mirror is now refreshed unless it holds every file the commit lists."""
+    from rlhf_jobs.store.step_dirs import StepDirs
+
+    if not root.mirrored:
+        pytest.skip("a local output_dir is its own copy: nothing is downloaded")
+    steps = StepDirs(root.join("checkpoints"), "complete.json")
+    path = steps.local / "step-00000002"
+    path.mkdir(parents=True)
+    (path / "__0_0.distcp").write_text("rank0")
+    steps.upload_shards(path)
+    root.join("checkpoints", "step-00000002", "__1_0.distcp").write_text("rank1")  # the other node's upload
+    (path / "complete.json").write_text(json.dumps({"files": {"__0_0.distcp": 5, "__1_0.distcp": 5}}))
+    steps.commit(path)
+    steps.download_latest()
+    assert (path / "__1_0.distcp").read_text() == "rank1"

@@ -11,6 +11,7 @@ output_dir the copy is the location: uploads and downloads are nothing to do.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import shutil
 from pathlib import Path
@@ -82,6 +83,15 @@ class StepDirs:
         """Rank 0, after every node's upload: the commit file, last."""
         self.step_location(path).join(self.complete).upload(path / self.complete)
 
+    def _whole(self, path: Path) -> bool:
+        """A local step directory with its commit file and every file that commit lists, at its size: on a node
+        that wrote part of a multi-node checkpoint, the mirror holds only this node's shards besides the commit."""
+        try:
+            recorded = json.loads((path / self.complete).read_text()).get("files") or {}
+        except (OSError, ValueError):
+            return False
+        return all((path / name).is_file() and (path / name).stat().st_size == size for name, size in recorded.items())
+
     def download_latest(self) -> None:
         """One process per node: make the local mirror hold exactly the newest complete step directory at the
         location (local ones it does not have complete are dropped: the store is the truth). Nothing to do for a
@@ -93,9 +103,9 @@ class StepDirs:
         newest = complete[-1] if complete else None
         if self.local.is_dir():
             for path in self.local.iterdir():
-                if owned(path.name) and (path.name != newest or not (path / self.complete).is_file()):
+                if owned(path.name) and (path.name != newest or not self._whole(path)):
                     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        if newest and not (self.local / newest / self.complete).is_file():
+        if newest and not (self.local / newest).is_dir():
             staging = self.local / f".{newest}.download"  # renamed whole: a killed download leaves no step dir
             shutil.rmtree(staging, ignore_errors=True)
             self.location.join(newest).download(staging)
