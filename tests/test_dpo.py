@@ -397,9 +397,10 @@ def test_pipeline_sft_then_dpo_shows_both_models_answers(tmp_path: Path, repo_ro
     assert marker["config"]["General"]["model_pretrain"] == str(workdir / "sft")
     row = next(line for line in done.stdout.splitlines() if line.startswith("dpo "))
     assert "succeeded" in row and "accuracy 0.00 → " in row and "margin 0.00 → " in row
-    assert "5 held-out prompts, the answers of the SFT model and of the DPO policy, no scores" in done.stdout
     samples = [json.loads(line) for line in (workdir / "dpo-samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 5 and all(set(s["answers"]) == {"sft", "dpo"} for s in samples)
+    shown = f"the SFT model's and the DPO policy's answers to the {len(samples)} held-out prompts, not scored"
+    assert shown in done.stdout
+    assert len(samples) >= 5 and all(set(s["answers"]) == {"sft", "dpo"} for s in samples)
     assert all(answer["score"] is None for s in samples for answer in s["answers"].values())
     assert (workdir / "curves.png").stat().st_size > 10_000
 

@@ -16,7 +16,7 @@ import pytest
 import ray
 from conftest import REPO, local_config, write_config
 
-from rlhf_jobs.engine import control, launcher, preemption
+from rlhf_jobs.engine import launcher, preemption, stop_notice
 
 
 def train_steps(metrics: Path) -> list[int]:
@@ -48,7 +48,7 @@ def test_hook_with_no_driver_returns_at_once(tmp_path: Path, monkeypatch: pytest
 
 
 def test_requested_is_false_outside_a_run() -> None:
-    assert control.stop_requested() is False
+    assert stop_notice.stop_requested() is False
 
 
 # ---- issue 28 item 3: the worker preStop drains this machine's node through the GCS, fast and loud ------------
@@ -281,3 +281,15 @@ def test_a_preempted_stage_ends_the_local_pipeline_with_75_and_the_rerun_resumes
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "== sft: resume" in second.stdout and f"step {stopped}/" in second.stdout + second.stderr
+
+
+def test_the_pre_stop_hooks_start_without_torch_or_ray() -> None:
+    """The hooks run inside a pod's grace period: `python -m rlhf_jobs.engine.preemption` must start in a second
+    (importing torch, which the worker side of the preemption notice once pulled in, took seconds under load)."""
+    script = ("import sys, runpy; sys.argv = ['preemption', '--wait', '0']\n"
+              "try:\n    runpy.run_module('rlhf_jobs.engine.preemption', run_name='__main__')\n"
+              "except SystemExit:\n    pass\n"
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'transformers'))[:3])")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, preemption.PID_DIR_ENV: "/nonexistent-rlhf-jobs-pids"})
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr

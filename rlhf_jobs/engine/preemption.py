@@ -1,6 +1,6 @@
 """Preemption: a run told to go finishes its step, writes a checkpoint, and ends resumable.
 
-Two signals reach the training loop, which asks `control.stop_requested()` at every optimizer step boundary on
+Two signals reach the training loop, which asks `stop_notice.stop_requested()` at every optimizer step boundary on
 every worker (cheap and local; the loop all-reduces the answer, so every rank stops after the same
 step, writes the checkpoint, and returns):
 
@@ -39,8 +39,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from rlhf_jobs.engine import control
-from rlhf_jobs.engine.control import NAMESPACE, PREEMPTED, stop_key
+from rlhf_jobs.engine import stop_notice
+from rlhf_jobs.engine.stop_notice import NAMESPACE, PREEMPTED, stop_key
 
 PID_DIR_ENV = "RLHF_JOBS_PID_DIR"
 STOPPING = "SIGTERM: training stops after the current step and writes a checkpoint (send SIGTERM again to exit at once)"
@@ -124,7 +124,7 @@ class InProcessGuard:
         self._previous: Any = None
 
     def __enter__(self) -> InProcessGuard:
-        control.reset_stop_request()
+        stop_notice.reset_stop_request()
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         return self
@@ -133,7 +133,7 @@ class InProcessGuard:
         if self.signalled:
             raise SystemExit(128 + signum)
         self.signalled = True
-        control.request_stop()
+        stop_notice.request_stop()
         print(STOPPING, file=sys.stderr, flush=True)
 
     def restart_after(self, stop_reason: str | None) -> bool:
@@ -142,7 +142,7 @@ class InProcessGuard:
     def __exit__(self, *exc: object) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
-        control.reset_stop_request()
+        stop_notice.reset_stop_request()
 
 
 # ---- preStop hook --------------------------------------------------------------------------------
