@@ -66,8 +66,8 @@ def check_models(config: StageConfig) -> None:
         location = getattr(general, key)
         if storage.is_remote(location):
             continue
-        if key in stage.inputs:
-            marker = require_stage(location, stage.inputs[key], f"General.{key}")
+        if key in stage.all_inputs:
+            marker = require_stage(location, stage.all_inputs[key], f"General.{key}")
             check_finite_metrics(marker, location, f"General.{key}")
         elif not looks_local(location):
             check_hub_model(location, f"General.{key}")
