@@ -496,6 +496,15 @@ def test_every_iteration_starts_on_policy_and_columns_reach_the_functions(
         assert all(call["prompts"][i] == call["prompts"][i - i % group] for i in range(len(call["prompts"])))
     marker = json.loads((tmp_path / "policy" / "rlhf_stage.json").read_text())
     assert marker["stage"] == "grpo" and marker["iteration"] == 3
+    if training["advantage_estimator"] == "grpo":  # `generate` scores a GRPO model's answers with its functions
+        from rlhf_jobs.tools import generate
+
+        samples, _ = generate.compare([str(tmp_path / "policy")], held_out=str(tmp_path / "policy"), limit=3)
+        for sample in samples:
+            answer = sample.answers["policy"]
+            exact = 1.0 if answer["text"].strip() == sample.record["answer"] else 0.0
+            shorter = -len(answer["text"]) / 10 if answer["text"] else None
+            assert answer["score"] == pytest.approx(exact + 0.5 * (shorter or 0.0))
 
 
 def test_stopped_and_resumed_equals_uninterrupted(tiny_model: Path, tmp_path: Path, monkeypatch) -> None:
@@ -560,3 +569,90 @@ def test_bad_reward_input_is_one_line_before_anything_is_written(tiny_model: Pat
     assert error == (f"error: General.reward_functions[0] ({tmp_path}/missing.py:exact): {tmp_path}/missing.py: file "
                      f"not found (relative paths start at {Path.cwd()})")
     assert not (tmp_path / "output" / "checkpoints").exists() and not (tmp_path / "policy").exists()
+
+
+# ---- 2 workers = 1 worker with the same global batch and groups ---------------------------------------------------
+
+PROMPTS = [{"prompt": p, "answer": str(len(p))} for p in (
+    "Name a colour of the sky.", "Say hello politely, then stop.", "Give one word for happy.", "What do bees make?",
+    "Describe rain.", "Count to three.", "Name a fruit.", "Why is the sea salty?")]
+
+
+def updates_on_fixed_rollouts(rank: int, world_size: int, model_dir: str, trainings: list[dict]) -> list[dict]:
+    """`update_on_fixed_rollout` for each of several settings, in one process group."""
+    return [update_on_fixed_rollout(rank, world_size, model_dir, training) for training in trainings]
+
+
+def update_on_fixed_rollout(rank: int, world_size: int, model_dir: str, training: dict) -> dict:
+    """Every process samples the same 2 completions of each of 8 prompts (same weights, same seed); worker r then
+    updates on its prompts' groups, as if it had sampled them: 1 worker × 8 prompts vs 2 workers × 4."""
+    from rlhf_jobs.algorithms import grpo
+    from rlhf_jobs.algorithms.rl.policy import PolicyOptimizer
+    from rlhf_jobs.algorithms.rl.rollout import tokenize_prompts
+    from rlhf_jobs.core.loading import validate_config
+    from rlhf_jobs.engine.models import unwrap
+    from rlhf_jobs.engine.worker import Worker
+
+    cpu = torch.device("cpu")
+    worker = Worker(rank, world_size, cpu)
+    per_worker, group = len(PROMPTS) // world_size, 2
+    config = validate_config({
+        "General": {"model_name": model_dir, "output_dir": "unused", "checkpoint_dir": "unused",
+                    "reward_functions": ["rlhf_jobs.algorithms.rl.reward_functions:length_penalty"]},
+        "Dataset": {"train_file": "unused"},
+        "Training": {"num_training_workers": world_size, "experience_batch_size": per_worker, "num_generations": group,
+                     "max_new_tokens": 12, "optimizer": "SGD", "learning_rate": 0.5, "gradient_accumulation_steps": 2,
+                     "ppo_epochs": 2, "max_grad_norm": None, "kl_coeff": 0.1, **training},
+    }, "grpo", paths=False)
+    models = grpo.load_models(config, worker, None)
+    rows = grpo.grouped(tokenize_prompts(PROMPTS, models.policy.tokenizer, "instruction", 64), group)
+    torch.manual_seed(1)
+    from rlhf_jobs.algorithms.rl.rollout import Sampling
+
+    responses = models.policy.engine.generate([row["input_ids"] for row in rows], Sampling.of(config.Training))
+    # The untrained model never samples EOS: unequal lengths instead, so workers hold different token counts and the
+    # completions of a group differ in length (so in reward).
+    lengths = (12, 3, 7, 12, 5, 12, 9, 2, 4, 11, 6, 1, 12, 8, 10, 3)
+    responses = [ids[:length] for ids, length in zip(responses, lengths, strict=True)]
+    everything = grpo.judge(models, rows, responses, config.Training, cpu)
+    part = slice(rank * per_worker * group, (rank + 1) * per_worker * group)
+    batch = grpo.Rollout(everything.prompts[part], {k: v[part] for k, v in everything.inputs.items()},
+                         everything.response[part], everything.mask[part], everything.old_logp[part],
+                         everything.ref_logp[part], everything.entropy,
+                         {k: v[part] for k, v in everything.scores.items()}, everything.has_eos[part])
+    total = rewards.weighted_total([batch.scores[name] for name in models.names], models.weights)
+    kl = grpo.token_kl(batch, config.Training)
+    advantages = grpo.advantages_of(batch, total, kl, config.Training, cpu)
+    optimizer = PolicyOptimizer.around(PolicyOptimizer.optimizer_of(models.policy.model, config.Training),
+                                       config.Training, 4, cpu)
+    stats, _ = grpo.grpo_update(models.policy, optimizer, batch, advantages, config.Training)
+    weights = {key: value.detach().clone() for key, value in unwrap(models.policy.model).named_parameters()}
+    return {"stats": stats, "weights": weights, "tokens": batch.mask.sum().item(), "advantages": advantages}
+
+
+TWO_WORKER_SETTINGS = {
+    "grpo-token_mean": {"advantage_estimator": "grpo", "loss_aggregation": "token_mean"},
+    "reinforce_pp-seq_mean_token_sum": {"advantage_estimator": "reinforce_pp", "loss_aggregation": "seq_mean_token_sum"},
+    "rloo-seq_mean_token_mean-kl_in_loss": {"advantage_estimator": "rloo", "loss_aggregation": "seq_mean_token_mean",
+                                            "kl_in_loss": True},
+}
+
+
+def test_two_workers_update_as_one_worker_with_their_union(tiny_model: Path) -> None:
+    """Groups stay on one worker, REINFORCE++ whitens with all workers' tokens, and every aggregation divides by
+    the count on ALL workers: the advantages, the update's statistics (averaged over workers) and the weights after
+    two epochs of SGD (where a differently weighted gradient shows) are those of one worker holding both halves."""
+    from process_group import run_processes
+
+    settings = list(TWO_WORKER_SETTINGS.values())
+    ones = run_processes(updates_on_fixed_rollouts, 1, str(tiny_model), settings)[0]
+    twos = list(zip(*run_processes(updates_on_fixed_rollouts, 2, str(tiny_model), settings), strict=True))
+    for name, one, two in zip(TWO_WORKER_SETTINGS, ones, twos, strict=True):
+        assert two[0]["tokens"] != two[1]["tokens"]  # a mean of per-worker means would weigh tokens differently
+        torch.testing.assert_close(torch.cat([w["advantages"] for w in two]), one["advantages"], rtol=1e-5,
+                                   atol=1e-6, msg=name)
+        for stat, value in one["stats"].items():
+            assert sum(w["stats"][stat] for w in two) / 2 == pytest.approx(value, rel=1e-5, abs=1e-7), (name, stat)
+        for result in two:
+            for key, weight in one["weights"].items():
+                torch.testing.assert_close(result["weights"][key], weight, rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
