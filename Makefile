@@ -40,6 +40,13 @@ venv: $(BIN)/rlhf-jobs ## Create .venv with the package and dev tools (CPU torch
 demo: venv ## Run SFT -> RM -> PPO locally on a tiny model (in-process Ray) into runs/demo
 	$(BIN)/rlhf-jobs pipeline --backend local --workdir $(DEMO_DIR) --tiny-model
 
+GRPO_DEMO_DIR ?= runs/demo-grpo
+
+.PHONY: demo-grpo
+demo-grpo: venv ## SFT -> GRPO on single-digit sums (examples/data/arithmetic): held-out accuracy before and after
+	$(BIN)/rlhf-jobs pipeline --backend local --workdir $(GRPO_DEMO_DIR) --tiny-model --in-process \
+		--config-dir configs/demo-grpo --stages sft,grpo
+
 .PHONY: readme-figures
 readme-figures: venv ## Run the demo afresh (runs/readme-demo-*) and rewrite README.md's demo figures from it
 	$(BIN)/python bench/readme_figures.py

@@ -90,6 +90,32 @@ def ppo_config(settings: Settings, model: Path, train_file: Path, run_dir: Path,
     return validate_config(data, "ppo", source="<bench>")
 
 
+def grpo_config(settings: Settings, model: Path, train_file: Path, run_dir: Path, workers: int,
+                training: dict[str, Any] | None = None) -> StageConfig:
+    """GRPO as `trl_side.grpo` runs it: `grpo_prompts` prompts × `num_generations` completions, one update per batch
+    (ppo_epochs 1, one minibatch), token-mean loss, group-scaled advantages, clip 0.2, KL (k3) in the loss with
+    `grpo_kl_coeff`, `common.length_reward` as the reward function, constant LR."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    data = {
+        "General": {"model_name": str(model), "output_dir": str(run_dir / "output"),
+                    "checkpoint_dir": str(run_dir / "model"),
+                    "reward_functions": [f"{Path(__file__).resolve().parent / 'common.py'}:length_reward"]},
+        "Dataset": {"train_file": str(train_file), "validation_split_percentage": 0,
+                    "max_prompt_length": settings.max_prompt_length},
+        "Training": {
+            **_training(settings, workers), "experience_batch_size": settings.grpo_prompts // workers,
+            "num_generations": settings.num_generations, "ppo_epochs": 1, "advantage_estimator": "grpo",
+            "loss_aggregation": "token_mean", "training_iteration": settings.grpo_iterations,
+            "learning_rate": settings.grpo_learning_rate, "lr_scheduler": "constant",
+            "kl_coeff": settings.grpo_kl_coeff, "kl_in_loss": True, "cliprange": 0.2,
+            "max_new_tokens": settings.max_new_tokens, "temperature": 1.0,
+            "eval_steps": settings.grpo_iterations,  # checkpoint/eval after the timed part
+            **(training or {}),
+        },
+    }
+    return validate_config(data, "grpo", source="<bench>")
+
+
 def train(config: StageConfig) -> float:
     """Run the stage through `rlhf_jobs.train.train` (Ray Train workers); wall seconds."""
     from rlhf_jobs.train import train as train_stage

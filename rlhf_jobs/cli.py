@@ -184,10 +184,10 @@ def run_local_pipeline(args: argparse.Namespace) -> int:
 
 
 def show_samples(stage: str, config: dict[str, Any], path: Path, count: int = 5) -> None:
-    """After a policy stage (PPO, DPO): every held-out prompt answered by the model it started from and by its
+    """After a policy stage (PPO, DPO, GRPO): every held-out prompt answered by the model it started from and by its
     result, sampled as the stage samples (seeded), each answer's reward-model score when it has a reward model
-    (DPO has none), their means, and the first `count` answers. A handful of sampled answers is too few to compare
-    two policies; all the held-out prompts are not."""
+    (DPO has none; GRPO without one: its reward functions' weighted total), their means, and the first `count`
+    answers. A handful of sampled answers is too few to compare two policies; all the held-out prompts are not."""
     from rlhf_jobs.tools import generate
 
     entry, general = get_stage(stage), config["General"]
@@ -196,7 +196,9 @@ def show_samples(stage: str, config: dict[str, Any], path: Path, count: int = 5)
     reward_model = general.get(entry.reward_key) if entry.reward_key else None
     samples, _ = generate.compare([start or general[entry.base_model_keys[0]], result], held_out=result,
                                   reward_model=reward_model, limit=None)
+    functions = [reference.rpartition(":")[2] for reference in general.get("reward_functions") or []]
     scored = "scored by the reward model" if reward_model else \
+        f"scored by its reward functions ({', '.join(functions)}; their weighted total)" if functions else \
         f"not scored (a reward model scores them: rlhf-jobs generate --model ... --held-out {result} --rm DIR)"
     print(f"\nthe {started_from}'s and the {entry.product}'s answers to the {len(samples)} held-out prompts, "
           f"{scored}:")

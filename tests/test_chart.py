@@ -339,8 +339,8 @@ def test_stage_from_value_or_release_name(release: str, sets: tuple[str, ...], s
 @pytest.mark.parametrize("release", ["trainer", "rlhf-sft-x", "rlhf-kto"])
 def test_stage_unknown_fails_clearly(release: str) -> None:
     message = render_error(release)
-    assert f'the release name "{release}" does not end in -sft, -rm, -ppo or -dpo' in message
-    assert "--set stage=sft|rm|ppo|dpo" in message
+    assert f'the release name "{release}" does not end in -sft, -rm, -ppo, -dpo or -grpo' in message
+    assert "--set stage=sft|rm|ppo|dpo|grpo" in message
 
 
 # ---- the shared PVC -------------------------------------------------------------------------------
@@ -1501,8 +1501,8 @@ def test_cross_field_rules_fail_at_template_time_as_the_trainer_states_them(tmp_
                     assert f"configs.{stage}.Training: {message} (the {stage} trainer would refuse" in chart_error
                     refused.append(message)
         one(render(f"rlhf-{stage}"), "RayJob")  # the defaults keep every rule
-    # every violation was one: each stage's warmup, and PPO's 6
-    assert len(refused) == len(stages.REGISTRY) + 6, refused
+    # every violation was one: each stage's warmup, and the 6 of each RL stage (PPO, GRPO)
+    assert len(refused) == len(stages.REGISTRY) + 6 * 2, refused
 
 
 def test_every_cross_field_rule_of_the_trainers_is_in_the_chart() -> None:

@@ -188,4 +188,20 @@ def test_format_choices_are_listed(capsys):
     assert CONVERT_FORMATS == ALL_FORMATS
     with pytest.raises(SystemExit):
         main(["convert", "sft", "--input", "a", "--output", "b", "--format", "alpaca"])
-    assert "choose from 'auto', 'dolly', 'oasst', 'oasst-messages', 'hh', 'pairs'" in capsys.readouterr().err
+    assert "choose from 'auto', 'dolly', 'oasst', 'oasst-messages', 'hh', 'pairs', 'gsm8k'" in capsys.readouterr().err
+
+
+def test_prompts_with_answers_from_gsm8k(tmp_path):
+    """GSM8K's {question, answer} -> prompt records whose `answer` is the final number (what answer_match compares),
+    for grpo and ppo alike (the same prompt schema); an answer without `#### <number>` is skipped and counted."""
+    expected = [
+        {"prompt": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+                   "How many clips did Natalia sell altogether in April and May?", "answer": "72"},
+        {"prompt": "A company pays $1,200 a month. What does it pay in a year?", "answer": "14400"},
+        {"prompt": "What is two minus five?", "answer": "-3"},
+    ]
+    assert run("ppo", "gsm8k.jsonl", tmp_path) == expected
+    result = convert_records("grpo", str(FIXTURES / "gsm8k.jsonl"))
+    assert result.source_format == "gsm8k" and result.records == expected
+    assert dict(result.skipped) == {"no final '#### <number>' in the answer": 1}
+    assert source_formats("grpo") == ("hh", "pairs", "gsm8k")

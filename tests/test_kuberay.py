@@ -969,54 +969,7 @@ def test_helm_keeps_its_release_records_in_config_maps(tmp_path) -> None:
         "configmap upgrade --install rlhf-rbac k8s/rbac"), lines
 
 
-# ---- issue 28 item 7 / issue 25: a new stage deploys from the registry, with its reward-function files ---------
-
-
-@pytest.fixture
-def grpo_stage(monkeypatch, tmp_path):
-    """A stage `grpo` added to the registry, as the GRPO issue will add it (policy from sft, optional reward model,
-    `General.reward_functions`), with a stand-in config type; and a copy of the chart whose generated files
-    (`make schema`) know it, whose values.yaml has its default config block: the one chart edit a stage needs."""
-    import shutil
-    from pathlib import Path
-
-    from pydantic import Field
-
-    from rlhf_jobs import cli
-    from rlhf_jobs.core import config, stages
-    from rlhf_jobs.pipeline import plan as pipeline
-    from rlhf_jobs.pipeline.backends import kuberay
-    from rlhf_jobs.tools import chart_schema
-
-    class GRPOGeneral(config.PPOGeneral):
-        rm_name: str | None = Field(None, description="Optional reward model.")
-        reward_functions: list[str] = Field(default_factory=list, description="file.py:name or module:name.")
-
-    class GRPOConfig(config.StageConfig):
-        General: GRPOGeneral
-        Dataset: config.PromptDataset
-        Training: config.PPOTraining = Field(default_factory=config.PPOTraining)
-
-    ppo = stages.get("ppo")
-    entry = stages.Stage(name="grpo", title="GRPO", product="GRPO policy", config_type=GRPOConfig,
-                         records=ppo.records, trainer="none",
-                         base_model_keys=("model_name",), inputs={"model_pretrain": "sft"})
-    monkeypatch.setitem(stages.REGISTRY, "grpo", entry)
-    names = (*stages.NAMES, "grpo")
-    monkeypatch.setattr(stages, "NAMES", names)
-    for module in (pipeline, kuberay, cli):  # `from rlhf_jobs.core.stages import NAMES as STAGES`
-        monkeypatch.setattr(module, "STAGES", names)
-    chart = tmp_path / "helm"
-    shutil.copytree(Path(__file__).parents[1] / "helm", chart)
-    assert chart_schema.main(["--schema", str(chart / "values.schema.json"), "--stages",
-                              str(chart / "files" / "stages.json")]) == 0
-    values = yaml.safe_load((chart / "values.yaml").read_text())
-    block = json.loads(json.dumps(values["configs"]["ppo"]))
-    block["General"] = {"model_name": block["General"]["model_name"], "model_pretrain": "", "output_dir": "",
-                        "checkpoint_dir": ""}
-    values["configs"]["grpo"] = block
-    (chart / "values.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
-    return chart
+# ---- issue 28 item 7 / issue 25: a new stage (grpo) deploys from the registry, with its reward-function files -----
 
 
 def dry_run(capsys, *args: str) -> list[dict]:
@@ -1031,11 +984,11 @@ def of_stage(documents: list[dict], stage: str, kind: str) -> list[dict]:
 
 
 @pytest.mark.helm
-def test_a_new_stage_deploys_from_the_registry_with_its_reward_function_files(grpo_stage, tmp_path, monkeypatch,
-                                                                              capsys) -> None:
-    """`make deploy-grpo`, `helm install --set stage=grpo`, `pipeline --stages sft,grpo`: no chart edit beyond the
-    stage's default config block. The pipeline reads the local reward-function file its config names, mounts it in
-    the stage's pods (rewardFunctions) and points the config there; a module reference passes unchanged."""
+def test_a_new_stage_deploys_from_the_registry_with_its_reward_function_files(tmp_path, monkeypatch, capsys) -> None:
+    """`make deploy-grpo`, `helm install --set stage=grpo`, `pipeline --stages sft,grpo`: the grpo stage came with no
+    chart edit beyond its default config block. The pipeline reads the local reward-function file its config names,
+    mounts it in the stage's pods (rewardFunctions) and points the config there; a module reference passes
+    unchanged."""
     import shutil
     import subprocess
     from pathlib import Path
@@ -1047,13 +1000,13 @@ def test_a_new_stage_deploys_from_the_registry_with_its_reward_function_files(gr
 
     if shutil.which("helm") is None:
         pytest.skip("helm is not on PATH")
-    chart = grpo_stage
     repo = Path(__file__).parents[1]
-    make = subprocess.run(["make", "-n", "-C", str(repo), "deploy-grpo", f"CHART={chart}", "RUN=exp1"],
+    chart = repo / "helm"
+    make = subprocess.run(["make", "-n", "-C", str(repo), "deploy-grpo", "RUN=exp1"],
                           capture_output=True, text=True, check=True).stdout
-    assert f"upgrade --install rlhf-exp1-grpo {chart} " in make
-    refused = subprocess.run(["make", "-n", "-C", str(repo), "deploy-grpo"], capture_output=True, text=True)
-    assert refused.returncode != 0 and "unknown stage 'grpo': expected one of sft rm ppo" in refused.stderr
+    assert "upgrade --install rlhf-exp1-grpo ./helm " in make
+    refused = subprocess.run(["make", "-n", "-C", str(repo), "deploy-kto"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "unknown stage 'kto': expected one of sft rm ppo dpo grpo" in refused.stderr
     manual = subprocess.run(["helm", "template", "my-release", str(chart), "--set", "stage=grpo", "--set", "run=exp1"],
                             capture_output=True, text=True, check=True).stdout
     general = yaml.safe_load(next(d for d in yaml.safe_load_all(manual) if d and d["kind"] == "ConfigMap")["data"][
@@ -1122,7 +1075,7 @@ def test_a_new_stage_deploys_from_the_registry_with_its_reward_function_files(gr
         f"{rewards.REWARDS_DIR}/{name}:correct", "rlhf_jobs.core.stages:get"]
 
 
-def test_the_local_pipelines_ppo_samples_survive_a_new_stage(grpo_stage, tmp_path, monkeypatch) -> None:
+def test_the_local_pipelines_ppo_samples_survive_a_new_stage(tmp_path, monkeypatch) -> None:
     """`show_samples` unpacked every registry stage into (sft, rm, ppo): a fourth stage made it raise. It now reads
     the stage's own inputs (`Stage.compare_with`, `reward_key`)."""
     from rlhf_jobs import cli
@@ -1141,3 +1094,23 @@ def test_the_local_pipelines_ppo_samples_survive_a_new_stage(grpo_stage, tmp_pat
                           "checkpoint_dir": "/w/ppo"}}
     cli.show_samples("ppo", config, tmp_path / "samples.jsonl")
     assert asked == {"models": ["/w/sft", "/w/ppo"], "held_out": "/w/ppo", "reward_model": "/w/rm"}
+
+
+@pytest.mark.helm
+def test_grpo_reads_the_reward_model_only_when_the_rm_stage_is_part_of_the_run(capsys) -> None:
+    """GRPO's reward model is an optional input: the chart's chaining fills only required inputs (model_pretrain), the
+    submitter points rm_pretrain at this run's rm stage with --set-json when rm runs in the pipeline."""
+    import shutil
+
+    if shutil.which("helm") is None:
+        pytest.skip("helm is not on PATH")
+
+    def grpo_general(stages: str) -> dict:
+        documents = dry_run(capsys, "--run", "exp2", "--stages", stages)
+        (config_map,) = [d for d in of_stage(documents, "grpo", "ConfigMap") if "config.yaml" in d["data"]]
+        return yaml.safe_load(config_map["data"]["config.yaml"])["General"]
+
+    alone = grpo_general("sft,grpo")
+    assert alone["model_pretrain"] == "/mnt/rlhf/exp2/sft" and alone["rm_pretrain"] is None
+    with_rm = grpo_general("sft,rm,grpo")
+    assert with_rm["model_pretrain"] == "/mnt/rlhf/exp2/sft" and with_rm["rm_pretrain"] == "/mnt/rlhf/exp2/rm"

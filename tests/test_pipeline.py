@@ -370,3 +370,37 @@ def test_dpo_runs_on_this_pipelines_sft_model_when_asked_for(tmp_path: Path, con
     run_pipeline(changed, PipelineOptions(stages=["sft", "dpo"], config_dir=config_dir,
                                           overrides=["sft.Training.epochs=2"]))
     assert changed.ran == ["sft", "dpo"], "a changed SFT model re-runs DPO"
+
+
+def test_grpo_runs_on_this_pipelines_sft_model_and_its_reward_model_only_when_rm_runs(tmp_path: Path,
+                                                                                      config_dir: Path) -> None:
+    """`--stages sft,grpo`: GRPO's policy is this run's SFT model and it has no reward model (its reward functions
+    score; --base-model leaves the rm_name it set to null alone); `--stages sft,rm,grpo`: the optional input
+    rm_pretrain is wired to this run's reward model, and a later `--stages grpo` keeps reading it (rm ran in this
+    pipeline). The default pipeline has no GRPO."""
+    (tmp_path / "data" / "grpo.jsonl").write_text('{"prompt": "What is 2 + 2?", "answer": "4"}\n'
+                                                  '{"prompt": "What is 1 + 2?", "answer": "3"}\n')
+    grpo = {"General": {"model_name": "gpt2", "model_pretrain": "ck/sft", "rm_name": None, "rm_pretrain": None,
+                        "reward_functions": ["rlhf_jobs.algorithms.rl.reward_functions:answer_match"],
+                        "output_dir": "o/grpo", "checkpoint_dir": "ck/grpo"},
+            "Dataset": {"train_file": str(tmp_path / "data" / "grpo.jsonl")},
+            "Training": {"num_training_workers": 1, "num_generations": 2}}
+    (config_dir / "grpo.yaml").write_text(yaml.safe_dump(grpo))
+    backend = RecordingBackend(tmp_path / "run")
+    run_pipeline(backend, PipelineOptions(stages=["sft", "grpo"], config_dir=config_dir, base_model="tiny"))
+    work = str((tmp_path / "run").resolve())
+    assert backend.ran == ["sft", "grpo"]
+    general = backend.configs["grpo"]["General"]
+    assert (general["model_name"], general["model_pretrain"], general["rm_name"], general["rm_pretrain"]) == (
+        "tiny", f"{work}/sft", None, None)
+    with_rm = RecordingBackend(tmp_path / "run")
+    run_pipeline(with_rm, PipelineOptions(stages=["sft", "rm", "grpo"], config_dir=config_dir, base_model="tiny"))
+    assert with_rm.ran == ["rm", "grpo"], "sft is done; grpo reads a new input"
+    assert with_rm.configs["grpo"]["General"]["rm_pretrain"] == f"{work}/rm"
+    later = RecordingBackend(tmp_path / "run")
+    run_pipeline(later, PipelineOptions(stages=["grpo"], config_dir=config_dir, base_model="tiny",
+                                        overrides=["Training.epochs=2"]))
+    assert later.configs["grpo"]["General"]["rm_pretrain"] == f"{work}/rm"
+    default = RecordingBackend(tmp_path / "other")
+    run_pipeline(default, PipelineOptions(config_dir=config_dir))
+    assert default.ran == ["sft", "rm", "ppo"]

@@ -102,3 +102,11 @@ def test_kind_e2e_runs_pipelines_of_registry_stages() -> None:
 
     assert test_kind.kind_stages({"RLHF_KIND_STAGES": "sft,rm"}) == ["sft", "rm"]
     assert test_kind.kind_stages({}) == list(stages.NAMES)
+
+
+def test_kind_e2e_runs_grpo_without_a_reward_model() -> None:
+    """Issue 25: the e2e runs `sft,grpo`: the chart's default GRPO config needs no reward model (its reward functions
+    are modules of the image), and the chart chains only its required input (the SFT model)."""
+    workflow = yaml.safe_load(KIND_E2E.read_text())
+    (job,) = workflow["jobs"].values()
+    assert "sft,grpo" in job["strategy"]["matrix"]["stages"]

@@ -50,29 +50,36 @@ same `output_dir` resumes. The final policy + tokenizer are written to `checkpoi
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from rlhf_jobs.algorithms.rl import policy as rl_policy
 from rlhf_jobs.algorithms.rl.advantages import AdaptiveKLController, compute_gae, compute_rewards
+from rlhf_jobs.algorithms.rl.iterations import IterationRun
 from rlhf_jobs.algorithms.rl.losses import kl_estimate, masked_mean, masked_whiten, policy_loss, value_loss
 from rlhf_jobs.algorithms.rl.onpolicy import FirstUpdateCheck
+from rlhf_jobs.algorithms.rl.policy import (
+    Companion,
+    PolicyOptimizer,
+    held_out_length,
+    load_policy,
+    policy_path,
+    sample_held_out,
+)
 from rlhf_jobs.algorithms.rl.rewards import Responses, RewardModelScore
 from rlhf_jobs.algorithms.rl.rollout import (
-    HFRolloutEngine,
     RolloutEngine,
     Sampling,
     frozen,
-    prompt_batch,
     reference_logits,
     response_logits,
     response_logprobs,
     response_slice,
-    resumed_layout,
     row_chunks,
     sequence_inputs,
     tokenize_prompts,
@@ -83,7 +90,6 @@ from rlhf_jobs.core.errors import DataError
 from rlhf_jobs.engine import export, launcher, optim, sharding
 from rlhf_jobs.engine.adapters import add_lora, disabled_adapter
 from rlhf_jobs.engine.batching import pad
-from rlhf_jobs.engine.control import StopControl, stopped
 from rlhf_jobs.engine.distributed import (
     Moments,
     all_reduce_max,
@@ -92,58 +98,14 @@ from rlhf_jobs.engine.distributed import (
     global_mean_var,
     peak_memory_gib,
 )
-from rlhf_jobs.engine.divergence import StepCheck, check_final_weights
+from rlhf_jobs.engine.divergence import StepCheck
 from rlhf_jobs.engine.logprobs import entropy
-from rlhf_jobs.engine.models import (
-    disable_dropout,
-    load_causal_lm,
-    load_reward_model,
-    load_tokenizer,
-    stored_dtype,
-    unwrap,
-)
-from rlhf_jobs.engine.train_state import ModelState, TrainState
+from rlhf_jobs.engine.models import disable_dropout, load_reward_model, load_tokenizer, unwrap
+from rlhf_jobs.engine.train_state import ModelState
 from rlhf_jobs.engine.worker import Worker, progress, setup_worker
-from rlhf_jobs.store.checkpoints import require_stage, write_atomically
-from rlhf_jobs.store.metrics_log import MetricsLogger
+from rlhf_jobs.store.checkpoints import require_stage
 
 STAGE = "ppo"
-
-
-# ---- masked statistics ------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-# ---- the pieces of the algorithm ---------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # ---- models ----------------------------------------------------------------------------------------------
@@ -201,13 +163,7 @@ class Critic(torch.nn.Module):
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
 
-
-
-
-
 # ---- driver: data -------------------------------------------------------------------------------------------
-
-
 
 
 def prepare(config: StageConfig) -> dict[str, Any]:
@@ -235,10 +191,6 @@ def prepare(config: StageConfig) -> dict[str, Any]:
         for split, records in (("train", train), ("eval", evaluation))
     }
     return {**prompts, "reward_stats": reward_stats}
-
-
-
-
 
 
 # ---- worker: models and optimizers ---------------------------------------------------------------------------
@@ -283,31 +235,22 @@ def load_models(config: StageConfig, worker: Worker, reward_stats: dict[str, flo
     """The models on this worker. Trainable weights in fp32; frozen ones in the compute dtype under mixed
     precision. With LoRA, one base model serves as policy and reference, another as critic and reward model."""
     general, training = config.General, config.Training
-    policy_path = general.model_pretrain or general.model_name
     rm_path = general.rm_pretrain or general.rm_name
     trust, lora = general.trust_remote_code, training.lora
     frozen_dtype, trained_dtype = sharding.frozen_dtype(training), sharding.load_dtype(training)
-    tokenizer = load_tokenizer(policy_path, trust, padding_side="left")
-    rm_tokenizer = load_tokenizer(rm_path, trust, padding_side="right")
-    rm_tokenizer.truncation_side = "left"
-
     # Each model is distributed as soon as it is loaded: under FSDP a worker then never holds more than one
     # full model besides the shards of those before it (loading all four first peaked at four full copies).
-    policy = load_causal_lm(policy_path, tokenizer, trust, dropout=False, dtype=trained_dtype)
-    if lora:  # peft's lora_dropout is a new dropout: off too (`disable_dropout`)
-        policy = disable_dropout(add_lora(policy, lora, "CAUSAL_LM"))
-    policy = sharding.prepare(policy, training, worker)
-    reference = None
-    if not lora:
-        reference = frozen(load_causal_lm(policy_path, tokenizer, trust, dropout=False,
-                                          dtype=sharding.reference_dtype(training)))
-        reference = sharding.prepare(reference, training, worker, trainable=False)
+    policy = load_policy(config, worker)
+    tokenizer = policy.tokenizer
+    rm_tokenizer = load_tokenizer(rm_path, trust, padding_side="right")
+    rm_tokenizer.truncation_side = "left"
     # The critic reads the policy's tokens: it starts from the RM when they share a vocabulary (its value
     # head then starts as the normalised score), else from the policy's backbone with a fresh value head.
     # Started from the RM, it is the RM too under LoRA (adapter disabled), which reads the RM tokenizer's padding.
     same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
-    classifier = load_reward_model(rm_path if same_vocab else policy_path, rm_tokenizer if same_vocab else tokenizer,
-                                   trust, dropout=False, dtype=trained_dtype)
+    classifier = load_reward_model(rm_path if same_vocab else policy_path(config),
+                                   rm_tokenizer if same_vocab else tokenizer, trust, dropout=False,
+                                   dtype=trained_dtype)
     critic = Critic.from_classifier(classifier, reward_stats if same_vocab else None)
     if lora:  # the transformer gets adapters; the score head stays the reward model's
         critic.classifier = disable_dropout(add_lora(classifier, lora, "FEATURE_EXTRACTION",
@@ -321,21 +264,31 @@ def load_models(config: StageConfig, worker: Worker, reward_stats: dict[str, flo
     positions = getattr(sharding.hf_model(unwrap(scorer)).config, "max_position_embeddings", None) or 1024
     reward = RewardModelScore(reward_model_forward(reward_model, critic), rm_tokenizer, positions, training,
                               worker.device)
-    return PPOModels(policy=policy, critic=critic, reference=reference, reward_model=reward_model,
-                     tokenizer=tokenizer, rm_tokenizer=rm_tokenizer,
-                     engine=HFRolloutEngine(policy, tokenizer, training, worker.device), reward=reward)
+    return PPOModels(policy=policy.model, critic=critic, reference=policy.reference, reward_model=reward_model,
+                     tokenizer=tokenizer, rm_tokenizer=rm_tokenizer, engine=policy.engine, reward=reward)
 
 
 @dataclass
 class Optimizers:
-    """The policy's and the critic's optimizer and schedule, the KL coefficient and the fp16 loss scaler."""
+    """The policy's optimizer, schedule and fp16 loss scaler (`rl.policy.PolicyOptimizer`), the critic's optimizer
+    and schedule, and the KL coefficient."""
 
-    policy: torch.optim.Optimizer
+    policy_side: PolicyOptimizer
     critic: torch.optim.Optimizer
-    policy_schedule: Any
     critic_schedule: Any
     kl_control: AdaptiveKLController
-    scaler: torch.amp.GradScaler | None
+
+    @property
+    def policy(self) -> torch.optim.Optimizer:
+        return self.policy_side.optimizer
+
+    @property
+    def policy_schedule(self) -> Any:
+        return self.policy_side.schedule
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler | None:
+        return self.policy_side.scaler
 
     @classmethod
     def build(cls, models: PPOModels, training: PPOTraining, total_updates: int, device: torch.device) -> Optimizers:
@@ -345,36 +298,29 @@ class Optimizers:
     def optimizers(models: PPOModels, training: PPOTraining) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
         """The policy's and the critic's optimizers alone (a resume loads their state before the schedules
         are built: how many updates a run has depends on the checkpoint's global batch)."""
-        return (optim.build_optimizer(models.policy, training),
-                optim.build_optimizer(models.critic, training, training.critic_learning_rate))
+        return (PolicyOptimizer.optimizer_of(models.policy, training),
+                PolicyOptimizer.optimizer_of(models.critic, training, training.critic_learning_rate))
 
     @classmethod
     def around(cls, policy: torch.optim.Optimizer, critic: torch.optim.Optimizer, training: PPOTraining,
                total_updates: int, device: torch.device) -> Optimizers:
         """Schedules over `total_updates`, the KL coefficient and the loss scaler, around built optimizers."""
-        return cls(policy, critic, optim.build_scheduler(policy, training, total_updates),
+        return cls(PolicyOptimizer.around(policy, training, total_updates, device), critic,
                    optim.build_scheduler(critic, training, total_updates),
-                   AdaptiveKLController(training.kl_coeff, training.target_kl, training.kl_horizon),
-                   optim.grad_scaler(training, device))
+                   AdaptiveKLController(training.kl_coeff, training.target_kl, training.kl_horizon))
 
     def state_dict(self) -> dict[str, Any]:
         """What resumes besides the tensors (those go through `train_state.ModelState`)."""
-        return {"policy_scheduler": self.policy_schedule.state_dict(),
-                "critic_scheduler": self.critic_schedule.state_dict(), "kl_control": self.kl_control.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler else None}
+        return {**self.policy_side.state_dict(), "critic_scheduler": self.critic_schedule.state_dict(),
+                "kl_control": self.kl_control.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        optim.restore_scheduler(self.policy_schedule, state["policy_scheduler"])
+        self.policy_side.load_state_dict(state)
         optim.restore_scheduler(self.critic_schedule, state["critic_scheduler"])
         self.kl_control.load_state_dict(state["kl_control"])
-        if self.scaler and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
 
 
 # ---- worker: rollout ---------------------------------------------------------------------------------------------
-
-
-
 
 
 
@@ -406,8 +352,6 @@ class Experience:
     @property
     def size(self) -> int:
         return self.response.size(0)
-
-
 
 
 @torch.no_grad()
@@ -539,32 +483,13 @@ def iteration_metrics(batch: Experience, kl: torch.Tensor, non_score: torch.Tens
 
 def evaluate_held_out(models: PPOModels, eval_prompts: list[dict[str, Any]] | None, training: PPOTraining,
                       worker: Worker) -> dict[str, float]:
-    """Mean RM score of sampled responses to this worker's share of the held-out prompts (fixed seed)."""
+    """Mean RM score of sampled responses to the held-out prompts (`rl.policy.sample_held_out`: fixed seed)."""
     if not eval_prompts:
         return {}
-    shard = eval_prompts[worker.rank :: worker.world_size]
-    chunk = training.rollout_batch_size or training.experience_batch_size
-    if models.engine.sharded:  # every worker must run the same forwards
-        most = math.ceil(len(eval_prompts) / worker.world_size)
-        shard, real = shard + eval_prompts[: most - len(shard)], len(shard)
-    else:
-        real = len(shard)
-    scores, length = Moments(), 0.0
-    devices = [worker.device] if worker.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(training.seed + 7919 * (worker.rank + 1))
-        for rows in row_chunks(len(shard), chunk):
-            prompts = shard[rows]
-            response, mask = pad(models.engine.generate([p["input_ids"] for p in prompts], Sampling.of(training)),
-                                 models.tokenizer.pad_token_id, device=worker.device)
-            raw = models.reward(Responses(prompts, response, mask, models.tokenizer))
-            keep = max(0, min(real - rows.start, len(prompts)))  # padding prompts count for nothing
-            scores.add(raw[:keep])
-            length += mask[:keep].sum().item()
-    scores.reduce(worker.device)
-    (length,) = all_reduce_sum([length], worker.device)
+    (raw,), length = sample_held_out(models.engine, models.tokenizer, [models.reward], eval_prompts, training, worker)
+    scores = Moments().add(raw).reduce(worker.device)
     return {"eval_score_mean": scores.mean, "eval_score_std": scores.std,
-            "eval_response_length": length / max(scores.count, 1)}
+            "eval_response_length": held_out_length(length, scores.count, worker.device)}
 
 
 # ---- worker: the training loop -----------------------------------------------------------------------------
@@ -573,61 +498,28 @@ def evaluate_held_out(models: PPOModels, eval_prompts: list[dict[str, Any]] | No
 def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     # -- hyperparameters and data
     config, worker = setup_worker(loop_config)
-    general, training = config.General, config.Training
+    general = config.General
     train_prompts, eval_prompts = loop_config["data"]["train"], loop_config["data"]["eval"]
-    reward_stats = loop_config["data"]["reward_stats"] if training.normalize_score else None
-    save_steps = training.save_steps or training.eval_steps
+    reward_stats = loop_config["data"]["reward_stats"] if config.Training.normalize_score else None
 
     # -- models, optimizers, resume (on any number of workers: the global batch stays the checkpoint's)
     models = load_models(config, worker, reward_stats)
-    policy_optimizer, critic_optimizer = Optimizers.optimizers(models, training)
-    store = TrainState(general.output_dir, worker)
+    policy_optimizer, critic_optimizer = Optimizers.optimizers(models, config.Training)
     tensors = {"policy": ModelState(models.policy, policy_optimizer, trainable_only=True),
                "critic": ModelState(models.critic, critic_optimizer, trainable_only=True)}
-    saved = store.load(tensors)
-    training = resumed_layout(saved, training, worker, STAGE)
-    batch_size = training.experience_batch_size
-    global_batch = batch_size * worker.world_size
-    global_mini_batch = (training.mini_batch_size or batch_size) * worker.world_size
-    iterations = training.training_iteration or training.epochs * math.ceil(len(train_prompts) / global_batch)
-    updates = iterations * (global_batch // global_mini_batch) * training.ppo_epochs
-    optimizers = Optimizers.around(policy_optimizer, critic_optimizer, training, updates, worker.device)
-    iteration, position = 0, 0
-    if saved:
-        optimizers.load_state_dict(saved)
-        iteration = saved["iteration"]
-        position = saved.get("prompt_position", iteration * global_batch)
-        progress(worker, STAGE, f"resuming at iteration {iteration}/{iterations}")
-
-    def save_checkpoint(metrics: dict[str, Any]) -> None:
-        import ray.train
-
-        store.save(iteration, tensors, {**optimizers.state_dict(), "iteration": iteration,
-                                        "prompt_position": position, "global_batch": global_batch,
-                                        "global_mini_batch": global_mini_batch})
-        ray.train.report({"iteration": iteration, **metrics})
-
-    logger = MetricsLogger(general.output_dir, STAGE, worker.is_main, config, loop_config.get("tracking"))
-
-    def evaluate(at_iteration: int) -> dict[str, float]:
-        metrics = evaluate_held_out(models, eval_prompts, training, worker)
-        if metrics:
-            logger.log(at_iteration, metrics, split="eval")
-            progress(worker, STAGE, f"eval at iteration {at_iteration}: score {metrics['eval_score_mean']:.4f}")
-        return metrics
-
-    progress(worker, STAGE, f"{len(train_prompts)} prompts, {worker.world_size} worker(s) × {batch_size} per "
-                            f"rollout, {iterations} iterations")
-    eval_metrics = evaluate(iteration) if saved is None else {}
-    stop = StopControl(worker, loop_config.get("stop_at_step"))
+    run = IterationRun(STAGE, config, worker, loop_config, tensors, len(train_prompts))
+    training = run.training
+    optimizers = Optimizers.around(policy_optimizer, critic_optimizer, training, run.updates, worker.device)
+    run.resume(optimizers.state_dict, optimizers.load_state_dict)
+    run.start(lambda: evaluate_held_out(models, eval_prompts, training, worker),
+              lambda metrics: f"score {metrics['eval_score_mean']:.4f}")
     check_update = StepCheck(STAGE, training, worker, general.output_dir, unit="iteration", models=("policy", "critic"))
-    while iteration < iterations:
-        # Seeded per iteration and rank: responses differ across workers, and a resumed run samples the same.
-        torch.manual_seed(training.seed + 100_003 * iteration + worker.rank)
+    while run.running:
+        run.seed()
 
         # -- 1. rollout
         start = time.perf_counter()
-        prompts = prompt_batch(train_prompts, worker, training.seed, position, global_batch)
+        prompts = run.prompts(train_prompts)
         batch = collect_experience(models, prompts, training, worker.device)
         time_rollout = time.perf_counter() - start
 
@@ -646,76 +538,54 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         start = time.perf_counter()
         update_stats, on_policy = ppo_update(
             models, optimizers, batch, advantages, returns, training,
-            step_check=lambda loss, norms, at=iteration + 1: check_update(at, loss, worker.world_size, norms))
+            step_check=lambda loss, norms, at=run.iteration + 1: check_update(at, loss, worker.world_size, norms))
         time_update = time.perf_counter() - start
-        iteration, position = iteration + 1, position + global_batch
+        run.advance()
 
         # -- 5. KL control and metrics (over all workers)
         metrics = iteration_metrics(batch, kl, non_score, returns, update_stats, worker)
         metrics |= on_policy.metrics(worker.device)
-        sequences = global_batch
+        sequences = run.global_batch
         metrics |= {
             "kl_coeff": optimizers.kl_control.value, "learning_rate": optimizers.policy_schedule.get_last_lr()[0],
             "time_rollout": time_rollout, "time_update": time_update,
             "tokens_per_second": metrics["response_length"] * sequences / max(time_rollout, 1e-9),
-            "epoch": position / len(train_prompts),
+            "epoch": run.epoch,
         }
         optimizers.kl_control.update(metrics["kl"], sequences)
-        logger.log(iteration, metrics)
         progress(
             worker, STAGE,
-            f"iteration {iteration}/{iterations} score {metrics['score_mean']:.3f} kl {metrics['kl']:.3f} "
+            f"iteration {run.iteration}/{run.iterations} score {metrics['score_mean']:.3f} kl {metrics['kl']:.3f} "
             f"entropy {metrics['entropy']:.2f} pg {metrics['policy_loss']:.3f} vf {metrics['value_loss']:.3f} "
             f"clip {metrics['clip_fraction']:.2f} len {metrics['response_length']:.1f} "
             f"rollout {time_rollout:.1f}s update {time_update:.1f}s {metrics['tokens_per_second']:.0f} tok/s",
         )
-        stop_reason = stop.should_stop(iteration) if iteration < iterations else None
-        if iteration % training.eval_steps == 0 or iteration == iterations:
-            eval_metrics = evaluate(iteration)
-        if iteration % save_steps == 0 or iteration == iterations or stop_reason:
-            save_checkpoint({**metrics, **eval_metrics})
-        if stop_reason:
-            return stopped(worker, STAGE, iteration, stop_reason, logger)
+        outcome = run.end_iteration(metrics)
+        if outcome is not None:
+            return outcome
 
-    if not eval_metrics:
-        eval_metrics = evaluate(iteration)
-    logger.close()
-    save_final(config, models, {"stage": STAGE, "config": config.to_dict(), "iteration": iteration,
+    eval_metrics = run.finish()
+    save_final(config, models, {"stage": STAGE, "config": config.to_dict(), "iteration": run.iteration,
                                 "metrics": eval_metrics}, worker)
 
 
 def save_final(config: StageConfig, models: PPOModels, marker: dict[str, Any], worker: Worker) -> None:
     """The final policy (+ tokenizer) in checkpoint_dir; the critic in checkpoint_dir/critic (its transformer
     as a sequence classifier, and `value_head.safetensors`). Every rank calls it (sharded models are gathered)."""
-    general, training = config.General, config.Training
-    policy = export.gathered_model(models.policy, worker)
-    critic = export.gathered_model(models.critic, worker, unwrap(models.critic).skeleton) \
+    training = config.Training
+
+    def write_critic(critic: Critic, directory: Path, dtype: torch.dtype) -> None:
+        from safetensors.torch import save_file
+
+        export.exportable(critic.classifier, training, dtype).save_pretrained(directory)
+        models.tokenizer.save_pretrained(directory)
+        save_file({name: tensor.detach().float().contiguous().cpu()
+                   for name, tensor in critic.value_head.state_dict().items()},
+                  directory / "value_head.safetensors")
+
+    companion = Companion("critic", models.critic, unwrap(models.critic).skeleton, write_critic) \
         if training.save_critic else None
-    if not worker.is_main:
-        return
-    for model in (policy, critic):
-        if model is not None:
-            check_final_weights(model, STAGE, general.output_dir)
-    dtype = export.save_dtype(training, stored_dtype(general.model_pretrain or general.model_name,
-                                                     general.trust_remote_code))
-    policy = export.exportable(policy, training, dtype)
-    tokenizer = models.tokenizer
-
-    def write(directory: Any) -> None:
-        tokenizer.padding_side = "right"
-        policy.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-        if critic is not None:
-            from safetensors.torch import save_file
-
-            export.exportable(critic.classifier, training, dtype).save_pretrained(directory / "critic")
-            tokenizer.save_pretrained(directory / "critic")
-            save_file({name: tensor.detach().float().contiguous().cpu()
-                       for name, tensor in critic.value_head.state_dict().items()},
-                      directory / "critic" / "value_head.safetensors")
-
-    path = write_atomically(general.checkpoint_dir, write, marker)
-    progress(worker, STAGE, f"final policy written to {path}" + (f" (critic in {path}/critic)" if critic else ""))
+    rl_policy.save_final(config, STAGE, models.policy, models.tokenizer, marker, worker, companion)
 
 
 def train(config: StageConfig, stop_at_step: int | None = None, in_process: bool = False) -> Any:

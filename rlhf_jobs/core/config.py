@@ -268,7 +268,16 @@ class PromptDataset(DataFiles):
     max_prompt_length: PositiveInt = Field(128, description="Prompts are left-truncated to this length.")
 
 
-class PPOTraining(TrainingBase):
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp")
+CRITIC_FREE = ADVANTAGE_ESTIMATORS[1:]
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")  # a baseline from the other completions of the same prompt
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
+
+
+class RLTraining(TrainingBase):
+    """What every RL stage (PPO, GRPO) shares: rollouts of sampled responses, the clipped policy update over them,
+    the KL to the frozen reference, held-out evaluation."""
+
     experience_batch_size: PositiveInt = Field(8, description="Prompts per worker per rollout.")
     rollout_batch_size: PositiveInt | None = Field(
         None, description="Prompts per generate call and per rollout forward; None = experience_batch_size."
@@ -276,7 +285,6 @@ class PPOTraining(TrainingBase):
     logprob_chunk_size: PositiveInt = Field(
         256, description="Token positions per chunk when computing log-probs over the vocabulary."
     )
-    save_critic: bool = Field(True, description="Also write the trained critic to checkpoint_dir/critic.")
     mini_batch_size: PositiveInt | None = Field(
         None, description="Sequences per PPO update step; None = experience_batch_size (one minibatch)."
     )
@@ -290,16 +298,9 @@ class PPOTraining(TrainingBase):
     save_steps: PositiveInt | None = Field(
         None, description="Ray Train checkpoint every N iterations; None = every eval_steps iterations."
     )
-    critic_learning_rate: PositiveFloat | None = Field(None, description="Critic LR; None = learning_rate.")
     kl_coeff: NonNegativeFloat = Field(0.05, description="Weight of the per-token KL penalty.")
     kl_estimator: Literal["k1", "k3"] = Field("k1", description="KL estimate in the reward.")
-    target_kl: PositiveFloat | None = Field(None, description="Adaptive KL controller target; None = fixed.")
-    kl_horizon: PositiveInt = Field(10000, description="Adaptive KL controller horizon (samples).")
-    gamma: Annotated[float, Field(ge=0, le=1)] = Field(1.0, description="Discount.")
-    lam: Annotated[float, Field(ge=0, le=1)] = Field(0.95, description="GAE lambda.")
     cliprange: PositiveFloat = Field(0.2, description="Policy ratio clip.")
-    cliprange_value: PositiveFloat = Field(0.2, description="Value clip around the rollout values.")
-    vf_coef: PositiveFloat = Field(0.1, description="Weight of the value loss.")
     max_new_tokens: PositiveInt = Field(32, description="Response length cap.")
     temperature: PositiveFloat = Field(1.0, description="Sampling temperature.")
     top_k: NonNegativeInt = Field(  # the schema's bound: `helm template` refuses it too
@@ -310,10 +311,6 @@ class PPOTraining(TrainingBase):
         1.0, description="Must stay 1: responses are sampled from the full softmax(logits / temperature).",
         json_schema_extra={"minimum": 1},
     )
-    normalize_score: bool = Field(True, description="Normalise scores with the RM's recorded mean/std.")
-    score_clip: PositiveFloat | None = Field(5.0, description="Clip (normalised) scores to ±score_clip.")
-    missing_eos_penalty: NonNegativeFloat = Field(1.0, description="Subtracted from the score without EOS.")
-    whiten_rewards: bool = Field(False, description="Whiten per-token rewards before GAE.")
     eval_steps: PositiveInt = Field(5, description="Score held-out prompts every N iterations.")
 
     @field_validator("top_k", "top_p")
@@ -332,7 +329,7 @@ class PPOTraining(TrainingBase):
         return value
 
     @model_validator(mode="after")
-    def _length_known(self) -> PPOTraining:
+    def _length_known(self) -> RLTraining:
         if self.epochs is None and self.training_iteration is None:
             raise ValueError("set epochs or training_iteration")
         if self.rollout_batch_size and self.rollout_batch_size > self.experience_batch_size:
@@ -349,15 +346,166 @@ class PPOTraining(TrainingBase):
         if mini_batch_size % self.gradient_accumulation_steps:
             raise ValueError(
                 f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) must divide the "
-                f"mini-batch ({mini_batch_size} sequences): each update is split into that many micro-batches"
+                f"mini-batch ({mini_batch_size} prompts): each update is split into that many micro-batches"
             )
         return self
+
+
+class PPOTraining(RLTraining):
+    advantage_estimator: Literal["gae"] = Field(
+        "gae", description="gae only: PPO's advantages come from its critic (GAE). The critic-free estimators "
+        "(grpo, dr_grpo, rloo, reinforce_pp) are the grpo stage's.",
+    )
+    save_critic: bool = Field(True, description="Also write the trained critic to checkpoint_dir/critic.")
+    critic_learning_rate: PositiveFloat | None = Field(None, description="Critic LR; None = learning_rate.")
+    target_kl: PositiveFloat | None = Field(None, description="Adaptive KL controller target; None = fixed.")
+    kl_horizon: PositiveInt = Field(10000, description="Adaptive KL controller horizon (samples).")
+    gamma: Annotated[float, Field(ge=0, le=1)] = Field(1.0, description="Discount.")
+    lam: Annotated[float, Field(ge=0, le=1)] = Field(0.95, description="GAE lambda.")
+    cliprange_value: PositiveFloat = Field(0.2, description="Value clip around the rollout values.")
+    vf_coef: PositiveFloat = Field(0.1, description="Weight of the value loss.")
+    normalize_score: bool = Field(True, description="Normalise scores with the RM's recorded mean/std.")
+    score_clip: PositiveFloat | None = Field(5.0, description="Clip (normalised) scores to ±score_clip.")
+    missing_eos_penalty: NonNegativeFloat = Field(1.0, description="Subtracted from the score without EOS.")
+    whiten_rewards: bool = Field(False, description="Whiten per-token rewards before GAE.")
+
+    @field_validator("advantage_estimator", mode="before")
+    @classmethod
+    def _critic_free_is_grpo(cls, value: Any) -> Any:
+        """A critic-free estimator in PPO would be GRPO without its groups: say where it lives."""
+        if value in CRITIC_FREE:
+            raise ValueError(
+                f"{value} is critic-free: the ppo stage estimates advantages with its critic (gae); train "
+                f"`rlhf-jobs train grpo` with Training.advantage_estimator: {value} instead (no critic is loaded there)"
+            )
+        return value
 
 
 class PPOConfig(StageConfig):
     General: PPOGeneral
     Dataset: PromptDataset
     Training: PPOTraining = Field(default_factory=PPOTraining)
+
+
+# ---- GRPO (and Dr. GRPO, RLOO, REINFORCE++) -----------------------------------------------------------
+
+# `path/to/file.py:name` or `package.module:name` (the function's name a Python identifier).
+REWARD_FUNCTION_PATTERN = r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$"
+
+
+def _reward_function_reference(value: str) -> str:
+    target, colon, name = value.rpartition(":")
+    if not colon or not target or not name.isidentifier():
+        raise ValueError(f"{value!r}: expected path/to/file.py:function or package.module:function")
+    if not target.endswith(".py") and not all(part.isidentifier() for part in target.split(".")):
+        raise ValueError(f"{value!r}: {target!r} is neither a .py file nor a dotted module name "
+                         "(expected path/to/file.py:function or package.module:function)")
+    return value
+
+
+RewardFunctionReference = Annotated[str, AfterValidator(_reward_function_reference),
+                                    Field(json_schema_extra={"pattern": REWARD_FUNCTION_PATTERN})]
+
+
+class GRPOGeneral(Section):
+    model_name: StorageLocation = Field(
+        description="Base policy (hub name or path); used as is if model_pretrain is None.")
+    model_pretrain: StorageLocation | None = Field(None, description="SFT checkpoint_dir to start the policy from.")
+    rm_name: StorageLocation | None = Field(
+        None, description="Base reward model (optional: reward functions alone may score); used as is if "
+        "rm_pretrain is None.")
+    rm_pretrain: StorageLocation | None = Field(None, description="Reward-model checkpoint_dir to score with.")
+    reward_functions: list[RewardFunctionReference] = Field(
+        default_factory=list, description="Python reward functions, 'path/to/file.py:name' (relative to where "
+        "rlhf-jobs runs) or 'package.module:name': fn(prompts, completions, **columns) -> list[float | None].",
+    )
+    reward_weights: list[float] | None = Field(
+        None, description="One weight per reward function (None: all 1.0).")
+    rm_weight: float = Field(1.0, description="Weight of the reward model's score in the total reward.")
+    output_dir: StorageLocation = Field(description="Ray Train checkpoints (for resume), metrics.jsonl, TensorBoard.")
+    checkpoint_dir: StorageLocation = Field(description="Where the final policy is written.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
+
+    @model_validator(mode="after")
+    def _rewards_given(self) -> GRPOGeneral:
+        if not (self.rm_name or self.rm_pretrain or self.reward_functions):
+            raise ValueError("nothing scores the completions: set reward_functions (e.g. "
+                             "['rlhf_jobs.algorithms.rl.reward_functions:answer_match']), a reward model "
+                             "(rm_pretrain / rm_name), or both")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_functions):
+            raise ValueError(f"reward_weights has {len(self.reward_weights)} weight(s) for "
+                             f"{len(self.reward_functions)} reward function(s): give one per function, in order")
+        return self
+
+
+class GRPOTraining(RLTraining):
+    """The RL loop's settings as PPO names them, plus the critic-free estimators' own. `experience_batch_size`
+    counts prompts; each is sampled `num_generations` times on the same worker."""
+
+    advantage_estimator: Literal[CRITIC_FREE] = Field(
+        "grpo", description="grpo: (r - group mean) / (group std + 1e-4); dr_grpo: r - group mean; rloo: r - mean "
+        "of the other completions of the prompt; reinforce_pp: REINFORCE++ (token-level KL in the reward, "
+        "discounted return-to-go, whitened over the batch).",
+    )
+    num_generations: PositiveInt = Field(
+        8, description="Completions sampled per prompt (a group); at least 2 for grpo, dr_grpo and rloo.")
+    mini_batch_size: PositiveInt | None = Field(
+        None, description="Prompts per update step (with their num_generations completions each); None = "
+        "experience_batch_size (one update per rollout and ppo_epoch).",
+    )
+    ppo_epochs: PositiveInt = Field(1, description="Optimisation passes over each rollout (TRL's num_iterations).")
+    loss_aggregation: Literal[LOSS_AGGREGATIONS] = Field(
+        "token_mean", description="token_mean: every completion token weighs the same; seq_mean_token_sum (Dr. "
+        "GRPO): mean over completions of their summed token losses; seq_mean_token_mean (GRPO paper): mean over "
+        "completions of their token means.",
+    )
+    kl_coeff: NonNegativeFloat = Field(
+        0.0, description="Weight of the KL to the reference (0: no reference model is loaded, as TRL's default).")
+    kl_estimator: Literal["k1", "k3"] = Field("k3", description="KL estimate (in the loss: k3 only).")
+    kl_in_loss: bool | None = Field(
+        None, description="KL as a loss term (kl_coeff × k3 per token, GRPO paper) or in the reward; None = the "
+        "estimator's convention: in the loss for grpo and dr_grpo, in the reward for rloo and reinforce_pp.",
+    )
+    cliprange_low: PositiveFloat | None = Field(
+        None, description="Lower ratio clip 1 - cliprange_low (DAPO's asymmetric clip); None = cliprange.")
+    cliprange_high: PositiveFloat | None = Field(
+        None, description="Upper ratio clip 1 + cliprange_high (DAPO: 0.28); None = cliprange.")
+    gamma: Annotated[float, Field(ge=0, le=1)] = Field(
+        1.0, description="Discount of REINFORCE++'s return-to-go (reinforce_pp only).")
+    normalize_score: bool = Field(
+        True, description="Normalise a reward model's scores with its recorded mean/std before weighting.")
+
+    @property
+    def kl_penalty_in_loss(self) -> bool:
+        """Where the KL to the reference goes: the loss (True) or the reward (False)."""
+        if self.kl_in_loss is not None:
+            return self.kl_in_loss
+        return self.advantage_estimator in ("grpo", "dr_grpo")
+
+    @property
+    def clip_low(self) -> float:
+        return self.cliprange if self.cliprange_low is None else self.cliprange_low
+
+    @property
+    def clip_high(self) -> float:
+        return self.cliprange if self.cliprange_high is None else self.cliprange_high
+
+    @model_validator(mode="after")
+    def _estimator_settings(self) -> GRPOTraining:
+        if self.advantage_estimator in GROUP_ESTIMATORS and self.num_generations < 2:
+            raise ValueError(f"num_generations {self.num_generations} with advantage_estimator "
+                             f"{self.advantage_estimator}: its baseline is the group's other completions, so each "
+                             "prompt needs at least 2 (TRL: 8)")
+        if self.kl_coeff and self.kl_penalty_in_loss and self.kl_estimator != "k3":
+            raise ValueError(f"kl_estimator {self.kl_estimator} as a loss term: its gradient is zero in expectation; "
+                             "use k3 (the GRPO paper's), or kl_in_loss: false to put the KL in the reward")
+        return self
+
+
+class GRPOConfig(StageConfig):
+    General: GRPOGeneral
+    Dataset: PromptDataset
+    Training: GRPOTraining = Field(default_factory=GRPOTraining)
 
 
 # ---- DPO ----------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ class RecordSchema:
     numeric: tuple[str, ...] = ()
     check: Callable[[dict[str, Any]], str | None] | None = None
     keep: str = "head"  # which end of a too-long text the stage keeps: "head" (SFT) or "tail" (RM, PPO)
+    # Keep the record's other fields as columns (prompt records: GRPO's reward functions read them, e.g. `answer`).
+    keep_extra: bool = False
 
     def problem(self, record: Any) -> str | None:
         if not isinstance(record, dict):
@@ -65,9 +67,14 @@ class RecordSchema:
     def fields(self) -> tuple[str, ...]:
         return (*self.required, *(k for g in self.one_of for k in g), *self.optional)
 
-    def project(self, record: dict[str, Any]) -> dict[str, Any]:
-        """The record with exactly this schema's fields (absent ones None), so columns line up."""
-        return {key: record.get(key) for key in self.fields()}
+    def project(self, record: dict[str, Any], extra: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The record with exactly this schema's fields and the `extra` ones (absent ones None), so columns line up."""
+        return {key: record.get(key) for key in (*self.fields(), *extra)}
+
+    def extra_fields(self, record: dict[str, Any]) -> list[str]:
+        """The record's fields beyond the schema's, in its order."""
+        known = self.fields()
+        return [key for key in record if key not in known]
 
     def describe(self) -> str:
         fields = [*self.required, *(" | ".join(g) for g in self.one_of)]
@@ -93,7 +100,8 @@ RM_SCHEMA = RecordSchema(
 # DPO reads the reward model's files (the same fields, the same converters, which are keyed by the schema's name);
 # a pair whose chosen equals rejected is dropped and counted by the stage instead of stopping the run.
 DPO_SCHEMA = dataclasses.replace(RM_SCHEMA, check=None)
-PPO_SCHEMA = RecordSchema("ppo", required=(), one_of=(("prompt", "instruction"),), optional=("context",), keep="tail")
+PPO_SCHEMA = RecordSchema("ppo", required=(), one_of=(("prompt", "instruction"),), optional=("context",), keep="tail",
+                          keep_extra=True)
 
 
 def _read_text(location: str) -> str:
@@ -143,13 +151,44 @@ def read_numbered(location: str, expected: str = "") -> list[tuple[int, Any]]:
 
 
 def read_records(location: str, schema: RecordSchema) -> list[dict[str, Any]]:
-    """All records of a file, validated; the first bad one raises `DataError` with its line."""
+    """All records of a file, validated; the first bad one raises `DataError` with its line.
+
+    With `schema.keep_extra` every record gets every field any record has (None where it has none); a field must
+    hold one JSON type in every record that sets it (it becomes one column)."""
     pairs = read_numbered(location, schema.describe())
     for number, record in pairs:
         problem = schema.problem(record)
         if problem:
             raise DataError(f"{location}:{number}: {problem}")
-    return [schema.project(record) for _, record in pairs]
+    extra = _extra_columns(location, pairs, schema) if schema.keep_extra else ()
+    return [schema.project(record, extra) for _, record in pairs]
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return {str: "string", list: "list", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _extra_columns(location: str, pairs: list[tuple[int, Any]], schema: RecordSchema) -> tuple[str, ...]:
+    """Every field beyond the schema's that some record has, in first-seen order, each of one JSON type."""
+    first: dict[str, tuple[str, int]] = {}
+    for number, record in pairs:
+        for key in schema.extra_fields(record):
+            value = record[key]
+            if value is None:
+                first.setdefault(key, ("", number))
+                continue
+            kind = _json_type(value)
+            seen, line = first.get(key, ("", number))
+            if not seen:
+                first[key] = (kind, number)
+            elif seen != kind:
+                raise DataError(f"{location}:{number}: field {key!r} is a {kind} here but a {seen} on line {line}: "
+                                "each extra field is one column, of one type")
+    return tuple(first)
 
 
 # No tokenizer we know averages more characters per token than this (byte-level BPE on English: ~4;
@@ -213,7 +252,11 @@ def load_splits(
         records = read_records(location, schema)
         if max_tokens:
             records = [clip_record(record, schema, max_tokens) for record in records]
-        return datasets.Dataset.from_list(records)
+        try:
+            return datasets.Dataset.from_list(records)
+        except (TypeError, ValueError) as err:  # pyarrow's ArrowInvalid/ArrowTypeError: an extra field's values
+            raise DataError(f"{location}: its fields cannot be read as columns ({err}); give each field values of "
+                            "one JSON type (lists of one element type, objects with the same fields)") from None
 
     train = read(train_file)
     if validation_file:

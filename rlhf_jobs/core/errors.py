@@ -26,6 +26,11 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint directory that is missing, foreign, or from the wrong stage."""
 
 
+class RewardError(UserError, RuntimeError):
+    """A reward function that raised or answered something other than one float or None per completion: the same
+    input fails the same way on every attempt, so Ray Train does not retry it."""
+
+
 class ResourceError(UserError, RuntimeError):
     """The Ray cluster cannot hold the workers the config asks for."""
 

@@ -260,7 +260,7 @@ def check_model_paths(config: StageConfig, source: str | Origins, keys: Sequence
 
     `keys`: only these General keys (default: every model key of the stage)."""
     general = config.General
-    inputs = stages.get(config.stage).inputs
+    inputs = stages.get(config.stage).all_inputs
     for key in stages.get(config.stage).model_keys if keys is None else keys:
         location = getattr(general, key, None)
         if location and not _is_url(location) and looks_local(location):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rlhf_jobs.core.config import DPOConfig, PPOConfig, RMConfig, SFTConfig, StageConfig
+from rlhf_jobs.core.config import DPOConfig, GRPOConfig, PPOConfig, RMConfig, SFTConfig, StageConfig
 from rlhf_jobs.core.data import DPO_SCHEMA, PPO_SCHEMA, RM_SCHEMA, SFT_SCHEMA, RecordSchema
 
 
@@ -60,6 +60,10 @@ class Stage:
     # a pipeline wires such a key to the producing stage's model when that stage runs (or ran) in it, else the
     # config's own value is used (a finished model elsewhere, or None: the base model as is).
     inputs: dict[str, str] = field(default_factory=dict)
+    # Inputs the stage can do without (GRPO's reward model): a local pipeline wires them exactly like `inputs`; the
+    # chart's own chaining (`chainStages`) wires only `inputs`, the kuberay submitter an optional one when its
+    # producing stage is part of the run.
+    optional_inputs: dict[str, str] = field(default_factory=dict)
     trained: tuple[TrainedModel, ...] = ()
     step_name: str = "optimizer step"
     summary: tuple[Summary, ...] = ()
@@ -70,14 +74,19 @@ class Stage:
     # model) and of the stage's result are shown side by side, scored by the model in `reward_key` if set.
     compare_with: str | None = None
     reward_key: str | None = None
-    # Whether `rlhf-jobs pipeline` runs it when no --stages are given (SFT -> RM -> PPO; DPO is an alternative to
-    # RM + PPO, asked for with --stages sft,dpo).
+    # Whether `rlhf-jobs pipeline` runs it when no --stages are given (SFT -> RM -> PPO; DPO and GRPO are
+    # alternatives to RM + PPO, asked for with --stages sft,dpo or sft,grpo).
     in_default_pipeline: bool = True
 
     @property
     def model_keys(self) -> tuple[str, ...]:
         """Every General key of this stage that names a model."""
-        return (*self.base_model_keys, *self.inputs)
+        return (*self.base_model_keys, *self.all_inputs)
+
+    @property
+    def all_inputs(self) -> dict[str, str]:
+        """Every General key that reads another stage's final model, required or optional -> that stage."""
+        return {**self.inputs, **self.optional_inputs}
 
 
 REGISTRY: dict[str, Stage] = {
@@ -135,6 +144,24 @@ REGISTRY: dict[str, Stage] = {
                           "logprob_chunk_size",
             compare_with="model_pretrain", in_default_pipeline=False,
         ),
+        Stage(
+            name="grpo", title="GRPO", product="GRPO policy", config_type=GRPOConfig, records=PPO_SCHEMA,
+            trainer="rlhf_jobs.algorithms.grpo",
+            base_model_keys=("model_name", "rm_name"), inputs={"model_pretrain": "sft"},
+            optional_inputs={"rm_pretrain": "rm"},
+            trained=(TrainedModel(("model_pretrain", "model_name"), "CAUSAL_LM"),),
+            step_name="iteration",
+            summary=(Summary("reward", "eval_reward", fallback=("reward", "train")),
+                     Summary("KL", "kl", split="train", last_only=True)),
+            panels=(
+                ("GRPO reward", (Curve("reward", "train", "rollout reward"),
+                                 Curve("eval_reward", "eval", "held-out reward"))),
+                ("GRPO KL to reference", (Curve("kl", "train", "KL"),)),
+            ),
+            memory_advice="smaller Training.rollout_batch_size / num_generations / mini_batch_size or more "
+                          "gradient_accumulation_steps",
+            compare_with="model_pretrain", reward_key="rm_pretrain", in_default_pipeline=False,
+        ),
     )
 }
 
@@ -151,10 +178,10 @@ def get(name: str) -> Stage:
 def upstream(name: str) -> tuple[str, ...]:
     """The stages whose final models `name` reads, directly or through them, in registry order."""
     found: set[str] = set()
-    pending = list(get(name).inputs.values())
+    pending = list(get(name).all_inputs.values())
     while pending:
         stage = pending.pop()
         if stage not in found:
             found.add(stage)
-            pending.extend(get(stage).inputs.values())
+            pending.extend(get(stage).all_inputs.values())
     return tuple(stage for stage in NAMES if stage in found)

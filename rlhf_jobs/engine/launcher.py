@@ -152,14 +152,27 @@ def out_of_memory(config: StageConfig, error: BaseException) -> OutOfMemory:
 
 
 def absolute_paths(data: dict[str, Any]) -> dict[str, Any]:
-    """The config with local paths made absolute, so workers read the same files wherever they run."""
+    """The config with local paths made absolute, so workers read the same files wherever they run: General's paths
+    that exist here, and in lists of references `path/to/file.py:name` (GRPO's reward functions) the files that do."""
     general = dict(data["General"])
     for key, value in general.items():
+        if isinstance(value, list):
+            general[key] = [_absolute_reference(item) for item in value]
         if not isinstance(value, str) or "://" in value:
             continue
         if key in ("output_dir", "checkpoint_dir") or Path(value).exists():
             general[key] = str(Path(value).expanduser().resolve())
     return {**data, "General": general}
+
+
+def _absolute_reference(item: Any) -> Any:
+    """`path/to/file.py:name` with the file's absolute path when the file is here; anything else as it is."""
+    if not isinstance(item, str) or "://" in item:
+        return item
+    target, colon, name = item.rpartition(":")
+    if colon and target.endswith(".py") and Path(target).expanduser().is_file():
+        return f"{Path(target).expanduser().resolve()}:{name}"
+    return item
 
 
 def trainer_class(in_process: bool = False) -> type:

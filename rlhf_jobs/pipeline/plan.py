@@ -120,10 +120,11 @@ def config_hash(config: dict[str, Any], upstream: Sequence[str]) -> str:
 def resolve_configs(backend: Backend, options: PipelineOptions) -> dict[str, dict[str, Any]]:
     """The config of every stage that runs, with pipeline paths and its inputs wired, validated.
 
-    A stage's inputs (`Stage.inputs`, and a base model that names another stage's `checkpoint_dir` in the config
-    files) read the final model of the producing stage in this pipeline when that stage runs now or ran in it
-    before (it must have finished: checked before anything runs); otherwise the config's own value stays (a model
-    elsewhere, or None: the base model as is). Only the stages that run need a config file.
+    A stage's inputs (`Stage.inputs` and `optional_inputs`, and a base model that names another stage's
+    `checkpoint_dir` in the config files) read the final model of the producing stage in this pipeline when that
+    stage runs now or ran in it before (it must have finished: checked before anything runs); otherwise the config's
+    own value stays (a model elsewhere, or None: the base model as is, or no such model for an optional input). Only
+    the stages that run need a config file.
     """
     available = set(options.stages) | set(backend.load_record().get("stages", {}))
     raw = {stage: read_config_file(path) for stage in registry.NAMES
@@ -141,9 +142,9 @@ def resolve_configs(backend: Backend, options: PipelineOptions) -> dict[str, dic
                              if s != stage and path and general.get(key) == path), None)
             if producer in available:
                 general[key] = backend.stage_paths(producer)[1]
-            elif options.base_model and producer is None:
-                general[key] = options.base_model
-        for key, producer in registry.get(stage).inputs.items():
+            elif options.base_model and producer is None and (key not in general or general[key] is not None):
+                general[key] = options.base_model  # an optional model set to null (GRPO's rm_name) stays so
+        for key, producer in registry.get(stage).all_inputs.items():
             if producer in available:
                 general[key] = backend.stage_paths(producer)[1]
         try:
@@ -174,11 +175,12 @@ def check_inputs(backend: Backend, options: PipelineOptions, stage: str, config:
     made_here = {backend.stage_paths(other)[1] for other in options.stages if other != stage}
     entry = registry.get(stage)
     keys = [key for key in entry.model_keys if getattr(config.General, key, None) not in made_here]
-    check_model_paths(config, source, [key for key in keys if key not in entry.inputs])
+    inputs = entry.all_inputs
+    check_model_paths(config, source, [key for key in keys if key not in inputs])
     for key in keys:
         location = getattr(config.General, key, None)
-        if key in entry.inputs and location:
-            require_stage(location, entry.inputs[key], f"{source.of(('General', key))}: General.{key}")
+        if key in inputs and location:
+            require_stage(location, inputs[key], f"{source.of(('General', key))}: General.{key}")
 
 
 def upstream_stages(backend: Backend, stage: str, config: dict[str, Any]) -> set[str]:

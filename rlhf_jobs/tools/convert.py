@@ -11,6 +11,9 @@ rm, ppo (and every stage whose records are preference pairs or prompts)
   hh              Anthropic HH transcripts {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}
   pairs           {"prompt" | "instruction", "chosen", "rejected"}; "chosen"/"rejected" may also be
                   message lists [{"role", "content"}] (the last assistant content is the reply)
+ppo, grpo (prompt records)
+  gsm8k           GSM8K {"question", "answer": "... #### 42"} -> {"prompt": question, "answer": "42"} (the final
+                  number, thousands separators dropped: what `answer_match` compares with)
 
 OpenAssistant: every prompter message (not deleted, not rejected in review) becomes one record with
 its best reply: the assistant reply with the lowest "rank" (unranked replies after ranked ones,
@@ -32,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -302,6 +306,25 @@ def ppo_from_pairs(numbered: Numbered, location: str) -> Conversion:
     return result
 
 
+GSM8K_FINAL = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
+
+
+def prompts_from_gsm8k(numbered: Numbered, location: str) -> Conversion:
+    """GSM8K {"question", "answer": "<reasoning> #### 42"} -> {"prompt": question, "answer": "42"}."""
+    result = Conversion("gsm8k", [])
+    for line, record in numbered:
+        _require_object(record, location, line)
+        question = _string(record, "question", location, line).strip()
+        found = GSM8K_FINAL.findall(_string(record, "answer", location, line))
+        if not question:
+            result.skipped["empty question"] += 1
+        elif not found:
+            result.skipped["no final '#### <number>' in the answer"] += 1
+        else:
+            result.records.append({"prompt": question, "answer": found[-1].replace(",", "")})
+    return result
+
+
 def _hh_split(record: Any, location: str, line: int, result: Conversion) -> tuple[str, str, str] | None:
     _require_object(record, location, line)
     chosen = _string(record, "chosen", location, line)
@@ -488,6 +511,8 @@ FORMATS: dict[str, dict[str, Format]] = {
     PPO_SCHEMA.name: {
         "hh": Format(_hh_transcripts, lambda numbered, location, lang: ppo_from_hh(numbered, location)),
         "pairs": Format(_pair_fields, lambda numbered, location, lang: ppo_from_pairs(numbered, location)),
+        "gsm8k": Format(lambda first: "question" in first and "answer" in first,
+                        lambda numbered, location, lang: prompts_from_gsm8k(numbered, location)),
     },
 }
 DESCRIPTIONS = {
@@ -496,5 +521,6 @@ DESCRIPTIONS = {
     "oasst-messages": "OpenAssistant flat messages",
     "hh": "Anthropic HH transcripts",
     "pairs": "preference pairs",
+    "gsm8k": "GSM8K questions with answers",
 }
 ALL_FORMATS = tuple(dict.fromkeys(name for formats in FORMATS.values() for name in formats))

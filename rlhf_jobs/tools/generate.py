@@ -121,6 +121,18 @@ def default_reward_model(checkpoints: Sequence[str]) -> str | None:
     return None
 
 
+def default_reward_functions(checkpoints: Sequence[str]) -> tuple[list[str], list[float]] | None:
+    """The reward functions (and their weights) a GRPO checkpoint was trained with, if any: what scores its answers
+    when it had no reward model."""
+    for directory in checkpoints:
+        marker = read_marker(directory) if Path(directory).is_dir() else None
+        general = ((marker or {}).get("config") or {}).get("General", {})
+        if marker and _samples_policy(marker) and general.get("reward_functions"):
+            references = list(general["reward_functions"])
+            return references, list(general.get("reward_weights") or [1.0] * len(references))
+    return None
+
+
 def labels_for(models: Sequence[str]) -> list[str]:
     """Short column names: the directory names, or the paths where those repeat."""
     names = [Path(m).name or m for m in models]
@@ -128,17 +140,19 @@ def labels_for(models: Sequence[str]) -> list[str]:
 
 
 def generate(models: Sequence[str], records: list[dict[str, Any]], settings: Settings,
-             reward_model: str | None = None) -> list[Sample]:
-    """Every model's answer to every record's prompt (same seed per model), scored by `reward_model`.
+             reward_model: str | None = None,
+             reward_functions: tuple[list[str], list[float]] | None = None) -> list[Sample]:
+    """Every model's answer to every record's prompt (same seed per model), scored by `reward_model`, else by
+    `reward_functions` (references and weights: their weighted total, as GRPO sums them).
 
     The RL stages' own pieces: prompts built and truncated as they build them (`rollout.tokenize_prompts`),
     sampled by the same engine and settings (`rollout.HFRolloutEngine`, `rollout.Sampling`), scored as they
-    score (`rewards.RewardModelScore`).
+    score (`rewards.RewardModelScore`, `rewards.RewardFunction`).
     """
     import torch
     from transformers.utils import logging as hf_logging
 
-    from rlhf_jobs.algorithms.rl.rewards import Responses, RewardModelScore
+    from rlhf_jobs.algorithms.rl.rewards import Responses, RewardModelScore, load_reward_functions, weighted_total
     from rlhf_jobs.algorithms.rl.rollout import HFRolloutEngine, Sampling, frozen, tokenize_prompts
     from rlhf_jobs.engine.batching import pad
     from rlhf_jobs.engine.models import load_causal_lm, load_reward_model, load_tokenizer
@@ -156,6 +170,11 @@ def generate(models: Sequence[str], records: list[dict[str, Any]], settings: Set
             lambda input_ids, attention_mask: rm(input_ids=input_ids, attention_mask=attention_mask,
                                                  use_cache=False).logits.squeeze(-1),
             rm_tokenizer, getattr(rm.config, "max_position_embeddings", None) or 1024, training, device)
+    elif reward_functions:
+        functions, weights = load_reward_functions(reward_functions[0]), reward_functions[1]
+
+        def reward(responses: Responses) -> torch.Tensor:
+            return weighted_total([function(responses) for function in functions], weights)
     sampling = Sampling.of(training, greedy=settings.greedy)
     for label, path in zip(labels_for(models), models, strict=True):
         tokenizer = load_tokenizer(path, padding_side="left")
@@ -169,7 +188,8 @@ def generate(models: Sequence[str], records: list[dict[str, Any]], settings: Set
             scores: list[float | None] = [None] * len(batch)
             if reward is not None:
                 response, mask = pad(responses, tokenizer.pad_token_id, device=device)
-                scores = reward(Responses(batch, response, mask, tokenizer)).tolist()
+                scores = [None if value != value else value  # NaN: no function scored it
+                          for value in reward(Responses(batch, response, mask, tokenizer)).tolist()]
             for offset, (prompt, ids, value) in enumerate(zip(batch, responses, scores, strict=True)):
                 sample = samples[start + offset]
                 sample.prompt_text = sample.prompt_text or prompt["text"]
@@ -204,11 +224,18 @@ def score_table(samples: list[Sample], width: int = 60) -> str:
     for number, sample in enumerate(samples, start=1):
         scores = [(sample.answers or {})[label]["score"] for label in labels]
         rows.append(f"{number:>3}  {_one_line(_question(sample.record), width):<{width}}  "
-                    + "  ".join(f"{score:>{w}.3f}" for score, w in zip(scores, widths, strict=True)))
-    means = [sum(s.answers[label]["score"] for s in samples) / len(samples) for label in labels]  # type: ignore[index]
+                    + "  ".join(f"{score:>{w}.3f}" if score is not None else f"{'-':>{w}}"
+                                for score, w in zip(scores, widths, strict=True)))
+    means = [_mean([s.answers[label]["score"] for s in samples]) for label in labels]  # type: ignore[index]
     rows.append(f"{'':>3}  {f'mean over {len(samples)} prompt(s)':<{width}}  "
                 + "  ".join(f"{mean:>{w}.3f}" for mean, w in zip(means, widths, strict=True)))
     return "\n".join(row.rstrip() for row in rows)
+
+
+def _mean(scores: list[float | None]) -> float:
+    """The mean of the scores given (a reward function's None: no opinion, left out)."""
+    given = [score for score in scores if score is not None]
+    return sum(given) / len(given) if given else float("nan")
 
 
 def table(samples: list[Sample], width: int = 100, answers: int | None = None) -> str:
@@ -217,7 +244,7 @@ def table(samples: list[Sample], width: int = 100, answers: int | None = None) -
     if not samples:
         return "(no prompts)"
     labels = list(samples[0].answers or {})
-    scored = all(a["score"] is not None for s in samples for a in (s.answers or {}).values())
+    scored = any(a["score"] is not None for s in samples for a in (s.answers or {}).values())
     lines = [score_table(samples), ""] if scored else ["(no reward model given: no scores; pass --rm DIR)", ""]
     name_width = max(len(label) for label in labels)
     for number, sample in enumerate(samples[:answers], start=1):
@@ -242,7 +269,8 @@ def write_jsonl(samples: list[Sample], path: str | Path) -> Path:
 def compare(models: Sequence[str], *, prompts_file: str | None = None, held_out: str | None = None,
             reward_model: str | None = None, limit: int | None = 8,
             overrides: dict[str, Any] | None = None, greedy: bool = False) -> tuple[list[Sample], Settings]:
-    """Read the prompts (a file, or a checkpoint's held-out split), then `generate` (`limit` 0 or None: all)."""
+    """Read the prompts (a file, or a checkpoint's held-out split), then `generate` (`limit` 0 or None: all).
+    Scored by `reward_model`, else a PPO/GRPO checkpoint's reward model, else a GRPO checkpoint's reward functions."""
     if not models:
         raise CheckpointError("give at least one model directory (--model DIR)")
     for model in models:
@@ -256,4 +284,5 @@ def compare(models: Sequence[str], *, prompts_file: str | None = None, held_out:
     rm = reward_model or default_reward_model([*([held_out] if held_out else []), *models])
     if rm and not Path(rm).is_dir():
         raise CheckpointError(f"--rm {rm}: no such reward model directory")
-    return generate(models, records, settings, rm), settings
+    functions = None if rm else default_reward_functions([*([held_out] if held_out else []), *models])
+    return generate(models, records, settings, rm, functions), settings

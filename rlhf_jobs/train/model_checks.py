@@ -62,7 +62,7 @@ def check_positions(config: StageConfig, trained: tuple[TrainedModel, ...]) -> N
     """The longest sequence the stage builds fits every model it trains (a longer one fails inside a worker:
     GPT-2's position embeddings have no row for it)."""
     general, dataset = config.General, config.Dataset
-    if config.stage == "ppo":
+    if hasattr(dataset, "max_prompt_length"):  # an RL stage: prompt + sampled response
         length = dataset.max_prompt_length + config.Training.max_new_tokens
         what = (f"Dataset.max_prompt_length + Training.max_new_tokens = {dataset.max_prompt_length} + "
                 f"{config.Training.max_new_tokens} = {length} tokens")

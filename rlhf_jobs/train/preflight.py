@@ -64,8 +64,8 @@ def check_models(config: StageConfig) -> None:
     for model in stage.trained:
         key = next(k for k in model.keys if getattr(general, k, None))
         location = getattr(general, key)
-        if key in stage.inputs:
-            marker = require_stage(location, stage.inputs[key], f"General.{key}")
+        if key in stage.all_inputs:
+            marker = require_stage(location, stage.all_inputs[key], f"General.{key}")
             check_finite_metrics(marker, location, f"General.{key}")
         elif not looks_local(location):  # an object-store URI looks local: `storage.check_config` checked it
             check_hub_model(location, f"General.{key}")

@@ -54,25 +54,54 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> t
 MAX_LOG_RATIO = 20.0  # exp(20) ≈ 5e8: far outside any clip range, and no overflow to inf
 
 
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_low: float,
+                      clip_high: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-token loss max(-A·ratio, -A·clip(ratio, 1 - clip_low, 1 + clip_high)), where the clipped term won,
+    the log-ratio). `advantages` per token, or per sequence ([N, 1] broadcasts). The log-ratio is clamped to ±20
+    before `exp` (as OpenRLHF does)."""
+    log_ratio = (logp - old_logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    return torch.max(unclipped, clipped), clipped > unclipped, log_ratio
+
+
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 cliprange: float, tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate: masked mean of max(-A·ratio, -A·clip(ratio, 1 ± ε)), per token.
 
     `tokens`: divide the masked sums by this count instead of `mask.sum()` (a micro-batch's share of its
-    minibatch's mean). The log-ratio is clamped to ±20 before `exp` (as OpenRLHF does).
+    minibatch's mean).
     """
     tokens = mask.sum().clamp(min=1) if tokens is None else tokens
-    log_ratio = (logp - old_logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
-    ratio = log_ratio.exp()
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_sum(torch.max(unclipped, clipped), mask) / tokens
+    per_token, clipped, log_ratio = clipped_surrogate(logp, old_logp, advantages, cliprange, cliprange)
+    loss = masked_sum(per_token, mask) / tokens
+    return loss, surrogate_stats(clipped, log_ratio, mask, tokens)
+
+
+def surrogate_stats(clipped: torch.Tensor, log_ratio: torch.Tensor, mask: torch.Tensor,
+                    tokens: torch.Tensor | float) -> dict[str, torch.Tensor]:
+    """The share of tokens whose clipped term won and the approximate KL ½(log ratio)², masked sums / `tokens`."""
     with torch.no_grad():
-        stats = {
-            "clip_fraction": masked_sum((clipped > unclipped).float(), mask) / tokens,
-            "approx_kl": masked_sum(0.5 * log_ratio**2, mask) / tokens,
-        }
-    return loss, stats
+        return {"clip_fraction": masked_sum(clipped.float(), mask) / tokens,
+                "approx_kl": masked_sum(0.5 * log_ratio.detach() ** 2, mask) / tokens}
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, divisor: torch.Tensor | float) -> torch.Tensor:
+    """A per-token loss as one number (`Training.loss_aggregation`), a micro-batch's share of its update:
+
+    - token_mean: Σ masked tokens / divisor, the divisor counting the update's tokens (every token weighs the same);
+    - seq_mean_token_sum (Dr. GRPO): Σ masked tokens / divisor counting the update's sequences: each sequence's
+      summed loss, averaged over sequences (TRL's `dr_grpo` divides by max_completion_length too: a constant);
+    - seq_mean_token_mean (GRPO paper): Σ over sequences of the sequence's token mean / divisor counting sequences.
+
+    The divisor is the count on ALL workers / the worker count (`global_items_divisor`): 2 workers compute what 1
+    does with their union."""
+    if mode == "seq_mean_token_mean":
+        per_token = per_token / mask.sum(dim=1, keepdim=True).clamp(min=1)
+    elif mode not in ("token_mean", "seq_mean_token_sum"):
+        raise ValueError(f"unknown loss aggregation {mode!r}")
+    return masked_sum(per_token, mask) / divisor
 
 
 def value_loss(

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from rlhf_jobs.algorithms.supervised import epoch_order
+from rlhf_jobs.core.data import PPO_SCHEMA
 from rlhf_jobs.core.errors import ConfigError
 from rlhf_jobs.core.prompts import record_prompt
 from rlhf_jobs.engine import optim, sharding
@@ -96,16 +97,19 @@ def frozen(model: torch.nn.Module) -> torch.nn.Module:
 
 def tokenize_prompts(records: Any, tokenizer: Any, style: str, max_prompt_length: int) -> list[dict[str, Any]]:
     """[BOS] + prompt ids, left-truncated to max_prompt_length (one BOS, whether the tokenizer adds it or a chat
-    template writes it), and the text of exactly those ids (what the RM sees: with the BOS only where the text
-    wrote it, since a tokenizer that adds BOS adds its own)."""
+    template writes it), the text of exactly those ids (what the RM sees: with the BOS only where the text
+    wrote it, since a tokenizer that adds BOS adds its own), and the record's other fields (`columns`: what
+    reward functions read besides prompt and completion, e.g. `answer`)."""
     examples = []
+    prompt_fields = PPO_SCHEMA.fields()
     for record in records:
         full = tokenizer(record_prompt(record, style, tokenizer), add_special_tokens=False)["input_ids"]
         bos, body = split_bos(tokenizer, full)
         input_ids, truncated = with_bos_tail(tokenizer, full, max_prompt_length)
         written = full[: len(full) - len(body)]  # the BOS the text itself starts with, if any
         text = tokenizer.decode(written + input_ids[len(bos) :])
-        examples.append({"input_ids": input_ids, "text": text, "truncated": truncated})
+        columns = {key: value for key, value in record.items() if key not in prompt_fields}
+        examples.append({"input_ids": input_ids, "text": text, "truncated": truncated, "columns": columns})
     return examples
 
 

@@ -22,6 +22,7 @@ import yaml
 
 from rlhf_jobs.core.loading import validate_config
 from rlhf_jobs.core.stages import NAMES as STAGES
+from rlhf_jobs.core.stages import get as get_stage
 from rlhf_jobs.pipeline.backends import permissions, rewards
 from rlhf_jobs.pipeline.backends.helm import Helm, HelmError, config_sets, release_name
 from rlhf_jobs.pipeline.backends.kube import (
@@ -84,6 +85,7 @@ class KubeRayBackend:
         self.sleep, self.clock = sleep, clock
         self.rendered: dict[str, RenderedStage] = {}
         self.overrides: Sequence[str] = ()
+        self.in_run: set[str] = set()  # the stages this run runs now or ran before (optional inputs read them)
         self.fresh: set[str] = set()  # stages whose existing RayJob must not be re-attached to
         self.rewards: dict[str, rewards.StageRewards] = {}  # reward-function files a stage's config names
         self._scratch: tempfile.TemporaryDirectory | None = None
@@ -97,13 +99,20 @@ class KubeRayBackend:
         return RayJobs(self.clients, self.namespace, self.sleep, self.clock)
 
     def sets(self, stage: str) -> list[str]:
-        """--set-json arguments of a stage's release: the pipeline's overrides and settings, and the config's
+        """--set-json arguments of a stage's release: its optional inputs (the chart chains only the required ones)
+        pointed at the producing stages of this run, the pipeline's overrides and settings, and the config's
         reward-function paths pointed at the files mounted in the pods."""
-        sets = [*config_sets(stage, self.overrides),
+        sets = [*self.optional_input_sets(stage), *config_sets(stage, self.overrides),
                 *(f"{key}={json.dumps(value)}" for key, value in PIPELINE_SETS.items())]
         if stage in self.rewards:
             sets.append(f"configs.{stage}.General.{rewards.KEY}={json.dumps(self.rewards[stage].references)}")
         return sets
+
+    def optional_input_sets(self, stage: str) -> list[str]:
+        """`configs.<stage>.General.<key>=<checkpoint_dir of the producer>` for each optional input (GRPO's
+        `rm_pretrain`) whose producing stage is part of this run, as the local pipeline wires it."""
+        return [f"configs.{stage}.General.{key}={json.dumps(self.stage_paths(producer)[1])}"
+                for key, producer in get_stage(stage).optional_inputs.items() if producer in self.in_run]
 
     def values_files(self, stage: str) -> list[str]:
         """--values files of a stage's release: the user's, then the reward-function files its config names (in a
@@ -144,6 +153,8 @@ class KubeRayBackend:
     def stage_configs(self, options: PipelineOptions) -> dict[str, dict[str, Any]]:
         """The rendered config of every stage that runs (the chart wires their inputs), validated."""
         self.overrides, self.rendered = options.overrides, {}
+        recorded = self.load_record().get("stages", {}) if self.clients is not None else {}
+        self.in_run = set(options.stages) | set(recorded)
         configs = {}
         for stage in options.stages:
             rendered = self.rendered[stage] = self.render(stage)
