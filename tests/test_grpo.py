@@ -657,3 +657,41 @@ def test_two_workers_update_as_one_worker_with_their_union(tiny_model: Path) -> 
         for result in two:
             for key, weight in one["weights"].items():
                 torch.testing.assert_close(result["weights"][key], weight, rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+
+
+# ---- the shipped task, small -----------------------------------------------------------------------------------
+
+
+def test_held_out_accuracy_rises_on_a_small_version_of_the_shipped_task(tmp_path: Path, repo_root: Path) -> None:
+    """`make demo-grpo`'s configs on the arithmetic task cut to the digits 0-2 (45 prompts, 15 held out): the SFT
+    model learns the answer's format, then 20 GRPO iterations rewarded by answer_match raise the held-out accuracy
+    (measured 0.13 → 0.67; the full demo: 0.05 → 0.49 in 300 iterations)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    spec = importlib.util.spec_from_file_location("arithmetic", repo_root / "examples/data/arithmetic/generate.py")
+    arithmetic = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(arithmetic)
+    data = tmp_path / "data"
+    data.mkdir()
+    arithmetic.main(data, digits=3, held_out_count=15)
+    workdir = tmp_path / "run"
+    paths = {"sft.Dataset.train_file": data / "sft.jsonl", "grpo.Dataset.train_file": data / "train.jsonl",
+             "grpo.Dataset.validation_file": data / "heldout.jsonl"}
+    for stage in ("sft", "grpo"):
+        paths |= {f"{stage}.General.output_dir": workdir / f"{stage}-output",
+                  f"{stage}.General.checkpoint_dir": workdir / stage}
+    settings = {**{key: str(path) for key, path in paths.items()},
+                "sft.Training.batch_size": 4, "sft.Training.epochs": 20, "sft.Training.learning_rate": 3e-3,
+                "grpo.Training.training_iteration": 20, "grpo.Training.eval_steps": 20,
+                "grpo.Training.learning_rate": 1e-3}
+    command = [sys.executable, "-m", "rlhf_jobs.cli", "pipeline", "--backend", "local", "--workdir", str(workdir),
+               "--tiny-model", "--in-process", "--config-dir", "configs/demo-grpo", "--stages", "sft,grpo",
+               *[part for key, value in settings.items() for part in ("--set", f"{key}={value}")]]
+    done = subprocess.run(command, cwd=repo_root, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    evaluation = [json.loads(line) for line in (workdir / "grpo-output" / "metrics.jsonl").read_text().splitlines()]
+    accuracy = [row["eval_reward/answer_match"] for row in evaluation if row.get("split") == "eval"]
+    assert len(accuracy) == 2 and accuracy[1] >= accuracy[0] + 0.3, accuracy
+    assert "reward " in next(line for line in done.stdout.splitlines() if line.startswith("grpo "))
