@@ -4,19 +4,23 @@ FSDP follows torchtitan: one `fully_shard` unit per decoder layer, then the root
 `MixedPrecisionPolicy` from `Training.mixed_precision` (parameters in the compute dtype for the
 forward, gradients reduced in fp32, fp32 master weights sharded). Frozen models are sharded the
 same way, so nothing is held in full on any worker except during generation, which gathers
-the policy once (one full copy) instead of once per generated token.
+the policy once (one full copy, in the compute dtype) instead of once per generated token.
+
+Under FSDP on several workers a model is loaded sharded (`load_prepared`): every worker builds it on the
+meta device and allocates only its shards; rank 0 reads the checkpoint and broadcasts it a layer at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from rlhf_jobs.core.config import TrainingBase
 from rlhf_jobs.core.errors import ConfigError
+from rlhf_jobs.engine.models import loading_mode
 from rlhf_jobs.engine.worker import Worker
 
 COMPUTE_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -110,10 +114,7 @@ def prepare(model: torch.nn.Module, training: TrainingBase, worker: Worker, trai
 
     Frozen models (`trainable=False`) are sharded under FSDP too; under DDP they stay plain copies.
     """
-    if trainable and training.gradient_checkpointing:
-        transformers_model = hf_model(model)
-        transformers_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        transformers_model.config.use_cache = False
+    enable_checkpointing(model, training, trainable)
     model.to(worker.device)
     if training.strategy == "fsdp":
         return shard(model, training)
@@ -121,6 +122,88 @@ def prepare(model: torch.nn.Module, training: TrainingBase, worker: Worker, trai
         device_ids = [worker.device.index] if worker.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     return model
+
+
+def enable_checkpointing(model: torch.nn.Module, training: TrainingBase, trainable: bool) -> None:
+    if trainable and training.gradient_checkpointing:
+        transformers_model = hf_model(model)
+        transformers_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        transformers_model.config.use_cache = False
+
+
+def load_prepared(build: Callable[[], torch.nn.Module], training: TrainingBase, worker: Worker,
+                  trainable: bool = True) -> torch.nn.Module:
+    """`prepare(build(), ...)`, without a full copy of the model on every worker under FSDP.
+
+    `build` loads the model with the loaders of `engine.models` and adds what the stage needs (LoRA adapters,
+    a critic's value head, frozen flags). Under FSDP on several workers every worker builds it on the meta device
+    (`loading_mode("skeleton")`), shards it and allocates its shards only; rank 0 alone also builds it with its
+    weights, read in the checkpoint's dtype where widening them is exact (`loading_mode("stored")`; not for
+    trainable LoRA adapters, whose initial values would round through it), and broadcasts it
+    (`broadcast_from_rank0`). Every worker then holds what a full load gives it, values included, while no
+    worker holds a full fp32 copy. DDP and one worker load as before.
+    """
+    if training.strategy != "fsdp" or worker.world_size == 1:
+        return prepare(build(), training, worker, trainable)
+    with torch.random.fork_rng(devices=[]), loading_mode("skeleton"):
+        model = build()
+    full = None
+    if worker.is_main:
+        with loading_mode("full" if trainable and training.lora else "stored"):
+            full = build()
+    _check_same_structure(model, full)
+    enable_checkpointing(model, training, trainable)
+    shard(model, training)
+    model.to_empty(device=worker.device)
+    _broadcast_from_rank0(model, full, worker)
+    return model
+
+
+def _structure(model: torch.nn.Module) -> dict[str, Any]:
+    return {"parameters": {name: (tuple(p.shape), p.requires_grad) for name, p in model.named_parameters()},
+            "buffers": {name: tuple(b.shape) for name, b in model.named_buffers()},
+            "training": [name for name, module in model.named_modules() if module.training]}
+
+
+def _check_same_structure(skeleton: torch.nn.Module, full: torch.nn.Module | None) -> None:
+    """Rank 0's loaded model and every worker's skeleton must have the same parameters, buffers and modes: one
+    error on every worker (not a hang in the broadcast) where they do not."""
+    problem = None
+    if full is not None:
+        built, skeleton_structure = _structure(full), _structure(skeleton)
+        differ = [key for key in built if built[key] != skeleton_structure[key]]
+        if differ:
+            problem = (f"cannot load {type(hf_model(full)).__name__} sharded: the model built on the meta device "
+                       f"differs from the loaded one in its {', '.join(differ)}")
+    message = [problem]
+    torch.distributed.broadcast_object_list(message, src=0)
+    if message[0]:
+        raise ShardingError(message[0])
+
+
+@torch.no_grad()
+def _broadcast_from_rank0(model: torch.nn.Module, full: torch.nn.Module | None, worker: Worker) -> None:
+    """Fill every worker's shards and buffers with rank 0's loaded `full` model, one decoder layer at a time (each
+    freed once sent), then the rest; and give every worker rank 0's random generator state, which the loaded
+    model's fresh weights (a new score head, LoRA adapters) advanced as a full load advances every worker's."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    for name, buffer in model.named_buffers():  # non-persistent ones (rotary inv_freq) are in no state dict
+        if full is not None:
+            buffer.copy_(full.get_buffer(name))
+        torch.distributed.broadcast(buffer, src=0)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    full_layers = decoder_layers(full) if full is not None else None
+    for index, layer in enumerate(decoder_layers(model)):
+        set_model_state_dict(layer, full_layers[index].state_dict() if full_layers else {}, options=options)
+        if full_layers:
+            full_layers[index].to("meta")  # sent: free it
+    rest = {} if full is None else {key: value for key, value in full.state_dict().items() if not value.is_meta}
+    set_model_state_dict(model, rest, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                               strict=False))
+    generator = torch.get_rng_state().to(worker.device)
+    torch.distributed.broadcast(generator, src=0)
+    torch.set_rng_state(generator.cpu())
 
 
 def gradient_sync(model: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager[Any]:
