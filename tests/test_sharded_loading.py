@@ -27,6 +27,7 @@ from rlhf_jobs.algorithms.rl.losses import kl_estimate, masked_whiten
 from rlhf_jobs.algorithms.rl.rollout import tokenize_prompts
 from rlhf_jobs.algorithms.sft import SFTTask, tokenize_sft
 from rlhf_jobs.core.config import LoRA, SupervisedTraining
+from rlhf_jobs.core.errors import ModelError
 from rlhf_jobs.core.loading import validate_config
 from rlhf_jobs.engine import optim, sharding
 from rlhf_jobs.engine.adapters import add_lora
@@ -74,13 +75,26 @@ CASES = [
     ("llama", "rm", "no", False),  # a new score head, drawn by rank 0 in the checkpoint's bf16
     ("gpt2", "lm", "bf16", True),  # tied embeddings; LoRA adapters over a bf16 base
     ("llama", "rm", "bf16", False),
+    ("llama", "lm", "no", True),  # LoRA adapters (fp32) over an fp32 base read in bf16
 ]
 
 
-def loaded_state(rank: int, world_size: int, models: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
-    """Each case loaded fully, then sharded, in the same process group (one start-up of the processes)."""
-    return {how: [loaded_case(rank, world_size, how, models[name], *case) for name, *case in CASES]
-            for how in ("full", "sharded")}
+def drawn_by_rank0(name: str, key: str, precision: str, lora: bool) -> bool:
+    """Weights the checkpoint lacks, drawn while rank 0 reads the bf16 Llama for fp32 weights (a new score head,
+    LoRA adapters over an fp32 base): the bf16 roundings of a full load's draws."""
+    return name == "llama" and (key == "score.weight" or (lora and precision == "no" and "lora_" in key))
+
+
+def loaded_state(rank: int, world_size: int, models: dict[str, str]) -> dict[str, Any]:
+    """Each case loaded fully, then sharded, in the same process group (one start-up of the processes); and what
+    loading a checkpoint with a NaN weight raises on each worker."""
+    results: dict[str, Any] = {how: [loaded_case(rank, world_size, how, models[name], *case)
+                                     for name, *case in CASES] for how in ("full", "sharded")}
+    try:
+        loaded_case(rank, world_size, "sharded", models["broken"], "lm", "no", False)
+    except ModelError as error:
+        results["broken"] = str(error)
+    return results
 
 
 def loaded_case(rank: int, world_size: int, how: str, model_dir: str, kind: str, precision: str,
@@ -111,17 +125,31 @@ def loaded_case(rank: int, world_size: int, how: str, model_dir: str, kind: str,
     }
 
 
-def test_every_worker_holds_what_a_full_load_gives_it(tiny_llama: Path, tiny_model: Path) -> None:
-    models = {"llama": str(tiny_llama), "gpt2": str(tiny_model)}
+@pytest.fixture(scope="module")
+def broken_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with a NaN weight (a diverged run's)."""
+    tokenizer = load_tokenizer(str(tiny_llama))
+    model = load_causal_lm(str(tiny_llama), tokenizer, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    path = tmp_path_factory.mktemp("broken") / "model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_every_worker_holds_what_a_full_load_gives_it(tiny_llama: Path, tiny_model: Path, broken_llama: Path) -> None:
+    models = {"llama": str(tiny_llama), "gpt2": str(tiny_model), "broken": str(broken_llama)}
     results = run_processes(loaded_state, 2, models)
+    for result in results:  # only rank 0 reads the weights; every worker raises what it found (no hang)
+        assert "layers.1.mlp.up_proj.weight holds NaN or inf" in result.get("broken", ""), result.get("broken")
     full, sharded = [result["full"] for result in results], [result["sharded"] for result in results]
     for rank in range(2):
         for (name, kind, precision, lora), old, new in zip(CASES, full[rank], sharded[rank], strict=True):
             case = f"rank {rank}, {name} {kind} {precision}{' LoRA' if lora else ''}"
             assert new["weights"].keys() == old["weights"].keys(), case  # full on rank 0, empty elsewhere
             for key, value in old["weights"].items():
-                if key == "score.weight" and name == "llama":
-                    # A new head is drawn in the checkpoint's dtype on rank 0: the bf16 rounding of the same draw.
+                if drawn_by_rank0(name, key, precision, lora):
                     value = value.bfloat16().float()
                 assert torch.equal(new["weights"][key], value), f"{case}: {key}"
             assert new["buffers"].keys() == old["buffers"].keys()

@@ -138,20 +138,19 @@ def load_prepared(build: Callable[[], torch.nn.Module], training: TrainingBase, 
     `build` loads the model with the loaders of `engine.models` and adds what the stage needs (LoRA adapters,
     a critic's value head, frozen flags). Under FSDP on several workers every worker builds it on the meta device
     (`loading_mode("skeleton")`), shards it and allocates its shards only; rank 0 alone also builds it with its
-    weights, read in the checkpoint's dtype where widening them is exact (`loading_mode("stored")`; not for
-    trainable LoRA adapters, whose initial values would round through it), and broadcasts it
-    (`broadcast_from_rank0`). Every worker then holds what a full load gives it, values included, while no
-    worker holds a full fp32 copy. DDP and one worker load as before.
+    weights, read in the checkpoint's dtype where widening them is exact (`loading_mode("stored")`: a bf16
+    checkpoint for fp32 masters), and broadcasts it (`_broadcast_from_rank0`). Every worker then holds what a full
+    load gives it, values, buffers, modes and random state included, while none holds a full fp32 copy. One
+    difference: weights the checkpoint lacks (a new score head, LoRA adapters) are drawn in the dtype rank 0 reads
+    in, so from a bf16 checkpoint for fp32 masters they are the bf16 roundings of a full load's draws. DDP and one
+    worker load as before.
     """
     if training.strategy != "fsdp" or worker.world_size == 1:
         return prepare(build(), training, worker, trainable)
     with torch.random.fork_rng(devices=[]), loading_mode("skeleton"):
         model = build()
-    full = None
-    if worker.is_main:
-        with loading_mode("full" if trainable and training.lora else "stored"):
-            full = build()
-    _check_same_structure(model, full)
+    check_shardable(model)
+    full = _load_on_rank0(build, model, worker)
     enable_checkpointing(model, training, trainable)
     shard(model, training)
     model.to_empty(device=worker.device)
@@ -165,20 +164,41 @@ def _structure(model: torch.nn.Module) -> dict[str, Any]:
             "training": [name for name, module in model.named_modules() if module.training]}
 
 
-def _check_same_structure(skeleton: torch.nn.Module, full: torch.nn.Module | None) -> None:
-    """Rank 0's loaded model and every worker's skeleton must have the same parameters, buffers and modes: one
-    error on every worker (not a hang in the broadcast) where they do not."""
-    problem = None
-    if full is not None:
-        built, skeleton_structure = _structure(full), _structure(skeleton)
-        differ = [key for key in built if built[key] != skeleton_structure[key]]
-        if differ:
-            problem = (f"cannot load {type(hf_model(full)).__name__} sharded: the model built on the meta device "
-                       f"differs from the loaded one in its {', '.join(differ)}")
-    message = [problem]
+def _load_on_rank0(build: Callable[[], torch.nn.Module], skeleton: torch.nn.Module,
+                   worker: Worker) -> torch.nn.Module | None:
+    """Rank 0's model with its weights (None elsewhere). What goes wrong on rank 0 (weights that are not finite, a
+    model that differs from the skeleton in its parameters, buffers or modes) is raised on every worker, not left
+    to hang the others in the broadcast."""
+    full, outcome = None, None
+    if worker.is_main:
+        try:
+            with loading_mode("stored"):
+                full = build()
+        except Exception as error:  # every worker raises it below (this one with its traceback)
+            outcome = error
+        else:
+            built, expected = _structure(full), _structure(skeleton)
+            differ = [key for key in built if built[key] != expected[key]]
+            if differ:
+                outcome = ShardingError(f"cannot load {type(hf_model(full)).__name__} sharded: the model built on "
+                                        f"the meta device differs from the loaded one in its {', '.join(differ)}")
+    message = [_picklable(outcome)]
     torch.distributed.broadcast_object_list(message, src=0)
-    if message[0]:
-        raise ShardingError(message[0])
+    if outcome is not None:
+        raise outcome
+    if message[0] is not None:
+        raise message[0]
+    return full
+
+
+def _picklable(error: Exception | None) -> Exception | None:
+    import pickle
+
+    try:
+        pickle.dumps(error)
+    except Exception:  # an error that cannot cross to the other workers: its type and message can
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error
 
 
 @torch.no_grad()
