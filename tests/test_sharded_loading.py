@@ -209,6 +209,8 @@ def ppo_iterations(worker: Worker, model_dir: str, rm_dir: str, precision: str, 
     torch.manual_seed(training.seed)
     with loading(how):
         models = ppo.load_models(config, worker, None)
+    with sharding.gathered(models.policy):  # what `generate` holds: the policy in the compute dtype
+        gathered = sorted({str(parameter.dtype) for parameter in models.policy.parameters()})
     prompts = tokenize_prompts(PROMPTS, models.tokenizer, "instruction", 32)[worker.rank :: worker.world_size]
     optimizers = ppo.Optimizers.build(models, training, 4, CPU)
     statistics = []
@@ -223,7 +225,7 @@ def ppo_iterations(worker: Worker, model_dir: str, rm_dir: str, precision: str, 
                                    stats=global_mean_var(advantages, batch.mask, CPU, unbiased=True))
         stats, _ = ppo.ppo_update(models, optimizers, batch, advantages, returns, training)
         statistics.append({"response": batch.response, "score": batch.raw_score, "kl": kl, **stats})
-    return {"statistics": statistics, "policy": sharding.full_state_dict(models.policy),
+    return {"statistics": statistics, "gathered": gathered, "policy": sharding.full_state_dict(models.policy),
             "critic": sharding.full_state_dict(models.critic)}
 
 
@@ -265,6 +267,8 @@ def test_sharded_loading_trains_exactly_as_full_loading(tiny_llama: Path, llama_
         assert run.get("weights") or run.get("policy")  # rank 0 gathered the trained weights
     for run in (full[0]["ppo no"], full[0]["ppo bf16"]):  # the policy trained, and responses were sampled
         assert run["statistics"][0]["response"].numel() > 0
+    # generate holds the policy gathered in the compute dtype: a bf16 copy under bf16 mixed precision
+    assert full[0]["ppo bf16"]["gathered"] == ["torch.bfloat16"] and full[0]["ppo no"]["gathered"] == ["torch.float32"]
 
 
 # ---- memory ---------------------------------------------------------------------------------------------------
