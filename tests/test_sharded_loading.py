@@ -20,6 +20,7 @@ import pytest
 import torch
 from conftest import SAMPLES
 from process_group import run_processes
+from torch.distributed.tensor import DTensor
 
 from rlhf_jobs.algorithms import ppo, supervised
 from rlhf_jobs.algorithms.rl.advantages import compute_gae, compute_rewards
@@ -180,6 +181,8 @@ def sft_steps(worker: Worker, model_dir: str, precision: str, how: str, steps: i
     task = SFTTask()
     with loading(how):
         model, tokenizer = supervised.load_model(task, config, worker)
+    # What the optimizer is built from: every parameter a shard (the packing check's forwards gathered the root's)
+    sharded = all(isinstance(parameter, DTensor) for parameter in model.parameters())
     lines = (SAMPLES / "sample_finetune_data.jsonl").read_text().splitlines()[:8]
     examples = [tokenize_sft(json.loads(line), tokenizer, "instruction", 128) for line in lines]
     optimizer = optim.build_optimizer(model, training)
@@ -192,7 +195,7 @@ def sft_steps(worker: Worker, model_dir: str, precision: str, how: str, steps: i
         loss, _ = supervised.accumulate_gradients(model, task, batches, training, worker)
         optim.step([(optimizer, model)], training, None)
         losses.append(loss)
-    return {"losses": losses, "packed": task.packed, "weights": sharding.full_state_dict(model)}
+    return {"losses": losses, "packed": task.packed, "sharded": sharded, "weights": sharding.full_state_dict(model)}
 
 
 def ppo_iterations(worker: Worker, model_dir: str, rm_dir: str, precision: str, how: str,
@@ -263,6 +266,8 @@ def test_sharded_loading_trains_exactly_as_full_loading(tiny_llama: Path, llama_
     for rank in range(2):
         assert_equal(sharded[rank], full[rank], f"rank {rank}")
     assert full[0]["sft no"]["packed"]  # the packing check ran on the sharded model too
+    assert all(result[how][f"sft {precision}"]["sharded"] for result in results for how in ("full", "sharded")
+               for precision in ("no", "bf16"))
     for run in full[0].values():
         assert run.get("weights") or run.get("policy")  # rank 0 gathered the trained weights
     for run in (full[0]["ppo no"], full[0]["ppo bf16"]):  # the policy trained, and responses were sampled

@@ -223,6 +223,7 @@ def choose_packing(task: SupervisedTask, model: torch.nn.Module, training: Train
     module = unwrap(model)
     task.packed = training.padding_free and packing.packing_is_exact(
         module, task.per_position, task.tokenizer.pad_token_id, sharding.hf_model(module).config.vocab_size)
+    sharding.reshard(module)  # FSDP keeps the root's parameters gathered after a forward: the optimizer needs shards
     task.rows = packing.RowPlan.for_model(module)
     if training.padding_free and not task.packed:
         progress(worker, task.stage, packing.NOT_EXACT.format(model=type(sharding.hf_model(module)).__name__))

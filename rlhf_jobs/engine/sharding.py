@@ -235,6 +235,12 @@ def gradient_sync(model: torch.nn.Module, enabled: bool) -> contextlib.AbstractC
     return contextlib.nullcontext()
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Every FSDP unit of `model` back to its shards (a no-op for a model that is not sharded)."""
+    for module in fsdp_modules(model):
+        module.reshard()
+
+
 @contextlib.contextmanager
 def gathered(model: torch.nn.Module) -> Iterator[None]:
     """Hold a sharded model's full parameters for a while (generation: one all-gather, not one per token)."""
