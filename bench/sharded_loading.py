@@ -9,7 +9,7 @@
 Memory is the growth of each worker's resident memory during the phase, sampled every millisecond: `private`
 leaves out mapped files (rank 0 maps the checkpoint while it reads it), `resident` is all of it.
 
-    python bench/sharded_loading.py --size 300m --prompts 8 --tokens 16
+    python bench/sharded_loading.py --size 300m --prompts 8 --tokens 16     # writes its section of RESULTS.md
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import functools
 import io
 import os
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
+from common import write_section
 
 CPU = torch.device("cpu")
 
@@ -149,19 +151,33 @@ def main() -> None:
     parser.add_argument("--model", help="a model directory (default: build --size in a temp dir, stored in bf16)")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per worker")
     parser.add_argument("--tokens", type=int, default=16, help="new tokens per prompt")
+    parser.add_argument("--output", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = args.model or str(build_llama(Path(scratch) / "model", args.size))
-        fp32_mib = parameter_count(LLAMA_SHAPES[args.size]) * 4 / 2**20 if not args.model else None
+        fp32_gib = parameter_count(LLAMA_SHAPES[args.size]) * 4 / 2**30 if not args.model else None
         results = run(worker_run, 2, model_dir, args.prompts, args.tokens)
-    print(f"{args.size}: 2 workers × 1 CPU, gloo, {args.prompts} prompts × {args.tokens} new tokens per worker"
-          + (f"; a full fp32 copy is {fp32_mib / 1024:.2f} GiB" if fp32_mib else ""))
-    print("| phase | seconds | peak private growth per worker (GiB) | peak resident growth per worker (GiB) |")
-    print("| --- | ---: | ---: | ---: |")
+    lines = ["| phase | seconds | peak private growth per worker, rank 0 / 1 (GiB) | "
+             "peak resident growth per worker, rank 0 / 1 (GiB) |", "| --- | ---: | ---: | ---: |"]
     for phase in results[0]:
         rows = [result[phase] for result in results]
         private, resident = (" / ".join(f"{row[key] / 1024:.2f}" for row in rows) for key in ("private", "resident"))
-        print(f"| {phase} | {max(row['seconds'] for row in rows):.2f} | {private} | {resident} |")
+        lines.append(f"| {phase} | {max(row['seconds'] for row in rows):.2f} | {private} | {resident} |")
+    command = ("python bench/sharded_loading.py " + " ".join(sys.argv[1:])).strip()
+    text = f"""## Sharded loading and generation under FSDP (`bench/sharded_loading.py`)
+
+Latest figures from `{command}` ({(time.perf_counter() - started) / 60:.0f} min), CPU, 2 workers × 1 thread in a
+gloo group (no Ray), a random-init Llama of size `{args.model or args.size}` stored in bf16"""
+    text += f" (a full fp32 copy: {fp32_gib:.2f} GiB)" if fp32_gib else ""
+    text += f""", fp32 masters; generate: {args.prompts} prompts × {args.tokens} new tokens per
+worker. Growth of each worker's memory during the phase, sampled every millisecond: private leaves out mapped files
+(rank 0 maps the checkpoint while it reads it), resident is all of it.
+
+""" + "\n".join(lines)
+    print(text)
+    write_section(args.output, f"sharded-loading-cpu-{args.size}", text)
+    print(f"\nwritten to {args.output}")
 
 
 if __name__ == "__main__":
