@@ -161,3 +161,23 @@ def test_a_model_that_ignores_packed_positions_is_refused() -> None:
             return SimpleNamespace(logits=self.embedding(input_ids).cumsum(1))
 
     assert not packing.packing_is_exact(Leaky(), full_logits, pad_token_id=0, vocab_size=50)
+
+
+def test_the_check_allows_the_rounding_of_bf16_outputs() -> None:
+    """Under FSDP with bf16 mixed precision the check runs in bf16 (on the sharded model): packed outputs one bf16
+    step away from the padded ones pass, a leak between packed sequences still fails."""
+
+    class RoundedDifferently(torch.nn.Module):
+        def __init__(self, leak: bool) -> None:
+            super().__init__()
+            self.embedding = torch.nn.Embedding(50, 4, dtype=torch.bfloat16)
+            self.leak = leak
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+            logits = self.embedding(input_ids)
+            if attention_mask is None:  # packed: the same values one bf16 step up (another kernel's rounding)
+                logits = logits.cumsum(1) if self.leak else (logits.float() * (1 + 2**-7)).bfloat16()
+            return SimpleNamespace(logits=logits)
+
+    assert packing.packing_is_exact(RoundedDifferently(leak=False), full_logits, pad_token_id=0, vocab_size=50)
+    assert not packing.packing_is_exact(RoundedDifferently(leak=True), full_logits, pad_token_id=0, vocab_size=50)

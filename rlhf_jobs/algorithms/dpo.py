@@ -169,8 +169,9 @@ class DPOTask:
     items_name = "pairs"
     eval_keys = ("pairs", "correct", "margin", "loss", "chosen_rewards", "rejected_rewards")
     window_keys = ("pairs", "correct", "margin", "chosen_rewards", "rejected_rewards")
-    packed = False  # until `build` has checked the model (padded batches are always exact)
+    packed = False  # until the loop has checked the model (`supervised.choose_packing`; padded batches are exact)
     rows: packing.RowPlan | None = None
+    per_position = staticmethod(full_logits)
 
     def __init__(self) -> None:
         self.training: DPOTraining | None = None
@@ -202,20 +203,15 @@ class DPOTask:
         self.tokenizer = load_tokenizer(path, general.trust_remote_code)
         model = load_causal_lm(path, self.tokenizer, general.trust_remote_code, dropout=False,
                                dtype=sharding.load_dtype(training))
-        self.packed = training.padding_free and packing.packing_is_exact(
-            model, full_logits, self.tokenizer.pad_token_id, model.config.vocab_size)
-        self.rows = packing.RowPlan.for_model(model)
-        if training.padding_free and not self.packed:
-            progress(worker, self.stage, packing.NOT_EXACT.format(model=type(model).__name__))
         return model, self.tokenizer
 
     def load_reference(self, config: StageConfig, worker: Worker) -> torch.nn.Module:
         """The starting model again, frozen, in the compute dtype, distributed like the policy."""
         general, training = config.General, config.Training
-        reference = load_causal_lm(supervised.start_model(config), self.tokenizer, general.trust_remote_code,
-                                   dropout=False, dtype=sharding.frozen_dtype(training))
-        reference.eval().requires_grad_(False)
-        return sharding.prepare(reference, training, worker, trainable=False)
+        return sharding.load_prepared(
+            lambda: load_causal_lm(supervised.start_model(config), self.tokenizer, general.trust_remote_code,
+                                   dropout=False, dtype=sharding.frozen_dtype(training)).eval().requires_grad_(False),
+            training, worker, trainable=False)
 
     def start(self, model: torch.nn.Module, config: StageConfig, worker: Worker, saved: dict[str, Any] | None,
               data: dict[str, Any]) -> None:

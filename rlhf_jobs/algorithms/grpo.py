@@ -195,9 +195,9 @@ def load_models(config: StageConfig, worker: Worker, reward_stats: dict[str, flo
     if rm_path:
         rm_tokenizer = load_tokenizer(rm_path, general.trust_remote_code, padding_side="right")
         rm_tokenizer.truncation_side = "left"
-        reward_model = frozen(load_reward_model(rm_path, rm_tokenizer, general.trust_remote_code, dropout=False,
-                                                dtype=sharding.frozen_dtype(training)))
-        reward_model = sharding.prepare(reward_model, training, worker, trainable=False)
+        reward_model = sharding.load_prepared(  # under FSDP loaded sharded, as the policy
+            lambda: frozen(load_reward_model(rm_path, rm_tokenizer, general.trust_remote_code, dropout=False,
+                                             dtype=sharding.frozen_dtype(training))), training, worker, trainable=False)
         positions = getattr(sharding.hf_model(unwrap(reward_model)).config, "max_position_embeddings", None) or 1024
 
         def score(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -238,8 +238,8 @@ def load_models(config: StageConfig, worker: Worker, reward_stats: dict[str, flo
     rm_path = general.rm_pretrain or general.rm_name
     trust, lora = general.trust_remote_code, training.lora
     frozen_dtype, trained_dtype = sharding.frozen_dtype(training), sharding.load_dtype(training)
-    # Each model is distributed as soon as it is loaded: under FSDP a worker then never holds more than one
-    # full model besides the shards of those before it (loading all four first peaked at four full copies).
+    # Each model is distributed as soon as it is loaded, and under FSDP loaded sharded (`sharding.load_prepared`):
+    # no worker holds a full fp32 copy (rank 0 reads each checkpoint, the others only receive their shards).
     policy = load_policy(config, worker)
     tokenizer = policy.tokenizer
     rm_tokenizer = load_tokenizer(rm_path, trust, padding_side="right")
@@ -248,18 +248,23 @@ def load_models(config: StageConfig, worker: Worker, reward_stats: dict[str, flo
     # head then starts as the normalised score), else from the policy's backbone with a fresh value head.
     # Started from the RM, it is the RM too under LoRA (adapter disabled), which reads the RM tokenizer's padding.
     same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
-    classifier = load_reward_model(rm_path if same_vocab else policy_path(config),
-                                   rm_tokenizer if same_vocab else tokenizer, trust, dropout=False,
-                                   dtype=trained_dtype)
-    critic = Critic.from_classifier(classifier, reward_stats if same_vocab else None)
-    if lora:  # the transformer gets adapters; the score head stays the reward model's
-        critic.classifier = disable_dropout(add_lora(classifier, lora, "FEATURE_EXTRACTION",
-                                                     exclude=("score", "classifier")))
-    critic = sharding.prepare(critic, training, worker)
+
+    def build_critic() -> Critic:
+        classifier = load_reward_model(rm_path if same_vocab else policy_path(config),
+                                       rm_tokenizer if same_vocab else tokenizer, trust, dropout=False,
+                                       dtype=trained_dtype)
+        critic = Critic.from_classifier(classifier, reward_stats if same_vocab else None)
+        if lora:  # the transformer gets adapters; the score head stays the reward model's
+            critic.classifier = disable_dropout(add_lora(classifier, lora, "FEATURE_EXTRACTION",
+                                                         exclude=("score", "classifier")))
+        return critic
+
+    critic = sharding.load_prepared(build_critic, training, worker)
     reward_model = None
     if not (lora and same_vocab):
-        reward_model = frozen(load_reward_model(rm_path, rm_tokenizer, trust, dropout=False, dtype=frozen_dtype))
-        reward_model = sharding.prepare(reward_model, training, worker, trainable=False)
+        reward_model = sharding.load_prepared(
+            lambda: frozen(load_reward_model(rm_path, rm_tokenizer, trust, dropout=False, dtype=frozen_dtype)),
+            training, worker, trainable=False)
     scorer = reward_model if reward_model is not None else critic
     positions = getattr(sharding.hf_model(unwrap(scorer)).config, "max_position_embeddings", None) or 1024
     reward = RewardModelScore(reward_model_forward(reward_model, critic), rm_tokenizer, positions, training,

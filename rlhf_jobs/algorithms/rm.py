@@ -23,7 +23,7 @@ from rlhf_jobs.engine.batching import pad
 from rlhf_jobs.engine.distributed import Moments
 from rlhf_jobs.engine.models import load_reward_model, load_tokenizer, with_bos_tail
 from rlhf_jobs.engine.sharding import load_dtype
-from rlhf_jobs.engine.worker import Worker, progress
+from rlhf_jobs.engine.worker import Worker
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
@@ -65,8 +65,9 @@ def score(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch
 
 class RewardTask:
     stage = "rm"
-    packed = False  # until `build` has checked the model (padded batches are always exact)
+    packed = False  # until the loop has checked the model (`supervised.choose_packing`; padded batches are exact)
     rows: packing.RowPlan | None = None
+    per_position = staticmethod(packing.position_scores)
     lora_task = "SEQ_CLS"
     items_name = "pairs"
     eval_keys = ("pairs", "correct", "margin", "loss", "rewards", "reward_sum", "reward_squares")
@@ -81,11 +82,6 @@ class RewardTask:
         # (bench/RESULTS.md: the whole RM throughput gap to TRL was dropout).
         model = load_reward_model(general.base_model, self.tokenizer, general.trust_remote_code, dropout=False,
                                   dtype=load_dtype(config.Training))
-        self.packed = config.Training.padding_free and packing.packing_is_exact(
-            model, packing.position_scores, self.tokenizer.pad_token_id, model.config.vocab_size)
-        self.rows = packing.RowPlan.for_model(model)
-        if config.Training.padding_free and not self.packed:
-            progress(worker, self.stage, packing.NOT_EXACT.format(model=type(model).__name__))
         return model, self.tokenizer
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from rlhf_jobs.engine import packing
 from rlhf_jobs.engine.batching import pad
 from rlhf_jobs.engine.models import load_causal_lm, load_tokenizer, split_bos
 from rlhf_jobs.engine.sharding import load_dtype
-from rlhf_jobs.engine.worker import Worker, progress
+from rlhf_jobs.engine.worker import Worker
 
 IGNORE_INDEX = -100
 
@@ -95,8 +95,9 @@ def drop_unlabelled(examples: list[dict[str, list[int]]], name: str, max_length:
 
 class SFTTask:
     stage = "sft"
-    packed = False  # until `build` has checked the model (padded batches are always exact)
+    packed = False  # until the loop has checked the model (`supervised.choose_packing`; padded batches are exact)
     rows: packing.RowPlan | None = None
+    per_position = staticmethod(full_logits)
     lora_task = "CAUSAL_LM"
     items_name = "tokens"
     eval_keys = ("loss_sum", "tokens")
@@ -113,11 +114,6 @@ class SFTTask:
         self.tokenizer = load_tokenizer(general.base_model, general.trust_remote_code)
         model = load_causal_lm(general.base_model, self.tokenizer, general.trust_remote_code,
                                dtype=load_dtype(config.Training))
-        self.packed = config.Training.padding_free and packing.packing_is_exact(
-            model, full_logits, self.tokenizer.pad_token_id, model.config.vocab_size)
-        self.rows = packing.RowPlan.for_model(model)
-        if config.Training.padding_free and not self.packed:
-            progress(worker, self.stage, packing.NOT_EXACT.format(model=type(model).__name__))
         return model, self.tokenizer
 
     def collate(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:

@@ -12,8 +12,8 @@ loop does the rest the same way for all:
   whatever micro-batch, accumulation step or worker it lands in: the summed loss of a micro-batch
   is divided by the number of items in the whole optimizer step across all workers (counted
   before the first forward), times the worker count (DDP and FSDP average gradients over workers).
-- **Distribution** (`sharding.prepare`): DDP or FSDP, optional LoRA, gradient checkpointing,
-  fp32 master weights, autocast, a gradient scaler for fp16.
+- **Distribution** (`sharding.load_prepared`): DDP or FSDP (loaded sharded: no worker holds a full fp32 copy),
+  optional LoRA, gradient checkpointing, fp32 master weights, autocast, a gradient scaler for fp16.
 - **Checkpoints** (`train_state.TrainState`): every `save_steps` and at each epoch's end, and when
   the run is told to stop (`control.StopControl`); a rerun with the same `output_dir` resumes.
   Dropout is reseeded per step and rank, so a resumed run computes what an uninterrupted one does.
@@ -35,7 +35,7 @@ import torch
 from rlhf_jobs.core.config import StageConfig, TrainingBase
 from rlhf_jobs.core.data import RecordSchema, load_splits, report_truncation
 from rlhf_jobs.core.errors import ConfigError
-from rlhf_jobs.engine import export, launcher, optim, sharding
+from rlhf_jobs.engine import export, launcher, optim, packing, sharding
 from rlhf_jobs.engine.adapters import Task, add_lora
 from rlhf_jobs.engine.control import StopControl, stopped
 from rlhf_jobs.engine.distributed import all_reduce_max, all_reduce_sum, global_items_divisor, peak_memory_gib
@@ -50,6 +50,9 @@ from rlhf_jobs.store.metrics_log import MetricsLogger
 class SupervisedTask(Protocol):
     stage: str
     lora_task: Task
+    tokenizer: Any  # set by `build`
+    packed: bool  # whether batches are packed padding-free (`choose_packing`)
+    rows: Any  # the `packing.RowPlan` packed batches are laid out by
     items_name: str  # what `count` counts: "tokens", "pairs"
     eval_keys: tuple[str, ...]  # the keys `eval_sums` returns
 
@@ -57,7 +60,11 @@ class SupervisedTask(Protocol):
         """On the driver, before Ray starts: read, validate and tokenise {"train", "eval"} examples."""
 
     def build(self, config: StageConfig, worker: Worker) -> tuple[torch.nn.Module, Any]:
-        """On each worker: (model with fp32 weights, tokenizer)."""
+        """On each worker: (model with fp32 weights, tokenizer), loaded with `engine.models` (under FSDP also on the
+        meta device first: `sharding.load_prepared`)."""
+
+    def per_position(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's outputs at every position (`packing.packing_is_exact` compares them packed and padded)."""
 
     def collate(self, examples: list[Any]) -> dict[str, torch.Tensor]: ...
 
@@ -195,6 +202,33 @@ def evaluate(model: torch.nn.Module, task: SupervisedTask, examples: list[Any], 
                                       strict=True)))
 
 
+def load_model(task: SupervisedTask, config: StageConfig, worker: Worker) -> tuple[torch.nn.Module, Any]:
+    """(the task's model with its LoRA adapters, distributed: `sharding.load_prepared`, the tokenizer); the task
+    knows whether its batches are packed."""
+    training = config.Training
+    built: dict[str, Any] = {}
+
+    def build() -> torch.nn.Module:
+        model, built["tokenizer"] = task.build(config, worker)
+        return add_lora(model, training.lora, task.lora_task) if training.lora else model
+
+    model = sharding.load_prepared(build, training, worker)
+    choose_packing(task, model, training, worker)
+    return model, built["tokenizer"]
+
+
+def choose_packing(task: SupervisedTask, model: torch.nn.Module, training: TrainingBase, worker: Worker) -> None:
+    """Whether `task` packs its batches padding-free (`Training.padding_free`, where the model keeps packed sequences
+    apart), checked on the distributed model: under FSDP every worker runs the check's forwards."""
+    module = unwrap(model)
+    task.packed = training.padding_free and packing.packing_is_exact(
+        module, task.per_position, task.tokenizer.pad_token_id, sharding.hf_model(module).config.vocab_size)
+    sharding.reshard(module)  # FSDP keeps the root's parameters gathered after a forward: the optimizer needs shards
+    task.rows = packing.RowPlan.for_model(module)
+    if training.padding_free and not task.packed:
+        progress(worker, task.stage, packing.NOT_EXACT.format(model=type(sharding.hf_model(module)).__name__))
+
+
 def resumed_accumulation(saved: dict[str, Any], training: TrainingBase, worker: Worker) -> int:
     """Gradient accumulation that keeps the checkpoint's global batch when a run resumes on another
     number of workers (2 workers × batch 4 → 1 worker × batch 4 × accumulation 2), so steps, schedule
@@ -241,10 +275,7 @@ def train_supervised(loop_config: dict[str, Any], task: SupervisedTask) -> dict[
     config, worker = setup_worker(loop_config)
     general, training = config.General, config.Training
     train_examples, eval_examples = loop_config["data"]["train"], loop_config["data"]["eval"]
-    model, tokenizer = task.build(config, worker)
-    if training.lora:
-        model = add_lora(model, training.lora, task.lora_task)
-    model = sharding.prepare(model, training, worker)
+    model, tokenizer = load_model(task, config, worker)
 
     optimizer = optim.build_optimizer(model, training)
     store = TrainState(general.output_dir, worker)

@@ -5,18 +5,23 @@ weights rounds most small updates away); frozen models may be loaded in the comp
 A directory holding a LoRA adapter (`adapter_config.json`) loads as its base model with the
 adapter merged in, so a stage can start from another stage's adapter-only export. An `s3://` model is
 downloaded once per node first (`storage.local_model`).
+
+Sharded loading (`sharding.load_prepared`) calls the same loaders in a `loading_mode`: "skeleton" builds the
+model on the meta device from its config (no weights read), "stored" reads the weights in the checkpoint's own
+dtype where widening them later is exact (a bf16 checkpoint for fp32 masters).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import (
@@ -33,6 +38,22 @@ from rlhf_jobs.store import storage
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTER_CONFIG = "adapter_config.json"
+LoadingMode = Literal["full", "skeleton", "stored"]
+_loading_mode: contextvars.ContextVar[LoadingMode] = contextvars.ContextVar("loading_mode", default="full")
+
+
+@contextlib.contextmanager
+def loading_mode(mode: LoadingMode) -> Iterator[None]:
+    """How the loaders below build a model while the context lasts: "full" (the weights, in the dtype asked for),
+    "skeleton" (on the meta device, nothing read: what every worker shards before the weights are broadcast) or
+    "stored" (the weights in the checkpoint's dtype where that is narrower than fp32 asked for: widening a bf16
+    or fp16 value to fp32 is exact, so what is broadcast into fp32 shards is what a full load holds, at half the
+    memory)."""
+    token = _loading_mode.set(mode)
+    try:
+        yield
+    finally:
+        _loading_mode.reset(token)
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False, padding_side: str = "right") -> Any:
@@ -99,9 +120,15 @@ def stored_dtype(name: str, trust_remote_code: bool = False) -> torch.dtype:
 
 def _from_pretrained(auto_class: Any, name: str, dtype: torch.dtype, **kwargs: Any) -> Any:
     """The model (with `output_loading_info=True`: (model, loading info of `name` or the adapter's base)); one
-    whose weights hold NaN or inf (a diverged run's) is refused."""
+    whose weights hold NaN or inf (a diverged run's) is refused. In `loading_mode("skeleton")` the model is built
+    on the meta device from its config (loading info None)."""
     from rlhf_jobs.engine.divergence import non_finite_parameter
 
+    mode = _loading_mode.get()
+    if mode == "skeleton":
+        return _skeleton(auto_class, name, dtype, **kwargs)
+    if mode == "stored" and adapter_base(name) is None:
+        dtype = _stored_if_exact(name, dtype, kwargs.get("trust_remote_code", False))
     loaded = _load(auto_class, name, dtype, **kwargs)
     model = loaded[0] if kwargs.get("output_loading_info") else loaded
     bad = non_finite_parameter(model)
@@ -109,6 +136,29 @@ def _from_pretrained(auto_class: Any, name: str, dtype: torch.dtype, **kwargs: A
         raise ModelError(f"{name}: its weights are not finite ({bad} holds NaN or inf): the run that wrote it "
                          "diverged; train it again (e.g. with a lower learning_rate)")
     return loaded
+
+
+def _stored_if_exact(name: str, dtype: torch.dtype, trust_remote_code: bool) -> torch.dtype:
+    """The checkpoint's dtype where it is bf16 or fp16 and `dtype` fp32 (widening is exact), else `dtype`."""
+    stored = stored_dtype(name, trust_remote_code)
+    return stored if dtype == torch.float32 and stored in (torch.bfloat16, torch.float16) else dtype
+
+
+def _skeleton(auto_class: Any, name: str, dtype: torch.dtype, output_loading_info: bool = False,
+              trust_remote_code: bool = False, **config_overrides: Any) -> Any:
+    """What `_load` returns, on the meta device and in eval mode (as `from_pretrained` leaves a model), with the
+    checkpoint's generation config; an adapter export has the structure of its base model (it is merged)."""
+    from transformers import GenerationConfig
+
+    path = storage.local_model(adapter_base(name) or name)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **config_overrides)
+    with torch.device("meta"):
+        model = auto_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.eval()
+    if model.can_generate():
+        with contextlib.suppress(OSError, ValueError):  # no generation_config.json: the one from_config made
+            model.generation_config = GenerationConfig.from_pretrained(path)
+    return (model, None) if output_loading_info else model
 
 
 def _load(auto_class: Any, name: str, dtype: torch.dtype, **kwargs: Any) -> Any:

@@ -4,19 +4,23 @@ FSDP follows torchtitan: one `fully_shard` unit per decoder layer, then the root
 `MixedPrecisionPolicy` from `Training.mixed_precision` (parameters in the compute dtype for the
 forward, gradients reduced in fp32, fp32 master weights sharded). Frozen models are sharded the
 same way, so nothing is held in full on any worker except during generation, which gathers
-the policy once (one full copy) instead of once per generated token.
+the policy once (one full copy, in the compute dtype) instead of once per generated token.
+
+Under FSDP on several workers a model is loaded sharded (`load_prepared`): every worker builds it on the
+meta device and allocates only its shards; rank 0 reads the checkpoint and broadcasts it a layer at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from rlhf_jobs.core.config import TrainingBase
 from rlhf_jobs.core.errors import ConfigError
+from rlhf_jobs.engine.models import loading_mode
 from rlhf_jobs.engine.worker import Worker
 
 COMPUTE_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -110,10 +114,7 @@ def prepare(model: torch.nn.Module, training: TrainingBase, worker: Worker, trai
 
     Frozen models (`trainable=False`) are sharded under FSDP too; under DDP they stay plain copies.
     """
-    if trainable and training.gradient_checkpointing:
-        transformers_model = hf_model(model)
-        transformers_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        transformers_model.config.use_cache = False
+    enable_checkpointing(model, training, trainable)
     model.to(worker.device)
     if training.strategy == "fsdp":
         return shard(model, training)
@@ -123,6 +124,108 @@ def prepare(model: torch.nn.Module, training: TrainingBase, worker: Worker, trai
     return model
 
 
+def enable_checkpointing(model: torch.nn.Module, training: TrainingBase, trainable: bool) -> None:
+    if trainable and training.gradient_checkpointing:
+        transformers_model = hf_model(model)
+        transformers_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        transformers_model.config.use_cache = False
+
+
+def load_prepared(build: Callable[[], torch.nn.Module], training: TrainingBase, worker: Worker,
+                  trainable: bool = True) -> torch.nn.Module:
+    """`prepare(build(), ...)`, without a full copy of the model on every worker under FSDP.
+
+    `build` loads the model with the loaders of `engine.models` and adds what the stage needs (LoRA adapters,
+    a critic's value head, frozen flags). Under FSDP on several workers every worker builds it on the meta device
+    (`loading_mode("skeleton")`), shards it and allocates its shards only; rank 0 alone also builds it with its
+    weights, read in the checkpoint's dtype where widening them is exact (`loading_mode("stored")`: a bf16
+    checkpoint for fp32 masters), and broadcasts it (`_broadcast_from_rank0`). Every worker then holds what a full
+    load gives it, values, buffers, modes and random state included, while none holds a full fp32 copy. One
+    difference: weights the checkpoint lacks (a new score head, LoRA adapters) are drawn in the dtype rank 0 reads
+    in, so from a bf16 checkpoint for fp32 masters they are the bf16 roundings of a full load's draws. DDP and one
+    worker load as before.
+    """
+    if training.strategy != "fsdp" or worker.world_size == 1:
+        return prepare(build(), training, worker, trainable)
+    with torch.random.fork_rng(devices=[]), loading_mode("skeleton"):
+        model = build()
+    check_shardable(model)
+    full = _load_on_rank0(build, model, worker)
+    enable_checkpointing(model, training, trainable)
+    shard(model, training)
+    model.to_empty(device=worker.device)
+    _broadcast_from_rank0(model, full, worker)
+    return model
+
+
+def _structure(model: torch.nn.Module) -> dict[str, Any]:
+    return {"parameters": {name: (tuple(p.shape), p.requires_grad) for name, p in model.named_parameters()},
+            "buffers": {name: tuple(b.shape) for name, b in model.named_buffers()},
+            "training": [name for name, module in model.named_modules() if module.training]}
+
+
+def _load_on_rank0(build: Callable[[], torch.nn.Module], skeleton: torch.nn.Module,
+                   worker: Worker) -> torch.nn.Module | None:
+    """Rank 0's model with its weights (None elsewhere). What goes wrong on rank 0 (weights that are not finite, a
+    model that differs from the skeleton in its parameters, buffers or modes) is raised on every worker, not left
+    to hang the others in the broadcast."""
+    full, outcome = None, None
+    if worker.is_main:
+        try:
+            with loading_mode("stored"):
+                full = build()
+        except Exception as error:  # every worker raises it below (this one with its traceback)
+            outcome = error
+        else:
+            built, expected = _structure(full), _structure(skeleton)
+            differ = [key for key in built if built[key] != expected[key]]
+            if differ:
+                outcome = ShardingError(f"cannot load {type(hf_model(full)).__name__} sharded: the model built on "
+                                        f"the meta device differs from the loaded one in its {', '.join(differ)}")
+    message = [_picklable(outcome)]
+    torch.distributed.broadcast_object_list(message, src=0)
+    if outcome is not None:
+        raise outcome
+    if message[0] is not None:
+        raise message[0]
+    return full
+
+
+def _picklable(error: Exception | None) -> Exception | None:
+    import pickle
+
+    try:
+        pickle.dumps(error)
+    except Exception:  # an error that cannot cross to the other workers: its type and message can
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error
+
+
+@torch.no_grad()
+def _broadcast_from_rank0(model: torch.nn.Module, full: torch.nn.Module | None, worker: Worker) -> None:
+    """Fill every worker's shards and buffers with rank 0's loaded `full` model, one decoder layer at a time (each
+    freed once sent), then the rest; and give every worker rank 0's random generator state, which the loaded
+    model's fresh weights (a new score head, LoRA adapters) advanced as a full load advances every worker's."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    for name, buffer in model.named_buffers():  # non-persistent ones (rotary inv_freq) are in no state dict
+        if full is not None:
+            buffer.copy_(full.get_buffer(name))
+        torch.distributed.broadcast(buffer, src=0)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    full_layers = decoder_layers(full) if full is not None else None
+    for index, layer in enumerate(decoder_layers(model)):
+        set_model_state_dict(layer, full_layers[index].state_dict() if full_layers else {}, options=options)
+        if full_layers:
+            full_layers[index].to("meta")  # sent: free it
+    rest = {} if full is None else {key: value for key, value in full.state_dict().items() if not value.is_meta}
+    set_model_state_dict(model, rest, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                               strict=False))
+    generator = torch.get_rng_state().to(worker.device)
+    torch.distributed.broadcast(generator, src=0)
+    torch.set_rng_state(generator.cpu())
+
+
 def gradient_sync(model: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager[Any]:
     """Skip the gradient all-reduce on micro-batches before the last one of an accumulation."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not enabled:
@@ -130,6 +233,12 @@ def gradient_sync(model: torch.nn.Module, enabled: bool) -> contextlib.AbstractC
     if is_sharded(model):
         model.set_requires_gradient_sync(enabled)
     return contextlib.nullcontext()
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Every FSDP unit of `model` back to its shards (a no-op for a model that is not sharded)."""
+    for module in fsdp_modules(model):
+        module.reshard()
 
 
 @contextlib.contextmanager

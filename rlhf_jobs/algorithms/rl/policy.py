@@ -68,15 +68,20 @@ def load_policy(config: StageConfig, worker: Worker, with_reference: bool = True
     general, training = config.General, config.Training
     path, trust, lora = policy_path(config), general.trust_remote_code, training.lora
     tokenizer = load_tokenizer(path, trust, padding_side="left")
-    policy = load_causal_lm(path, tokenizer, trust, dropout=False, dtype=sharding.load_dtype(training))
-    if lora:  # peft's lora_dropout is a new dropout: off too (`disable_dropout`)
-        policy = disable_dropout(add_lora(policy, lora, "CAUSAL_LM"))
-    policy = sharding.prepare(policy, training, worker)
+
+    # Each model is distributed as soon as it is loaded, and under FSDP loaded sharded (`sharding.load_prepared`):
+    # no worker holds a full fp32 copy (rank 0 reads each checkpoint, the others only receive their shards).
+    def build_policy() -> torch.nn.Module:
+        policy = load_causal_lm(path, tokenizer, trust, dropout=False, dtype=sharding.load_dtype(training))
+        # peft's lora_dropout is a new dropout: off too (`disable_dropout`)
+        return disable_dropout(add_lora(policy, lora, "CAUSAL_LM")) if lora else policy
+
+    policy = sharding.load_prepared(build_policy, training, worker)
     reference = None
     if with_reference and not lora:
-        reference = frozen(load_causal_lm(path, tokenizer, trust, dropout=False,
-                                          dtype=sharding.reference_dtype(training)))
-        reference = sharding.prepare(reference, training, worker, trainable=False)
+        reference = sharding.load_prepared(
+            lambda: frozen(load_causal_lm(path, tokenizer, trust, dropout=False,
+                                          dtype=sharding.reference_dtype(training))), training, worker, trainable=False)
     return Policy(policy, reference, with_reference, tokenizer, HFRolloutEngine(policy, tokenizer, training,
                                                                                   worker.device))
 

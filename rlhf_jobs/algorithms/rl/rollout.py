@@ -220,7 +220,8 @@ class RolloutEngine(Protocol):
 
 class HFRolloutEngine:
     """transformers' `generate` with the KV cache, on the training policy itself (a sharded policy is gathered
-    once per call), under the training precision (`mixed_precision`): its weights are always current."""
+    once per call, in the compute dtype: FSDP all-gathers in its `MixedPrecisionPolicy`'s dtype, bf16 under
+    `mixed_precision: bf16`), under the training precision: its weights are always current."""
 
     def __init__(self, policy: torch.nn.Module, tokenizer: Any, training: Any, device: torch.device) -> None:
         self.policy, self.tokenizer, self.training, self.device = policy, tokenizer, training, device
