@@ -104,7 +104,7 @@ bench-faults: venv ## Steps redone after SIGINT/SIGKILL of the driver and SIGKIL
 GPU_CHECK_SIZE ?= 1b
 
 .PHONY: gpu-check
-gpu-check: venv ## SFT, RM and PPO on one GPU, bf16, full and LoRA: peak GPU memory and tokens/s (needs CUDA)
+gpu-check: venv ## SFT, RM, DPO, PPO and GRPO on one GPU, bf16, full and LoRA: peak GPU memory and tokens/s (needs CUDA)
 	$(BIN)/python bench/gpu_check.py --size $(GPU_CHECK_SIZE)
 
 .PHONY: bench-generation

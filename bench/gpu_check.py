@@ -1,17 +1,18 @@
-"""SFT, the reward model and PPO on one GPU, bf16, full fine-tuning and LoRA, on a random-init
+"""SFT, the reward model, DPO, PPO and GRPO on one GPU, bf16, full fine-tuning and LoRA, on a random-init
 Llama-architecture model built here (no hub): peak GPU memory and throughput of each (`make gpu-check`).
 
 Each stage runs through `rlhf-jobs`' own trainers on one Ray Train worker holding the GPU
 (`resources_per_worker: {CPU: 1, GPU: 1}`, `mixed_precision: bf16`; trainable weights fp32,
 frozen ones bf16). Peak memory is the worker's `torch.cuda.max_memory_allocated`, as the loops log
 it (`memory_peak_gib`); throughput is label tokens/s (SFT), pairs/s (RM), seconds per iteration and
-rollout tokens/s (PPO), first window left out. The runs are short: a check that every stage works
+rollout tokens/s (PPO, GRPO), first window left out. The runs are short: a check that every stage works
 on a GPU and what it holds, not a tuned benchmark.
 
 Without a CUDA GPU it stops at once with a message saying so (exit 2).
 
     python bench/gpu_check.py                        # the 1b model, full and LoRA, every stage
     python bench/gpu_check.py --size 300m --variants lora --stages ppo
+    python bench/gpu_check.py --stages grpo         # GRPO alone, bf16, full and LoRA
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def main() -> None:
         if "error" in row:
             print(f"{row['stage']:<4} {row['variant']:<5} FAILED: {row['error']}")
             continue
-        extra = f", rollout {row['rollout_tokens_per_second']:.0f} tokens/s" if row["stage"] == "ppo" else ""
+        extra = f", rollout {row['rollout_tokens_per_second']:.0f} tokens/s" if row["stage"] in ("ppo", "grpo") else ""
         print(f"{row['stage']:<4} {row['variant']:<5} peak GPU memory {row['logged_gib']:6.2f} GiB  "
               f"{row['rate']:.4g} {row['unit']}{extra}")
     if args.output:

@@ -1,6 +1,7 @@
-"""Peak memory per worker and throughput of SFT, the reward model and PPO on a random-init
+"""Peak memory per worker and throughput of SFT, the reward model, DPO, PPO and GRPO on a random-init
 Llama-architecture model of a given size: full fine-tuning, LoRA and FSDP, and TRL's PPO at the
-same settings (`make bench-memory`; a benchmark, not a test).
+same settings (`make bench-memory`; a benchmark, not a test). GRPO's rows are compared with PPO's of the same
+variant in the same run (the same sequences per rollout: PPO's 8 prompts, GRPO's 2 prompts × 4 completions).
 
 Every run is a fresh process with its own Ray. Peak memory per worker:
 - CPU: the resident set of each Ray Train worker process, sampled from /proc every half second
@@ -15,6 +16,8 @@ than `--limit-gib` is stopped and shown as over the limit, instead of waking the
 
     python bench/memory.py --size 300m                      # every stage and variant, and TRL's PPO
     python bench/memory.py --size 1b --stages ppo --variants lora --no-trl
+    python bench/memory.py --size 300m --stages ppo,grpo --variants full,lora --no-trl   # GRPO against PPO
+    python bench/memory.py --size 750m --stages grpo --variants fsdp+bf16 --no-trl --limit-gib 22
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any
 
 from common import DATA, PPO_FILE, REPO, RM_FILE, SFT_FILE, SIZES, Settings, write_repeated, write_section
 
-STAGES = ("sft", "rm", "ppo")
+STAGES = ("sft", "rm", "dpo", "ppo", "grpo")
 # variant -> (workers, Training keys). LoRA as the README recommends it; FSDP needs two workers to shard.
 VARIANTS: dict[str, tuple[int, dict[str, Any]]] = {
     "full": (1, {}),
@@ -62,6 +65,7 @@ def settings_for(size: str) -> Settings:
     base = SIZES.get(size, SIZES["300m"])
     return dataclasses.replace(base, size=size, sft_steps=4, rm_steps=4, logging_steps=2, ppo_iterations=3,
                                ppo_batch_size=8, ppo_mini_batch_size=8, ppo_epochs=1, max_new_tokens=16,
+                               grpo_prompts=2, num_generations=4, grpo_iterations=3,
                                threads=1, extra_rows=False)
 
 
@@ -97,6 +101,8 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     data = work / "data"
     if spec["stage"] == "ppo":
         config = ours.ppo_config(settings, model, DATA / PPO_FILE, run_dir, workers, training)
+    elif spec["stage"] == "grpo":  # grpo_prompts in all: the same global batch on 1 or 2 workers
+        config = ours.grpo_config(settings, model, DATA / PPO_FILE, run_dir, workers, training)
     else:
         source, steps = (SFT_FILE, settings.sft_steps) if spec["stage"] == "sft" else (RM_FILE, settings.rm_steps)
         train_file = write_repeated(DATA / source, data / f"{spec['stage']}.jsonl", steps * settings.batch_size * 2)
@@ -104,7 +110,7 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     ours.train(config)
     records = metrics_records(Path(config.General.output_dir))
     logged = max((r.get("memory_peak_gib") or 0.0 for r in records), default=float("nan"))
-    if spec["stage"] == "ppo":
+    if spec["stage"] in ("ppo", "grpo"):
         figures = ours.ppo_figures(config)
         result = {"logged_gib": logged, "rate": figures["seconds_per_iteration"], "unit": "s/iteration",
                   "rollout_tokens_per_second": figures["tokens_per_second"]}
@@ -264,6 +270,8 @@ def table(rows: list[dict[str, Any]], device: str) -> str:
             continue
         base = measured.get((r["kind"], r["stage"], BASELINE.get(r["variant"], "full")))
         ratio = f"{peak(r, device) / base:.2f}" if base else ""
+        ppo = measured.get((r["kind"], "ppo", r["variant"])) if r["stage"] == "grpo" else None
+        ratio += f"{'; ' if ratio else ''}{peak(r, device) / ppo:.2f} of PPO's" if ppo else ""
         lines.append(f"| {r['stage']} | {who} | {r['variant']} | {r['workers']} | {peak(r, device):.2f} | "
                      f"{r.get('logged_gib', float('nan')):.2f} | {r['rate']:.4g} {r['unit']} | {ratio} |")
     return "\n".join(lines)
@@ -279,11 +287,16 @@ of size `{size}` (`rlhf_jobs.tools.tiny_model.build_llama`). Full = every weight
 {{r: 16}}` on all linear layers, FSDP = `Training.strategy: fsdp` over 2 workers. SFT/RM: batch
 {settings.batch_size}, max length {settings.max_length}, {settings.sft_steps} steps; PPO: {settings.ppo_batch_size}
 prompts, {settings.max_new_tokens} new tokens, {settings.ppo_epochs} PPO epoch, {settings.ppo_iterations} iterations;
-{settings.threads} thread per worker. One run each (a memory peak does not vary between runs the way a rate does).
+GRPO: {settings.grpo_prompts} prompts × {settings.num_generations} completions (the same sequences per rollout), \
+{settings.max_new_tokens} new tokens, one update, KL {settings.grpo_kl_coeff} in the loss (a reference model), \
+{settings.grpo_iterations} iterations; DPO: the RM's pairs, batch and steps; {settings.threads} thread per worker.
+One run each (a memory peak does not vary between runs the way a rate does).
 
 {table(rows, device)}
 """
-    write_section(path, f"memory-{device}-{size}-{'-'.join(sorted({r['variant'] for r in rows}))}", text)
+    stages = sorted({r["stage"] for r in rows})
+    named = "" if stages == ["ppo"] else "-" + "-".join(stages)  # the older sections are PPO's alone
+    write_section(path, f"memory-{device}-{size}{named}-{'-'.join(sorted({r['variant'] for r in rows}))}", text)
 
 
 def main() -> None:

@@ -148,4 +148,7 @@ def ppo_figures(config: StageConfig) -> dict[str, float]:
         "seconds_per_iteration": median([b - a for a, b in itertools.pairwise(times)]),
         "tokens_per_second": median([r["tokens_per_second"] for r in records[1:]]),
         "response_length": median([r["response_length"] for r in records]),
+        # where an iteration's time goes (PPO and GRPO log both): the profile of the GRPO row
+        "rollout_seconds": median([r["time_rollout"] for r in records[1:]] or [float("nan")]),
+        "update_seconds": median([r["time_update"] for r in records[1:]] or [float("nan")]),
     }

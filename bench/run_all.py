@@ -45,7 +45,7 @@ from common import (
     write_section,
 )
 
-STAGES = ("sft", "rm", "dpo", "ppo", "ray")  # "ray" runs at the tiny size only: a fixed cost, not the model's
+STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "ray")  # "ray" runs at the tiny size only: a fixed cost, not the model's
 
 # Why we are slower where we are, and what would close it: measured (see bench/README.md), not guessed.
 SLOWER_NOTES = {
@@ -197,6 +197,41 @@ def bench_ppo(settings: Settings, model: Path, work: Path, repeats: int) -> list
     return rows
 
 
+def bench_grpo(settings: Settings, model: Path, work: Path, repeats: int) -> list[dict[str, Any]]:
+    """Ours against TRL's GRPOTrainer: the same prompts, G, new tokens, batch and reward function, one update per
+    batch, HF generate on both sides (`ours.grpo_config`, `trl_side.grpo`)."""
+    train_file = DATA / PPO_FILE
+    counter = iter(range(10**6))
+    profiles: list[dict[str, float]] = []
+
+    def ours_run(workers: int) -> dict[str, float]:
+        run_dir = work / f"grpo-{settings.size}-ours-{workers}w-{next(counter)}"
+        config = ours.grpo_config(settings, model, train_file, run_dir, workers)
+        ours.train(config)
+        figures = ours.ppo_figures(config)
+        ours.drop_weights(config)
+        profiles.append(figures)
+        return figures
+
+    trl_dir = work / f"grpo-{settings.size}-trl"
+    ours_1, trl = alternate(repeats, lambda: ours_run(1), lambda: trl_side.grpo(settings, model, train_file, trl_dir))
+
+    def pick(results: list[dict[str, float]], key: str) -> list[float]:
+        return [r[key] for r in results]
+
+    length = f"{median(pick(ours_1, 'response_length')):.1f} vs {median(pick(trl, 'response_length')):.1f}"
+    rollout, update = median(pick(ours_1, "rollout_seconds")), median(pick(ours_1, "update_seconds"))
+    return [
+        row("GRPO seconds per iteration (lower is better)", median(pick(ours_1, "seconds_per_iteration")),
+            median(pick(trl, "seconds_per_iteration")), pick(ours_1, "seconds_per_iteration"),
+            pick(trl, "seconds_per_iteration"), higher_is_better=False),
+        row(f"GRPO rollout tokens/s (completion length {length}; ours: rollout {rollout:.2g} s + update "
+            f"{update:.2g} s per iteration)", median(pick(ours_1, "tokens_per_second")),
+            median(pick(trl, "tokens_per_second")), pick(ours_1, "tokens_per_second"),
+            pick(trl, "tokens_per_second"), higher_is_better=True),
+    ]
+
+
 def bench_ray(settings: Settings, model: Path, train_file: Path, work: Path, repeats: int) -> list[dict[str, Any]]:
     """Each run in a fresh process: `ray` pays Ray's start-up, `local` runs the loop in-process."""
 
@@ -269,11 +304,20 @@ cosine schedule with {settings.warmup_ratio:.0%} warm-up.
 - DPO: the RM's pairs, batch and steps, beta {settings.dpo_beta}, sigmoid loss, learning rate \
 {settings.dpo_learning_rate:g}, the reference a second frozen copy of the model.
 - PPO: {settings.ppo_batch_size} prompts per rollout, {settings.max_new_tokens} new tokens, {settings.ppo_epochs} PPO \
-epochs × {minibatches} minibatch(es), {settings.ppo_iterations} iterations."""
+epochs × {minibatches} minibatch(es), {settings.ppo_iterations} iterations.
+- GRPO: {settings.grpo_prompts} prompts × {settings.num_generations} completions per iteration, \
+{settings.max_new_tokens} new tokens, one update per batch, token-mean loss, KL {settings.grpo_kl_coeff} (k3) in the \
+loss, learning rate {settings.grpo_learning_rate:g}, {settings.grpo_iterations} iterations, reward \
+`common.length_reward`."""
+
+
+def section_name(stages: list[str] | None) -> str:
+    """`throughput` for a run of every stage; a run of some stages writes its own section beside it."""
+    return "throughput" if not stages or set(stages) == set(STAGES) else "throughput-" + "-".join(stages)
 
 
 def write_results(path: Path, results: dict[str, list[dict[str, Any]]], info: dict[str, str], repeats: int,
-                  command: str, seconds: float) -> None:
+                  command: str, seconds: float, stages: list[str] | None = None) -> None:
     """RESULTS.md: one section per model size (`results`: size -> rows)."""
     rows = [r for size_rows in results.values() for r in size_rows]
     notes = [f"- **{prefix}**: {text}" for prefix, text in SLOWER_NOTES.items()
@@ -285,7 +329,8 @@ def write_results(path: Path, results: dict[str, list[dict[str, Any]]], info: di
 
 {table(size_rows)}
 """ for size, size_rows in results.items())
-    text = f"""## Throughput against TRL (`make bench`)
+    title = "" if section_name(stages) == "throughput" else f": {', '.join(stages or [])}"
+    text = f"""## Throughput against TRL (`make bench`){title}
 
 Latest figures from `{command}` ({seconds / 60:.0f} min). Reproduce with `make bench`, or
 `.venv-bench/bin/python bench/run_all.py` in a venv holding `pip install -e '.[bench]'` (trl==1.12.0).
@@ -298,7 +343,7 @@ Latest figures from `{command}` ({seconds / 60:.0f} min). Reproduce with `make b
 {sections}"""
     if notes:
         text += "\n### Where we are slower, and why\n\n" + "\n".join(notes) + "\n"
-    write_section(path, "throughput", text)
+    write_section(path, section_name(stages), text)
 
 
 def bench_size(size: str, stages: list[str], work: Path, repeats: int) -> list[dict[str, Any]]:
@@ -319,6 +364,8 @@ def bench_size(size: str, stages: list[str], work: Path, repeats: int) -> list[d
         rows += bench_supervised("dpo", settings, model, rm_file, work, repeats)
     if "ppo" in stages:
         rows += bench_ppo(settings, model, work, repeats)
+    if "grpo" in stages:
+        rows += bench_grpo(settings, model, work, repeats)
     if "ray" in stages and size == "tiny":
         rows += bench_ray(settings, model, sft_file, work, repeats)
     return rows
@@ -336,7 +383,7 @@ def main() -> None:
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
         write_results(args.output, saved["results"], saved["info"], saved["repeats"], saved["command"],
-                      saved["seconds"])
+                      saved["seconds"], saved.get("stages"))
         for size, rows in saved["results"].items():
             print(f"\n{size}\n{table(rows)}")
         return
@@ -357,9 +404,9 @@ def main() -> None:
     command = ("python bench/run_all.py " + " ".join(sys.argv[1:])).strip()
     seconds, info = time.perf_counter() - started, machine()
     saved = {"results": results, "info": info, "settings": {size: dataclasses.asdict(SIZES[size]) for size in sizes},
-             "repeats": args.repeats, "command": command, "seconds": seconds}
+             "repeats": args.repeats, "command": command, "seconds": seconds, "stages": stages}
     (work / "results.json").write_text(json.dumps(saved, indent=1))
-    write_results(args.output, results, info, args.repeats, command, seconds)
+    write_results(args.output, results, info, args.repeats, command, seconds, stages)
     for size, rows in results.items():
         print(f"\n{size}\n{table(rows)}")
     print(f"\nwritten to {args.output}")

@@ -293,6 +293,17 @@ def test_a_reward_function_that_cannot_be_loaded_is_one_config_error(tmp_path: P
     assert expected.format(dir=tmp_path) in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_a_reward_file_may_define_dataclasses(tmp_path: Path) -> None:
+    """A file runs as an imported module does: registered before its body runs (a @dataclass looks its module up;
+    the benchmark's common.py failed to load without it)."""
+    source = ("from __future__ import annotations\nfrom dataclasses import dataclass\n\n"
+              "@dataclass\nclass Target:\n    words: int = 2\n\n"
+              "def f(prompts, completions, **columns):\n"
+              "    return [-abs(len(c.split()) - Target().words) for c in completions]\n")
+    (function,) = rewards.load_reward_functions([f"{write_rewards(tmp_path, source)}:f"])
+    assert function.function(["p"], ["one two three"]) == [-1]
+
+
 FIRST = {"input_ids": [1, 2], "text": "What is 2 + 2?", "columns": {"answer": "4"}}
 
 

@@ -167,6 +167,7 @@ LLAMA_SHAPES = {
     "tiny": LlamaShape(64, 2, 176, 4, 2, vocab_size=2048),  # ~0.3M: tests
     "300m": LlamaShape(1024, 20, 2816, 16, 8),  # ~0.30B: benchmarks
     "500m": LlamaShape(1280, 22, 3584, 20, 4),  # ~0.47B
+    "750m": LlamaShape(1536, 26, 4096, 24, 8),  # ~0.75B
     "1b": LlamaShape(2048, 20, 5632, 32, 8),  # ~1.03B
 }
 

@@ -193,12 +193,13 @@ def _load_module(target: str, where: str) -> Any:
             return sys.modules[module_name]
         spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # before it runs, as an import does: a @dataclass in it looks itself up
         try:
             spec.loader.exec_module(module)
         except Exception as err:
+            del sys.modules[module_name]
             raise ConfigError(f"{where}: {target}: cannot import it: {type(err).__name__}: {_short(str(err))}") \
                 from None
-        sys.modules[module_name] = module
         return module
     try:
         return importlib.import_module(target)
