@@ -321,16 +321,17 @@ def loading_peaks(rank: int, world_size: int, model_dir: str, how: str) -> dict[
 
 @pytest.mark.slow
 def test_no_worker_holds_a_full_fp32_copy_while_loading(tmp_path: Path) -> None:
-    """A 58M-parameter Llama stored in bf16, fp32 masters over 2 workers: each worker's private memory grows by its
+    """An 83M-parameter Llama stored in bf16, fp32 masters over 2 workers: each worker's private memory grows by its
     fp32 shards (half a copy) and what is being sent, never by a full fp32 copy; loading it whole, then sharding,
-    grew it by 1.5 copies. Rank 0 also maps the checkpoint's file (half a copy in bf16), so its resident memory,
-    file pages included, reaches about one copy; the other worker's stays below it."""
+    grew it by 1.5 copies. Rank 0 also maps the checkpoint's file (half a copy in bf16); the other worker never
+    does: its file-backed growth (resident - private: the libraries' pages it touches) stays far below the file.
+    (Its whole resident growth against 0.75 copy was too close to call on a fresh clone: 168 MiB against 166.)"""
     from rlhf_jobs.tools.tiny_model import LlamaShape, build_llama
 
-    model_dir = build_llama(tmp_path / "model", LlamaShape(512, 8, 1536, 8, 4, vocab_size=32000))
+    model_dir = build_llama(tmp_path / "model", LlamaShape(512, 16, 1536, 8, 4, vocab_size=32000))
     peaks = run_processes(loading_peaks, 2, str(model_dir), "sharded")
     copy = peaks[0]["fp32_mib"]
-    assert copy > 200  # big enough to tell a copy from the process's own noise
+    assert copy > 300  # big enough to tell a copy from the process's own noise (~40 MiB)
     for rank, peak in enumerate(peaks):
         assert peak["private"] < 0.75 * copy, (rank, peak)
-    assert peaks[1]["resident"] < 0.75 * copy, peaks[1]
+    assert peaks[1]["resident"] - peaks[1]["private"] < 0.25 * copy, peaks[1]  # the bf16 file is 0.5 copy
