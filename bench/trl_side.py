@@ -162,7 +162,7 @@ def ppo(settings: Settings, model_dir: Path, train_file: Path, output_dir: Path,
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as module
 
-    from rlhf_jobs.algorithms.ppo import response_mask, tokenize_prompts
+    from rlhf_jobs.algorithms.rl.rollout import response_mask, tokenize_prompts
 
     torch.manual_seed(settings.seed)
     tokenizer = load_tokenizer(str(model_dir), padding_side="left")
