@@ -111,7 +111,7 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     records = metrics_records(Path(config.General.output_dir))
     logged = max((r.get("memory_peak_gib") or 0.0 for r in records), default=float("nan"))
     if spec["stage"] in ("ppo", "grpo"):
-        figures = ours.ppo_figures(config)
+        figures = ours.rl_figures(config)
         result = {"logged_gib": logged, "rate": figures["seconds_per_iteration"], "unit": "s/iteration",
                   "rollout_tokens_per_second": figures["tokens_per_second"]}
     else:

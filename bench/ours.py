@@ -133,6 +133,14 @@ def drop_weights(config: StageConfig) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def train_for_figures(config: StageConfig) -> dict[str, float]:
+    """Train a PPO or GRPO run, read its `rl_figures`, then drop its weights."""
+    train(config)
+    figures = rl_figures(config)
+    drop_weights(config)
+    return figures
+
+
 def supervised_rate(config: StageConfig, items: str) -> float:
     """Median `{items}_per_second` of the logging windows after the first (written by supervised.py)."""
     records = metrics_records(Path(config.General.output_dir))
@@ -140,15 +148,15 @@ def supervised_rate(config: StageConfig, items: str) -> float:
     return median(rates[1:] or rates)
 
 
-def ppo_figures(config: StageConfig) -> dict[str, float]:
-    """Median seconds per iteration (between consecutive metrics records) and rollout tokens/s, first left out."""
+def rl_figures(config: StageConfig) -> dict[str, float]:
+    """A PPO or GRPO run's median seconds per iteration (between consecutive metrics records), rollout tokens/s and
+    the rollout/update split, first iteration left out."""
     records = metrics_records(Path(config.General.output_dir))
     times = [r["time"] for r in records]
     return {
         "seconds_per_iteration": median([b - a for a, b in itertools.pairwise(times)]),
         "tokens_per_second": median([r["tokens_per_second"] for r in records[1:]]),
         "response_length": median([r["response_length"] for r in records]),
-        # where an iteration's time goes (PPO and GRPO log both): the profile of the GRPO row
         "rollout_seconds": median([r["time_rollout"] for r in records[1:]] or [float("nan")]),
         "update_seconds": median([r["time_update"] for r in records[1:]] or [float("nan")]),
     }

@@ -11,15 +11,12 @@ Medians over the iterations after the first, in seconds and as a share of the it
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import time
-from collections import defaultdict
-from pathlib import Path
 
 import torch
-from common import DATA, PPO_FILE, REPO, SIZES, build_model, read_jsonl
+from common import DATA, PPO_FILE, read_jsonl
 from ours import grpo_config
+from phases import PhaseTimes, profile_arguments, set_up
 
 from rlhf_jobs.algorithms import grpo
 from rlhf_jobs.algorithms.rl import rewards, rollout
@@ -31,16 +28,8 @@ from rlhf_jobs.engine.worker import Worker
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="tiny", choices=list(SIZES))
-    parser.add_argument("--iterations", type=int, default=6)
-    parser.add_argument("--threads", type=int, help="torch threads (default: the bench's for the size)")
-    parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench")
-    args = parser.parse_args()
-    settings = SIZES[args.size]
-    torch.set_num_threads(args.threads or settings.threads)
-    torch.manual_seed(settings.seed)
-    model = build_model(args.size, args.workdir.resolve())
+    args = profile_arguments(__doc__.splitlines()[0])
+    settings, model = set_up(args)
     config = grpo_config(settings, model, DATA / PPO_FILE, args.workdir.resolve() / "profile-grpo", workers=1)
     training, device = config.Training, torch.device("cpu")
     worker = Worker(0, 1, device)
@@ -50,14 +39,8 @@ def main() -> None:
                                        device)
     prompts = rollout.tokenize_prompts(read_jsonl(DATA / PPO_FILE), tokenizer, "instruction",
                                        settings.max_prompt_length)
-    times: dict[str, list[float]] = defaultdict(list)
-
-    def timed(name: str, fn, *args, **kwargs):
-        start = time.perf_counter()
-        result = fn(*args, **kwargs)
-        times[name].append(time.perf_counter() - start)
-        return result
-
+    phases = PhaseTimes()
+    timed = phases.timed
     for iteration in range(args.iterations):
         batch_prompts = rollout.prompt_batch(prompts, worker, settings.seed, iteration * settings.grpo_prompts,
                                              settings.grpo_prompts)
@@ -81,12 +64,14 @@ def main() -> None:
         total = rewards.weighted_total([batch.scores[name] for name in models.names], models.weights)
         advantages = grpo.advantages_of(batch, total, grpo.token_kl(batch, training), training, device)
         timed("update", grpo.grpo_update, policy, optimizer, batch, advantages, training)
-        times["iteration (rollout forwards counted once)"].append(
-            time.perf_counter() - start - sum(times[k][-1] for k in times if k.startswith("rollout")))
-    total_time = statistics.median(times["iteration (rollout forwards counted once)"][1:])
-    for name, values in times.items():
-        value = statistics.median(values[1:] or values)
-        print(f"{name:<45} {value:8.3f} s  {100 * value / total_time:5.1f} %")
+        phases.end_iteration(start)
+    if args.table:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            grpo.grpo_update(policy, optimizer, batch, advantages, training)
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    phases.report()
 
 
 if __name__ == "__main__":

@@ -11,15 +11,12 @@ the first, in seconds and as a share of the iteration.
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import time
-from collections import defaultdict
-from pathlib import Path
 
 import torch
-from common import DATA, PPO_FILE, REPO, SIZES, build_model, read_jsonl
+from common import DATA, PPO_FILE, read_jsonl
 from ours import ppo_config
+from phases import PhaseTimes, profile_arguments, set_up
 
 from rlhf_jobs.algorithms import ppo
 from rlhf_jobs.algorithms.rl import advantages as rl_advantages
@@ -32,17 +29,8 @@ from rlhf_jobs.engine.worker import Worker
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="tiny", choices=list(SIZES))
-    parser.add_argument("--iterations", type=int, default=6)
-    parser.add_argument("--threads", type=int, help="torch threads (default: the bench's for the size)")
-    parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench")
-    parser.add_argument("--table", action="store_true", help="a torch.profiler table of the last update")
-    args = parser.parse_args()
-    settings = SIZES[args.size]
-    torch.set_num_threads(args.threads or settings.threads)
-    torch.manual_seed(settings.seed)
-    model = build_model(args.size, args.workdir.resolve())
+    args = profile_arguments(__doc__.splitlines()[0])
+    settings, model = set_up(args)
     config = ppo_config(settings, model, DATA / PPO_FILE, args.workdir.resolve() / "profile-ppo", workers=1)
     training, device = config.Training, torch.device("cpu")
     worker = Worker(0, 1, device)
@@ -50,14 +38,8 @@ def main() -> None:
     optimizers = ppo.Optimizers.build(models, training, 10_000, device)
     prompts = rollout.tokenize_prompts(read_jsonl(DATA / PPO_FILE), models.tokenizer, "instruction",
                                    settings.max_prompt_length)
-    times: dict[str, list[float]] = defaultdict(list)
-
-    def timed(name: str, fn, *args, **kwargs):
-        start = time.perf_counter()
-        result = fn(*args, **kwargs)
-        times[name].append(time.perf_counter() - start)
-        return result
-
+    phases = PhaseTimes()
+    timed = phases.timed
     for iteration in range(args.iterations):
         batch_prompts = rollout.prompt_batch(prompts, worker, settings.seed, iteration * settings.ppo_batch_size,
                                              settings.ppo_batch_size)
@@ -82,18 +64,14 @@ def main() -> None:
                                                         training.lam)
         advantages = losses.masked_whiten(advantages, batch.mask)
         timed("update (all PPO epochs)", ppo.ppo_update, models, optimizers, batch, advantages, returns, training)
-        times["iteration (rollout forwards counted once)"].append(
-            time.perf_counter() - start - sum(times[k][-1] for k in times if k.startswith("rollout")))
+        phases.end_iteration(start)
     if args.table:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as profiler:
             ppo.ppo_update(models, optimizers, batch, advantages, returns, training)
         print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
-    total = statistics.median(times["iteration (rollout forwards counted once)"][1:])
-    for name, values in times.items():
-        value = statistics.median(values[1:] or values)
-        print(f"{name:<45} {value:8.3f} s  {100 * value / total:5.1f} %")
+    phases.report()
 
 
 if __name__ == "__main__":

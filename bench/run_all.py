@@ -179,18 +179,11 @@ def bench_ppo(settings: Settings, model: Path, work: Path, repeats: int) -> list
 
     def ours_run(workers: int) -> dict[str, float]:
         run_dir = work / f"ppo-{settings.size}-ours-{workers}w-{next(counter)}"
-        config = ours.ppo_config(settings, model, train_file, run_dir, workers)
-        ours.train(config)
-        figures = ours.ppo_figures(config)
-        ours.drop_weights(config)
-        return figures
+        return ours.train_for_figures(ours.ppo_config(settings, model, train_file, run_dir, workers))
 
     trl_dir = work / f"ppo-{settings.size}-trl"
     ours_1, trl = alternate(repeats, lambda: ours_run(1), lambda: trl_side.ppo(settings, model, train_file, trl_dir))
     ours_2 = [ours_run(2) for _ in range(repeats)] if settings.extra_rows else []
-
-    def pick(results: list[dict[str, float]], key: str) -> list[float]:
-        return [r[key] for r in results]
 
     length = f"{median(pick(ours_1, 'response_length')):.1f} vs {median(pick(trl, 'response_length')):.1f}"
     rows = [
@@ -214,22 +207,13 @@ def bench_grpo(settings: Settings, model: Path, work: Path, repeats: int) -> lis
     batch, HF generate on both sides (`ours.grpo_config`, `trl_side.grpo`)."""
     train_file = DATA / PPO_FILE
     counter = iter(range(10**6))
-    profiles: list[dict[str, float]] = []
 
     def ours_run(workers: int) -> dict[str, float]:
         run_dir = work / f"grpo-{settings.size}-ours-{workers}w-{next(counter)}"
-        config = ours.grpo_config(settings, model, train_file, run_dir, workers)
-        ours.train(config)
-        figures = ours.ppo_figures(config)
-        ours.drop_weights(config)
-        profiles.append(figures)
-        return figures
+        return ours.train_for_figures(ours.grpo_config(settings, model, train_file, run_dir, workers))
 
     trl_dir = work / f"grpo-{settings.size}-trl"
     ours_1, trl = alternate(repeats, lambda: ours_run(1), lambda: trl_side.grpo(settings, model, train_file, trl_dir))
-
-    def pick(results: list[dict[str, float]], key: str) -> list[float]:
-        return [r[key] for r in results]
 
     length = f"{median(pick(ours_1, 'response_length')):.1f} vs {median(pick(trl, 'response_length')):.1f}"
     rollout, update = median(pick(ours_1, "rollout_seconds")), median(pick(ours_1, "update_seconds"))
@@ -260,9 +244,6 @@ def bench_ray(settings: Settings, model: Path, train_file: Path, work: Path, rep
 
     with_ray, local = alternate(repeats, lambda: child("ray"), lambda: child("local"))
 
-    def pick(results: list[dict[str, float]], key: str) -> list[float]:
-        return [r[key] for r in results]
-
     rows = []
     for key, label, higher in (
         ("wall_seconds", f"SFT {settings.sft_steps} steps, wall from ray.init to fit() returning (s)", False),
@@ -286,6 +267,11 @@ def row(name: str, ours_value: float, other: float, ours_runs: list[float], othe
     slower = ratio < 0.97 if higher_is_better else ratio > 1.03
     return {"name": name, "ours": ours_value, "other": other, "ratio": ratio, "ours_runs": ours_runs,
             "other_runs": other_runs, "against": against, "slower": slower}
+
+
+def pick(results: list[dict[str, float]], key: str) -> list[float]:
+    """One figure of every run."""
+    return [r[key] for r in results]
 
 
 def fmt(value: float) -> str:
