@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,22 +112,27 @@ def settings_from(checkpoints: Sequence[str], overrides: dict[str, Any] | None =
     )
 
 
-def default_reward_model(checkpoints: Sequence[str]) -> str | None:
-    """The reward model a PPO checkpoint was trained against (its rm_pretrain), if any."""
+def _policy_markers(checkpoints: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """The stage markers of those `checkpoints` that are sampling policies (PPO, GRPO), in order."""
     for directory in checkpoints:
         marker = read_marker(directory) if Path(directory).is_dir() else None
         if marker and _samples_policy(marker):
-            return (marker.get("config") or {}).get("General", {}).get(REGISTRY[marker["stage"]].reward_key)
+            yield marker
+
+
+def default_reward_model(checkpoints: Sequence[str]) -> str | None:
+    """The reward model a PPO checkpoint was trained against (its rm_pretrain), if any."""
+    for marker in _policy_markers(checkpoints):
+        return (marker.get("config") or {}).get("General", {}).get(REGISTRY[marker["stage"]].reward_key)
     return None
 
 
 def default_reward_functions(checkpoints: Sequence[str]) -> tuple[list[str], list[float]] | None:
     """The reward functions (and their weights) a GRPO checkpoint was trained with, if any: what scores its answers
     when it had no reward model."""
-    for directory in checkpoints:
-        marker = read_marker(directory) if Path(directory).is_dir() else None
-        general = ((marker or {}).get("config") or {}).get("General", {})
-        if marker and _samples_policy(marker) and general.get("reward_functions"):
+    for marker in _policy_markers(checkpoints):
+        general = (marker.get("config") or {}).get("General", {})
+        if general.get("reward_functions"):
             references = list(general["reward_functions"])
             return references, list(general.get("reward_weights") or [1.0] * len(references))
     return None
