@@ -187,18 +187,14 @@ def bench_ppo(settings: Settings, model: Path, work: Path, repeats: int) -> list
 
     length = f"{median(pick(ours_1, 'response_length')):.1f} vs {median(pick(trl, 'response_length')):.1f}"
     rows = [
-        row("PPO seconds per iteration (lower is better)", median(pick(ours_1, "seconds_per_iteration")),
-            median(pick(trl, "seconds_per_iteration")), pick(ours_1, "seconds_per_iteration"),
-            pick(trl, "seconds_per_iteration"), higher_is_better=False),
-        row(f"PPO rollout tokens/s (response length {length})", median(pick(ours_1, "tokens_per_second")),
-            median(pick(trl, "tokens_per_second")), pick(ours_1, "tokens_per_second"),
-            pick(trl, "tokens_per_second"), higher_is_better=True),
+        compare("PPO seconds per iteration (lower is better)",
+                ours_1, trl, "seconds_per_iteration", higher_is_better=False),
+        compare(f"PPO rollout tokens/s (response length {length})",
+                ours_1, trl, "tokens_per_second", higher_is_better=True),
     ]
     if ours_2:
-        rows.append(row(f"PPO seconds per iteration, ours on 2 workers (2 × {settings.ppo_batch_size} prompts per "
-                        "iteration)", median(pick(ours_2, "seconds_per_iteration")),
-                        median(pick(trl, "seconds_per_iteration")), pick(ours_2, "seconds_per_iteration"),
-                        pick(trl, "seconds_per_iteration"), higher_is_better=False))
+        rows.append(compare(f"PPO seconds per iteration, ours on 2 workers (2 × {settings.ppo_batch_size} prompts per "
+                            "iteration)", ours_2, trl, "seconds_per_iteration", higher_is_better=False))
     return rows
 
 
@@ -218,13 +214,10 @@ def bench_grpo(settings: Settings, model: Path, work: Path, repeats: int) -> lis
     length = f"{median(pick(ours_1, 'response_length')):.1f} vs {median(pick(trl, 'response_length')):.1f}"
     rollout, update = median(pick(ours_1, "rollout_seconds")), median(pick(ours_1, "update_seconds"))
     return [
-        row("GRPO seconds per iteration (lower is better)", median(pick(ours_1, "seconds_per_iteration")),
-            median(pick(trl, "seconds_per_iteration")), pick(ours_1, "seconds_per_iteration"),
-            pick(trl, "seconds_per_iteration"), higher_is_better=False),
-        row(f"GRPO rollout tokens/s (completion length {length}; ours: rollout {rollout:.2g} s + update "
-            f"{update:.2g} s per iteration)", median(pick(ours_1, "tokens_per_second")),
-            median(pick(trl, "tokens_per_second")), pick(ours_1, "tokens_per_second"),
-            pick(trl, "tokens_per_second"), higher_is_better=True),
+        compare("GRPO seconds per iteration (lower is better)",
+                ours_1, trl, "seconds_per_iteration", higher_is_better=False),
+        compare(f"GRPO rollout tokens/s (completion length {length}; ours: rollout {rollout:.2g} s + update "
+                f"{update:.2g} s per iteration)", ours_1, trl, "tokens_per_second", higher_is_better=True),
     ]
 
 
@@ -272,6 +265,13 @@ def row(name: str, ours_value: float, other: float, ours_runs: list[float], othe
 def pick(results: list[dict[str, float]], key: str) -> list[float]:
     """One figure of every run."""
     return [r[key] for r in results]
+
+
+def compare(name: str, ours_runs: list[dict[str, float]], other_runs: list[dict[str, float]], key: str,
+            higher_is_better: bool) -> dict[str, Any]:
+    """The `row` of one figure (`key`) of every run on both sides, medians compared."""
+    mine, other = pick(ours_runs, key), pick(other_runs, key)
+    return row(name, median(mine), median(other), mine, other, higher_is_better=higher_is_better)
 
 
 def fmt(value: float) -> str:
